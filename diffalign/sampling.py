@@ -83,7 +83,8 @@ class NoiseSchedule:
         t = torch.as_tensor(timestep, device=self.alphas_cumprod.device).long()
         if (t >= self.num_train_timesteps).any():
             raise ValueError(
-                f"timestep {t.tolist()} is outside the schedule (0..{self.num_train_timesteps - 1})."
+                f"timestep {t.tolist()} is outside the schedule "
+                f"(0..{self.num_train_timesteps - 1})."
             )
         table = self.alphas_cumprod.float()
         final = self.final_alpha_cumprod.to(table)
@@ -132,7 +133,8 @@ def _broadcast(values: Tensor, like: Tensor) -> Tensor:
         return values
     if values.ndim != 1 or values.shape[0] != like.shape[0]:
         raise ValueError(
-            f"Per-sample timesteps must have shape [batch]={like.shape[0]}, got {tuple(values.shape)}."
+            f"Per-sample timesteps must have shape [batch]={like.shape[0]}, "
+            f"got {tuple(values.shape)}."
         )
     return values.reshape(-1, *([1] * (like.ndim - 1)))
 
@@ -184,7 +186,9 @@ def ddim_variance(alpha_bar_t: Tensor, alpha_bar_prev: Tensor) -> Tensor:
     return (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
 
 
-def gaussian_log_prob(value: Tensor, mean: Tensor, std: Tensor, reduction: Reduction = "mean") -> Tensor:
+def gaussian_log_prob(
+    value: Tensor, mean: Tensor, std: Tensor, reduction: Reduction = "mean"
+) -> Tensor:
     """Log-density of ``value`` under the isotropic Gaussian ``N(mean, std^2)``, in float32.
 
     ``reduction`` says how the per-dimension terms are combined over every dimension but the
@@ -206,9 +210,7 @@ def gaussian_log_prob(value: Tensor, mean: Tensor, std: Tensor, reduction: Reduc
     raise ValueError(f"Unknown reduction {reduction!r}; expected 'mean', 'sum' or 'none'.")
 
 
-def _step_noise(
-    like: Tensor, generator: torch.Generator | None, noise: Tensor | None
-) -> Tensor:
+def _step_noise(like: Tensor, generator: torch.Generator | None, noise: Tensor | None) -> Tensor:
     if noise is not None and generator is not None:
         raise ValueError("Pass either `noise` or `generator`, not both.")
     if noise is not None:
@@ -274,8 +276,14 @@ def ddim_step_log_prob(
     This is what policy-gradient trainers evaluate for the current policy on stored rollouts.
     """
     out = ddim_step(
-        model_output, timestep, sample, schedule, prev_timestep, eta,
-        prev_sample=prev_sample, reduction=reduction,
+        model_output,
+        timestep,
+        sample,
+        schedule,
+        prev_timestep,
+        eta,
+        prev_sample=prev_sample,
+        reduction=reduction,
     )
     return out.log_prob
 

@@ -12,8 +12,14 @@ from diffalign.sampling import NoiseSchedule
 
 def make_scheduler(prediction_type="epsilon", **kwargs):
     return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type, **kwargs,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+        **kwargs,
     )
 
 
@@ -66,7 +72,9 @@ def test_clip_sample_matches_diffusers():
 def closed_form_log_density(x, mean, std):
     """Per-dimension Gaussian log density in float64, written out independently."""
     x, mean, std = x.double(), mean.double(), torch.as_tensor(std).double()
-    return torch.log(1.0 / (std * math.sqrt(2 * math.pi)) * torch.exp(-0.5 * ((x - mean) / std) ** 2))
+    return torch.log(
+        1.0 / (std * math.sqrt(2 * math.pi)) * torch.exp(-0.5 * ((x - mean) / std) ** 2)
+    )
 
 
 def test_step_log_prob_matches_float64_closed_form():
@@ -80,7 +88,9 @@ def test_step_log_prob_matches_float64_closed_form():
         output, t, sample, schedule, schedule.previous_timestep(t, 10), eta=1.0, generator=gen
     )
     per_dim = closed_form_log_density(out.prev_sample, out.mean, out.std)
-    torch.testing.assert_close(out.log_prob.double(), per_dim.mean(dim=(1, 2, 3)), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(
+        out.log_prob.double(), per_dim.mean(dim=(1, 2, 3)), atol=1e-5, rtol=1e-6
+    )
     summed = sampling.ddim_step_log_prob(
         output, t, sample, out.prev_sample, schedule, schedule.previous_timestep(t, 10), 1.0, "sum"
     )
@@ -118,10 +128,16 @@ def test_per_sample_timesteps_match_one_at_a_time():
     batched = sampling.ddim_step(output, timesteps, sample, schedule, prevs, eta=0.5, noise=noise)
     for i, t in enumerate(timesteps.tolist()):
         single = sampling.ddim_step(
-            output[i:i + 1], t, sample[i:i + 1], schedule, t - 100, eta=0.5, noise=noise[i:i + 1]
+            output[i : i + 1],
+            t,
+            sample[i : i + 1],
+            schedule,
+            t - 100,
+            eta=0.5,
+            noise=noise[i : i + 1],
         )
-        torch.testing.assert_close(batched.prev_sample[i:i + 1], single.prev_sample)
-        torch.testing.assert_close(batched.log_prob[i:i + 1], single.log_prob)
+        torch.testing.assert_close(batched.prev_sample[i : i + 1], single.prev_sample)
+        torch.testing.assert_close(batched.log_prob[i : i + 1], single.log_prob)
     assert prevs[-1] < 0  # the last step uses final_alpha_cumprod
 
 

@@ -1,0 +1,376 @@
+"""Loading, saving and LoRA for Stable-Diffusion-family pipelines, and the tiny test components.
+
+``load_pipeline`` is offline-first: a local folder loads directly; a hub id loads from the local
+Hugging Face cache when it is there, and only goes to the network when the hub is reachable. When
+neither works it fails at once with a message that says how to supply a local copy, instead of
+retrying for a minute.
+
+``build_tiny_pipeline`` makes a real ``StableDiffusionPipeline`` out of real diffusers and
+transformers components with random weights and the real CLIP vocabulary, so every code path that
+loads Stable Diffusion can be exercised offline in seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gzip
+import json
+import os
+import re
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+CLIP_MAX_LENGTH = 77
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+_CLIP_NUM_MERGES = 49152 - 256 - 2  # vocabulary size minus bytes and the two special tokens
+
+
+class ModelNotAvailableError(OSError):
+    """A model could not be found locally and the hub cannot be reached."""
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def build_clip_tokenizer():
+    """The Stable Diffusion CLIP tokenizer (49,408 tokens), built offline.
+
+    open-clip-torch ships the original CLIP BPE merges inside its wheel; the vocabulary is the 256
+    byte symbols, the same with the end-of-word marker, every merge, then the two special tokens.
+    Token ids equal those of ``openai/clip-vit-large-patch14`` (the SD1.x tokenizer).
+    """
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTokenizer
+
+    with gzip.open(default_bpe(), "rt", encoding="utf-8") as handle:
+        merges = handle.read().split("\n")[1 : _CLIP_NUM_MERGES + 1]
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(
+        vocab={token: index for index, token in enumerate(tokens)},
+        merges=[tuple(m.split()) for m in merges],
+        model_max_length=CLIP_MAX_LENGTH,
+    )
+
+
+# --------------------------------------------------------------------------- tiny components
+
+
+def sd_ddim_scheduler(prediction_type: str = "epsilon"):
+    """A DDIM scheduler configured exactly like Stable Diffusion 1.x's."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
+def build_tiny_unet(seed: int = 0, sample_size: int = 16, cross_attention_dim: int = 32):
+    """A two-level ``UNet2DConditionModel`` (about 1M parameters) with cross-attention."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+
+
+def build_tiny_vae(seed: int = 0, sample_size: int = 32):
+    """A two-level ``AutoencoderKL`` (4 latent channels, downsampling by 2) with mid attention."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        sample_size=sample_size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+    )
+
+
+def build_tiny_text_encoder(seed: int = 0, hidden_size: int = 32):
+    """A two-layer ``CLIPTextModel`` over the full CLIP vocabulary."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        projection_dim=hidden_size,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    return CLIPTextModel(config)
+
+
+def build_tiny_pipeline(seed: int = 0, image_size: int = 32, hidden_size: int = 32):
+    """A real ``StableDiffusionPipeline`` with tiny random components, built offline.
+
+    Images are ``image_size`` pixels square and latents half that. The safety checker is off.
+    The same ``seed`` always gives the same weights.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    if image_size % 8:
+        raise ValueError(f"image_size must be a multiple of 8, got {image_size}.")
+    return StableDiffusionPipeline(
+        vae=build_tiny_vae(seed, image_size),
+        text_encoder=build_tiny_text_encoder(seed, hidden_size),
+        tokenizer=build_clip_tokenizer(),
+        unet=build_tiny_unet(seed, image_size // 2, hidden_size),
+        scheduler=sd_ddim_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def hub_is_offline_by_setting() -> bool:
+    """True when ``HF_HUB_OFFLINE`` (or the older ``TRANSFORMERS_OFFLINE``) asks for offline."""
+    truthy = {"1", "true", "yes", "on"}
+    return any(
+        os.environ.get(name, "").strip().lower() in truthy
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def hub_is_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub endpoint opens within ``timeout`` seconds.
+
+    The probe runs in a daemon thread so that a slow DNS lookup cannot hold the caller longer
+    than ``timeout``. The answer is cached for the life of the process.
+    """
+    from huggingface_hub import constants
+
+    parsed = urlparse(constants.ENDPOINT)
+    host, port = parsed.hostname or "huggingface.co", parsed.port or 443
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def _not_available(name: str, reason: str) -> ModelNotAvailableError:
+    return ModelNotAvailableError(
+        f"Model {name!r} is not available: it is not a local folder, it is not in the Hugging Face "
+        f"cache, and {reason}. Supply a local copy: on a machine with network run "
+        f"`huggingface-cli download {name} --local-dir DIR`, copy DIR here and pass DIR instead of "
+        f"{name!r}; or copy a populated Hugging Face cache and point HF_HOME at it."
+    )
+
+
+def _safety_checker_overrides(model_index: dict[str, Any]) -> dict[str, Any]:
+    """Drop the safety checker (research training never needs it) where the pipeline has one."""
+    if "safety_checker" not in model_index:
+        return {}
+    return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+def _load_local(path: Path, pipeline_cls, **kwargs):
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a diffusers pipeline folder (no model_index.json). Save one with "
+            "`pipeline.save_pretrained(DIR)` or download a complete model folder."
+        )
+    model_index = json.loads(index_file.read_text())
+    return pipeline_cls.from_pretrained(path, **_safety_checker_overrides(model_index), **kwargs)
+
+
+def _load_hub(name: str, pipeline_cls, **kwargs):
+    offline = hub_is_offline_by_setting() or not hub_is_reachable()
+    try:
+        model_index = pipeline_cls.load_config(name, local_files_only=True)
+        return pipeline_cls.from_pretrained(
+            name, local_files_only=True, **_safety_checker_overrides(model_index), **kwargs
+        )
+    except (OSError, ValueError) as cached_error:
+        if offline:
+            reason = (
+                "HF_HUB_OFFLINE is set"
+                if hub_is_offline_by_setting()
+                else "the hub cannot be reached"
+            )
+            raise _not_available(name, reason) from cached_error
+    model_index = pipeline_cls.load_config(name)
+    return pipeline_cls.from_pretrained(name, **_safety_checker_overrides(model_index), **kwargs)
+
+
+def load_pipeline(
+    name_or_path: str | os.PathLike,
+    pipeline_cls: type | None = None,
+    torch_dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    **kwargs: Any,
+):
+    """Load a Stable-Diffusion-family pipeline from a local folder or a hub id, offline first.
+
+    Args:
+        name_or_path: a folder written by ``save_pretrained`` or a hub id such as
+            ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``.
+        pipeline_cls: the pipeline class to build (default ``diffusers.DiffusionPipeline``, which
+            picks the class named in ``model_index.json``); diffalign's own pipelines subclass
+            diffusers' and load the same folders.
+        torch_dtype: dtype for the weights (e.g. ``torch.float16`` on GPU).
+        device: where to move the pipeline after loading.
+        **kwargs: passed on to ``from_pretrained`` (``variant``, ``scheduler``, ...).
+
+    Raises:
+        ModelNotAvailableError: the model is neither local nor cached and the hub is unreachable
+            or ``HF_HUB_OFFLINE=1``; the message says how to supply a local copy.
+        FileNotFoundError: a local path that is not a diffusers pipeline folder.
+    """
+    from diffusers import DiffusionPipeline
+
+    pipeline_cls = pipeline_cls or DiffusionPipeline
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        pipeline = _load_local(path, pipeline_cls, **kwargs)
+    elif _HUB_ID.fullmatch(str(name_or_path)):
+        pipeline = _load_hub(str(name_or_path), pipeline_cls, **kwargs)
+    else:
+        raise FileNotFoundError(f"No such model folder: {path} (and it is not a hub id).")
+    if device is not None:
+        pipeline.to(device)
+    return pipeline
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def add_lora(
+    model: nn.Module,
+    rank: int = 4,
+    alpha: float | None = None,
+    target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
+    init: str | bool = "gaussian",
+    dropout: float = 0.0,
+    adapter_name: str = "default",
+) -> nn.Module:
+    """Attach a peft LoRA adapter to a diffusers model (UNet / transformer) in place.
+
+    Args:
+        rank: LoRA rank ``r``.
+        alpha: LoRA scaling numerator (scale = alpha / rank); defaults to ``rank`` (scale 1).
+        target_modules: module-name suffixes to adapt; the default is the attention projections.
+        init: peft's ``init_lora_weights`` (``"gaussian"``: A Gaussian, B zero, so the adapter
+            starts as the identity).
+        dropout: LoRA dropout.
+    Returns the same model, with only the LoRA parameters left trainable.
+    """
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}.")
+    if not hasattr(model, "add_adapter"):
+        raise TypeError(f"{type(model).__name__} does not support peft adapters (no add_adapter).")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        target_modules=list(target_modules),
+        init_lora_weights=init,
+        lora_dropout=dropout,
+    )
+    model.requires_grad_(False)
+    model.add_adapter(config, adapter_name=adapter_name)
+    return model
+
+
+def has_lora(model: nn.Module) -> bool:
+    """Whether any peft LoRA layer sits in ``model``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(module, BaseTunerLayer) for module in model.modules())
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as its base network (LoRA off) inside the block: the reference model of KL
+    and DPO terms, with no second copy of the weights in memory."""
+    model.disable_adapters()
+    try:
+        yield model
+    finally:
+        model.enable_adapters()
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold the active LoRA adapter into the base weights and remove the adapter layers."""
+    if not has_lora(model):
+        raise ValueError("The model has no LoRA adapter to merge.")
+    model.fuse_lora(lora_scale=1.0)
+    model.unload_lora()
+    return model
+
+
+def save_lora(pipeline, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Save the UNet's LoRA adapter in diffusers' format (``pytorch_lora_weights.safetensors``
+    with its rank/alpha metadata), loadable with ``pipeline.load_lora_weights(directory)``."""
+    from peft.utils import get_peft_model_state_dict
+
+    unet = pipeline.unet
+    if adapter_name not in getattr(unet, "peft_config", {}):
+        raise ValueError(f"The UNet has no LoRA adapter named {adapter_name!r}.")
+    type(pipeline).save_lora_weights(
+        save_directory=directory,
+        unet_lora_layers=get_peft_model_state_dict(unet, adapter_name=adapter_name),
+        unet_lora_adapter_metadata=unet.peft_config[adapter_name].to_dict(),
+    )
+    return Path(directory)
+
+
+def load_lora(pipeline, directory: str | os.PathLike, adapter_name: str = "default"):
+    """Load a LoRA adapter saved by ``save_lora`` (or any diffusers SD LoRA) into ``pipeline``."""
+    if not Path(directory).exists():
+        raise FileNotFoundError(f"No LoRA folder at {directory}.")
+    pipeline.load_lora_weights(directory, adapter_name=adapter_name)
+    return pipeline

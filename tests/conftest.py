@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny real components, built offline with fixed seeds."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer():
+    from diffalign.models import build_clip_tokenizer
+
+    return build_clip_tokenizer()
+
+
+@pytest.fixture()
+def tiny_pipeline():
+    from diffalign.models import build_tiny_pipeline
+
+    return build_tiny_pipeline(seed=0)
+
+
+@pytest.fixture()
+def tiny_unet():
+    from diffalign.models import build_tiny_unet
+
+    return build_tiny_unet(seed=0).eval()
+
+
+def unet_inputs(unet, batch: int = 2, seed: int = 0):
+    """Random latents, timesteps and text states that fit ``unet``."""
+    gen = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    latents = torch.randn(batch, unet.config.in_channels, size, size, generator=gen)
+    states = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=gen)
+    timesteps = torch.tensor([999, 10][:batch] + [500] * max(0, batch - 2))
+    return latents, timesteps, states

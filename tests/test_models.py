@@ -1,0 +1,139 @@
+"""Loading, saving and LoRA for SD-family pipelines, offline."""
+
+import json
+
+import pytest
+import torch
+
+from diffalign import models
+
+from .conftest import unet_inputs
+
+
+def sample(pipeline, seed=0):
+    return pipeline(
+        "a red circle",
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).images
+
+
+def test_offline_tokenizer_matches_stable_diffusion_ids(clip_tokenizer):
+    assert len(clip_tokenizer) == 49408
+    ids = clip_tokenizer("a photo of a cat").input_ids
+    assert ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    padded = clip_tokenizer("a cat", padding="max_length", max_length=77).input_ids
+    assert len(padded) == 77 and padded[-1] == 49407
+
+
+def test_tiny_pipeline_is_seeded_and_samples_images(tiny_pipeline):
+    from diffusers import StableDiffusionPipeline
+
+    assert isinstance(tiny_pipeline, StableDiffusionPipeline)
+    images = sample(tiny_pipeline)
+    assert images.shape == (1, 3, 32, 32)
+    assert 0 <= images.min() and images.max() <= 1
+    again = models.build_tiny_pipeline(seed=0)
+    other = models.build_tiny_pipeline(seed=1)
+    torch.testing.assert_close(sample(again), images)
+    assert not torch.allclose(sample(other), images)
+
+
+def test_save_and_load_round_trip_offline(tiny_pipeline, tmp_path):
+    tiny_pipeline.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    loaded = models.load_pipeline(tmp_path)
+    assert type(loaded).__name__ == "StableDiffusionPipeline"
+    assert loaded.safety_checker is None
+    torch.testing.assert_close(sample(loaded), sample(tiny_pipeline), rtol=0, atol=0)
+
+
+def test_load_pipeline_with_a_diffalign_subclass(tiny_pipeline, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    class MyPipeline(StableDiffusionPipeline):
+        pass
+
+    tiny_pipeline.save_pretrained(tmp_path)
+    assert isinstance(models.load_pipeline(tmp_path, pipeline_cls=MyPipeline), MyPipeline)
+
+
+def test_missing_hub_model_fails_fast_with_instructions(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(models.ModelNotAvailableError) as info:
+        models.load_pipeline("someone/not-a-cached-model")
+    message = str(info.value)
+    assert "someone/not-a-cached-model" in message
+    assert "HF_HUB_OFFLINE" in message and "--local-dir" in message
+
+
+def test_unreachable_hub_is_detected_without_the_offline_setting(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "hub_is_reachable", lambda timeout=3.0: False)
+    with pytest.raises(models.ModelNotAvailableError, match="cannot be reached"):
+        models.load_pipeline("someone/not-a-cached-model")
+
+
+def test_local_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        models.load_pipeline(tmp_path)
+    with pytest.raises(FileNotFoundError, match="No such model folder"):
+        models.load_pipeline(tmp_path / "missing" / "deeper")
+
+
+def perturb_lora(unet, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=gen))
+
+
+def unet_output(unet):
+    with torch.no_grad():
+        return unet(*unet_inputs(unet)).sample
+
+
+def test_lora_attach_disable_merge(tiny_unet):
+    base = unet_output(tiny_unet)
+    models.add_lora(tiny_unet, rank=2)
+    assert models.has_lora(tiny_unet)
+    trainable = [n for n, p in tiny_unet.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n in trainable)
+    torch.testing.assert_close(unet_output(tiny_unet), base)  # B starts at zero
+    perturb_lora(tiny_unet)
+    adapted = unet_output(tiny_unet)
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    with models.adapters_disabled(tiny_unet):
+        torch.testing.assert_close(unet_output(tiny_unet), base)
+    torch.testing.assert_close(unet_output(tiny_unet), adapted)  # back on after the block
+    models.merge_lora(tiny_unet)
+    assert not models.has_lora(tiny_unet)
+    torch.testing.assert_close(unet_output(tiny_unet), adapted, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="no LoRA"):
+        models.merge_lora(tiny_unet)
+
+
+def test_lora_save_and_load_round_trip(tiny_pipeline, tmp_path):
+    tiny_pipeline.save_pretrained(tmp_path / "base")
+    models.add_lora(tiny_pipeline.unet, rank=4, alpha=8)
+    perturb_lora(tiny_pipeline.unet)
+    expected = sample(tiny_pipeline)
+    models.save_lora(tiny_pipeline, tmp_path / "lora")
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    fresh = models.load_pipeline(tmp_path / "base")
+    models.load_lora(fresh, tmp_path / "lora")
+    torch.testing.assert_close(sample(fresh), expected)
+    assert fresh.unet.peft_config["default"].lora_alpha == 8
+
+
+def test_lora_bad_arguments(tiny_pipeline, tmp_path):
+    with pytest.raises(ValueError, match="rank"):
+        models.add_lora(tiny_pipeline.unet, rank=0)
+    with pytest.raises(ValueError, match="no LoRA adapter named"):
+        models.save_lora(tiny_pipeline, tmp_path)
+    with pytest.raises(FileNotFoundError):
+        models.load_lora(tiny_pipeline, tmp_path / "nothing")

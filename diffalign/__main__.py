@@ -1,0 +1,7 @@
+"""``python -m diffalign`` runs the command line."""
+
+import sys
+
+from diffalign.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``diffalign bench``: ratios measured side by side in one run."""

@@ -1,0 +1,54 @@
+"""The ``diffalign`` command line: ``diffalign --help`` lists the commands.
+
+Each command lives in its own module under ``diffalign.commands`` (see that package's doc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from diffalign import __version__, commands
+
+
+def discover_commands() -> list[ModuleType]:
+    """Every command module in ``diffalign.commands``, sorted by name."""
+    modules = [
+        importlib.import_module(f"{commands.__name__}.{info.name}")
+        for info in pkgutil.iter_modules(commands.__path__)
+        if not info.name.startswith("_")
+    ]
+    return sorted(modules, key=lambda module: module.NAME)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per discovered command."""
+    parser = argparse.ArgumentParser(
+        prog="diffalign",
+        description="Align diffusion models with rewards and human preferences.",
+    )
+    parser.add_argument("--version", action="version", version=f"diffalign {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in discover_commands():
+        sub = subparsers.add_parser(module.NAME, help=module.HELP, description=module.__doc__)
+        module.add_arguments(sub)
+        sub.set_defaults(command_fn=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``diffalign`` console script and ``python -m diffalign``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "command_fn", None) is None:
+        parser.print_help()
+        return 0
+    return int(args.command_fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Helpers shared by commands: the ``--out`` folder, metrics.json, devices and dtypes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+_VERSIONED = ("torch", "diffusers", "transformers", "accelerate", "peft", "xformers")
+
+
+def add_out_argument(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """``--out DIR``: where the command writes ``metrics.json`` and its other outputs."""
+    parser.add_argument(
+        "--out", type=Path, required=required, metavar="DIR",
+        help="output folder; metrics.json is written there",
+    )  # fmt: skip
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype`` with ``auto`` defaults (CUDA + fp16 when there is a GPU)."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="weights dtype (auto: fp16 on CUDA, else fp32)",
+    )
+
+
+def resolve_device(name: str):
+    """``auto`` -> the first CUDA device when there is one, else the CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            f"error: --device {name}: no CUDA device is visible here; use --device cpu."
+        )
+    return device
+
+
+def resolve_dtype(name: str, device):
+    """``auto`` -> fp16 on CUDA, fp32 elsewhere (bf16 on CPU is slower than fp32)."""
+    import torch
+
+    if name == "auto":
+        name = "fp16" if device.type == "cuda" else "fp32"
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def environment_info(device=None) -> dict[str, Any]:
+    """Versions and hardware, recorded beside every measurement."""
+    import torch
+
+    return {
+        "diffalign": _version("diffalign"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        **{name: _version(name) for name in _VERSIONED},
+        "device": str(device) if device is not None else None,
+        "device_name": _device_name(device),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def write_metrics(out: Path, command: str, results: dict[str, Any], device=None) -> Path:
+    """Write ``out/metrics.json`` (atomically) with the command line, environment and results."""
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "command": command,
+        "argv": sys.argv,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "environment": environment_info(device),
+        "results": results,
+    }
+    target = out / "metrics.json"
+    staging = out / ".metrics.json.tmp"
+    staging.write_text(json.dumps(payload, indent=2, default=str))
+    staging.replace(target)
+    return target

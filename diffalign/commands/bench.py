@@ -1,0 +1,77 @@
+"""``diffalign bench``: speed and memory benchmarks, measured side by side in one run."""
+
+from __future__ import annotations
+
+import argparse
+
+from diffalign.commands._common import (
+    add_device_arguments,
+    add_out_argument,
+    resolve_device,
+    resolve_dtype,
+    write_metrics,
+)
+
+NAME = "bench"
+HELP = "measure speed side by side (ratios in one run); writes OUT/metrics.json"
+
+
+def _add_attention(subparsers) -> None:
+    from diffalign.benchmarks.attention import MODELS
+
+    parser = subparsers.add_parser(
+        "attention",
+        help="classic vs SDPA vs SDPA+fused QKV (vs xformers on CUDA), forward and backward",
+        description="Time the attention backends on the same weights and inputs, in one run.",
+    )
+    add_out_argument(parser)
+    add_device_arguments(parser)
+    parser.add_argument(
+        "--models", default="tiny-unet,sd15-down-block",
+        help=f"comma-separated, from {', '.join(MODELS)}",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="SD1.5 batch (auto: 8 GPU, 1 CPU)"
+    )
+    parser.add_argument("--resolution", type=int, default=512, help="SD1.5 image size in pixels")
+    parser.add_argument("--tiny-batch-size", type=int, default=8)
+    parser.add_argument("--tiny-resolution", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.set_defaults(benchmark_fn=_run_attention)
+
+
+def _run_attention(args: argparse.Namespace) -> int:
+    from diffalign.benchmarks.attention import MODELS, run_attention_benchmark
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"error: unknown --models {unknown}; choose from {', '.join(MODELS)}.")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    batch = args.batch_size or (8 if device.type == "cuda" else 1)
+    results = run_attention_benchmark(
+        models, device, dtype, batch, args.resolution, args.tiny_batch_size,
+        args.tiny_resolution, args.warmup, args.repeats,
+    )  # fmt: skip
+    results["settings"] = {
+        "dtype": str(dtype).removeprefix("torch."), "batch_size": batch,
+        "resolution": args.resolution, "tiny_batch_size": args.tiny_batch_size,
+        "tiny_resolution": args.tiny_resolution, "warmup": args.warmup, "repeats": args.repeats,
+    }  # fmt: skip
+    print(results["table"])
+    path = write_metrics(args.out, "bench attention", results, device)
+    print(f"\nwrote {path}")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register one subcommand per benchmark."""
+    subparsers = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    _add_attention(subparsers)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the chosen benchmark."""
+    return args.benchmark_fn(args)

@@ -1,0 +1,121 @@
+"""The diffalign command line: help, version, and the commands that exist today."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from diffalign import __version__
+from diffalign.cli import build_parser, discover_commands, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_every_command(capsys):
+    assert main([]) == 0
+    text = capsys.readouterr().out
+    for module in discover_commands():
+        assert module.NAME in text
+    assert {"bench", "sample"} <= {m.NAME for m in discover_commands()}
+
+
+def test_console_script_and_module_entry_points():
+    script = Path(sys.executable).with_name("diffalign")
+    assert script.exists(), "the diffalign console script is not installed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for command in ([str(script), "--version"], [sys.executable, "-m", "diffalign", "--version"]):
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f"diffalign {__version__}"
+
+
+def test_unknown_command_is_an_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["nonsense"])
+    assert info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_bench_attention_writes_ratios(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = [
+        "bench",
+        "attention",
+        "--out",
+        str(out),
+        "--models",
+        "tiny-unet",
+        "--device",
+        "cpu",
+        "--tiny-batch-size",
+        "2",
+        "--tiny-resolution",
+        "16",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+    ]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    timings = metrics["results"]["timings"]
+    cells = {(t["backend"], t["mode"]) for t in timings}
+    assert cells == {
+        (b, m) for b in ("classic", "sdpa", "sdpa+fused") for m in ("forward", "forward+backward")
+    }
+    for timing in timings:
+        assert timing["median_ms"] > 0 and timing["speedup_vs_classic"] > 0
+        assert timing["max_abs_diff_vs_classic"] < 1e-4
+    assert metrics["environment"]["torch"] and metrics["results"]["settings"]["dtype"] == "float32"
+    assert "sdpa+fused" in capsys.readouterr().out
+
+
+def test_bench_rejects_unknown_models(tmp_path):
+    with pytest.raises(SystemExit, match="unknown --models"):
+        main(["bench", "attention", "--out", str(tmp_path), "--models", "sdxl"])
+
+
+def test_sample_tiny_random_writes_images_grid_and_metrics(tmp_path):
+    out = tmp_path / "sample"
+    args = [
+        "sample",
+        "--model",
+        "diffalign:tiny-random",
+        "--prompt",
+        "a red circle",
+        "--prompt",
+        "two blue squares",
+        "--num-images-per-prompt",
+        "2",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["results"]
+    assert metrics["num_images"] == 4
+    assert metrics["unet_evaluations"] == 3  # one CFG-batched UNet call per step
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"000{i}.png" for i in range(4)]
+    assert Image.open(out / "images" / "0000.png").size == (32, 32)
+    assert Image.open(out / "grid.png").size == (2 * 34 + 2, 2 * 34 + 2)
+
+
+def test_sample_needs_a_prompt(tmp_path):
+    with pytest.raises(SystemExit, match="at least one --prompt"):
+        main(["sample", "--model", "diffalign:tiny-random", "--out", str(tmp_path)])
+
+
+def test_every_command_has_help_text():
+    parser = build_parser()
+    for module in discover_commands():
+        assert module.HELP and module.__doc__
+        assert callable(module.add_arguments) and callable(module.run)
+    assert parser.prog == "diffalign"

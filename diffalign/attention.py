@@ -1,8 +1,9 @@
 """One switch for fused attention in every model diffalign runs.
 
-``enable_fused_attention(model, backend="auto")`` works on diffusers models (UNets, VAEs, the
-legacy ``Attention`` modules of SD-family transformers), on transformers models (CLIP text and
-vision towers) and on whole pipelines (each component in turn). Backends:
+``enable_fused_attention(model, backend="auto")`` works on diffusers models (UNets and VAEs with
+the legacy ``Attention`` class; transformers such as FLUX whose attention goes through diffusers'
+attention dispatcher), on transformers models (CLIP text and vision towers) and on whole
+pipelines (each component in turn). Backends:
 
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention`` (CUDA only; diffusers models only).
 - ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient /
@@ -97,9 +98,17 @@ def resolve_backend(backend: str, device: torch.device | str, library: str = "di
 
 
 def _diffusers_attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Attention modules of both diffusers styles: the legacy ``Attention`` class (SD1.x/2.x/XL
+    UNets, VAEs) and ``AttentionModuleMixin`` modules that dispatch by backend name (FLUX...)."""
+    from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
 
-    return [module for module in model.modules() if isinstance(module, Attention)]
+    return [m for m in model.modules() if isinstance(m, (Attention, AttentionModuleMixin))]
+
+
+def _uses_dispatch(module: nn.Module) -> bool:
+    """Whether the module's processor picks its kernel through diffusers' attention dispatcher."""
+    return hasattr(module.processor, "_attention_backend")
 
 
 def _standard_processor_types() -> tuple[type, ...]:
@@ -130,9 +139,20 @@ def _new_processor(backend: str, fuse_qkv: bool):
     return ap.FusedAttnProcessor2_0() if fuse_qkv else ap.AttnProcessor2_0()
 
 
+def _dispatch_backend(backend: str):
+    """diffusers' dispatcher name for a backend; "classic" is torch's math kernel, which, like
+    the classic processor, materialises the full attention matrix."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    names = {"sdpa": "native", "classic": "_native_math", "xformers": "xformers"}
+    return AttentionBackendName(names[backend])
+
+
 def _switchable(module: nn.Module, backend: str) -> bool:
-    """A module is switched only when it runs a standard processor, and (for the SDPA paths,
-    which ignore ``attn.scale``) uses the default softmax scale."""
+    """A module is switched only when it dispatches by backend or runs a standard processor,
+    and (for the legacy SDPA paths, which ignore ``attn.scale``) uses the default softmax scale."""
+    if _uses_dispatch(module):
+        return True
     if not isinstance(module.processor, _standard_processor_types()):
         return False
     return backend == "classic" or getattr(module, "scale_qk", True)
@@ -183,7 +203,7 @@ def unfuse_qkv(model: nn.Module) -> int:
     for module in _diffusers_attention_modules(model):
         if _fold_fused_weights(module):
             count += 1
-        if isinstance(module.processor, FusedAttnProcessor2_0):
+        if not _uses_dispatch(module) and isinstance(module.processor, FusedAttnProcessor2_0):
             module.set_processor(AttnProcessor2_0())
     if hasattr(model, "original_attn_processors"):
         model.original_attn_processors = None
@@ -207,9 +227,12 @@ def _enable_diffusers(model: nn.Module, backend: str, fuse_qkv: bool) -> Attenti
         if not _switchable(module, backend):
             skipped += 1
             continue
-        if fuse_qkv:
+        if fuse_qkv and getattr(module, "_supports_qkv_fusion", True):
             module.fuse_projections()
-        module.set_processor(_new_processor(backend, fuse_qkv))
+        if _uses_dispatch(module):
+            module.processor._attention_backend = _dispatch_backend(backend)
+        else:
+            module.set_processor(_new_processor(backend, fuse_qkv))
         switched += 1
     return AttentionReport(backend, fuse_qkv and switched > 0, switched, skipped, "diffusers")
 

@@ -139,3 +139,45 @@ def test_xformers_matches_sdpa_on_cuda(tiny_unet):
         reference = unet(*inputs).sample
         assert enable_fused_attention(unet, "auto").backend == "xformers"
         torch.testing.assert_close(unet(*inputs).sample, reference, atol=1e-4, rtol=1e-4)
+
+
+def tiny_flux():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=(4, 4, 8),
+    ).eval()  # fmt: skip
+
+
+def flux_output(model):
+    gen = torch.Generator().manual_seed(0)
+    tokens, text = 16, 8
+    with torch.no_grad():
+        return model(
+            hidden_states=torch.randn(1, tokens, 4, generator=gen),
+            encoder_hidden_states=torch.randn(1, text, 32, generator=gen),
+            pooled_projections=torch.randn(1, 32, generator=gen),
+            timestep=torch.tensor([0.5]),
+            img_ids=torch.randn(tokens, 3, generator=gen),
+            txt_ids=torch.zeros(text, 3),
+        ).sample
+
+
+def test_dispatching_transformer_backends_match_and_unfuse_cleanly(tmp_path):
+    model = tiny_flux()
+    original_keys = set(model.state_dict())
+    enable_fused_attention(model, "classic")
+    backends = {
+        m.processor._attention_backend for m in attention._diffusers_attention_modules(model)
+    }
+    assert {b.value for b in backends} == {"_native_math"}
+    reference = flux_output(model)
+    report = enable_fused_attention(model, "sdpa", fuse_qkv=True)
+    assert report.modules == 2 and report.fused_qkv and has_fused_qkv(model)
+    torch.testing.assert_close(flux_output(model), reference, atol=1e-5, rtol=1e-5)
+    assert unfuse_qkv(model) == 2 and not has_fused_qkv(model)
+    torch.testing.assert_close(flux_output(model), reference, atol=1e-5, rtol=1e-5)
+    assert set(model.state_dict()) == original_keys

@@ -137,3 +137,24 @@ def test_lora_bad_arguments(tiny_pipeline, tmp_path):
         models.save_lora(tiny_pipeline, tmp_path)
     with pytest.raises(FileNotFoundError):
         models.load_lora(tiny_pipeline, tmp_path / "nothing")
+
+
+def test_hub_probe_answers_for_open_and_closed_ports(monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+        models.hub_is_reachable.cache_clear()
+        assert models.hub_is_reachable(timeout=2.0) is True
+    finally:
+        server.close()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    models.hub_is_reachable.cache_clear()
+    assert models.hub_is_reachable(timeout=1.0) is False
+    models.hub_is_reachable.cache_clear()

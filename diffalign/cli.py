@@ -40,6 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean "fix your input": shown as one line, without a traceback."""
+    from diffalign.checkpoint import CheckpointError
+    from diffalign.config import ConfigError
+    from diffalign.models import ModelNotAvailableError
+
+    return (ModelNotAvailableError, ConfigError, CheckpointError, FileNotFoundError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``diffalign`` console script and ``python -m diffalign``."""
     parser = build_parser()
@@ -47,7 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "command_fn", None) is None:
         parser.print_help()
         return 0
-    return int(args.command_fn(args) or 0)
+    try:
+        return int(args.command_fn(args) or 0)
+    except _user_errors() as error:
+        print(f"diffalign {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -66,19 +66,21 @@ def build_clip_tokenizer():
 # --------------------------------------------------------------------------- tiny components
 
 
-def sd_ddim_scheduler(prediction_type: str = "epsilon"):
-    """A DDIM scheduler configured exactly like Stable Diffusion 1.x's."""
+def sd_ddim_scheduler(prediction_type: str = "epsilon", **overrides: Any):
+    """A DDIM scheduler configured exactly like Stable Diffusion 1.x's (``overrides`` replace
+    any of its settings)."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    settings = {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "prediction_type": prediction_type,
+    }
+    return DDIMScheduler(**{**settings, **overrides})
 
 
 def build_tiny_unet(seed: int = 0, sample_size: int = 16, cross_attention_dim: int = 32):

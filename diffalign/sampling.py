@@ -241,6 +241,10 @@ def ddim_step(
     Gaussian log-prob of the result. Pass ``prev_sample`` to evaluate the log-prob of a latent that
     was sampled earlier (e.g. under an older policy) instead of drawing a new one; gradients then
     flow through the mean (i.e. through ``model_output``), never through ``prev_sample``.
+
+    The coefficients are computed in float32 (or wider); ``prev_sample`` comes back in
+    ``sample``'s dtype, so half-precision sampling loops keep their dtype, and its log-prob is
+    evaluated on that stored value, so recomputing it later from the stored latent matches.
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}.")
@@ -254,9 +258,10 @@ def ddim_step(
     if eta == 0:
         if prev_sample is not None:
             raise ValueError("A deterministic step (eta=0) has no log-prob; use eta > 0.")
-        return DDIMStepOutput(mean, mean, std, None, x0, eps)
+        return DDIMStepOutput(mean.to(sample.dtype), mean, std, None, x0, eps)
     if prev_sample is None:
-        prev_sample = mean + std * _step_noise(model_output, generator, noise)
+        draw = mean + std * _step_noise(model_output, generator, noise)
+        prev_sample = draw.to(sample.dtype)
     log_prob = gaussian_log_prob(prev_sample.detach(), mean, std, reduction)
     return DDIMStepOutput(prev_sample, mean, std, log_prob, x0, eps)
 

@@ -119,3 +119,11 @@ def test_every_command_has_help_text():
         assert module.HELP and module.__doc__
         assert callable(module.add_arguments) and callable(module.run)
     assert parser.prog == "diffalign"
+
+
+def test_missing_model_is_one_clear_line(tmp_path, capsys):
+    args = ["sample", "--model", "someone/not-cached", "--prompt", "x", "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "diffalign sample: error: Model 'someone/not-cached' is not available" in err
+    assert "Traceback" not in err

@@ -4,23 +4,14 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
 
 from diffalign import sampling
+from diffalign.models import sd_ddim_scheduler
 from diffalign.sampling import NoiseSchedule
 
 
 def make_scheduler(prediction_type="epsilon", **kwargs):
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-        **kwargs,
-    )
+    return sd_ddim_scheduler(prediction_type, **kwargs)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -216,3 +207,19 @@ def test_bad_inputs_raise_clear_errors():
         sampling.ddim_step(x, 1000, x, schedule, 900)
     with pytest.raises(ValueError, match="either"):
         sampling.ddim_step(x, 500, x, schedule, 400, eta=1, noise=x, generator=torch.Generator())
+
+
+def test_half_precision_keeps_dtype_and_log_prob_recomputes_exactly():
+    scheduler = make_scheduler()
+    scheduler.set_timesteps(10)
+    schedule = NoiseSchedule.from_scheduler(scheduler)
+    gen = torch.Generator().manual_seed(9)
+    sample, output = torch.randn(2, 2, 4, 8, 8, generator=gen).to(torch.bfloat16)
+    t = int(scheduler.timesteps[2])
+    prev = schedule.previous_timestep(t, 10)
+    out = sampling.ddim_step(output, t, sample, schedule, prev, eta=1.0, generator=gen)
+    assert out.prev_sample.dtype == torch.bfloat16 and out.log_prob.dtype == torch.float32
+    again = sampling.ddim_step_log_prob(output, t, sample, out.prev_sample, schedule, prev, 1.0)
+    assert torch.equal(again, out.log_prob)
+    deterministic = sampling.ddim_step(output, t, sample, schedule, prev)
+    assert deterministic.prev_sample.dtype == torch.bfloat16

@@ -181,3 +181,18 @@ def test_dispatching_transformer_backends_match_and_unfuse_cleanly(tmp_path):
     assert unfuse_qkv(model) == 2 and not has_fused_qkv(model)
     torch.testing.assert_close(flux_output(model), reference, atol=1e-5, rtol=1e-5)
     assert set(model.state_dict()) == original_keys
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_fused_attention_trains_on_cuda(tiny_unet, dtype):
+    reference = unet_output(tiny_unet)  # fp32 on CPU
+    unet = tiny_unet.to("cuda", dtype)
+    enable_fused_attention(unet, "sdpa", fuse_qkv=True)
+    latents, timesteps, states = (x.to("cuda") for x in unet_inputs(unet))
+    output = unet(latents.to(dtype), timesteps, states.to(dtype)).sample
+    output.float().pow(2).mean().backward()
+    assert all(
+        p.grad is not None for p in unet.parameters() if p.requires_grad and "to_qkv" in str(p)
+    )
+    torch.testing.assert_close(output.detach().float().cpu(), reference, atol=5e-2, rtol=5e-2)

@@ -110,3 +110,14 @@ def write_metrics(out: Path, command: str, results: dict[str, Any], device=None)
     staging.write_text(json.dumps(payload, indent=2, default=str))
     staging.replace(target)
     return target
+
+
+def quiet_libraries() -> None:
+    """Silence the loading progress bars and advice that diffusers and transformers print."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()

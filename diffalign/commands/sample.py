@@ -15,6 +15,7 @@ from pathlib import Path
 from diffalign.commands._common import (
     add_device_arguments,
     add_out_argument,
+    quiet_libraries,
     resolve_device,
     resolve_dtype,
     write_metrics,
@@ -91,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     from diffalign.imaging import make_grid, save_images
 
     prompts = _prompts(args)
+    if args.quiet:
+        quiet_libraries()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipeline = _load(args.model, device, dtype)

@@ -2,3 +2,21 @@
 
 It lets every diffalign method run, be measured and be tested end to end offline on a CPU.
 """
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+TINY_SHAPES = "tiny-shapes"
+
+
+def shipped_model_path(name: str = TINY_SHAPES) -> Path:
+    """The folder of a model shipped in ``diffalign.assets`` (raises if it is not there)."""
+    path = Path(str(resources.files("diffalign.assets"))) / name
+    if not (path / "model_index.json").is_file() and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"The shipped model {name!r} is missing from {path.parent}; regenerate it with "
+            f"`diffalign world pretrain --out {path}`."
+        )
+    return path

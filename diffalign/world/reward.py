@@ -173,4 +173,8 @@ def shapes_reward(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
 def summarize(scores: Sequence[ShapesScore]) -> dict[str, float]:
     """Mean of every field over ``scores`` (NaN relations ignored)."""
     rows = [asdict(s) for s in scores]
-    return {key: float(np.nanmean([row[key] for row in rows])) for key in rows[0]}
+    summary = {}
+    for key in rows[0]:
+        values = [row[key] for row in rows if not math.isnan(row[key])]
+        summary[key] = float(np.mean(values)) if values else math.nan
+    return summary

@@ -1,0 +1,125 @@
+"""``diffalign world``: the embedded shapes world (pretrain its model, sample, evaluate).
+
+- ``pretrain --out DIR [--set key=value ...]``: train the tiny text-to-image model from scratch
+  (VAE, then text encoder + UNet) on the world's training split and save it as a Stable Diffusion
+  pipeline folder, with ``training.json``.
+- ``sample --prompt TEXT --out DIR``: sample a grid from a model (default: the shipped
+  ``tiny-shapes``) and score it with the ``shapes`` reward.
+- ``eval --model DIR --out DIR``: the shapes reward on held-out prompts (combinations never seen in
+  training): ``shapes_mean``, ``shapes_mean_single_object`` and the breakdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from diffalign.commands._common import add_out_argument, quiet_libraries, write_metrics
+
+NAME = "world"
+HELP = "the embedded shapes world: pretrain its tiny model, sample, evaluate"
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model folder (default: shipped tiny-shapes)")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="CFG scale (default: the one recorded with the model)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_out_argument(parser)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register ``pretrain``, ``sample`` and ``eval``."""
+    sub = parser.add_subparsers(dest="world_command", metavar="ACTION", required=True)
+    pretrain = sub.add_parser("pretrain", help="train the tiny text-to-image model from scratch")
+    pretrain.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a WorldPretrainConfig field (repeatable)")  # fmt: skip
+    pretrain.add_argument("--quiet", action="store_true")
+    add_out_argument(pretrain)
+    pretrain.set_defaults(action=_pretrain)
+    sample = sub.add_parser("sample", help="sample a grid and score it with the shapes reward")
+    sample.add_argument("--prompt", action="append", required=True, help="repeatable")
+    sample.add_argument("--num-images-per-prompt", type=int, default=8)
+    _add_model_arguments(sample)
+    sample.set_defaults(action=_sample)
+    evaluate = sub.add_parser("eval", help="shapes reward on held-out prompts")
+    evaluate.add_argument("--num-prompts", type=int, default=200)
+    evaluate.add_argument("--samples-per-prompt", type=int, default=4)
+    _add_model_arguments(evaluate)
+    evaluate.set_defaults(action=_eval)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the chosen world action."""
+    return args.action(args)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from diffalign.world.pretrain import WorldPretrainConfig, pretrain_world
+
+    config = WorldPretrainConfig.from_dict({}, args.set)
+    _, record = pretrain_world(config, args.out, quiet=args.quiet)
+    write_metrics(args.out, "world pretrain", record)
+    print(f"saved the pipeline to {args.out}")
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    import json
+
+    from diffalign.models import load_pipeline
+    from diffalign.world import shipped_model_path
+
+    if args.quiet:
+        quiet_libraries()
+    path = Path(args.model) if args.model else shipped_model_path()
+    pipeline = load_pipeline(path)
+    pipeline.set_progress_bar_config(disable=True)
+    scale = args.guidance_scale
+    if scale is None:
+        record = path / "training.json"
+        scale = (
+            json.loads(record.read_text())["config"]["guidance_scale"] if record.is_file() else 3.0
+        )
+    return path, pipeline, scale
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from diffalign.imaging import make_grid
+    from diffalign.world.evaluate import evaluate_prompts, generate
+
+    path, pipeline, scale = _load(args)
+    start = time.perf_counter()
+    images = generate(pipeline, args.prompt, args.num_images_per_prompt, args.steps, scale,
+                      args.seed, quiet=args.quiet)  # fmt: skip
+    seconds = time.perf_counter() - start
+    args.out.mkdir(parents=True, exist_ok=True)
+    make_grid(images, columns=args.num_images_per_prompt).save(args.out / "grid.png")
+    results = evaluate_prompts(images, args.prompt, args.num_images_per_prompt)
+    results.update(model=str(path), prompts=args.prompt, guidance_scale=scale, steps=args.steps,
+                   seed=args.seed, seconds=seconds)  # fmt: skip
+    write_metrics(args.out, "world sample", results)
+    print(f"shapes reward {results['shapes_mean']:.3f} over {len(images)} images -> {args.out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from diffalign.world.evaluate import evaluate_prompts, generate, heldout_prompts
+
+    path, pipeline, scale = _load(args)
+    prompts = heldout_prompts(args.num_prompts, seed=args.seed)
+    start = time.perf_counter()
+    images = generate(pipeline, prompts, args.samples_per_prompt, args.steps, scale, args.seed,
+                      quiet=args.quiet)  # fmt: skip
+    seconds = time.perf_counter() - start
+    results = evaluate_prompts(images, prompts, args.samples_per_prompt)
+    results.update(model=str(path), guidance_scale=scale, steps=args.steps, seed=args.seed,
+                   seconds=seconds)  # fmt: skip
+    write_metrics(args.out, "world eval", results)
+    single = results["shapes_mean_single_object"]
+    print(f"shapes_mean {results['shapes_mean']:.3f}, single-object {single:.3f} "
+          f"on {len(prompts)} held-out prompts")  # fmt: skip
+    return 0

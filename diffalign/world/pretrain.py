@@ -1,0 +1,200 @@
+"""Pretrain the tiny shapes-world text-to-image model: the VAE first, then text encoder + UNet.
+
+The result is a standard ``StableDiffusionPipeline`` folder (AutoencoderKL, CLIPTextModel with the
+real CLIP tokenizer, UNet2DConditionModel, DDIMScheduler, epsilon prediction), so it loads with the
+same code as Stable Diffusion. Data are drawn fresh every step from the world's training split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from diffalign.config import BaseConfig, ConfigError
+from diffalign.ema import EMA
+from diffalign.sampling import NoiseSchedule, add_noise
+from diffalign.world.render import generate_pairs
+
+
+@dataclass
+class WorldPretrainConfig(BaseConfig):
+    """Settings of ``diffalign world pretrain`` (defaults made the shipped model)."""
+
+    seed: int = field(default=0, metadata={"help": "Seed of weights, data and noise."})
+    image_size: int = field(default=32, metadata={"help": "Image side in pixels."})
+    vae_steps: int = field(default=800, metadata={"help": "VAE training steps."})
+    vae_batch_size: int = 32
+    vae_learning_rate: float = 1e-3
+    vae_kl_weight: float = field(default=1e-6, metadata={"help": "KL weight (as in SD's VAE)."})
+    unet_steps: int = field(default=3000, metadata={"help": "Text encoder + UNet steps."})
+    batch_size: int = 32
+    learning_rate: float = 5e-4
+    warmup_steps: int = 200
+    caption_dropout: float = field(default=0.1, metadata={"help": "Empty-caption rate, for CFG."})
+    ema_decay: float = 0.999
+    unet_channels: tuple[int, ...] = (40, 80, 80)
+    text_hidden_size: int = 32
+    guidance_scale: float = field(default=3.0, metadata={"help": "CFG scale used to evaluate."})
+    threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)."})
+
+    def validate(self) -> None:
+        if self.image_size % 8:
+            raise ConfigError(f"image_size must be a multiple of 8, got {self.image_size}.")
+        if min(self.vae_steps, self.unet_steps, self.batch_size, self.vae_batch_size) < 1:
+            raise ConfigError("Step counts and batch sizes must be >= 1.")
+        if not 0 <= self.caption_dropout < 1:
+            raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}.")
+
+
+def build_world_unet(config: WorldPretrainConfig):
+    """The shapes-world UNet: cross-attention at every level but the first."""
+    from diffusers import UNet2DConditionModel
+
+    levels = len(config.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=config.image_size // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=config.unet_channels,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        cross_attention_dim=config.text_hidden_size,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def _batches(config: WorldPretrainConfig, stage: int, step: int, size: int):
+    # Distinct, reproducible data per (stage, step): no two steps see the same images.
+    return generate_pairs(size, seed=(config.seed * 7 + stage) * 1_000_003 + step,
+                          split="train", image_size=config.image_size)  # fmt: skip
+
+
+def _lr_lambda(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def train_vae(vae, config: WorldPretrainConfig, quiet: bool = False) -> dict:
+    """Train the VAE to reconstruct world images; set its latent ``scaling_factor``."""
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate)
+    losses = []
+    for step in tqdm(range(config.vae_steps), desc="vae", disable=quiet):
+        images, _ = _batches(config, 1, step, config.vae_batch_size)
+        posterior = vae.encode(images * 2 - 1).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(reconstruction, images * 2 - 1)
+        loss = loss + config.vae_kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        images, _ = _batches(config, 3, 0, 256)
+        latents = vae.encode(images * 2 - 1).latent_dist.sample()
+        reconstruction = vae.decode(latents).sample
+    scaling = 1.0 / latents.std().item()
+    vae.register_to_config(scaling_factor=scaling)
+    psnr = 10 * math.log10(4 / F.mse_loss(reconstruction, images * 2 - 1).item())
+    return {"final_loss": sum(losses[-50:]) / len(losses[-50:]), "scaling_factor": scaling,
+            "reconstruction_psnr_db": psnr}  # fmt: skip
+
+
+def _encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids  # fmt: skip
+    return text_encoder(ids)[0]
+
+
+def train_denoiser(unet, text_encoder, tokenizer, vae, scheduler, config, quiet=False) -> dict:
+    """Train text encoder and UNet jointly with the epsilon-prediction denoising loss."""
+    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=1e-2)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(config.warmup_steps, config.unet_steps)
+    )
+    ema = EMA(parameters, decay=config.ema_decay)
+    schedule = NoiseSchedule.from_scheduler(scheduler)
+    generator = torch.Generator().manual_seed(config.seed)
+    losses = []
+    for step in tqdm(range(config.unet_steps), desc="text encoder + unet", disable=quiet):
+        images, captions = _batches(config, 2, step, config.batch_size)
+        drop = torch.rand(len(captions), generator=generator) < config.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        with torch.no_grad():
+            latents = vae.encode(images * 2 - 1).latent_dist.sample(generator)
+            latents = latents * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, schedule.num_train_timesteps, (len(latents),),
+                                  generator=generator)  # fmt: skip
+        noisy = add_noise(latents, noise, schedule.alpha_bar(timesteps, latents))
+        states = _encode_text(tokenizer, text_encoder, captions)
+        loss = F.mse_loss(unet(noisy, timesteps, states).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        ema.update()
+        losses.append(loss.item())
+    ema.copy_to_model()
+    return {"final_loss": sum(losses[-100:]) / len(losses[-100:]), "loss_curve": losses[::50]}
+
+
+def pretrain_world(config: WorldPretrainConfig, out: Path, quiet: bool = False):
+    """Run both stages and save the pipeline to ``out``; returns (pipeline, training record)."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffalign.models import (
+        build_clip_tokenizer,
+        build_tiny_text_encoder,
+        build_tiny_vae,
+        sd_ddim_scheduler,
+    )
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    vae = build_tiny_vae(config.seed, config.image_size)
+    text_encoder = build_tiny_text_encoder(config.seed, config.text_hidden_size)
+    torch.manual_seed(config.seed)
+    unet = build_world_unet(config)
+    tokenizer, scheduler = build_clip_tokenizer(), sd_ddim_scheduler()
+    start = time.time()
+    vae_record = train_vae(vae, config, quiet)
+    vae_seconds = time.time() - start
+    vae.requires_grad_(False).eval()
+    denoiser_record = train_denoiser(unet, text_encoder, tokenizer, vae, scheduler, config, quiet)
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+        scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    record = {
+        "config": config.to_dict(),
+        "vae": {**vae_record, "seconds": vae_seconds},
+        "denoiser": {**denoiser_record, "seconds": time.time() - start - vae_seconds},
+        "parameters": {
+            name: sum(p.numel() for p in module.parameters())
+            for name, module in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet))
+        },  # fmt: skip
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps(record, indent=1))
+    return pipeline, record

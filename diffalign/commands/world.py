@@ -120,6 +120,7 @@ def _eval(args: argparse.Namespace) -> int:
                    seconds=seconds)  # fmt: skip
     write_metrics(args.out, "world eval", results)
     single = results["shapes_mean_single_object"]
-    print(f"shapes_mean {results['shapes_mean']:.3f}, single-object {single:.3f} "
+    single_text = "n/a" if single is None else f"{single:.3f}"
+    print(f"shapes_mean {results['shapes_mean']:.3f}, single-object {single_text} "
           f"on {len(prompts)} held-out prompts")  # fmt: skip
     return 0

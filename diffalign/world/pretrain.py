@@ -45,8 +45,11 @@ class WorldPretrainConfig(BaseConfig):
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)."})
 
     def validate(self) -> None:
-        if self.image_size % 8:
-            raise ConfigError(f"image_size must be a multiple of 8, got {self.image_size}.")
+        if self.image_size % 8 or self.image_size < 32:
+            raise ConfigError(
+                f"image_size must be a multiple of 8 and at least 32 (four objects must fit), "
+                f"got {self.image_size}."
+            )
         if min(self.vae_steps, self.unet_steps, self.batch_size, self.vae_batch_size) < 1:
             raise ConfigError("Step counts and batch sizes must be >= 1.")
         if not 0 <= self.caption_dropout < 1:

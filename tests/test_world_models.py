@@ -1,0 +1,103 @@
+"""World pretraining, evaluation and the world command (fast settings; no retraining of assets)."""
+
+import json
+
+import torch
+
+from diffalign.cli import main
+from diffalign.models import build_tiny_vae
+from diffalign.world import evaluate
+from diffalign.world.pretrain import WorldPretrainConfig, pretrain_world, train_vae
+
+
+def test_vae_training_lowers_reconstruction_loss():
+    config = WorldPretrainConfig(vae_steps=1, vae_batch_size=8)
+    vae = build_tiny_vae(0, 32)
+    first = train_vae(vae, config, quiet=True)["final_loss"]
+    later = train_vae(vae, WorldPretrainConfig(vae_steps=40, vae_batch_size=8),
+                      quiet=True)  # fmt: skip
+    assert later["final_loss"] < 0.5 * first
+    assert vae.config.scaling_factor == later["scaling_factor"] > 0
+
+
+def test_pretrain_writes_a_loadable_stable_diffusion_folder(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    config = WorldPretrainConfig(vae_steps=2, unet_steps=2, batch_size=4,
+                                 vae_batch_size=4)  # fmt: skip
+    pretrain_world(config, tmp_path, quiet=True)
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert record["config"]["unet_steps"] == 2 and record["parameters"]["unet"] > 0
+    pipeline = StableDiffusionPipeline.from_pretrained(tmp_path)
+    assert pipeline.unet.config.sample_size == 16 and pipeline.tokenizer.model_max_length == 77
+    assert pipeline.scheduler.config.prediction_type == "epsilon"
+    images = evaluate.generate(pipeline, ["a red circle"], 2, steps=2, quiet=True)
+    assert images.shape == (2, 3, 32, 32)
+
+
+def test_heldout_prompts_are_distinct_and_heldout():
+    from diffalign.world.grammar import parse_caption
+    from diffalign.world.render import split_of
+
+    prompts = evaluate.heldout_prompts(50)
+    assert len(set(prompts)) == 50
+    assert all(split_of(parse_caption(p)) == "heldout" for p in prompts)
+    assert any(len(parse_caption(p).objects) == 1 for p in prompts)
+
+
+def test_evaluate_prompts_on_ground_truth_is_perfect():
+    from diffalign.world.render import generate_pairs
+
+    images, captions = generate_pairs(6, seed=0, split="heldout")
+    summary = evaluate.evaluate_prompts(images, captions, samples_per_prompt=1)
+    assert summary["shapes_mean"] == 1.0 and summary["fraction_perfect"] == 1.0
+    assert summary["breakdown"]["background"] == 1.0
+
+
+def test_world_commands_on_a_saved_pipeline(tiny_pipeline, tmp_path):
+    tiny_pipeline.save_pretrained(tmp_path / "model")
+    out = tmp_path / "eval"
+    args = [
+        "world",
+        "eval",
+        "--model",
+        str(tmp_path / "model"),
+        "--out",
+        str(out),
+        "--num-prompts",
+        "3",
+        "--samples-per-prompt",
+        "1",
+        "--steps",
+        "2",
+        "--quiet",
+    ]
+    assert main(args) == 0
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    assert {"shapes_mean", "shapes_mean_single_object", "breakdown"} <= set(results)
+    assert 0.0 <= results["shapes_mean"] <= 1.0 and results["num_prompts"] == 3
+    out = tmp_path / "sample"
+    args = [
+        "world",
+        "sample",
+        "--model",
+        str(tmp_path / "model"),
+        "--prompt",
+        "a red circle",
+        "--num-images-per-prompt",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    assert main(args) == 0
+    assert (out / "grid.png").is_file()
+    assert json.loads((out / "metrics.json").read_text())["results"]["guidance_scale"] == 3.0
+
+
+def test_pretrain_rejects_bad_settings(tmp_path):
+    assert main(["world", "pretrain", "--out", str(tmp_path), "--set", "image_size=16"]) == 2
+    assert main(["world", "pretrain", "--out", str(tmp_path), "--set", "unet_step=3"]) == 2
+    torch.manual_seed(0)

@@ -101,3 +101,36 @@ def test_pretrain_rejects_bad_settings(tmp_path):
     assert main(["world", "pretrain", "--out", str(tmp_path), "--set", "image_size=16"]) == 2
     assert main(["world", "pretrain", "--out", str(tmp_path), "--set", "unet_step=3"]) == 2
     torch.manual_seed(0)
+
+
+def test_tiny_clip_training_step_and_saved_format(tmp_path):
+    from transformers import CLIPModel, CLIPProcessor
+
+    from diffalign.world.clip import WorldClipConfig, build_processor, normalize, pretrain_clip
+
+    config = WorldClipConfig(steps=3, batch_size=8)
+    _, record = pretrain_clip(config, tmp_path, quiet=True)
+    assert 0.0 <= record["heldout_retrieval_top1_of_16"] <= 1.0
+    model = CLIPModel.from_pretrained(tmp_path)
+    processor = CLIPProcessor.from_pretrained(tmp_path)
+    assert processor.tokenizer("a photo of a cat").input_ids[:3] == [49406, 320, 1125]
+    # The processor's pixels equal the training normalisation on 32x32 images.
+    from diffalign.world.render import generate_pairs
+
+    images, _ = generate_pairs(2, seed=0)
+    arrays = [(img * 255).round().byte().permute(1, 2, 0).numpy() for img in images]
+    pixels = processor.image_processor(images=arrays, return_tensors="pt").pixel_values
+    torch.testing.assert_close(pixels, normalize(images), atol=1e-5, rtol=1e-5)
+    assert model.config.projection_dim == config.projection_dim
+    assert build_processor().image_processor.crop_size["height"] == 32
+
+
+def test_contrastive_loss_by_hand():
+    from diffalign.world.clip import contrastive_loss
+
+    image = torch.eye(2)
+    text = torch.eye(2)
+    # Logits 10*I: each row's cross-entropy is log(1 + e^-10).
+    loss = contrastive_loss(image, text, torch.tensor(10.0).log())
+    expected = torch.log1p(torch.exp(torch.tensor(-10.0))).item()
+    assert abs(loss.item() - expected) < 1e-3 * expected

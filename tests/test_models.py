@@ -158,3 +158,20 @@ def test_hub_probe_answers_for_open_and_closed_ports(monkeypatch):
     models.hub_is_reachable.cache_clear()
     assert models.hub_is_reachable(timeout=1.0) is False
     models.hub_is_reachable.cache_clear()
+
+
+def test_compact_tokenizer_folder_loads_back_with_the_same_ids(clip_tokenizer, tmp_path):
+    from transformers import CLIPTokenizer
+
+    models.save_clip_tokenizer(clip_tokenizer, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "merges.txt",
+        "tokenizer_config.json",
+        "vocab.json",
+    ]
+    assert sum(p.stat().st_size for p in tmp_path.iterdir()) < 1.5 * 2**20
+    loaded = CLIPTokenizer.from_pretrained(tmp_path)
+    text = ["two red circles left of an orange square on a white background", "a photo of a cat"]
+    expected = clip_tokenizer(text, padding="max_length", max_length=77).input_ids
+    assert loaded(text, padding="max_length", max_length=77).input_ids == expected
+    assert loaded.model_max_length == 77 and len(loaded) == 49408

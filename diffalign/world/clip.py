@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffalign.config import BaseConfig, ConfigError
+from diffalign.models import save_clip_tokenizer
 from diffalign.world.render import generate_pairs
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -34,7 +35,7 @@ class WorldClipConfig(BaseConfig):
     batch_size: int = 128
     learning_rate: float = 1e-3
     warmup_steps: int = 100
-    text_hidden_size: int = 16
+    text_hidden_size: int = 12
     vision_hidden_size: int = 64
     projection_dim: int = 32
     patch_size: int = 4
@@ -159,5 +160,6 @@ def pretrain_clip(config: WorldClipConfig, out: Path, quiet: bool = False):
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    save_clip_tokenizer(tokenizer, out)
     (out / "training.json").write_text(json.dumps(record, indent=1))
     return model, record

@@ -43,6 +43,10 @@ class WorldPretrainConfig(BaseConfig):
     text_hidden_size: int = 32
     guidance_scale: float = field(default=3.0, metadata={"help": "CFG scale used to evaluate."})
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)."})
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "Continue from this pipeline folder (its VAE is kept, no VAE stage)."},
+    )
 
     def validate(self) -> None:
         if self.image_size % 8 or self.image_size < 32:
@@ -165,19 +169,29 @@ def pretrain_world(config: WorldPretrainConfig, out: Path, quiet: bool = False):
         build_clip_tokenizer,
         build_tiny_text_encoder,
         build_tiny_vae,
+        save_clip_tokenizer,
         sd_ddim_scheduler,
     )
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    vae = build_tiny_vae(config.seed, config.image_size)
-    text_encoder = build_tiny_text_encoder(config.seed, config.text_hidden_size)
-    torch.manual_seed(config.seed)
-    unet = build_world_unet(config)
     tokenizer, scheduler = build_clip_tokenizer(), sd_ddim_scheduler()
-    start = time.time()
-    vae_record = train_vae(vae, config, quiet)
+    start, history = time.time(), None
+    if config.init_from:
+        base = StableDiffusionPipeline.from_pretrained(config.init_from)
+        vae, text_encoder, unet = base.vae, base.text_encoder.train(), base.unet.train()
+        text_encoder.requires_grad_(True)
+        unet.requires_grad_(True)
+        base_record = Path(config.init_from) / "training.json"
+        history = json.loads(base_record.read_text()) if base_record.is_file() else None
+        vae_record = {"kept_from": config.init_from}
+    else:
+        torch.manual_seed(config.seed)
+        vae = build_tiny_vae(config.seed, config.image_size)
+        text_encoder = build_tiny_text_encoder(config.seed, config.text_hidden_size)
+        torch.manual_seed(config.seed)
+        unet = build_world_unet(config)
+        vae_record = train_vae(vae, config, quiet)
     vae_seconds = time.time() - start
     vae.requires_grad_(False).eval()
     denoiser_record = train_denoiser(unet, text_encoder, tokenizer, vae, scheduler, config, quiet)
@@ -194,10 +208,12 @@ def pretrain_world(config: WorldPretrainConfig, out: Path, quiet: bool = False):
             name: sum(p.numel() for p in module.parameters())
             for name, module in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet))
         },  # fmt: skip
+        "continued_from": history,
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
     out.mkdir(parents=True, exist_ok=True)
     pipeline.save_pretrained(out)
+    save_clip_tokenizer(tokenizer, out / "tokenizer")
     (out / "training.json").write_text(json.dumps(record, indent=1))
     return pipeline, record

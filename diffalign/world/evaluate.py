@@ -12,10 +12,11 @@ from diffalign.world.render import sample_captions
 from diffalign.world.reward import score_images, summarize
 
 
-def heldout_prompts(count: int = 200, seed: int = 0) -> list[str]:
-    """``count`` distinct held-out captions (combinations never seen in training)."""
+def heldout_prompts(count: int = 200, seed: int = 0, split: str = "heldout") -> list[str]:
+    """``count`` distinct captions of ``split`` (default: held-out combinations, never seen in
+    training; use ``"validation"`` to tune sampling settings without touching the held-out set)."""
     prompts: list[str] = []
-    for caption in sample_captions(count * 4, seed=seed, split="heldout"):
+    for caption in sample_captions(count * 4, seed=seed, split=split):
         text = str(caption)
         if text not in prompts:
             prompts.append(text)

@@ -34,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"diffalign {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in discover_commands():
-        sub = subparsers.add_parser(module.NAME, help=module.HELP, description=module.__doc__)
+        sub = subparsers.add_parser(
+            module.NAME,
+            help=module.HELP,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         module.add_arguments(sub)
         sub.set_defaults(command_fn=module.run)
     return parser

@@ -36,18 +36,17 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register ``pretrain``, ``sample`` and ``eval``."""
     sub = parser.add_subparsers(dest="world_command", metavar="ACTION", required=True)
-    pretrain = sub.add_parser("pretrain", help="train the tiny text-to-image model from scratch")
-    pretrain.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                          help="override a WorldPretrainConfig field (repeatable)")  # fmt: skip
-    pretrain.add_argument("--quiet", action="store_true")
-    add_out_argument(pretrain)
-    pretrain.set_defaults(action=_pretrain)
-    clip = sub.add_parser("pretrain-clip", help="train the tiny CLIP contrastively")
-    clip.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a WorldClipConfig field (repeatable)")  # fmt: skip
-    clip.add_argument("--quiet", action="store_true")
-    add_out_argument(clip)
-    clip.set_defaults(action=_pretrain_clip)
+    trainings = (
+        ("pretrain", "train the tiny text-to-image model", "WorldPretrainConfig", _pretrain),
+        ("pretrain-clip", "train the tiny CLIP contrastively", "WorldClipConfig", _pretrain_clip),
+    )
+    for name, text, config_name, action in trainings:
+        training = sub.add_parser(name, help=text)
+        training.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                              help=f"override a {config_name} field (repeatable)")  # fmt: skip
+        training.add_argument("--quiet", action="store_true")
+        add_out_argument(training)
+        training.set_defaults(action=action)
     sample = sub.add_parser("sample", help="sample a grid and score it with the shapes reward")
     sample.add_argument("--prompt", action="append", required=True, help="repeatable")
     sample.add_argument("--num-images-per-prompt", type=int, default=8)

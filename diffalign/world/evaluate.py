@@ -52,10 +52,9 @@ def evaluate_prompts(images: torch.Tensor, prompts: Sequence[str], samples_per_p
     """Shapes-reward summary over all prompts, one-phrase prompts and two-phrase prompts."""
     repeated = [p for p in prompts for _ in range(samples_per_prompt)]
     scores = score_images(images, repeated)
-    single = [
-        s for s, p in zip(scores, repeated, strict=True) if len(parse_caption(p).objects) == 1
-    ]
-    pairs = [s for s, p in zip(scores, repeated, strict=True) if len(parse_caption(p).objects) == 2]
+    phrases = [len(parse_caption(p).objects) for p in repeated]
+    single = [s for s, n in zip(scores, phrases, strict=True) if n == 1]
+    pairs = [s for s, n in zip(scores, phrases, strict=True) if n == 2]
     overall = summarize(scores)
     return {
         "shapes_mean": overall["total"],

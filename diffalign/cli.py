@@ -50,8 +50,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from diffalign.checkpoint import CheckpointError
     from diffalign.config import ConfigError
     from diffalign.models import ModelNotAvailableError
+    from diffalign.rewards import UnknownRewardError
 
-    return (ModelNotAvailableError, ConfigError, CheckpointError, FileNotFoundError)
+    return (
+        ModelNotAvailableError, ConfigError, CheckpointError, FileNotFoundError,
+        UnknownRewardError,
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

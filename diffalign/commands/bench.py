@@ -66,10 +66,58 @@ def _run_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_rewards(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "rewards",
+        help="images/s of every reward at a small and a large image size",
+        description="Score the same images with every reward and time it, in one run.",
+    )
+    add_out_argument(parser)
+    add_device_arguments(parser)
+    parser.add_argument("--rewards", default=None, help="comma-separated names (default: all)")
+    parser.add_argument("--sizes", default="32,512", help="comma-separated image sizes in pixels")
+    parser.add_argument("--num-images", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--random-weights", action="store_true",
+        help="time rewards whose weights are missing on their real architecture, random weights",
+    )  # fmt: skip
+    parser.set_defaults(benchmark_fn=_run_rewards)
+
+
+def _run_rewards(args: argparse.Namespace) -> int:
+    from diffalign.benchmarks.rewards import run_rewards_benchmark
+    from diffalign.commands._common import quiet_libraries
+    from diffalign.rewards import reward_info
+
+    quiet_libraries()
+    names = [n.strip() for n in args.rewards.split(",") if n.strip()] if args.rewards else None
+    for name in names or []:
+        reward_info(name)  # unknown names fail here, before any model loads
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    results = run_rewards_benchmark(
+        names, sizes, args.num_images, device, dtype, args.random_weights, args.batch_size,
+        args.repeats,
+    )  # fmt: skip
+    results["settings"] = {
+        "dtype": str(dtype).removeprefix("torch."), "sizes": sizes,
+        "num_images": args.num_images, "batch_size": args.batch_size, "repeats": args.repeats,
+        "random_weights": args.random_weights,
+    }  # fmt: skip
+    print(results["table"])
+    path = write_metrics(args.out, "bench rewards", results, device)
+    print(f"\nwrote {path}")
+    return 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register one subcommand per benchmark."""
     subparsers = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     _add_attention(subparsers)
+    _add_rewards(subparsers)
 
 
 def run(args: argparse.Namespace) -> int:

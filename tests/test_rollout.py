@@ -1,0 +1,86 @@
+"""The rollout pipeline: same images as diffusers, log-probs that recompute, no extra UNet calls."""
+
+import pytest
+import torch
+from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+from diffalign.pipelines.rollout import Rollout, RolloutPipeline
+from diffalign.sampling import NoiseSchedule, ddim_step_log_prob
+
+PROMPTS = ["a red circle", "two blue squares left of a green triangle"]
+
+
+@pytest.fixture()
+def rollout_pipeline(tiny_pipeline):
+    pipeline = RolloutPipeline(**tiny_pipeline.components)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _generator(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_images_equal_stable_diffusion_with_ddim_under_the_same_seed(rollout_pipeline, eta):
+    reference = StableDiffusionPipeline(**rollout_pipeline.components)
+    reference.set_progress_bar_config(disable=True)
+    kwargs = {"num_inference_steps": 5, "guidance_scale": 3.0, "eta": eta,
+              "num_images_per_prompt": 2}  # fmt: skip
+    expected = reference(PROMPTS, generator=_generator(), output_type="pt", **kwargs).images
+    rollout = rollout_pipeline(PROMPTS, generator=_generator(), **kwargs)
+    torch.testing.assert_close(rollout.images, expected, atol=1e-6, rtol=0)
+
+
+def test_rollout_records_the_chain_and_log_probs_that_recompute(rollout_pipeline):
+    rollout = rollout_pipeline(PROMPTS, num_inference_steps=4, guidance_scale=3.0, eta=1.0,
+                               num_images_per_prompt=2, generator=_generator(1))  # fmt: skip
+    assert len(rollout) == 4 and rollout.prompts == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+    assert rollout.latents.shape == (4, 5, 4, 16, 16) and rollout.timesteps.shape == (4,)
+    assert rollout.log_probs.shape == (4, 4) and rollout.log_probs.dtype == torch.float32
+    assert rollout.images.shape == (4, 3, 32, 32) and rollout.images.min() >= 0
+    assert rollout.prompt_embeds.shape[0] == rollout.negative_prompt_embeds.shape[0] == 4
+    torch.testing.assert_close(rollout_pipeline.decode_to_images(rollout.latents[:, -1]),
+                               rollout.images)  # fmt: skip
+    schedule = NoiseSchedule.from_scheduler(rollout_pipeline.scheduler)
+    unet = rollout_pipeline.unet
+    for i, t in enumerate(rollout.timesteps):
+        both = unet(torch.cat([rollout.latents[:, i]] * 2), t,
+                    encoder_hidden_states=torch.cat([rollout.negative_prompt_embeds,
+                                                     rollout.prompt_embeds])).sample  # fmt: skip
+        uncond, cond = both.chunk(2)
+        noise_pred = uncond + 3.0 * (cond - uncond)
+        log_prob = ddim_step_log_prob(
+            noise_pred, t, rollout.latents[:, i], rollout.latents[:, i + 1], schedule,
+            schedule.previous_timestep(t, 4), eta=1.0,
+        )  # fmt: skip
+        torch.testing.assert_close(log_prob, rollout.log_probs[:, i], atol=1e-4, rtol=1e-4)
+
+
+def test_recording_costs_no_extra_unet_calls(rollout_pipeline):
+    calls = []
+    hook = rollout_pipeline.unet.register_forward_hook(lambda m, a, out: calls.append(a[0].shape))
+    rollout_pipeline(PROMPTS, num_inference_steps=3, guidance_scale=3.0)
+    rollout_pipeline(PROMPTS, num_inference_steps=3, guidance_scale=1.0)
+    hook.remove()
+    assert [shape[0] for shape in calls] == [4, 4, 4, 2, 2, 2]  # CFG is one doubled batch
+
+
+def test_eta_zero_has_no_log_probs_and_other_schedulers_become_ddim(rollout_pipeline):
+    rollout_pipeline.scheduler = PNDMScheduler.from_config(rollout_pipeline.scheduler.config)
+    rollout = rollout_pipeline(PROMPTS, num_inference_steps=2, eta=0.0, decode=False)
+    assert rollout.log_probs is None and rollout.images is None
+    assert type(rollout_pipeline.scheduler).__name__ == "DDIMScheduler"
+
+
+def test_select_and_concat_keep_samples_together(rollout_pipeline):
+    rollout = rollout_pipeline(PROMPTS, num_inference_steps=2, num_images_per_prompt=2)
+    picked = rollout.select([3, 0])
+    assert picked.prompts == [PROMPTS[1], PROMPTS[0]]
+    torch.testing.assert_close(picked.latents[0], rollout.latents[3])
+    torch.testing.assert_close(picked.log_probs[1], rollout.log_probs[0])
+    mask = torch.tensor([True, False, False, True])
+    joined = Rollout.concat([rollout.select(mask), rollout.select(slice(1, 3))])
+    assert joined.prompts == [rollout.prompts[i] for i in (0, 3, 1, 2)]
+    torch.testing.assert_close(joined.images, rollout.images[[0, 3, 1, 2]])
+    assert torch.equal(joined.timesteps, rollout.timesteps)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -43,6 +44,18 @@ class EMA:
         """Overwrite the live parameters with their averages."""
         for shadow, parameter in zip(self.shadow, self.parameters, strict=True):
             parameter.copy_(shadow)
+
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Run the model with the averaged weights inside the block, then restore the live ones."""
+        live = [p.detach().clone() for p in self.parameters]
+        self.copy_to_model()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for parameter, saved in zip(self.parameters, live, strict=True):
+                    parameter.copy_(saved)
 
     def state_dict(self) -> dict:
         """The averages and the update count, for checkpoints."""

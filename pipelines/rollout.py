@@ -99,9 +99,14 @@ def guided_noise_prediction(
     negative_prompt_embeds: Tensor | None,
     guidance_scale: float,
 ) -> Tensor:
-    """The UNet's output with classifier-free guidance as diffusers applies it (one UNet batch)."""
+    """The UNet's output with classifier-free guidance as diffusers applies it (one UNet batch).
+
+    ``timestep`` is one value for the batch or one per sample (shape (B,)).
+    """
     if negative_prompt_embeds is None:
         return unet(latents, timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+    if isinstance(timestep, Tensor) and timestep.ndim == 1 and timestep.numel() > 1:
+        timestep = torch.cat([timestep, timestep])
     both = unet(
         torch.cat([latents, latents]), timestep,
         encoder_hidden_states=torch.cat([negative_prompt_embeds, prompt_embeds]),

@@ -32,3 +32,15 @@ def test_warmup_and_state_round_trip():
     assert other.updates == 1 and other.decay == 0.999 and other.shadow[0].item() == 1.0
     with pytest.raises(ValueError, match="decay"):
         EMA([weight], decay=1.0)
+
+
+def test_swapped_runs_with_the_averages_and_restores_the_live_weights():
+    layer = torch.nn.Linear(2, 1)
+    ema = EMA(layer.parameters(), decay=0.5, warmup=False)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    ema.update()
+    live = layer.weight.detach().clone()
+    with ema.swapped():
+        torch.testing.assert_close(layer.weight, live - 0.5)
+    torch.testing.assert_close(layer.weight, live)

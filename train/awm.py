@@ -1,0 +1,114 @@
+"""AWM: advantage-weighted matching (Xue et al. 2025).
+
+The policy's own final latents are the data. For each sample, ``num_train_timesteps`` noise levels
+are drawn stratified over ``[0, timestep_fraction * T)`` with fresh noise, and the pretraining
+denoising loss (epsilon or v target for Stable-Diffusion UNets) is weighted by the sample's
+group-relative advantage (:func:`~diffalign.train.losses.awm_loss`), plus ``beta_kl`` times the
+squared distance to the reference network (LoRA disabled; a frozen copy when fine-tuning fully)
+and ``beta_ema`` times the distance to a slow EMA of the trained weights. Rollouts need no
+log-probs, so any ``eta`` works (default 0, the deterministic DDIM sampler).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import Tensor
+
+from diffalign.ema import EMA
+from diffalign.models import adapters_disabled
+from diffalign.sampling import add_noise, prediction_target
+from diffalign.train.advantages import group_advantages
+from diffalign.train.config import AWMConfig
+from diffalign.train.losses import awm_loss
+from diffalign.train.trainer import RoundBatch, Trainer, _mean_diagnostics, derive_seed
+
+
+def stratified_timesteps(count: int, strata: int, upper: int, generator) -> Tensor:
+    """(count, strata) integer timesteps: one uniform draw in each of ``strata`` equal bins of
+    ``[0, upper)`` per sample."""
+    edges = torch.linspace(0, upper, strata + 1)
+    low, width = edges[:-1], edges[1:] - edges[:-1]
+    draws = low + torch.rand(count, strata, generator=generator) * width
+    return draws.long().clamp(0, upper - 1)
+
+
+class AWMTrainer(Trainer):
+    """AWM with group advantages and KL regularisers (see the module docstring)."""
+
+    method = "awm"
+    config: AWMConfig
+
+    def __init__(self, config: AWMConfig, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        self.reference_unet = None
+        if config.beta_kl > 0 and not config.use_lora:
+            self.reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        self.kl_ema = EMA(self.trainable, decay=0.0, warmup=False) if config.beta_ema > 0 else None
+
+    def compute_advantages(self, prompts: list[str], rewards: Tensor) -> Tensor:
+        return group_advantages(rewards, prompts, global_std=self.config.global_std)
+
+    def extra_states(self) -> dict:
+        return {"kl_ema": self.kl_ema.state_dict()} if self.kl_ema is not None else {}
+
+    def load_extra_states(self, states: dict) -> None:
+        if self.kl_ema is not None:
+            self.kl_ema.load_state_dict(states["kl_ema"])
+
+    def _reference(self):
+        if self.reference_unet is not None:
+            return contextlib.nullcontext(self.reference_unet)
+        return adapters_disabled(self.unet)
+
+    def sample_loss(self, x0: Tensor, embeds: Tensor, advantages: Tensor, timesteps: Tensor,
+                    generator: torch.Generator):  # fmt: skip
+        """AWM loss of clean latents ``x0`` noised to ``timesteps`` (one per sample)."""
+        config = self.config
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+        alpha_bar = self.schedule.alpha_bar(timesteps, x0)
+        noisy = add_noise(x0, noise, alpha_bar)
+        target = prediction_target(x0, noise, alpha_bar, self.schedule.prediction_type)
+        reference = ema_prediction = None
+        with torch.no_grad(), self.accelerator.autocast():  # before the policy's forward: the
+            if config.beta_kl > 0:  # EMA swap writes the weights in place
+                with self._reference() as unet:
+                    reference = unet(noisy, timesteps, encoder_hidden_states=embeds).sample
+            if self.kl_ema is not None:
+                with self.kl_ema.swapped():
+                    ema_prediction = self.unet(
+                        noisy, timesteps, encoder_hidden_states=embeds
+                    ).sample
+        with self.accelerator.autocast():
+            prediction = self.model(noisy, timesteps, encoder_hidden_states=embeds).sample
+        fraction = timesteps.float() / self.schedule.num_train_timesteps
+        return awm_loss(
+            prediction.float(), target.float(), advantages, fraction, reference, ema_prediction,
+            config.beta_kl, config.beta_ema, config.adv_clip_max, config.weighting,
+        )  # fmt: skip
+
+    def train_on(self, batch: RoundBatch, step: int) -> dict[str, float]:
+        config, rollout = self.config, batch.rollout
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, step, self.rank, "awm"))
+        x0 = rollout.latents[:, -1]
+        upper = max(1, int(self.schedule.num_train_timesteps * config.timestep_fraction))
+        strata = config.num_train_timesteps
+        diagnostics = []
+        for group in self.micro_batches(len(rollout), generator):
+            parts = len(group) * strata
+            for position, index in enumerate(group):
+                timesteps = stratified_timesteps(len(index), strata, upper, generator)
+                for k in range(strata):
+                    out = self.sample_loss(x0[index], rollout.prompt_embeds[index],
+                                           batch.advantages[index],
+                                           timesteps[:, k].to(x0.device), generator)  # fmt: skip
+                    last = position == len(group) - 1 and k == strata - 1
+                    self.backward(out.loss / parts, sync=last)
+                    diagnostics.append({"loss": out.loss.item(), **out.diagnostics})
+            self.optimizer_step()
+        if self.kl_ema is not None:  # the paper's "linear" schedule: d = min(cap, 0.001 * step)
+            self.kl_ema.decay = min(config.kl_ema_decay, 0.001 * (step + 1))
+            self.kl_ema.update()
+        return _mean_diagnostics(diagnostics)

@@ -1,0 +1,136 @@
+"""Configs of the online RL trainers: the shared ``TrainConfig`` and one subclass per method.
+
+Defaults are the papers' Stable Diffusion settings where they exist (DDPO: Black et al. 2023,
+``ddpo-pytorch`` ``config/base.py``; AWM: Xue et al. 2025); recipes override them for the shipped
+tiny model. Every field can be set from YAML or ``--set key=value``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from diffalign.config import BaseConfig, ConfigError
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+TRACKERS = ("tensorboard", "wandb", "none")
+
+
+@dataclass
+class TrainConfig(BaseConfig):
+    """What every online trainer shares: model, reward, prompts, sampling, optimisation, I/O."""
+
+    model: str = field(
+        default="diffalign:tiny-shapes",
+        metadata={"help": "pipeline folder, hub id, or diffalign:tiny-shapes (shipped)"},
+    )
+    reward: str = field(default="shapes", metadata={"help": "reward name or weighted sum"})
+    prompts: str = field(
+        default="world:train", metadata={"help": "world:<split> or a text file, one per line"}
+    )
+    heldout_prompts: str = field(default="world:heldout", metadata={"help": "as prompts"})
+    num_heldout_prompts: int = field(default=32, metadata={"help": "prompts in each evaluation"})
+    heldout_samples_per_prompt: int = 2
+    heldout_extra_rewards: list[str] = field(
+        default_factory=list,
+        metadata={"help": "more rewards to log on held-out samples (reward-hacking checks)"},
+    )
+    seed: int = 0
+    max_steps: int = field(default=100, metadata={"help": "sampling + update rounds"})
+    prompts_per_step: int = field(default=8, metadata={"help": "distinct prompts per round"})
+    samples_per_prompt: int = field(default=4, metadata={"help": "images per prompt (group)"})
+    sample_batch_size: int = field(default=16, metadata={"help": "images per pipeline call"})
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+    eta: float = field(default=1.0, metadata={"help": "DDIM eta of the rollouts"})
+    resolution: int | None = field(default=None, metadata={"help": "default: the model's"})
+    train_batch_size: int = field(default=4, metadata={"help": "samples per micro-batch"})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "micro-batches per optimizer step"}
+    )
+    learning_rate: float = 3e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    use_8bit_adam: bool = field(default=False, metadata={"help": "needs bitsandbytes"})
+    max_grad_norm: float = 1.0
+    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16"})
+    use_lora: bool = field(default=True, metadata={"help": "LoRA (peft) or full fine-tuning"})
+    lora_rank: int = 4
+    lora_alpha: float | None = field(default=None, metadata={"help": "default: lora_rank"})
+    gradient_checkpointing: bool = False
+    ema_decay: float = field(default=0.0, metadata={"help": "EMA of trained weights; 0 = off"})
+    async_reward: bool = field(default=True, metadata={"help": "score while sampling"})
+    eval_every: int = field(default=10, metadata={"help": "held-out evaluation and grid"})
+    save_every: int = field(default=10, metadata={"help": "checkpoint every N rounds"})
+    keep_checkpoints: int = 2
+    log_with: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, none"})
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION}.")
+        if self.log_with not in TRACKERS:
+            raise ConfigError(f"log_with must be one of {TRACKERS}.")
+        positive = ("max_steps", "prompts_per_step", "samples_per_prompt", "sample_batch_size",
+                    "num_inference_steps", "train_batch_size", "gradient_accumulation_steps",
+                    "eval_every", "save_every", "num_heldout_prompts",
+                    "heldout_samples_per_prompt")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError("ema_decay must be in [0, 1) (0 turns the EMA off).")
+
+    @property
+    def samples_per_step(self) -> int:
+        """Images sampled per round over all processes."""
+        return self.prompts_per_step * self.samples_per_prompt
+
+
+@dataclass
+class DDPOConfig(TrainConfig):
+    """DDPO (PPO on the denoising chain); defaults from the paper's SD1.5 setup."""
+
+    clip_range: float = field(default=1e-4, metadata={"help": "PPO ratio clip (log-probs are "
+                                                               "per-dimension means)"})  # fmt: skip
+    adv_clip_max: float = 5.0
+    num_inner_epochs: int = 1
+    timestep_fraction: float = field(default=1.0, metadata={"help": "share of steps trained"})
+    train_cfg: bool = field(default=True, metadata={"help": "CFG when recomputing log-probs"})
+    per_prompt_stat_tracking: bool = True
+    stat_buffer_size: int = 32
+    stat_min_count: int = 16
+
+    def validate(self) -> None:
+        super().validate()
+        if self.eta <= 0:
+            raise ConfigError("DDPO needs stochastic rollouts: set eta > 0 (the paper uses 1.0).")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ConfigError("timestep_fraction must be in (0, 1].")
+        if self.num_inner_epochs < 1:
+            raise ConfigError("num_inner_epochs must be >= 1.")
+
+
+@dataclass
+class AWMConfig(TrainConfig):
+    """AWM (advantage-weighted matching); defaults from the paper's SD3.5 PickScore setup."""
+
+    num_train_timesteps: int = field(default=6, metadata={"help": "noise levels per sample"})
+    timestep_fraction: float = field(
+        default=0.9, metadata={"help": "train t in [0, fraction * T), stratified"}
+    )
+    beta_kl: float = field(default=1e-4, metadata={"help": "KL to the adapter-disabled model"})
+    beta_ema: float = field(default=0.0, metadata={"help": "KL to a slow EMA of the weights"})
+    kl_ema_decay: float = field(default=0.3, metadata={"help": "cap of the KL-EMA decay"})
+    adv_clip_max: float = 5.0
+    weighting: str = field(default="uniform", metadata={"help": "uniform or ghuber"})
+    global_std: bool = field(default=True, metadata={"help": "advantages over the batch std"})
+    eta: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_train_timesteps < 1 or not 0 < self.timestep_fraction <= 1:
+            raise ConfigError("num_train_timesteps must be >= 1, timestep_fraction in (0, 1].")
+        if self.weighting not in ("uniform", "ghuber"):
+            raise ConfigError("weighting must be 'uniform' or 'ghuber'.")

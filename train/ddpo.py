@@ -1,0 +1,85 @@
+"""DDPO: PPO-clip on the stochastic DDIM chain (Black et al. 2023).
+
+Each round's rollouts are replayed for ``num_inner_epochs``: samples are shuffled, and every sample
+gets its own shuffled order of denoising steps, of which the first ``timestep_fraction`` are
+trained. For each micro-batch, the log-probs of the stored transitions are recomputed under the
+current policy (with CFG when ``train_cfg``) and :func:`~diffalign.train.losses.ddpo_loss` is
+accumulated over the trained steps before one optimizer step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from diffalign.pipelines.rollout import Rollout, guided_noise_prediction
+from diffalign.sampling import ddim_step_log_prob
+from diffalign.train.advantages import PerPromptStatTracker
+from diffalign.train.config import DDPOConfig
+from diffalign.train.losses import LossOutput, ddpo_loss
+from diffalign.train.trainer import RoundBatch, Trainer, _mean_diagnostics, derive_seed
+
+
+class DDPOTrainer(Trainer):
+    """DDPO with per-prompt advantage normalisation (see the module docstring)."""
+
+    method = "ddpo"
+    config: DDPOConfig
+
+    def __init__(self, config: DDPOConfig, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        self.tracker = PerPromptStatTracker(config.stat_buffer_size, config.stat_min_count)
+
+    def compute_advantages(self, prompts: list[str], rewards: Tensor) -> Tensor:
+        if self.config.per_prompt_stat_tracking:
+            return self.tracker.update(prompts, rewards)
+        values = rewards.float()
+        return (values - values.mean()) / (values.std(unbiased=False) + 1e-6)
+
+    def extra_states(self) -> dict:
+        return {"tracker": self.tracker.state_dict()}
+
+    def load_extra_states(self, states: dict) -> None:
+        self.tracker.load_state_dict(states["tracker"])
+
+    def step_loss(self, rollout: Rollout, advantages: Tensor, index: Tensor, steps: Tensor):
+        """The PPO loss of samples ``index`` at their chain positions ``steps`` (one per sample)."""
+        config = self.config
+        rows = torch.arange(len(index))
+        chain = rollout.latents[index]
+        latents, next_latents = chain[rows, steps], chain[rows, steps + 1]
+        timesteps = rollout.timesteps.to(steps.device)[steps]
+        negative = rollout.negative_prompt_embeds
+        use_cfg = config.train_cfg and negative is not None
+        with self.accelerator.autocast():
+            noise_pred = guided_noise_prediction(
+                self.model, latents, timesteps, rollout.prompt_embeds[index],
+                negative[index] if use_cfg else None, rollout.guidance_scale,
+            )  # fmt: skip
+        log_probs = ddim_step_log_prob(
+            noise_pred, timesteps, latents, next_latents, self.schedule,
+            self.schedule.previous_timestep(timesteps, rollout.num_inference_steps), rollout.eta,
+        )  # fmt: skip
+        return ddpo_loss(log_probs, rollout.log_probs[index, steps], advantages[index],
+                         config.clip_range, config.adv_clip_max)  # fmt: skip
+
+    def train_on(self, batch: RoundBatch, step: int) -> dict[str, float]:
+        config, rollout = self.config, batch.rollout
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, step, self.rank, "ppo"))
+        count, chain_steps = len(rollout), len(rollout.timesteps)
+        trained_steps = max(1, int(chain_steps * config.timestep_fraction))
+        diagnostics = []
+        for _ in range(config.num_inner_epochs):
+            orders = torch.stack([torch.randperm(chain_steps, generator=generator)
+                                  for _ in range(count)])  # fmt: skip
+            for group in self.micro_batches(count, generator):
+                parts = len(group) * trained_steps
+                for position, index in enumerate(group):
+                    for j in range(trained_steps):
+                        out: LossOutput = self.step_loss(rollout, batch.advantages, index,
+                                                         orders[index, j])  # fmt: skip
+                        last = position == len(group) - 1 and j == trained_steps - 1
+                        self.backward(out.loss / parts, sync=last)
+                        diagnostics.append({"loss": out.loss.item(), **out.diagnostics})
+                self.optimizer_step()
+        return _mean_diagnostics(diagnostics)

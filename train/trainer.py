@@ -1,0 +1,407 @@
+"""The online RL training loop shared by DDPO and AWM.
+
+One round: sample prompts, roll the policy out with the :class:`RolloutPipeline`, score the
+images (asynchronously, while the next chunk samples), turn rewards into advantages over all
+processes, and update the UNet with the method's loss. The loop owns accelerate (devices, mixed
+precision, DDP), LoRA or full fine-tuning, AdamW, EMA, gradient clipping and checkpointing,
+trackers, ``metrics.jsonl``, sample grids, held-out evaluation, checkpoints and ``resume``.
+
+Randomness is derived from ``(seed, round, process)`` for every round (prompts, noise, shuffles),
+so a resumed run continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from diffalign.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from diffalign.ema import EMA
+from diffalign.pipelines.rollout import Rollout, RolloutPipeline
+from diffalign.rewards import AsyncRewardScorer, Reward, load_reward
+from diffalign.sampling import NoiseSchedule
+from diffalign.train.config import TrainConfig
+from diffalign.train.prompts import PromptSource
+
+SHIPPED_PREFIX = "diffalign:"
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A 31-bit seed that depends on ``seed`` and ``parts`` (stable across runs and machines)."""
+    text = ":".join(str(p) for p in (seed, *parts))
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+def load_training_pipeline(model: str) -> RolloutPipeline:
+    """A :class:`RolloutPipeline` from a folder, a hub id or ``diffalign:<shipped model>``."""
+    from diffalign.models import load_pipeline
+
+    if model.startswith(SHIPPED_PREFIX):
+        from diffalign.world import shipped_model_path
+
+        model = str(shipped_model_path(model.removeprefix(SHIPPED_PREFIX)))
+    return load_pipeline(model, pipeline_cls=RolloutPipeline)
+
+
+@dataclass
+class RoundBatch:
+    """One round's local samples with their rewards and advantages."""
+
+    rollout: Rollout
+    rewards: Tensor
+    advantages: Tensor
+    all_rewards: Tensor
+
+
+def _mean_diagnostics(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = {key for row in rows for key in row}
+    return {
+        key: sum(r[key] for r in rows if key in r) / sum(key in r for r in rows) for key in keys
+    }
+
+
+class Trainer:
+    """Base of the online trainers; subclasses supply ``compute_advantages`` and ``train_on``.
+
+    Args:
+        config: the method's config.
+        out: the run folder (``metrics.jsonl``, ``checkpoints/``, ``samples/``, ``final/``).
+        pipeline: a ready ``RolloutPipeline`` (default: loaded from ``config.model``).
+        reward: a ready reward (default: ``load_reward(config.reward)``).
+        accelerator: a ready ``accelerate.Accelerator`` (default: built from the config).
+    """
+
+    method = "base"
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        out: str | Path,
+        pipeline: RolloutPipeline | None = None,
+        reward: Reward | None = None,
+        accelerator=None,
+    ) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.config, self.out = config, Path(out)
+        tracker = None if config.log_with == "none" else config.log_with
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=config.mixed_precision, log_with=tracker, project_dir=str(self.out)
+        )
+        if config.prompts_per_step % self.accelerator.num_processes:
+            raise ValueError(
+                f"prompts_per_step ({config.prompts_per_step}) must be a multiple of the number "
+                f"of processes ({self.accelerator.num_processes})."
+            )
+        set_seed(config.seed)
+        self.pipeline = pipeline or load_training_pipeline(config.model)
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.unet = self.pipeline.unet
+        self._setup_model()
+        self.pipeline.to(self.accelerator.device)
+        self.reward = (reward or load_reward(config.reward)).to(self.accelerator.device)
+        self.extra_rewards = {name: load_reward(name).to(self.accelerator.device)
+                              for name in config.heldout_extra_rewards}  # fmt: skip
+        self.train_prompts = PromptSource(config.prompts)
+        self.heldout = PromptSource(config.heldout_prompts).fixed(config.num_heldout_prompts)
+        self.schedule = NoiseSchedule.from_scheduler(self.pipeline.scheduler)
+        self.step = 0
+        self.samples_seen = 0
+
+    # ------------------------------------------------------------------ setup
+
+    def _setup_model(self) -> None:
+        from diffalign.models import add_lora
+
+        config = self.config
+        self.pipeline.vae.requires_grad_(False)
+        self.pipeline.text_encoder.requires_grad_(False)
+        if config.use_lora:
+            add_lora(self.unet, rank=config.lora_rank, alpha=config.lora_alpha)
+        else:
+            self.unet.requires_grad_(True)
+        if config.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.unet.train()
+        self.trainable = [p for p in self.unet.parameters() if p.requires_grad]
+        self.trainable_names = [n for n, p in self.unet.named_parameters() if p.requires_grad]
+        optimizer = self._build_optimizer()
+        self.model, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
+        self.ema = EMA(self.trainable, config.ema_decay) if config.ema_decay > 0 else None
+
+    def _build_optimizer(self):
+        config = self.config
+        optimizer_cls = torch.optim.AdamW
+        if config.use_8bit_adam:
+            try:
+                import bitsandbytes as bnb
+            except ImportError as error:
+                raise ImportError(
+                    "use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA only), or "
+                    "set use_8bit_adam=false."
+                ) from error
+            optimizer_cls = bnb.optim.AdamW8bit
+        return optimizer_cls(
+            self.trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ sampling
+
+    @property
+    def rank(self) -> int:
+        """This process's index."""
+        return self.accelerator.process_index
+
+    def _sampling_kwargs(self) -> dict:
+        config = self.config
+        size = {"height": config.resolution, "width": config.resolution}
+        return {"num_inference_steps": config.num_inference_steps,
+                "guidance_scale": config.guidance_scale,
+                **(size if config.resolution else {})}  # fmt: skip
+
+    def sample_round(self, step: int) -> RoundBatch:
+        """Roll out this process's share of the round's prompts, score them, get advantages."""
+        from accelerate.utils import gather_object
+
+        config = self.config
+        prompts = self.train_prompts.sample(config.prompts_per_step, derive_seed(config.seed, step))
+        local = prompts[self.rank :: self.accelerator.num_processes]
+        expanded = [p for p in local for _ in range(config.samples_per_prompt)]
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, step, self.rank, "roll"))
+        rollouts, futures = [], []
+        with AsyncRewardScorer(self.reward, enabled=config.async_reward) as scorer:
+            for start in range(0, len(expanded), config.sample_batch_size):
+                chunk = expanded[start : start + config.sample_batch_size]
+                with self.accelerator.autocast():
+                    rollout = self.pipeline(chunk, eta=config.eta, generator=generator,
+                                            **self._sampling_kwargs())  # fmt: skip
+                rollouts.append(rollout)
+                futures.append(scorer.submit(rollout.images, rollout.prompts))
+            rewards = torch.cat(scorer.gather(futures)).to(self.accelerator.device)
+        rollout = Rollout.concat(rollouts)
+        all_rewards = self.accelerator.gather(rewards)
+        all_prompts = gather_object(rollout.prompts)
+        advantages = self.compute_advantages(all_prompts, all_rewards)
+        size = len(rollout)
+        local_advantages = advantages[self.rank * size : (self.rank + 1) * size]
+        return RoundBatch(rollout, rewards, local_advantages.to(rewards.device), all_rewards)
+
+    def compute_advantages(self, prompts: list[str], rewards: Tensor) -> Tensor:
+        """Advantages of all processes' samples (same on every process)."""
+        raise NotImplementedError
+
+    def train_on(self, batch: RoundBatch, step: int) -> dict[str, float]:
+        """Update the model on one round's samples; returns mean diagnostics incl. ``loss``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ optimisation
+
+    def backward(self, loss: Tensor, sync: bool) -> None:
+        """Backpropagate, skipping DDP's gradient all-reduce until the last micro-batch."""
+        skip_sync = not sync and self.accelerator.num_processes > 1
+        context = self.accelerator.no_sync(self.model) if skip_sync else contextlib.nullcontext()
+        with context:
+            self.accelerator.backward(loss)
+
+    def optimizer_step(self) -> None:
+        """Clip, step, zero the gradients and update the EMA."""
+        if self.config.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
+
+    def micro_batches(self, count: int, generator: torch.Generator) -> list[list[Tensor]]:
+        """Shuffled sample indices cut into micro-batches, grouped per optimizer step."""
+        order = torch.randperm(count, generator=generator).split(self.config.train_batch_size)
+        accumulation = self.config.gradient_accumulation_steps
+        return [list(order[i : i + accumulation]) for i in range(0, len(order), accumulation)]
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _ema_weights(self):
+        return self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out reward (deterministic DDIM, fixed seed) and a sample grid in ``samples/``."""
+        from accelerate.utils import gather_object
+
+        from diffalign.imaging import make_grid
+
+        config = self.config
+        local = self.heldout[self.rank :: self.accelerator.num_processes]
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, "heldout", self.rank))
+        images, prompts = [], []
+        self.unet.eval()
+        with self._ema_weights():
+            for start in range(0, len(local), max(1, config.sample_batch_size // 2)):
+                chunk = local[start : start + max(1, config.sample_batch_size // 2)]
+                with self.accelerator.autocast():
+                    rollout = self.pipeline(
+                        chunk, eta=0.0, generator=generator,
+                        num_images_per_prompt=config.heldout_samples_per_prompt,
+                        **self._sampling_kwargs(),
+                    )  # fmt: skip
+                images.append(rollout.images)
+                prompts += rollout.prompts
+        self.unet.train()
+        images = torch.cat(images)
+        results = {"heldout_reward_mean": self.reward(images, prompts)}
+        for name, reward in self.extra_rewards.items():
+            results[f"heldout_{name}_mean"] = reward(images, prompts)
+        device = self.accelerator.device
+        gathered = {key: self.accelerator.gather(v.to(device)).float().mean().item()
+                    for key, v in results.items()}  # fmt: skip
+        all_prompts = gather_object(prompts)
+        if self.accelerator.is_main_process:
+            grid = make_grid(images[:16].cpu(), columns=config.heldout_samples_per_prompt * 4)
+            path = self.out / "samples" / f"step-{step:06d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            grid.save(path)
+            (path.with_suffix(".txt")).write_text("\n".join(all_prompts[:16]) + "\n")
+        return gathered
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state(self) -> dict:
+        """Everything a resumed run needs (the model's trainable weights, not the frozen ones)."""
+        unet = self.accelerator.unwrap_model(self.model)
+        weights = dict(unet.named_parameters())
+        states = {
+            "trainable": {name: weights[name].detach() for name in self.trainable_names},
+            "optimizer": self.optimizer.state_dict(),
+            "progress": {"step": self.step, "samples_seen": self.samples_seen},
+        }
+        if self.ema is not None:
+            states["ema"] = self.ema.state_dict()
+        return {**states, **self.extra_states()}
+
+    def extra_states(self) -> dict:
+        """A method's own state for checkpoints (advantage trackers, KL-EMA weights)."""
+        return {}
+
+    def load_extra_states(self, states: dict) -> None:
+        """Restore what :meth:`extra_states` returned."""
+
+    def load_state(self, states: dict) -> None:
+        """Restore what :meth:`state` returned."""
+        unet = self.accelerator.unwrap_model(self.model)
+        weights = dict(unet.named_parameters())
+        with torch.no_grad():
+            for name, value in states["trainable"].items():
+                weights[name].copy_(value)
+        self.optimizer.load_state_dict(states["optimizer"])
+        if self.ema is not None and "ema" in states:
+            self.ema.load_state_dict(states["ema"])
+        self.load_extra_states(states)
+        self.step = int(states["progress"]["step"])
+        self.samples_seen = int(states["progress"]["samples_seen"])
+
+    def save(self) -> Path | None:
+        """Write ``checkpoints/checkpoint-<step>`` atomically (main process)."""
+        path = None
+        if self.accelerator.is_main_process:
+            path = save_checkpoint(self.out / "checkpoints", self.step, self.state(),
+                                   self.config.to_dict(), self.config.keep_checkpoints)  # fmt: skip
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint of ``out`` if there is one; returns whether it did."""
+        latest = latest_checkpoint(self.out / "checkpoints")
+        if latest is None:
+            return False
+        self.load_state(load_checkpoint(latest).states)
+        if self.accelerator.is_main_process and self.metrics_path.exists():
+            kept = [line for line in self.metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.step]  # fmt: skip
+            self.metrics_path.write_text("".join(f"{line}\n" for line in kept))
+        return True
+
+    @property
+    def metrics_path(self) -> Path:
+        """One JSON line per round."""
+        return self.out / "metrics.jsonl"
+
+    # ------------------------------------------------------------------ the loop
+
+    def _log(self, row: dict) -> None:
+        if self.accelerator.is_main_process:
+            with self.metrics_path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def train(self, resume: bool = False) -> Path:
+        """Run to ``config.max_steps`` rounds (continuing the latest checkpoint with ``resume``);
+        returns the folder of the final pipeline."""
+        from tqdm.auto import tqdm
+
+        config = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not (resume and self.resume()) and self.accelerator.is_main_process:
+            self.metrics_path.write_text("")
+            config.to_yaml(self.out / "config.yaml")
+        if self.config.log_with != "none":
+            self.accelerator.init_trackers(f"diffalign-{self.method}")
+        if self.step == 0:
+            self._log({"step": 0, "samples_seen": 0, **self.evaluate(0)})
+        bar = tqdm(total=config.max_steps, initial=self.step, desc=f"{self.method}",
+                   disable=not (config.progress and self.accelerator.is_main_process))  # fmt: skip
+        while self.step < config.max_steps:
+            started = time.perf_counter()
+            batch = self.sample_round(self.step)
+            diagnostics = self.train_on(batch, self.step)
+            self.step += 1
+            self.samples_seen += config.samples_per_step
+            row = {"step": self.step, "samples_seen": self.samples_seen,
+                   "reward_mean": batch.all_rewards.float().mean().item(),
+                   "reward_std": batch.all_rewards.float().std(unbiased=False).item(),
+                   **diagnostics, "seconds": time.perf_counter() - started}  # fmt: skip
+            if self.step % config.eval_every == 0 or self.step == config.max_steps:
+                row.update(self.evaluate(self.step))
+            self._log(row)
+            bar.update(1)
+            bar.set_postfix({k: f"{row[k]:.3f}" for k in ("reward_mean", "heldout_reward_mean")
+                             if k in row})  # fmt: skip
+            if self.step % config.save_every == 0 or self.step == config.max_steps:
+                self.save()
+        bar.close()
+        final = self.save_final()
+        self.accelerator.end_training()
+        return final
+
+    def save_final(self) -> Path:
+        """Save ``final/`` (a standard StableDiffusionPipeline folder, LoRA merged, EMA weights
+        when on), ``lora/`` (the adapter alone) and ``reward_curve.png``."""
+        from diffusers import StableDiffusionPipeline
+
+        from diffalign.models import has_lora, merge_lora, save_lora
+        from diffalign.plots import plot_reward_curve
+
+        final = self.out / "final"
+        if self.accelerator.is_main_process:
+            unet = self.accelerator.unwrap_model(self.model)
+            if self.ema is not None:
+                self.ema.copy_to_model()
+            components = {**self.pipeline.components, "unet": unet}
+            plain = StableDiffusionPipeline(**components, requires_safety_checker=False)
+            if has_lora(unet):
+                save_lora(plain, self.out / "lora")
+                merge_lora(unet)
+            plain.save_pretrained(final)
+            rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+            plot_reward_curve(rows, self.out / "reward_curve.png",
+                              title=f"{self.method}: {self.config.reward}")  # fmt: skip
+        self.accelerator.wait_for_everyone()
+        return final

@@ -8,10 +8,13 @@ from pathlib import Path
 from diffalign.config import ConfigError
 
 WORLD_PREFIX = "world:"
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_DIR = Path(__file__).parent / "prompt_lists"
 
 
 class PromptSource:
-    """A prompt distribution: ``world:<split>`` (fresh captions of that split) or a file's lines.
+    """Prompts from ``world:<split>`` (fresh captions of that split), ``builtin:<name>`` (a list
+    shipped in ``diffalign/train/prompt_lists``, e.g. ``builtin:animals``) or a text file.
 
     ``sample(count, seed)`` is deterministic by seed, so every process and every resumed run
     draws the same prompts for the same round.
@@ -28,9 +31,14 @@ class PromptSource:
                 raise ConfigError(f"Unknown world split {self.split!r} in {spec!r}; use {SPLITS}.")
             return
         path = Path(spec).expanduser()
+        if spec.startswith(BUILTIN_PREFIX):
+            path = BUILTIN_DIR / f"{spec.removeprefix(BUILTIN_PREFIX)}.txt"
+            if not path.is_file():
+                names = sorted(p.stem for p in BUILTIN_DIR.glob("*.txt"))
+                raise ConfigError(f"No built-in prompt list {spec!r}; available: {names}.")
         if not path.is_file():
             raise ConfigError(
-                f"Prompt source {spec!r} is neither world:<split> nor an existing text file."
+                f"Prompt source {spec!r} is not world:<split>, builtin:<name> or an existing file."
             )
         self.lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         if not self.lines:

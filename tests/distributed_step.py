@@ -1,0 +1,65 @@
+"""One DDPO round on a fixed global batch, run by ``test_trainers`` in 1 and in 2 processes.
+
+Every process builds the same tiny pipeline and the same global rollout (fixed seed), keeps its
+share, and takes one optimizer step; rank 0 saves the gradient that step used (after DDP's
+all-reduce), the trained weights, the gathered rewards and the advantages, for the test to compare
+with the single-process run. Gradients are compared because AdamW's first step is nearly
+independent of the gradient's scale and would hide a batch-size error.
+"""
+
+import sys
+
+import torch
+
+from diffalign.models import build_tiny_pipeline
+from diffalign.pipelines.rollout import RolloutPipeline
+from diffalign.train.config import DDPOConfig
+from diffalign.train.ddpo import DDPOTrainer
+from diffalign.train.trainer import RoundBatch
+
+
+def main(out: str) -> None:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    pipeline = RolloutPipeline(**build_tiny_pipeline(seed=0).components,
+                               requires_safety_checker=False)  # fmt: skip
+    config = DDPOConfig(
+        prompts_per_step=2, samples_per_prompt=4, num_inference_steps=3, guidance_scale=3.0,
+        train_batch_size=8 // world, timestep_fraction=1.0, clip_range=0.2, stat_min_count=2,
+        log_with="none", progress=False, reward="jpeg_compressibility", learning_rate=1e-2,
+    )  # fmt: skip
+    trainer = DDPOTrainer(config, out, pipeline=pipeline, accelerator=accelerator)
+    pipeline.set_progress_bar_config(disable=True)
+    prompts = ["a red circle"] * 4 + ["two blue squares"] * 4
+    rollout = pipeline(prompts, num_inference_steps=3, guidance_scale=3.0, eta=1.0,
+                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+    local = rollout.select(slice(rank * 8 // world, (rank + 1) * 8 // world))
+    rewards = trainer.reward(local.images, local.prompts)
+    all_rewards = accelerator.gather(rewards)
+    from accelerate.utils import gather_object
+
+    advantages = trainer.compute_advantages(gather_object(local.prompts), all_rewards)
+    share = advantages[rank * len(local) : (rank + 1) * len(local)]
+    gradients = {}
+    step = trainer.optimizer_step
+
+    def record_then_step() -> None:  # the averaged gradient, before clipping and AdamW
+        names = trainer.trainable_names
+        gradients.update({n: p.grad.clone() for n, p in zip(names, trainer.trainable, strict=True)})
+        step()
+
+    trainer.optimizer_step = record_then_step
+    trainer.train_on(RoundBatch(local, rewards, share, all_rewards), step=0)
+    if accelerator.is_main_process:
+        unet = accelerator.unwrap_model(trainer.model)
+        weights = {n: p.detach() for n, p in unet.named_parameters() if p.requires_grad}
+        result = {"weights": weights, "gradients": gradients, "rewards": all_rewards,
+                  "advantages": advantages}  # fmt: skip
+        torch.save(result, f"{out}/result-{world}.pt")
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -86,10 +86,9 @@ def _pretrain_clip(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
-    import json
 
     from diffalign.models import load_pipeline
-    from diffalign.world import shipped_model_path
+    from diffalign.world import recorded_guidance_scale, shipped_model_path
 
     if args.quiet:
         quiet_libraries()
@@ -98,10 +97,7 @@ def _load(args: argparse.Namespace):
     pipeline.set_progress_bar_config(disable=True)
     scale = args.guidance_scale
     if scale is None:
-        record = path / "training.json"
-        scale = (
-            json.loads(record.read_text())["config"]["guidance_scale"] if record.is_file() else 3.0
-        )
+        scale = recorded_guidance_scale(path)
     return path, pipeline, scale
 
 

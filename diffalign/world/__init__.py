@@ -5,6 +5,7 @@ It lets every diffalign method run, be measured and be tested end to end offline
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -20,3 +21,13 @@ def shipped_model_path(name: str = TINY_SHAPES) -> Path:
             f"`diffalign world pretrain --out {path}`."
         )
     return path
+
+
+def recorded_guidance_scale(path: str | Path, default: float = 3.0) -> float:
+    """The CFG scale recorded with a world model: ``training.json``'s ``sampling`` entry (chosen on
+    the validation split), else the pretraining config's, else ``default``."""
+    record = Path(path) / "training.json"
+    if not record.is_file():
+        return default
+    data = json.loads(record.read_text())
+    return float(data.get("sampling", {}).get("guidance_scale", data["config"]["guidance_scale"]))

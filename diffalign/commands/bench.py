@@ -113,11 +113,53 @@ def _run_rewards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_rollout(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "rollout",
+        help="RolloutPipeline vs diffusers sampling throughput; DDPO/AWM step images/s",
+        description="Time rollout sampling against StableDiffusionPipeline in one run, then one "
+        "DDPO and one AWM optimizer step.",
+    )
+    add_out_argument(parser)
+    add_device_arguments(parser)
+    parser.add_argument(
+        "--model", default="diffalign:tiny-shapes",
+        help="a pipeline folder, diffalign:tiny-shapes, or sd15-random (GPU)",
+    )  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--eta", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-train", action="store_true", help="skip the optimizer steps")
+    parser.set_defaults(benchmark_fn=_run_rollout)
+
+
+def _run_rollout(args: argparse.Namespace) -> int:
+    from diffalign.benchmarks.rollout import run_rollout_benchmark
+    from diffalign.commands._common import quiet_libraries
+
+    quiet_libraries()
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    results = run_rollout_benchmark(
+        args.model, device, dtype, args.batch_size, args.steps, args.guidance_scale, args.eta,
+        args.repeats, not args.no_train, args.out,
+    )  # fmt: skip
+    results["dtype"] = str(dtype).removeprefix("torch.")
+    for key, value in results.items():
+        print(f"{key:32s} {value:.3f}" if isinstance(value, float) else f"{key:32s} {value}")
+    path = write_metrics(args.out, "bench rollout", results, device)
+    print(f"\nwrote {path}")
+    return 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register one subcommand per benchmark."""
     subparsers = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     _add_attention(subparsers)
     _add_rewards(subparsers)
+    _add_rollout(subparsers)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,142 @@
+"""Rollout and training-step throughput, side by side in one run.
+
+- Sampling: diffalign's ``RolloutPipeline`` (which also records the chain and the log-probs)
+  against diffusers' ``StableDiffusionPipeline`` + ``DDIMScheduler`` at the same eta, on the same
+  weights, prompts and seeds, timed alternately; the ratio of their throughputs is
+  ``throughput_ratio_vs_diffusers`` (1.0 = no overhead).
+- Training: one DDPO and one AWM optimizer step on a freshly sampled round, in images/s.
+
+Models: ``diffalign:tiny-shapes`` (the shipped tiny model) or ``sd15-random``: the Stable
+Diffusion 1.5 architecture (UNet, VAE, CLIP ViT-L text encoder) with random weights, for GPUs.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+
+SD15_RANDOM = "sd15-random"
+
+
+def build_sd15_random_pipeline():
+    """A StableDiffusionPipeline with SD1.5's architecture and random weights (speed only)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffalign.benchmarks.attention import SD15_UNET_CONFIG
+    from diffalign.models import build_clip_tokenizer, sd_ddim_scheduler
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=512,
+    )  # fmt: skip
+    text_config = CLIPTextConfig(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        projection_dim=768, hidden_act="quick_gelu",
+    )  # fmt: skip
+    text_encoder = CLIPTextModel(text_config)
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(),
+        unet=UNet2DConditionModel(**SD15_UNET_CONFIG), scheduler=sd_ddim_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
+def _load(model: str, device: torch.device, dtype: torch.dtype):
+    from diffalign.pipelines.rollout import RolloutPipeline
+    from diffalign.train.trainer import load_training_pipeline
+
+    if model == SD15_RANDOM:
+        components = build_sd15_random_pipeline().components
+    else:
+        components = load_training_pipeline(model).components
+    return RolloutPipeline(**components, requires_safety_checker=False).to(device, dtype)
+
+
+def _timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def time_sampling(pipeline, prompts: list[str], steps: int, guidance: float, eta: float,
+                  repeats: int, device: torch.device) -> dict:  # fmt: skip
+    """Alternate diffusers and rollout sampling; median seconds of each and the ratio."""
+    from diffusers import StableDiffusionPipeline
+
+    reference = StableDiffusionPipeline(**pipeline.components, requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
+    pipeline.set_progress_bar_config(disable=True)
+    kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "eta": eta}
+
+    def run_diffusers():
+        reference(prompts, generator=torch.Generator().manual_seed(0), output_type="pt", **kwargs)
+
+    def run_rollout():
+        pipeline(prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+
+    run_diffusers(), run_rollout()  # warm-up
+    diffusers_s, rollout_s = [], []
+    for _ in range(repeats):
+        diffusers_s.append(_timed(run_diffusers, device))
+        rollout_s.append(_timed(run_rollout, device))
+    diffusers_median, rollout_median = statistics.median(diffusers_s), statistics.median(rollout_s)
+    return {
+        "diffusers_images_per_s": len(prompts) / diffusers_median,
+        "rollout_images_per_s": len(prompts) / rollout_median,
+        "throughput_ratio_vs_diffusers": diffusers_median / rollout_median,
+    }
+
+
+def time_training_steps(pipeline, model: str, batch: int, steps: int, guidance: float,
+                        mixed_precision: str, out) -> dict:  # fmt: skip
+    """Images/s of one DDPO and one AWM update (LoRA) on a freshly sampled round."""
+    from diffalign.train.awm import AWMTrainer
+    from diffalign.train.config import AWMConfig, DDPOConfig
+    from diffalign.train.ddpo import DDPOTrainer
+
+    shared = {"prompts_per_step": max(1, batch // 4), "samples_per_prompt": min(4, batch),
+              "sample_batch_size": batch, "num_inference_steps": steps, "guidance_scale": guidance,
+              "train_batch_size": batch, "log_with": "none", "progress": False,
+              "reward": "jpeg_compressibility", "mixed_precision": mixed_precision,
+              "lora_rank": 4, "model": model}  # fmt: skip
+    results = {}
+    for name, trainer_cls, config in (
+        ("ddpo", DDPOTrainer, DDPOConfig(**shared, timestep_fraction=1.0)),
+        ("awm", AWMTrainer, AWMConfig(**shared, num_train_timesteps=6, beta_kl=1e-4)),
+    ):
+        components = {**pipeline.components, "unet": copy.deepcopy(pipeline.unet)}
+        fresh = type(pipeline)(**components, requires_safety_checker=False)
+        trainer = trainer_cls(config, out, pipeline=fresh)
+        round_batch = trainer.sample_round(0)
+        seconds = _timed(lambda t=trainer, b=round_batch: t.train_on(b, 0), trainer.model.device)
+        results[f"{name}_step_images_per_s"] = len(round_batch.rollout) / seconds
+        results[f"{name}_step_seconds"] = seconds
+    return results
+
+
+def run_rollout_benchmark(model: str, device: torch.device, dtype: torch.dtype, batch: int,
+                          steps: int, guidance: float, eta: float, repeats: int, train: bool,
+                          out) -> dict:  # fmt: skip
+    """Sampling ratio and (optionally) training-step throughput; returns a flat dict."""
+    pipeline = _load(model, device, dtype)
+    prompts = ["two red circles left of a blue square"] * batch
+    results = {"model": model, "batch": batch, "steps": steps, "guidance_scale": guidance,
+               "eta": eta, **time_sampling(pipeline, prompts, steps, guidance, eta, repeats,
+                                           device)}  # fmt: skip
+    if train:
+        precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
+        if precision != "no":
+            pipeline.to(dtype=torch.float32)  # mixed precision keeps float32 master weights
+        results.update(time_training_steps(pipeline, model if model != SD15_RANDOM else "-",
+                                           batch, steps, guidance, precision, out))  # fmt: skip
+    return results

@@ -16,12 +16,13 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 _VERSIONED = ("torch", "diffusers", "transformers", "accelerate", "peft", "xformers")
 
 
-def add_out_argument(parser: argparse.ArgumentParser, required: bool = True) -> None:
+def add_out_argument(
+    parser: argparse.ArgumentParser,
+    required: bool = True,
+    help: str = "output folder; metrics.json is written there",
+) -> None:
     """``--out DIR``: where the command writes ``metrics.json`` and its other outputs."""
-    parser.add_argument(
-        "--out", type=Path, required=required, metavar="DIR",
-        help="output folder; metrics.json is written there",
-    )  # fmt: skip
+    parser.add_argument("--out", type=Path, required=required, metavar="DIR", help=help)
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:

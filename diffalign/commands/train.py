@@ -65,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              help="override a config field (repeatable)")  # fmt: skip
         command.add_argument("--resume", action="store_true",
                              help="continue from the latest checkpoint in --out")  # fmt: skip
-        add_out_argument(command, required=False)
+        run_folder = "run folder: metrics.jsonl, checkpoints/, samples/, final/"
+        add_out_argument(command, required=False, help=run_folder)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
 import torch
-from PIL import Image
 
+from diffalign.imaging import to_pil
 from diffalign.rewards.base import Reward
 
 JPEG_QUALITY = 95
@@ -20,12 +19,10 @@ JPEG_QUALITY = 95
 
 def jpeg_size_kb(images: torch.Tensor, quality: int = JPEG_QUALITY) -> torch.Tensor:
     """JPEG size in kB of each image in a float batch in [0, 1] of shape (B, 3, H, W)."""
-    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()
     sizes = []
-    for array in arrays:
+    for image in images:
         buffer = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="JPEG", quality=quality)
+        to_pil(image).save(buffer, format="JPEG", quality=quality)
         sizes.append(buffer.tell() / 1000)
     return torch.tensor(sizes, dtype=torch.float32)
 

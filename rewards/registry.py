@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from diffalign.rewards.base import Reward, check_images, check_prompts
+from diffalign.rewards.base import Reward
 
 
 class UnknownRewardError(KeyError):
@@ -117,9 +117,7 @@ class WeightedReward(Reward):
         return {name: reward(images, prompts) for name, reward in self.rewards.items()}
 
     def forward(self, images: torch.Tensor, prompts: str | Sequence[str]) -> torch.Tensor:
-        check_images(images, self.space)
-        prompts = check_prompts(prompts, images.shape[0])
-        parts = self.breakdown(images, prompts)
+        parts = self.breakdown(images, prompts)  # each component checks the inputs
         return sum(self.weights[name] * scores for name, scores in parts.items())
 
 

@@ -8,10 +8,12 @@ rendering. Prompts must follow the world's caption grammar; any other prompt rai
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 
 from diffalign.rewards.base import Reward
-from diffalign.world.reward import score_images
+from diffalign.world.reward import ShapesScore, score_images, shapes_reward
 
 
 class ShapesReward(Reward):
@@ -21,10 +23,10 @@ class ShapesReward(Reward):
     input_size = 32
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return torch.tensor([s.total for s in score_images(images, prompts)], dtype=torch.float32)
+        return shapes_reward(images, prompts)
 
     def breakdown(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Each part of the score (colour, shape, count, relation, background, extra) per image."""
         scores = score_images(images, prompts)
-        fields = ("total", "colour", "shape", "count", "relation", "background", "extra")
-        return {f: torch.tensor([getattr(s, f) for s in scores]) for f in fields}
+        names = [field.name for field in fields(ShapesScore)]
+        return {name: torch.tensor([getattr(s, name) for s in scores]) for name in names}

@@ -23,7 +23,7 @@ from diffalign.sampling import add_noise, prediction_target
 from diffalign.train.advantages import group_advantages
 from diffalign.train.config import AWMConfig
 from diffalign.train.losses import awm_loss
-from diffalign.train.trainer import RoundBatch, Trainer, _mean_diagnostics, derive_seed
+from diffalign.train.trainer import RoundBatch, Trainer, derive_seed, mean_diagnostics
 
 
 def stratified_timesteps(count: int, strata: int, upper: int, generator) -> Tensor:
@@ -111,4 +111,4 @@ class AWMTrainer(Trainer):
         if self.kl_ema is not None:  # the paper's "linear" schedule: d = min(cap, 0.001 * step)
             self.kl_ema.decay = min(config.kl_ema_decay, 0.001 * (step + 1))
             self.kl_ema.update()
-        return _mean_diagnostics(diagnostics)
+        return mean_diagnostics(diagnostics)

@@ -17,7 +17,7 @@ from diffalign.sampling import ddim_step_log_prob
 from diffalign.train.advantages import PerPromptStatTracker
 from diffalign.train.config import DDPOConfig
 from diffalign.train.losses import LossOutput, ddpo_loss
-from diffalign.train.trainer import RoundBatch, Trainer, _mean_diagnostics, derive_seed
+from diffalign.train.trainer import RoundBatch, Trainer, derive_seed, mean_diagnostics
 
 
 class DDPOTrainer(Trainer):
@@ -82,4 +82,4 @@ class DDPOTrainer(Trainer):
                         self.backward(out.loss / parts, sync=last)
                         diagnostics.append({"loss": out.loss.item(), **out.diagnostics})
                 self.optimizer_step()
-        return _mean_diagnostics(diagnostics)
+        return mean_diagnostics(diagnostics)

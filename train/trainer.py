@@ -60,7 +60,8 @@ class RoundBatch:
     all_rewards: Tensor
 
 
-def _mean_diagnostics(rows: list[dict[str, float]]) -> dict[str, float]:
+def mean_diagnostics(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of each diagnostic over the micro-steps that reported it."""
     keys = {key for row in rows for key in row}
     return {
         key: sum(r[key] for r in rows if key in r) / sum(key in r for r in rows) for key in keys
@@ -244,9 +245,10 @@ class Trainer:
         generator = torch.Generator().manual_seed(derive_seed(config.seed, "heldout", self.rank))
         images, prompts = [], []
         self.unet.eval()
+        per_call = max(1, config.sample_batch_size // 2)  # prompts per call; each gives samples
         with self._ema_weights():
-            for start in range(0, len(local), max(1, config.sample_batch_size // 2)):
-                chunk = local[start : start + max(1, config.sample_batch_size // 2)]
+            for start in range(0, len(local), per_call):
+                chunk = local[start : start + per_call]
                 with self.accelerator.autocast():
                     rollout = self.pipeline(
                         chunk, eta=0.0, generator=generator,

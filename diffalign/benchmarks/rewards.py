@@ -17,21 +17,22 @@ import torch.nn.functional as F
 
 from diffalign.rewards import Reward, WeightsNotFoundError, list_rewards, load_reward
 
+
+def _clip_architecture(text: tuple[int, int, int], vision: tuple[int, int, int],
+                       projection: int, act: str) -> dict:  # fmt: skip
+    """A CLIP layout from (width, layers, heads) per tower; MLPs are 4x wide, patches 14 px."""
+
+    def tower(width: int, layers: int, heads: int) -> dict:
+        return {"hidden_size": width, "intermediate_size": 4 * width,
+                "num_hidden_layers": layers, "num_attention_heads": heads}  # fmt: skip
+
+    return {"text": tower(*text), "vision": {**tower(*vision), "patch_size": 14, "image_size": 224},
+            "projection_dim": projection, "hidden_act": act}  # fmt: skip
+
+
 # Published architectures: CLIP ViT-L/14 (OpenAI) and ViT-H/14 (LAION), transformers layout.
-_VIT_L14 = {
-    "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-             "num_attention_heads": 12},
-    "vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-               "num_attention_heads": 16, "patch_size": 14, "image_size": 224},
-    "projection_dim": 768, "hidden_act": "quick_gelu",
-}  # fmt: skip
-_VIT_H14 = {
-    "text": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-             "num_attention_heads": 16},
-    "vision": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-               "num_attention_heads": 16, "patch_size": 14, "image_size": 224},
-    "projection_dim": 1024, "hidden_act": "gelu",
-}  # fmt: skip
+_VIT_L14 = _clip_architecture((768, 12, 12), (1024, 24, 16), 768, "quick_gelu")
+_VIT_H14 = _clip_architecture((1024, 24, 16), (1280, 32, 16), 1024, "gelu")
 
 
 def _random_clip(architecture: dict):

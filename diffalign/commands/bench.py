@@ -7,6 +7,7 @@ import argparse
 from diffalign.commands._common import (
     add_device_arguments,
     add_out_argument,
+    quiet_libraries,
     resolve_device,
     resolve_dtype,
     write_metrics,
@@ -16,16 +17,32 @@ NAME = "bench"
 HELP = "measure speed side by side (ratios in one run); writes OUT/metrics.json"
 
 
+def _benchmark_parser(subparsers, name: str, help: str, description: str, run_fn):
+    """A benchmark subcommand with ``--out``, ``--device`` and ``--dtype`` already added."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    add_out_argument(parser)
+    add_device_arguments(parser)
+    parser.set_defaults(benchmark_fn=run_fn)
+    return parser
+
+
+def _report(args: argparse.Namespace, results: dict, device, text: str) -> int:
+    """Print ``text``, write ``OUT/metrics.json`` and say where."""
+    print(text)
+    path = write_metrics(args.out, f"bench {args.benchmark}", results, device)
+    print(f"\nwrote {path}")
+    return 0
+
+
 def _add_attention(subparsers) -> None:
     from diffalign.benchmarks.attention import MODELS
 
-    parser = subparsers.add_parser(
-        "attention",
-        help="classic vs SDPA vs SDPA+fused QKV (vs xformers on CUDA), forward and backward",
-        description="Time the attention backends on the same weights and inputs, in one run.",
-    )
-    add_out_argument(parser)
-    add_device_arguments(parser)
+    parser = _benchmark_parser(
+        subparsers, "attention",
+        "classic vs SDPA vs SDPA+fused QKV (vs xformers on CUDA), forward and backward",
+        "Time the attention backends on the same weights and inputs, in one run.",
+        _run_attention,
+    )  # fmt: skip
     parser.add_argument(
         "--models", default="tiny-unet,sd15-down-block",
         help=f"comma-separated, from {', '.join(MODELS)}",
@@ -38,7 +55,6 @@ def _add_attention(subparsers) -> None:
     parser.add_argument("--tiny-resolution", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.set_defaults(benchmark_fn=_run_attention)
 
 
 def _run_attention(args: argparse.Namespace) -> int:
@@ -60,20 +76,14 @@ def _run_attention(args: argparse.Namespace) -> int:
         "resolution": args.resolution, "tiny_batch_size": args.tiny_batch_size,
         "tiny_resolution": args.tiny_resolution, "warmup": args.warmup, "repeats": args.repeats,
     }  # fmt: skip
-    print(results["table"])
-    path = write_metrics(args.out, "bench attention", results, device)
-    print(f"\nwrote {path}")
-    return 0
+    return _report(args, results, device, results["table"])
 
 
 def _add_rewards(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "rewards",
-        help="images/s of every reward at a small and a large image size",
-        description="Score the same images with every reward and time it, in one run.",
-    )
-    add_out_argument(parser)
-    add_device_arguments(parser)
+    parser = _benchmark_parser(
+        subparsers, "rewards", "images/s of every reward at a small and a large image size",
+        "Score the same images with every reward and time it, in one run.", _run_rewards,
+    )  # fmt: skip
     parser.add_argument("--rewards", default=None, help="comma-separated names (default: all)")
     parser.add_argument("--sizes", default="32,512", help="comma-separated image sizes in pixels")
     parser.add_argument("--num-images", type=int, default=64)
@@ -83,12 +93,10 @@ def _add_rewards(subparsers) -> None:
         "--random-weights", action="store_true",
         help="time rewards whose weights are missing on their real architecture, random weights",
     )  # fmt: skip
-    parser.set_defaults(benchmark_fn=_run_rewards)
 
 
 def _run_rewards(args: argparse.Namespace) -> int:
     from diffalign.benchmarks.rewards import run_rewards_benchmark
-    from diffalign.commands._common import quiet_libraries
     from diffalign.rewards import reward_info
 
     quiet_libraries()
@@ -107,21 +115,17 @@ def _run_rewards(args: argparse.Namespace) -> int:
         "num_images": args.num_images, "batch_size": args.batch_size, "repeats": args.repeats,
         "random_weights": args.random_weights,
     }  # fmt: skip
-    print(results["table"])
-    path = write_metrics(args.out, "bench rewards", results, device)
-    print(f"\nwrote {path}")
-    return 0
+    return _report(args, results, device, results["table"])
 
 
 def _add_rollout(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "rollout",
-        help="RolloutPipeline vs diffusers sampling throughput; DDPO/AWM step images/s",
-        description="Time rollout sampling against StableDiffusionPipeline in one run, then one "
-        "DDPO and one AWM optimizer step.",
-    )
-    add_out_argument(parser)
-    add_device_arguments(parser)
+    parser = _benchmark_parser(
+        subparsers, "rollout",
+        "RolloutPipeline vs diffusers sampling throughput; DDPO/AWM step images/s",
+        "Time rollout sampling against StableDiffusionPipeline in one run, then one DDPO and "
+        "one AWM optimizer step.",
+        _run_rollout,
+    )  # fmt: skip
     parser.add_argument(
         "--model", default="diffalign:tiny-shapes",
         help="a pipeline folder, diffalign:tiny-shapes, or sd15-random (GPU)",
@@ -132,12 +136,10 @@ def _add_rollout(subparsers) -> None:
     parser.add_argument("--eta", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-train", action="store_true", help="skip the optimizer steps")
-    parser.set_defaults(benchmark_fn=_run_rollout)
 
 
 def _run_rollout(args: argparse.Namespace) -> int:
     from diffalign.benchmarks.rollout import run_rollout_benchmark
-    from diffalign.commands._common import quiet_libraries
 
     quiet_libraries()
     device = resolve_device(args.device)
@@ -147,11 +149,9 @@ def _run_rollout(args: argparse.Namespace) -> int:
         args.repeats, not args.no_train, args.out,
     )  # fmt: skip
     results["dtype"] = str(dtype).removeprefix("torch.")
-    for key, value in results.items():
-        print(f"{key:32s} {value:.3f}" if isinstance(value, float) else f"{key:32s} {value}")
-    path = write_metrics(args.out, "bench rollout", results, device)
-    print(f"\nwrote {path}")
-    return 0
+    lines = [f"{key:32s} {value:.3f}" if isinstance(value, float) else f"{key:32s} {value}"
+             for key, value in results.items()]  # fmt: skip
+    return _report(args, results, device, "\n".join(lines))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,10 +19,8 @@ from tqdm.auto import tqdm
 
 from diffalign.config import BaseConfig, ConfigError
 from diffalign.models import save_clip_tokenizer
+from diffalign.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from diffalign.world.render import generate_pairs
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -79,15 +77,15 @@ def build_processor(image_size: int = 32):
 
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True,
+        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD), do_convert_rgb=True,
     )  # fmt: skip
     return CLIPProcessor(image_processor=image_processor, tokenizer=build_clip_tokenizer())
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """CLIP's normalisation of images in [0, 1] that are already at the model's size."""
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
     return (images - mean) / std
 
 

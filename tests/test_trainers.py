@@ -17,10 +17,11 @@ from diffalign.train.awm import AWMTrainer, stratified_timesteps
 from diffalign.train.config import AWMConfig, DDPOConfig
 from diffalign.train.ddpo import DDPOTrainer
 
-TINY = ["--set", "max_steps=2", "--set", "prompts_per_step=2", "--set", "samples_per_prompt=2",
-        "--set", "num_inference_steps=3", "--set", "train_batch_size=2", "--set",
-        "num_heldout_prompts=2", "--set", "heldout_samples_per_prompt=1", "--set",
-        "eval_every=1", "--set", "log_with=none", "--set", "progress=false"]  # fmt: skip
+# --set takes several KEY=VALUE pairs and repeats; both forms are used here
+TINY = ["--set", "max_steps=2", "prompts_per_step=2", "samples_per_prompt=2",
+        "num_inference_steps=3", "--set", "train_batch_size=2", "num_heldout_prompts=2",
+        "heldout_samples_per_prompt=1", "eval_every=1", "--set", "log_with=none",
+        "progress=false"]  # fmt: skip
 SMALL = {"prompts_per_step": 2, "samples_per_prompt": 2, "sample_batch_size": 4,
          "num_inference_steps": 3, "guidance_scale": 3.0, "train_batch_size": 2,
          "num_heldout_prompts": 2, "heldout_samples_per_prompt": 1, "eval_every": 1,

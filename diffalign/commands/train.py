@@ -61,8 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         command.add_argument("--recipe", default=None,
                              help=f"shipped name ({', '.join(recipe_names(method))}), a YAML "
                                   "file, or 'list'; default: the paper defaults")  # fmt: skip
-        command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                             help="override a config field (repeatable)")  # fmt: skip
+        command.add_argument("--set", action="extend", nargs="+", default=[],
+                             metavar="KEY=VALUE",
+                             help="override config fields: --set a=1 b=2 (repeatable)")  # fmt: skip
         command.add_argument("--resume", action="store_true",
                              help="continue from the latest checkpoint in --out")  # fmt: skip
         run_folder = "run folder: metrics.jsonl, checkpoints/, samples/, final/"

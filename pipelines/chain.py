@@ -1,0 +1,157 @@
+"""A stochastic denoising chain with compute accounting, which tree sampling and baselines run on.
+
+A :class:`DenoisingChain` advances latents one stochastic DDIM step at a time, each row at its own
+position in the chain, and scores final (or predicted clean) latents with a reward. It counts what
+a fair comparison needs: ``nfe``, the UNet rows evaluated (classifier-free guidance doubles the
+rows, as it doubles the UNet batch), and ``reward_calls``, the samples scored.
+
+Two chains ship: :class:`PipelineChain` (a Stable Diffusion pipeline, one prompt) and, for tests
+with a known answer, :class:`diffalign.pipelines.gaussian_mixture.GaussianMixtureChain`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from diffalign.pipelines.rollout import draw_noise, guided_noise_prediction
+from diffalign.sampling import NoiseSchedule, ddim_step
+
+
+class DenoisingChain(ABC):
+    """``num_steps`` stochastic denoising steps from noise (position 0) to a sample (``num_steps``).
+
+    Subclasses supply :meth:`noise_shape`, :meth:`_predict` (the model's output for a batch at the
+    given timesteps) and :meth:`_score`; the step math, the timesteps and the counting live here.
+    """
+
+    def __init__(
+        self, schedule: NoiseSchedule, timesteps: Tensor, eta: float, rows_per_sample: int
+    ):
+        if eta <= 0:
+            raise ValueError(
+                f"Tree sampling and SMC branch the chain, which needs a stochastic sampler: "
+                f"eta must be > 0, got {eta} (eta=1 is DDPM-like)."
+            )
+        self.schedule = schedule
+        self.timesteps = timesteps.long().cpu()
+        self.num_steps = len(self.timesteps)
+        self.eta = eta
+        self.rows_per_sample = rows_per_sample
+        self.nfe = 0
+        self.reward_calls = 0
+
+    @abstractmethod
+    def noise_shape(self) -> tuple[int, ...]:
+        """The shape of one latent (without the batch dimension)."""
+
+    @abstractmethod
+    def _predict(self, latents: Tensor, timesteps: Tensor) -> Tensor:
+        """The model output (as the schedule's prediction type) for each row at its timestep."""
+
+    @abstractmethod
+    def _score(self, latents: Tensor) -> Tensor:
+        """Reward of each clean latent, shape (B,), float32 on the CPU."""
+
+    def step_cost(self, steps: int = 1) -> int:
+        """NFEs that ``steps`` denoising steps of one sample cost."""
+        return steps * self.rows_per_sample
+
+    def initial_noise(self, count: int, generator: torch.Generator) -> Tensor:
+        """``count`` draws of the starting noise ``x_T`` (costs no NFE)."""
+        return draw_noise((count, *self.noise_shape()), generator, self.device, self.dtype)
+
+    @torch.no_grad()
+    def step(self, latents: Tensor, positions: Tensor, generator: torch.Generator):
+        """Advance each row one step from its chain position (0 = pure noise).
+
+        Returns the next latents and the predicted clean latents ``x0`` (what SMC scores).
+        """
+        positions = positions.long().cpu()
+        if positions.min() < 0 or positions.max() >= self.num_steps:
+            raise ValueError(f"Chain positions must lie in [0, {self.num_steps}), got {positions}.")
+        timesteps = self.timesteps[positions].to(latents.device)
+        previous = self.schedule.previous_timestep(timesteps, self.num_steps)
+        self.nfe += len(latents) * self.rows_per_sample
+        return self._transition(latents, timesteps, previous, generator)
+
+    def _transition(
+        self, latents: Tensor, timesteps: Tensor, previous: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """One stochastic DDIM step of the model's prediction: (next latents, predicted x0)."""
+        output = self._predict(latents, timesteps)
+        noise = draw_noise(latents.shape, generator, latents.device, latents.dtype)
+        out = ddim_step(output, timesteps, latents, self.schedule, previous, eta=self.eta,
+                        noise=noise)  # fmt: skip
+        return out.prev_sample, out.pred_original_sample.to(latents.dtype)
+
+    @torch.no_grad()
+    def score(self, latents: Tensor) -> Tensor:
+        """Reward of each clean latent (counted in ``reward_calls``)."""
+        self.reward_calls += len(latents)
+        return self._score(latents).float().cpu()
+
+
+class PipelineChain(DenoisingChain):
+    """The DDIM chain of a Stable Diffusion pipeline for one prompt, with CFG as diffusers does it.
+
+    ``reward`` maps (images in [0, 1], prompts) to scores, e.g. a :class:`diffalign.rewards.Reward`.
+    """
+
+    def __init__(
+        self,
+        pipeline,
+        prompt: str,
+        reward: Callable[[Tensor, list[str]], Tensor],
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        eta: float = 1.0,
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> None:
+        from diffusers import DDIMScheduler
+
+        if not isinstance(pipeline.scheduler, DDIMScheduler):
+            pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+        self.pipeline, self.prompt, self.reward = pipeline, prompt, reward
+        self.device = pipeline._execution_device
+        self.use_cfg = guidance_scale > 1.0
+        self.guidance_scale = guidance_scale
+        embeds, negative = pipeline.encode_prompt(
+            prompt, self.device, 1, self.use_cfg, negative_prompt
+        )
+        self.prompt_embeds, self.negative_embeds = embeds, negative if self.use_cfg else None
+        self.dtype = embeds.dtype
+        scale = pipeline.vae_scale_factor
+        sample_size = pipeline.unet.config.sample_size * scale
+        self.latent_size = ((height or sample_size) // scale, (width or sample_size) // scale)
+        pipeline.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        super().__init__(
+            NoiseSchedule.from_scheduler(pipeline.scheduler), pipeline.scheduler.timesteps, eta,
+            rows_per_sample=2 if self.use_cfg else 1,
+        )  # fmt: skip
+
+    def noise_shape(self) -> tuple[int, ...]:
+        return (self.pipeline.unet.config.in_channels, *self.latent_size)
+
+    def _predict(self, latents: Tensor, timesteps: Tensor) -> Tensor:
+        rows = len(latents)
+        negative = self.negative_embeds.expand(rows, -1, -1) if self.use_cfg else None
+        return guided_noise_prediction(
+            self.pipeline.unet, latents, timesteps, self.prompt_embeds.expand(rows, -1, -1),
+            negative, self.guidance_scale,
+        )  # fmt: skip
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents to images in [0, 1] (float32)."""
+        vae = self.pipeline.vae
+        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)
+        return (decoded[0].float() / 2 + 0.5).clamp(0, 1)
+
+    def _score(self, latents: Tensor) -> Tensor:
+        images = self.decode(latents.to(self.device))
+        return self.reward(images, [self.prompt] * len(images))

@@ -60,6 +60,15 @@ class DenoisingChain(ABC):
         """NFEs that ``steps`` denoising steps of one sample cost."""
         return steps * self.rows_per_sample
 
+    def check_budget(self, budget_nfe: int) -> None:
+        """Raise a clear error when ``budget_nfe`` cannot pay for one full chain."""
+        full = self.step_cost(self.num_steps)
+        if budget_nfe < full:
+            raise ValueError(
+                f"budget_nfe={budget_nfe} is below one full chain ({full} NFEs: {self.num_steps} "
+                f"steps x {self.rows_per_sample} UNet rows, CFG doubles them); raise the budget."
+            )
+
     def initial_noise(self, count: int, generator: torch.Generator) -> Tensor:
         """``count`` draws of the starting noise ``x_T`` (costs no NFE)."""
         return draw_noise((count, *self.noise_shape()), generator, self.device, self.dtype)

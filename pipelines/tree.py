@@ -131,10 +131,7 @@ class DiffusionTree:
 
     def add(self, parent: int, latent: Tensor) -> int:
         """Add a child of ``parent`` holding ``latent``; returns its index."""
-        if self.storage_device.type == "cpu" and latent.device.type == "cuda":
-            stored = latent.detach().to("cpu", non_blocking=True)
-        else:
-            stored = latent.detach().to(self.storage_device)
+        stored = latent.detach().to(self.storage_device)
         index = len(self.parent)
         self.parent.append(parent)
         self.position.append(self.position[parent] + 1)
@@ -175,6 +172,8 @@ class TreeSettings:
     ``uniform_selection`` is the share of DTS's tree-growing choices made uniformly rather than
     by Boltzmann weights (1 keeps the output exact in the limit; below 1 focuses rollouts on
     high-value branches at the price of a bias). ``exploration`` is DTS*'s UCT constant.
+    ``storage_device`` holds the nodes' latents (default: the chain's device; ``"cpu"`` when GPU
+    memory is short, at the price of a copy per step); ``max_nodes`` caps the tree's size.
     """
 
     mode: str = "sample"
@@ -185,7 +184,7 @@ class TreeSettings:
     uniform_selection: float = 1.0
     rollouts_per_batch: int = 8
     max_nodes: int = 100_000
-    storage_device: str = "cpu"
+    storage_device: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in TREE_MODES:
@@ -205,9 +204,9 @@ class TreeSampler:
 
     def __init__(self, chain: DenoisingChain, settings: TreeSettings, seed: int = 0):
         self.chain, self.settings = chain, settings
-        self.tree = DiffusionTree(settings.storage_device, settings.max_nodes)
-        self.rng = torch.Generator().manual_seed(seed)
         device = getattr(chain, "device", torch.device("cpu"))
+        self.tree = DiffusionTree(settings.storage_device or device, settings.max_nodes)
+        self.rng = torch.Generator().manual_seed(seed)
         self.noise = torch.Generator(device=device).manual_seed(seed + 1)
 
     # ------------------------------------------------------------------ selection
@@ -394,11 +393,7 @@ def tree_search(
 ) -> SearchResult:
     """Run DTS (``settings.mode="sample"``) or DTS* (``"search"``) within ``budget_nfe``."""
     settings = settings or TreeSettings()
-    if budget_nfe < chain.step_cost(chain.num_steps):
-        raise ValueError(
-            f"budget_nfe={budget_nfe} is below one full chain ({chain.step_cost(chain.num_steps)} "
-            "NFEs: steps x rows per sample, CFG doubles the rows); raise the budget."
-        )
+    chain.check_budget(budget_nfe)
     sampler = TreeSampler(chain, settings, seed)
     stats = sampler.run(budget_nfe, progress)
     latents, rewards = sampler.results(num_samples)

@@ -47,7 +47,11 @@ def build_sd15_random_pipeline():
     )  # fmt: skip
 
 
-def _load(model: str, device: torch.device, dtype: torch.dtype):
+def load_benchmark_pipeline(
+    model: str, device: torch.device, dtype: torch.dtype, pipeline_cls: type | None = None
+):
+    """``model`` (a folder, ``diffalign:<shipped>`` or ``sd15-random``) as ``pipeline_cls``
+    (default: :class:`~diffalign.pipelines.rollout.RolloutPipeline`) on ``device``."""
     from diffalign.pipelines.rollout import RolloutPipeline
     from diffalign.train.trainer import load_training_pipeline
 
@@ -55,7 +59,8 @@ def _load(model: str, device: torch.device, dtype: torch.dtype):
         components = build_sd15_random_pipeline().components
     else:
         components = load_training_pipeline(model).components
-    return RolloutPipeline(**components, requires_safety_checker=False).to(device, dtype)
+    pipeline_cls = pipeline_cls or RolloutPipeline
+    return pipeline_cls(**components, requires_safety_checker=False).to(device, dtype)
 
 
 def _timed(fn, device: torch.device) -> float:
@@ -128,7 +133,7 @@ def run_rollout_benchmark(model: str, device: torch.device, dtype: torch.dtype, 
                           steps: int, guidance: float, eta: float, repeats: int, train: bool,
                           out) -> dict:  # fmt: skip
     """Sampling ratio and (optionally) training-step throughput; returns a flat dict."""
-    pipeline = _load(model, device, dtype)
+    pipeline = load_benchmark_pipeline(model, device, dtype)
     prompts = ["two red circles left of a blue square"] * batch
     results = {"model": model, "batch": batch, "steps": steps, "guidance_scale": guidance,
                "eta": eta, **time_sampling(pipeline, prompts, steps, guidance, eta, repeats,

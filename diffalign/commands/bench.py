@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from diffalign.commands._common import (
     add_device_arguments,
@@ -154,12 +155,87 @@ def _run_rollout(args: argparse.Namespace) -> int:
     return _report(args, results, device, "\n".join(lines))
 
 
+def _add_dts(subparsers) -> None:
+    parser = _benchmark_parser(
+        subparsers, "dts",
+        "reward vs NFEs for best-of-N, SMC, DTS and DTS* on held-out prompts; the NFE ratio",
+        "Search held-out prompts with every sampler under one NFE accounting; writes "
+        "metrics.json (nfe_ratio_dts_star_vs_best_of_n, curves) and reward_vs_nfe.png.",
+        _run_dts,
+    )  # fmt: skip
+    parser.add_argument("--model", default="diffalign:tiny-shapes",
+                        help="a pipeline folder, diffalign:tiny-shapes, or sd15-random "
+                             "(with --speed-only)")  # fmt: skip
+    parser.add_argument("--reward", default="shapes", help="a registered reward or a sum")
+    parser.add_argument("--num-prompts", type=int, default=16, help="held-out prompts")
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (eta = 1)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="default: the one recorded with the model, else 3")  # fmt: skip
+    parser.add_argument("--n", type=int, default=32, help="best-of-N's N (the budget)")
+    parser.add_argument("--budgets", default="2,4,8,16,32",
+                        help="SMC and DTS budgets in chain-equivalents")  # fmt: skip
+    parser.add_argument("--inverse-temperature", type=float, default=10.0, help="lambda")
+    parser.add_argument("--batch-size", type=int, default=8, help="rollouts per UNet batch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--speed-only", action="store_true",
+                        help="NFE/s of DTS* vs best-of-N only, unscored")  # fmt: skip
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_dts(args: argparse.Namespace) -> int:
+    from diffalign.benchmarks import dts
+    from diffalign.benchmarks.rollout import SD15_RANDOM, load_benchmark_pipeline
+    from diffalign.pipelines.dts import DTSPipeline
+    from diffalign.world import model_guidance_scale
+
+    quiet_libraries()
+    budgets = tuple(int(b) for b in args.budgets.split(",") if b.strip())
+    if args.n < 1 or not budgets or min(budgets) < 1:
+        raise SystemExit("error: --n and every --budgets entry must be positive integers.")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    pipeline = load_benchmark_pipeline(args.model, device, dtype, DTSPipeline)
+    pipeline.set_progress_bar_config(disable=True)
+    guidance = args.guidance_scale or model_guidance_scale(args.model)
+    prompts = _heldout(args.num_prompts)
+    settings = {"model": args.model, "reward": args.reward, "steps": args.steps,
+                "guidance_scale": guidance, "n": args.n, "budgets_in_chains": list(budgets),
+                "inverse_temperature": args.inverse_temperature, "batch_size": args.batch_size,
+                "dtype": str(dtype).removeprefix("torch."), "seed": args.seed}  # fmt: skip
+    if args.speed_only:
+        results = dts.tree_vs_batched_speed(pipeline, prompts[0], args.steps, guidance, args.n,
+                                            args.batch_size)  # fmt: skip
+        results["settings"] = settings
+        return _report(args, results, device, json.dumps(results["nfe_per_second"], indent=1))
+    if args.model == SD15_RANDOM:
+        raise SystemExit("error: sd15-random has random weights; use it with --speed-only.")
+    from diffalign.rewards import load_reward
+
+    reward = load_reward(args.reward).to(device)
+    results = dts.run_dts_benchmark(
+        pipeline, reward, prompts, args.steps, guidance, args.n, budgets,
+        args.inverse_temperature, args.batch_size, args.seed, not args.quiet,
+    )  # fmt: skip
+    results["settings"] = settings
+    results["plot"] = str(dts.plot_dts_curves(results, args.out / "reward_vs_nfe.png"))
+    return _report(args, results, device, dts.format_table(results))
+
+
+def _heldout(count: int) -> list[str]:
+    from diffalign.world.evaluate import heldout_prompts
+
+    if count < 1:
+        raise SystemExit("error: --num-prompts must be at least 1.")
+    return heldout_prompts(count)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register one subcommand per benchmark."""
     subparsers = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     _add_attention(subparsers)
     _add_rewards(subparsers)
     _add_rollout(subparsers)
+    _add_dts(subparsers)
 
 
 def run(args: argparse.Namespace) -> int:

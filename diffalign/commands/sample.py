@@ -1,14 +1,19 @@
-"""``diffalign sample``: generate images from a Stable-Diffusion-family model with DDIM.
+"""``diffalign sample``: generate images with DDIM, or search for reward with a budget.
 
-``--model`` takes a pipeline folder, a hub id (loaded offline first), or ``diffalign:tiny-random``
-for the tiny random-weight test pipeline (its images are noise; it exercises the full path).
-Writes ``OUT/images/*.png``, ``OUT/grid.png`` and ``OUT/metrics.json`` (UNet evaluations counted,
-wall time, the attention backend used).
+``--model`` takes a pipeline folder, a hub id (loaded offline first), ``diffalign:tiny-shapes``
+(the shipped world model) or ``diffalign:tiny-random`` (random weights: noise images, the full
+path). ``--sampler`` is ``ddim`` (plain sampling; ``--reward`` optional, to score the images) or
+a search sampler of :mod:`diffalign.pipelines.dts` (``best-of-n``, ``smc``, ``dts``,
+``dts-star``), which spends ``--budget-nfe`` UNet rows per prompt to raise ``--reward``.
+Writes ``OUT/images/*.png``, ``OUT/grid.png``, ``OUT/samples.json`` (prompt, reward and NFEs of
+each image) and ``OUT/metrics.json`` (compute counted, wall time, rewards, search statistics).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import time
 from pathlib import Path
 
@@ -22,19 +27,33 @@ from diffalign.commands._common import (
 )
 
 NAME = "sample"
-HELP = "generate images with DDIM from a model folder or hub id; writes OUT/metrics.json"
+HELP = "generate images (DDIM, best-of-n, smc, dts, dts-star); writes images and samples.json"
 TINY_RANDOM = "diffalign:tiny-random"
+SHIPPED_PREFIX = "diffalign:"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the sampling options."""
-    parser.add_argument("--model", required=True, help=f"folder, hub id or {TINY_RANDOM}")
+    from diffalign.pipelines.dts import SEARCH_SAMPLERS
+
+    parser.add_argument("--model", required=True,
+                        help=f"folder, hub id, diffalign:tiny-shapes or {TINY_RANDOM}")  # fmt: skip
     parser.add_argument("--prompt", action="append", default=[], help="repeatable")
-    parser.add_argument("--prompts-file", type=Path, help="one prompt per line")
+    parser.add_argument("--prompts", "--prompts-file", dest="prompts_file", type=Path,
+                        help="a file with one prompt per line")  # fmt: skip
     parser.add_argument("--num-images-per-prompt", type=int, default=1)
+    parser.add_argument("--sampler", default="ddim", choices=("ddim", *SEARCH_SAMPLERS))
+    parser.add_argument("--reward", default=None,
+                        help="reward name or sum (needed by search samplers)")  # fmt: skip
+    parser.add_argument("--budget-nfe", type=int, default=None,
+                        help="UNet rows per prompt for search (CFG: 2 per step)")  # fmt: skip
+    parser.add_argument("--inverse-temperature", type=float, default=10.0,
+                        help="lambda: DTS targets p(x) exp(lambda r(x))")  # fmt: skip
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic)")
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--eta", type=float, default=None,
+                        help="DDIM eta (default: 0 for ddim, 1 for search samplers)")  # fmt: skip
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="default: the one recorded with a world model, else 7.5")  # fmt: skip
     parser.add_argument("--resolution", type=int, default=None, help="default: the model's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -57,6 +76,15 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _check_search_arguments(args: argparse.Namespace) -> None:
+    if args.sampler == "ddim":
+        return
+    if args.reward is None or args.budget_nfe is None:
+        raise SystemExit(f"error: --sampler {args.sampler} needs --reward and --budget-nfe.")
+    if args.eta is not None and args.eta <= 0:
+        raise SystemExit("error: search samplers branch the chain and need --eta > 0 (1 is DDPM).")
+
+
 def _load(model: str, device, dtype):
     import torch
     from diffusers import DDIMScheduler
@@ -68,59 +96,130 @@ def _load(model: str, device, dtype):
         if dtype != torch.float32:
             pipeline.to(dtype=dtype)
     else:
+        if model.startswith(SHIPPED_PREFIX):
+            from diffalign.world import shipped_model_path
+
+            model = str(shipped_model_path(model.removeprefix(SHIPPED_PREFIX)))
         pipeline = load_pipeline(model, torch_dtype=dtype, device=device)
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     return pipeline
 
 
 def count_calls(module) -> list[int]:
-    """Count forward calls of ``module`` (one per UNet batch evaluation = one NFE)."""
-    counter = [0]
+    """Count forward calls of ``module`` (one per UNet batch evaluation) and the rows they
+    evaluated (NFEs): returns ``[calls, rows]``, updated as the module runs."""
+    counter = [0, 0]
 
-    def hook(*_):
+    def hook(_module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
         counter[0] += 1
+        counter[1] += sample.shape[0]
 
-    module.register_forward_pre_hook(hook)
+    module.register_forward_pre_hook(hook, with_kwargs=True)
     return counter
 
 
-def run(args: argparse.Namespace) -> int:
-    """Sample, save the images and the grid, and write metrics.json."""
+def _sample_ddim(pipeline, prompts, args, size, reward):
+    """Plain DDIM images, their rewards (NaN without ``--reward``) and NFEs per image."""
     import torch
 
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    images = pipeline(
+        prompts, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+        eta=args.eta or 0.0, num_images_per_prompt=args.num_images_per_prompt, height=size,
+        width=size, generator=generator, output_type="pt",
+    ).images  # fmt: skip
+    repeated = [p for p in prompts for _ in range(args.num_images_per_prompt)]
+    if reward is None:
+        return images, torch.full((len(images),), float("nan")), repeated, {}
+    return images, reward(images, repeated).float().cpu(), repeated, {}
+
+
+def _sample_search(pipeline, prompts, args, size, reward):
+    """Search-sampled images, their rewards, prompts and the statistics of each prompt."""
+    from diffalign.pipelines.dts import DTSPipeline
+
+    searcher = DTSPipeline(**pipeline.components, requires_safety_checker=False)
+    searcher.set_progress_bar_config(disable=args.quiet)
+    output = searcher(
+        prompts, reward, budget_nfe=args.budget_nfe, sampler=args.sampler,
+        num_images_per_prompt=args.num_images_per_prompt, num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale, eta=1.0 if args.eta is None else args.eta,
+        inverse_temperature=args.inverse_temperature, height=size, width=size, seed=args.seed,
+        output_type="pt",
+    )  # fmt: skip
+    return output.images, output.rewards, output.prompts, {"search": output.stats}
+
+
+def _sample_records(prompts, rewards, nfe_per_image, files) -> list[dict]:
+    return [
+        {
+            "file": file,
+            "prompt": prompt,
+            "reward": None if math.isnan(reward) else reward,
+            "nfe": nfe_per_image,
+        }  # fmt: skip
+        for file, prompt, reward in zip(files, prompts, rewards.tolist(), strict=True)
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Sample (or search), save the images, the grid, samples.json and metrics.json."""
     from diffalign.attention import enable_fused_attention
     from diffalign.imaging import make_grid, save_images
+    from diffalign.world import model_guidance_scale
 
     prompts = _prompts(args)
+    _check_search_arguments(args)
     if args.quiet:
         quiet_libraries()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipeline = _load(args.model, device, dtype)
+    if args.guidance_scale is None:
+        args.guidance_scale = model_guidance_scale(args.model, default=7.5)
     pipeline.set_progress_bar_config(disable=args.quiet)
     reports = enable_fused_attention(pipeline, args.attention)
+    reward = _load_reward(args.reward, device)
     nfe = count_calls(pipeline.unet)
     size = args.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
     start = time.perf_counter()
-    images = pipeline(
-        prompts, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta,
-        num_images_per_prompt=args.num_images_per_prompt, height=size, width=size,
-        generator=generator, output_type="pt",
-    ).images  # fmt: skip
+    sample = _sample_ddim if args.sampler == "ddim" else _sample_search
+    images, rewards, repeated, extra = sample(pipeline, prompts, args, size, reward)
     seconds = time.perf_counter() - start
-    save_images(images, args.out / "images")
+    files = save_images(images, args.out / "images")
     make_grid(images, columns=args.num_images_per_prompt if len(prompts) > 1 else None).save(
         args.out / "grid.png"
     )
+    per_image = nfe[1] / len(images)
+    records = _sample_records(repeated, rewards, per_image, [Path(f).name for f in files])
+    _write_json(args.out / "samples.json", records)
     results = {
-        "model": args.model, "prompts": prompts, "num_images": len(images),
-        "resolution": size, "steps": args.steps, "eta": args.eta,
-        "guidance_scale": args.guidance_scale, "seed": args.seed,
-        "unet_evaluations": nfe[0], "seconds": seconds, "images_per_second": len(images) / seconds,
-        "attention": {name: str(report) for name, report in reports.items()},
+        "model": args.model, "sampler": args.sampler, "prompts": prompts,
+        "num_images": len(images), "resolution": size, "steps": args.steps, "eta": args.eta,
+        "guidance_scale": args.guidance_scale, "seed": args.seed, "reward": args.reward,
+        "reward_mean": rewards.nanmean().item() if reward is not None else None,
+        "budget_nfe_per_prompt": args.budget_nfe, "nfe": nfe[1], "unet_evaluations": nfe[0],
+        "nfe_per_image": per_image, "seconds": seconds,
+        "images_per_second": len(images) / seconds,
+        "attention": {name: str(report) for name, report in reports.items()}, **extra,
     }  # fmt: skip
     path = write_metrics(args.out, "sample", results, device)
-    print(f"{len(images)} images in {seconds:.1f} s ({nfe[0]} UNet evaluations) -> {args.out}")
+    mean = f", mean {args.reward} {results['reward_mean']:.3f}" if reward is not None else ""
+    print(f"{len(images)} images in {seconds:.1f} s ({nfe[1]} NFEs{mean}) -> {args.out}")
     print(f"wrote {path}")
     return 0
+
+
+def _load_reward(name: str | None, device):
+    if name is None:
+        return None
+    from diffalign.rewards import load_reward
+
+    return load_reward(name).to(device)
+
+
+def _write_json(path: Path, data) -> None:
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(data, indent=2))
+    staging.replace(path)

@@ -31,3 +31,13 @@ def recorded_guidance_scale(path: str | Path, default: float = 3.0) -> float:
         return default
     data = json.loads(record.read_text())
     return float(data.get("sampling", {}).get("guidance_scale", data["config"]["guidance_scale"]))
+
+
+def model_guidance_scale(model: str, default: float = 3.0) -> float:
+    """The CFG scale recorded with ``model`` (``diffalign:<shipped>`` or a folder), else
+    ``default`` (hub ids and models without a record)."""
+    if model.startswith("diffalign:") and model != "diffalign:tiny-random":
+        return recorded_guidance_scale(
+            shipped_model_path(model.removeprefix("diffalign:")), default
+        )
+    return recorded_guidance_scale(model, default) if Path(model).is_dir() else default

@@ -1,0 +1,172 @@
+"""Reward against compute for best-of-N, SMC, DTS and DTS*, on the same prompts and accounting.
+
+For each held-out prompt, one chain (``PipelineChain``: the model, the reward, DDIM with eta = 1)
+is searched by every sampler. Budgets are in NFEs and quoted in chain-equivalents (one chain =
+steps x UNet rows per sample):
+
+- best-of-N and DTS* are anytime: one run of ``n`` chain-equivalents gives the best reward found
+  within every smaller budget (``SearchStats.best_within``);
+- SMC and DTS are not: they run once per budget in ``budgets``; the reward of the image each
+  returns is recorded.
+
+``nfe_ratio_dts_star_vs_best_of_n`` is best-of-N's budget at N = ``n`` divided by the smallest
+budget at which DTS*'s mean best reward over the prompts reaches best-of-N's (None when DTS*
+does not reach it within the same budget). Wall time and NFE/s per sampler show the tree's
+bookkeeping overhead next to plain batched sampling.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+ANYTIME = ("best-of-n", "dts-star")
+PER_BUDGET = ("smc", "dts")
+
+
+def _mean(rows: list[list[float]]) -> list[float]:
+    return [sum(column) / len(column) for column in zip(*rows, strict=True)]
+
+
+def _matching_budget(curve: list[float], target: float) -> int | None:
+    """The first chain-equivalent budget (1-based) at which ``curve`` reaches ``target``."""
+    for budget, value in enumerate(curve, start=1):
+        if value >= target - 1e-9:
+            return budget
+    return None
+
+
+def run_dts_benchmark(
+    pipeline,
+    reward,
+    prompts: list[str],
+    steps: int = 20,
+    guidance_scale: float = 3.0,
+    n: int = 32,
+    budgets: tuple[int, ...] = (2, 4, 8, 16, 32),
+    inverse_temperature: float = 10.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Run every sampler on every prompt; curves, the NFE ratio and speeds (see module doc)."""
+    from diffalign.pipelines.chain import PipelineChain
+    from diffalign.pipelines.dts import SearchOptions
+
+    anytime = {name: [] for name in ANYTIME}
+    per_budget = {name: [] for name in PER_BUDGET}
+    timing = {name: [0.0, 0] for name in ANYTIME + PER_BUDGET}  # seconds, NFEs
+    for index, prompt in enumerate(tqdm(prompts, desc="bench dts", disable=not progress)):
+        chain = PipelineChain(pipeline, prompt, reward, steps, guidance_scale, eta=1.0)
+        full = chain.step_cost(chain.num_steps)
+        for sampler in ANYTIME:
+            options = SearchOptions(sampler, n * full, inverse_temperature, batch_size=batch_size)
+            stats = _timed_search(chain, options, seed + index, timing[sampler]).stats
+            anytime[sampler].append([stats.best_within(b * full) for b in range(1, n + 1)])
+        for sampler in PER_BUDGET:
+            rewards = []
+            for b in budgets:
+                options = SearchOptions(sampler, b * full, inverse_temperature,
+                                        batch_size=batch_size)  # fmt: skip
+                result = _timed_search(chain, options, seed + index, timing[sampler])
+                rewards.append(result.rewards[0].item())
+            per_budget[sampler].append(rewards)
+    seconds = {name: t[0] for name, t in timing.items()}
+    nfe = {name: t[1] for name, t in timing.items()}
+    return _summarise(anytime, per_budget, seconds, nfe, n, budgets, full, len(prompts))
+
+
+def _timed_search(chain, options, seed: int, timing: list):
+    """``run_search`` that adds its seconds and NFEs to ``timing``."""
+    from diffalign.pipelines.dts import run_search
+
+    start, before = time.perf_counter(), chain.nfe
+    result = run_search(chain, options, 1, seed)
+    timing[0] += time.perf_counter() - start
+    timing[1] += chain.nfe - before
+    return result
+
+
+def _summarise(anytime, per_budget, seconds, nfe, n, budgets, full, num_prompts) -> dict:
+    curves = {name: _mean(rows) for name, rows in anytime.items()}
+    target = curves["best-of-n"][n - 1]
+    needed = _matching_budget(curves["dts-star"], target)
+    results = {
+        "nfe_ratio_dts_star_vs_best_of_n": None if needed is None else n / needed,
+        "best_of_n_reward": target,
+        "best_of_n_nfe": n * full,
+        "dts_star_nfe_to_match": None if needed is None else needed * full,
+        "dts_star_reward_at_same_nfe": curves["dts-star"][n - 1],
+        "nfe_per_chain": full,
+        "num_prompts": num_prompts,
+        "curves": {
+            name: {"nfe": [b * full for b in range(1, n + 1)], "mean_reward": curve}
+            for name, curve in curves.items()
+        },  # fmt: skip
+        "nfe_per_second": {name: nfe[name] / seconds[name] for name in seconds if seconds[name]},
+    }
+    for name, rows in per_budget.items():
+        results["curves"][name] = {"nfe": [b * full for b in budgets], "mean_reward": _mean(rows)}
+    speed = results["nfe_per_second"]
+    results["tree_overhead"] = 1 - speed["dts-star"] / speed["best-of-n"]
+    return results
+
+
+def plot_dts_curves(results: dict, path: str | Path) -> Path:
+    """Mean reward against NFEs, one line per sampler."""
+    from diffalign.plots import plot_curves
+
+    curves = {name: (c["nfe"], c["mean_reward"]) for name, c in results["curves"].items()}
+    return plot_curves(curves, path, "NFEs (UNet rows) per prompt", "mean reward of the output",
+                       "reward vs compute")  # fmt: skip
+
+
+def format_table(results: dict) -> str:
+    """A short text summary of the benchmark."""
+    ratio = results["nfe_ratio_dts_star_vs_best_of_n"]
+    lines = [
+        f"best-of-N reward at {results['best_of_n_nfe']} NFEs: {results['best_of_n_reward']:.3f}",
+        f"DTS* reward at the same NFEs:         {results['dts_star_reward_at_same_nfe']:.3f}",
+        "DTS* NFEs to match best-of-N:        "
+        + (f"{results['dts_star_nfe_to_match']} (ratio {ratio:.2f}x)" if ratio else "not reached"),
+        f"tree bookkeeping overhead (NFE/s vs best-of-N): {results['tree_overhead']:+.1%}",
+        "",
+        f"{'sampler':10s} " + " ".join(f"{nfe:>7d}" for nfe in results["curves"]["dts"]["nfe"]),
+    ]
+    budgets = results["curves"]["dts"]["nfe"]
+    for name, curve in results["curves"].items():
+        by_nfe = dict(zip(curve["nfe"], curve["mean_reward"], strict=True))
+        lines.append(f"{name:10s} " + " ".join(f"{by_nfe[b]:7.3f}" for b in budgets))
+    return "\n".join(lines)
+
+
+def tree_vs_batched_speed(
+    pipeline, prompt: str, steps: int, guidance_scale: float, chains: int, batch_size: int
+) -> dict:
+    """UNet rows per second of DTS* against best-of-N on one prompt, with scoring left out (no
+    decoding, no reward), so the difference is the tree's bookkeeping (the GPU overhead goal)."""
+    from diffalign.pipelines.chain import PipelineChain
+    from diffalign.pipelines.dts import SearchOptions, run_search
+
+    class UnscoredChain(PipelineChain):
+        def _score(self, latents: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(len(latents))
+
+    def synchronize(device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    speeds = {}
+    for sampler in ("best-of-n", "dts-star"):
+        chain = UnscoredChain(pipeline, prompt, None, steps, guidance_scale, eta=1.0)
+        full = chain.step_cost(steps)
+        run_search(chain, SearchOptions(sampler, full, batch_size=batch_size))  # warm-up
+        synchronize(chain.device)
+        start, before = time.perf_counter(), chain.nfe
+        run_search(chain, SearchOptions(sampler, chains * full, batch_size=batch_size))
+        synchronize(chain.device)
+        speeds[sampler] = (chain.nfe - before) / (time.perf_counter() - start)
+    return {"nfe_per_second": speeds, "tree_overhead": 1 - speeds["dts-star"] / speeds["best-of-n"]}

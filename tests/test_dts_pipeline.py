@@ -1,0 +1,115 @@
+"""DTSPipeline, `diffalign sample --sampler ...` and `diffalign bench dts` on tiny real models."""
+
+import json
+
+import pytest
+import torch
+
+from diffalign.cli import main
+from diffalign.pipelines.dts import SEARCH_SAMPLERS, DTSPipeline, SearchOptions
+
+
+def brightness(images, prompts):
+    return images.mean(dim=(1, 2, 3))
+
+
+@pytest.fixture()
+def dts_pipeline(tiny_pipeline):
+    pipeline = DTSPipeline(**tiny_pipeline.components, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def count_rows(unet) -> list[int]:
+    rows = [0]
+    unet.register_forward_pre_hook(lambda _m, args: rows.__setitem__(0, rows[0] + len(args[0])))
+    return rows
+
+
+@pytest.mark.parametrize("sampler", SEARCH_SAMPLERS)
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_nfe_accounting_equals_the_unet_rows_evaluated(dts_pipeline, sampler, guidance_scale):
+    rows = count_rows(dts_pipeline.unet)
+    out = dts_pipeline(["a red circle", "a blue square"], brightness, budget_nfe=50,
+                       sampler=sampler, num_inference_steps=4, guidance_scale=guidance_scale,
+                       num_images_per_prompt=2, output_type="pt", batch_size=3)  # fmt: skip
+    spent = [s["nfe"] for s in out.stats]
+    assert rows[0] == sum(spent)
+    assert all(s <= 50 for s in spent)
+    assert out.images.shape == (4, 3, 32, 32) and out.rewards.shape == (4,)
+    assert out.prompts == ["a red circle"] * 2 + ["a blue square"] * 2
+    rows_per_chain = 4 * (2 if guidance_scale > 1 else 1)
+    assert all(s["reward_calls"] >= 50 // rows_per_chain for s in out.stats)
+
+
+@pytest.mark.parametrize("sampler", ["dts-star", "best-of-n"])
+def test_returned_rewards_are_the_rewards_of_the_returned_images(dts_pipeline, sampler):
+    out = dts_pipeline("a red circle", brightness, budget_nfe=64, sampler=sampler,
+                       num_inference_steps=4, guidance_scale=2.0, output_type="pt")  # fmt: skip
+    torch.testing.assert_close(out.rewards, brightness(out.images, None), atol=1e-5, rtol=0)
+    assert out.rewards[0] == pytest.approx(out.stats[0]["best_reward"][-1], abs=1e-6)
+
+
+def test_dts_star_beats_a_single_chain_on_the_same_prompt(dts_pipeline):
+    one = dts_pipeline("a red circle", brightness, budget_nfe=8, sampler="best-of-n",
+                       num_inference_steps=4, guidance_scale=2.0, output_type="pt")  # fmt: skip
+    searched = dts_pipeline("a red circle", brightness, budget_nfe=160, sampler="dts-star",
+                            num_inference_steps=4, guidance_scale=2.0,
+                            output_type="pt")  # fmt: skip
+    assert searched.stats[0]["samples"] > 20
+    assert searched.rewards[0] > one.rewards[0]
+
+
+def test_saved_folders_load_as_dts_pipelines(tiny_pipeline, tmp_path):
+    tiny_pipeline.save_pretrained(tmp_path)
+    loaded = DTSPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    out = loaded("a red circle", "shapes", budget_nfe=12, sampler="dts", num_inference_steps=3,
+                 guidance_scale=2.0)  # fmt: skip
+    assert isinstance(loaded, DTSPipeline) and out.images[0].size == (32, 32)
+
+
+def test_bad_search_inputs_raise_clear_errors(dts_pipeline):
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        SearchOptions(sampler="beam")
+    with pytest.raises(ValueError, match="eta must be > 0"):
+        dts_pipeline("x", brightness, budget_nfe=40, num_inference_steps=4, eta=0.0)
+    with pytest.raises(ValueError, match="below one full chain"):
+        dts_pipeline("x", brightness, budget_nfe=5, num_inference_steps=4, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        dts_pipeline([], brightness)
+
+
+def test_sample_command_searches_and_writes_samples_json(tmp_path):
+    out = tmp_path / "dts"
+    args = ["sample", "--model", "diffalign:tiny-random", "--prompt", "a red circle", "--prompt",
+            "a blue square", "--sampler", "dts-star", "--reward", "shapes", "--budget-nfe", "24",
+            "--steps", "3", "--guidance-scale", "2", "--num-images-per-prompt", "2", "--quiet",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    samples = json.loads((out / "samples.json").read_text())
+    assert [s["prompt"] for s in samples] == ["a red circle"] * 2 + ["a blue square"] * 2
+    assert all(0 <= s["reward"] <= 1 and s["nfe"] == 12 for s in samples)
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    assert results["nfe"] == 48 and len(results["search"]) == 2
+    assert (out / "grid.png").is_file() and len(list((out / "images").glob("*.png"))) == 4
+
+
+def test_sample_command_rejects_search_without_reward_or_budget(tmp_path, capsys):
+    args = ["sample", "--model", "diffalign:tiny-random", "--prompt", "x", "--sampler", "dts",
+            "--out", str(tmp_path)]  # fmt: skip
+    with pytest.raises(SystemExit, match="needs --reward and --budget-nfe"):
+        main(args)
+
+
+def test_bench_dts_writes_the_ratio_the_curves_and_the_plot(tmp_path):
+    args = ["bench", "dts", "--num-prompts", "1", "--steps", "3", "--n", "4", "--budgets", "2,4",
+            "--quiet", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads((tmp_path / "metrics.json").read_text())["results"]
+    assert "nfe_ratio_dts_star_vs_best_of_n" in results
+    assert set(results["curves"]) == {"best-of-n", "dts-star", "smc", "dts"}
+    assert results["curves"]["smc"]["nfe"] == [2 * results["nfe_per_chain"],
+                                               4 * results["nfe_per_chain"]]  # fmt: skip
+    assert results["best_of_n_nfe"] == 4 * results["nfe_per_chain"]
+    assert (tmp_path / "reward_vs_nfe.png").is_file()

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from diffalign.pipelines.chain import DenoisingChain
 
 TREE_MODES = ("sample", "search")
+EXPANSIONS = ("shallowest", "random")
 
 
 class TreeFullError(RuntimeError):
@@ -172,8 +173,12 @@ class TreeSettings:
     ``uniform_selection`` is the share of DTS's tree-growing choices made uniformly rather than
     by Boltzmann weights (1 keeps the output exact in the limit; below 1 focuses rollouts on
     high-value branches at the price of a bias). ``exploration`` is DTS*'s UCT constant.
-    ``storage_device`` holds the nodes' latents (default: the chain's device; ``"cpu"`` when GPU
-    memory is short, at the price of a copy per step); ``max_nodes`` caps the tree's size.
+    ``expansion`` picks the node to grow among those the widening cap leaves open on the
+    selected path: ``"shallowest"`` (DTS's default) or ``"random"`` (DTS*'s default: branches
+    start deep in the chain too, where rollouts are cheap; on the shapes world it found better
+    samples for the same NFEs). ``storage_device`` holds the nodes' latents (default: the
+    chain's device; ``"cpu"`` when GPU memory is short, at the price of a copy per step);
+    ``max_nodes`` caps the tree's size.
     """
 
     mode: str = "sample"
@@ -182,6 +187,7 @@ class TreeSettings:
     widening_c: float = 1.0
     widening_alpha: float = 0.5
     uniform_selection: float = 1.0
+    expansion: str | None = None
     rollouts_per_batch: int = 8
     max_nodes: int = 100_000
     storage_device: str | None = None
@@ -193,6 +199,8 @@ class TreeSettings:
             raise ValueError("inverse_temperature (lambda) must be >= 0.")
         if self.rollouts_per_batch < 1:
             raise ValueError("rollouts_per_batch must be at least 1.")
+        if self.expansion is not None and self.expansion not in EXPANSIONS:
+            raise ValueError(f"expansion must be one of {EXPANSIONS}, got {self.expansion!r}.")
         if not 0 <= self.uniform_selection <= 1:
             raise ValueError("uniform_selection is a probability: it must lie in [0, 1].")
         if self.widening_c <= 0 or not 0 <= self.widening_alpha <= 1:
@@ -204,6 +212,8 @@ class TreeSampler:
 
     def __init__(self, chain: DenoisingChain, settings: TreeSettings, seed: int = 0):
         self.chain, self.settings = chain, settings
+        default_expansion = "random" if settings.mode == "search" else "shallowest"
+        self.expansion = settings.expansion or default_expansion
         device = getattr(chain, "device", torch.device("cpu"))
         self.tree = DiffusionTree(settings.storage_device or device, settings.max_nodes)
         self.rng = torch.Generator().manual_seed(seed)
@@ -230,15 +240,25 @@ class TreeSampler:
         return candidates[int(torch.argmax(values + bonus))]
 
     def select(self) -> int:
-        """Descend to the node to expand (or to a finished sample); marks the path pending."""
+        """Descend to the node to expand (or to a finished sample); marks the path pending.
+
+        Nodes with fewer children than the widening cap may be expanded. ``expansion="shallowest"``
+        stops at the first one; ``"random"`` descends on to the end and picks one of them
+        uniformly, so branches also start deep in the chain, where rollouts are cheap.
+        """
         tree, settings, last = self.tree, self.settings, self.chain.num_steps
-        node = 0
+        node, open_nodes = 0, []
         while tree.position[node] < last:
             cap = widening_cap(tree.visits[node] + tree.pending[node], settings.widening_c,
                                settings.widening_alpha)  # fmt: skip
             if len(tree.children[node]) < cap or not tree.valued_children(node):
-                break
+                open_nodes.append(node)
+                if self.expansion == "shallowest" or not tree.valued_children(node):
+                    break
             node = self._choose_child(node)
+        if open_nodes:
+            pick = torch.randint(len(open_nodes), (1,), generator=self.rng).item()
+            node = open_nodes[0 if self.expansion == "shallowest" else pick]
         for ancestor in tree.path_to_root(node):
             tree.pending[ancestor] += 1
         return node

@@ -1,4 +1,4 @@
-"""Sample-efficiency comparison between training runs (diffalign.train.compare, diffalign compare)."""
+"""Sample-efficiency comparison of training runs (diffalign.train.compare, diffalign compare)."""
 
 import json
 

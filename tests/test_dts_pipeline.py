@@ -7,6 +7,7 @@ import torch
 
 from diffalign.cli import main
 from diffalign.pipelines.dts import SEARCH_SAMPLERS, DTSPipeline, SearchOptions
+from diffalign.world.evaluate import heldout_prompts
 
 
 def brightness(images, prompts):
@@ -104,9 +105,11 @@ def test_sample_command_rejects_search_without_reward_or_budget(tmp_path, capsys
 
 def test_bench_dts_writes_the_ratio_the_curves_and_the_plot(tmp_path):
     args = ["bench", "dts", "--num-prompts", "1", "--steps", "3", "--n", "4", "--budgets", "2,4",
-            "--quiet", "--out", str(tmp_path)]  # fmt: skip
+            "--split", "validation", "--quiet", "--out", str(tmp_path)]  # fmt: skip
     assert main(args) == 0
     results = json.loads((tmp_path / "metrics.json").read_text())["results"]
+    assert results["settings"]["split"] == "validation"
+    assert results["prompts"] == heldout_prompts(1, split="validation")
     assert "nfe_ratio_dts_star_vs_best_of_n" in results
     assert set(results["curves"]) == {"best-of-n", "dts-star", "smc", "dts"}
     assert results["curves"]["smc"]["nfe"] == [2 * results["nfe_per_chain"],

@@ -158,7 +158,7 @@ def _run_rollout(args: argparse.Namespace) -> int:
 def _add_dts(subparsers) -> None:
     parser = _benchmark_parser(
         subparsers, "dts",
-        "reward vs NFEs for best-of-N, SMC, DTS and DTS* on held-out prompts; the NFE ratio",
+        "reward vs NFEs for best-of-N, SMC, DTS and DTS* on world prompts; the NFE ratio",
         "Search held-out prompts with every sampler under one NFE accounting; writes "
         "metrics.json (nfe_ratio_dts_star_vs_best_of_n, curves) and reward_vs_nfe.png.",
         _run_dts,
@@ -167,7 +167,10 @@ def _add_dts(subparsers) -> None:
                         help="a pipeline folder, diffalign:tiny-shapes, or sd15-random "
                              "(with --speed-only)")  # fmt: skip
     parser.add_argument("--reward", default="shapes", help="a registered reward or a sum")
-    parser.add_argument("--num-prompts", type=int, default=16, help="held-out prompts")
+    parser.add_argument("--num-prompts", type=int, default=16, help="prompts searched")
+    parser.add_argument("--split", default="heldout", choices=("heldout", "validation"),
+                        help="world split of the prompts: tune settings on validation, report "
+                             "held-out")  # fmt: skip
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps (eta = 1)")
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="default: the one recorded with the model, else 3")  # fmt: skip
@@ -197,8 +200,9 @@ def _run_dts(args: argparse.Namespace) -> int:
     pipeline = load_benchmark_pipeline(args.model, device, dtype, DTSPipeline)
     pipeline.set_progress_bar_config(disable=True)
     guidance = args.guidance_scale or model_guidance_scale(args.model)
-    prompts = _heldout(args.num_prompts)
-    settings = {"model": args.model, "reward": args.reward, "steps": args.steps,
+    prompts = _world_prompts(args.num_prompts, args.split)
+    settings = {"model": args.model, "reward": args.reward, "split": args.split,
+                "steps": args.steps,
                 "guidance_scale": guidance, "n": args.n, "budgets_in_chains": list(budgets),
                 "inverse_temperature": args.inverse_temperature, "batch_size": args.batch_size,
                 "dtype": str(dtype).removeprefix("torch."), "seed": args.seed}  # fmt: skip
@@ -217,16 +221,17 @@ def _run_dts(args: argparse.Namespace) -> int:
         args.inverse_temperature, args.batch_size, args.seed, not args.quiet,
     )  # fmt: skip
     results["settings"] = settings
+    results["prompts"] = prompts
     results["plot"] = str(dts.plot_dts_curves(results, args.out / "reward_vs_nfe.png"))
     return _report(args, results, device, dts.format_table(results))
 
 
-def _heldout(count: int) -> list[str]:
+def _world_prompts(count: int, split: str) -> list[str]:
     from diffalign.world.evaluate import heldout_prompts
 
     if count < 1:
         raise SystemExit("error: --num-prompts must be at least 1.")
-    return heldout_prompts(count)
+    return heldout_prompts(count, split=split)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

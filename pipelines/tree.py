@@ -132,7 +132,7 @@ class DiffusionTree:
 
     def add(self, parent: int, latent: Tensor) -> int:
         """Add a child of ``parent`` holding ``latent``; returns its index."""
-        stored = latent.detach().to(self.storage_device)
+        stored = self._store(latent.detach())
         index = len(self.parent)
         self.parent.append(parent)
         self.position.append(self.position[parent] + 1)
@@ -143,6 +143,18 @@ class DiffusionTree:
         self.latents.append(stored)
         self.children[parent].append(index)
         return index
+
+    def _store(self, latent: Tensor) -> Tensor:
+        # GPU latents kept on the CPU go to page-locked memory: the copy back to the GPU for a
+        # later expansion can then run asynchronously, and both directions copy faster.
+        if self.storage_device.type == "cpu" and latent.device.type == "cuda":
+            stored = torch.empty(latent.shape, dtype=latent.dtype, pin_memory=True)
+            return stored.copy_(latent)
+        return latent.to(self.storage_device)
+
+    def latent(self, node: int, device: torch.device | str) -> Tensor:
+        """The latent of ``node`` on ``device`` (asynchronous from pinned CPU storage)."""
+        return self.latents[node].to(device, non_blocking=True)
 
     def valued_children(self, node: int) -> list[int]:
         """Children that have a value (pending rollouts excluded)."""
@@ -177,7 +189,8 @@ class TreeSettings:
     selected path: ``"shallowest"`` (DTS's default) or ``"random"`` (DTS*'s default: branches
     start deep in the chain too, where rollouts are cheap; on the shapes world it found better
     samples for the same NFEs). ``storage_device`` holds the nodes' latents (default: the
-    chain's device; ``"cpu"`` when GPU memory is short, at the price of a copy per step);
+    chain's device; ``"cpu"`` when GPU memory is short, at the price of a copy per step, into
+    page-locked memory when the chain runs on CUDA);
     ``max_nodes`` caps the tree's size.
     """
 
@@ -283,7 +296,7 @@ class TreeSampler:
                 latents.append(noise)
             else:
                 current.append(node)
-                latents.append(tree.latents[node].to(chain.device))
+                latents.append(tree.latent(node, chain.device))
         while True:
             active = [i for i, n in enumerate(current) if tree.position[n] < last]
             if not active:

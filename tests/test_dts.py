@@ -12,6 +12,7 @@ import torch
 from diffalign.pipelines.baselines import best_of_n, smc
 from diffalign.pipelines.gaussian_mixture import GaussianMixture, GaussianMixtureChain
 from diffalign.pipelines.tree import (
+    DiffusionTree,
     TreeFullError,
     TreeSampler,
     TreeSettings,
@@ -19,6 +20,8 @@ from diffalign.pipelines.tree import (
     tree_search,
     widening_cap,
 )
+
+from .conftest import requires_cuda
 
 MIXTURE = GaussianMixture(
     torch.tensor([0.45, 0.45, 0.1]), torch.tensor([[-2.0], [0.0], [2.0]]), torch.tensor([0.3] * 3)
@@ -187,3 +190,21 @@ def test_bad_inputs_raise_clear_errors():
         smc(_chain(), 4, potential="min")
     with pytest.raises(ValueError, match="n >= 1"):
         best_of_n(_chain(), 0)
+
+
+def test_tree_keeps_latents_on_its_storage_device():
+    tree = DiffusionTree("cpu")
+    latent = torch.randn(4, 2, 2)
+    node = tree.add(0, latent)
+    assert tree.latents[node].device.type == "cpu" and not tree.latents[node].is_pinned()
+    assert torch.equal(tree.latent(node, "cpu"), latent)
+    assert tree.position[node] == 0 and tree.children[0] == [node]
+
+
+@requires_cuda
+def test_gpu_latents_stored_on_the_cpu_are_pinned_and_come_back_intact():
+    tree = DiffusionTree("cpu")
+    latent = torch.randn(4, 8, 8, device="cuda")
+    node = tree.add(0, latent)
+    assert tree.latents[node].device.type == "cpu" and tree.latents[node].is_pinned()
+    assert torch.equal(tree.latent(node, "cuda"), latent)

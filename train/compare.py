@@ -71,7 +71,9 @@ def compare_sample_efficiency(
     reference: HeldoutCurve, others: list[HeldoutCurve], window: int = 3
 ) -> dict:
     """For each run in ``others``: the images it needs to reach the reference's smoothed final
-    held-out reward, and the ratio (reference images / its images; above 1: more efficient)."""
+    held-out reward, and the ratio (reference images / its images; above 1: more efficient).
+    The ratio is None when the run never reaches the target, or reaches it before sampling
+    anything (its untrained model already scores that much)."""
     target = reference.smoothed(window)[-1]
     reference_images = reference.images[-1]
     runs = {}

@@ -13,6 +13,7 @@ import torch
 from diffalign.cli import main
 from diffalign.models import build_tiny_pipeline, load_pipeline
 from diffalign.pipelines.rollout import RolloutPipeline
+from diffalign.train.advantages import prompt_groups
 from diffalign.train.awm import AWMTrainer, stratified_timesteps
 from diffalign.train.config import AWMConfig, DDPOConfig
 from diffalign.train.ddpo import DDPOTrainer
@@ -86,6 +87,38 @@ def test_training_changes_the_weights_and_stratifies_timesteps(tmp_path):
     steps = stratified_timesteps(1000, 4, 800, torch.Generator().manual_seed(0))
     for k in range(4):
         assert steps[:, k].min() >= 200 * k and steps[:, k].max() < 200 * (k + 1)
+
+
+def _noise_only_gradient(trainer, rollout, advantages, shared: bool) -> float:
+    """Gradient norm of the policy loss when every sample of a group has the same latents."""
+    trainer.config.shared_noise = shared
+    timesteps, noise = trainer.noise_plan(rollout, 0, torch.Generator().manual_seed(1))
+    trainer.model.zero_grad()
+    out = trainer.sample_loss(rollout.latents[:, -1], rollout.prompt_embeds, advantages,
+                              timesteps[:, 0], noise[:, 0])  # fmt: skip
+    out.loss.backward()
+    grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    return torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
+
+
+def test_shared_noise_draws_once_per_prompt_and_cancels_the_noise_only_gradient(tmp_path):
+    config = AWMConfig(max_steps=1, shared_noise=True, beta_kl=0.0, num_train_timesteps=2, **SMALL)
+    trainer = _trainer(AWMTrainer, config, tmp_path)
+    rollout = trainer.sample_round(0).rollout
+    groups = list(prompt_groups(rollout.prompts).values())
+    timesteps, noise = trainer.noise_plan(rollout, 0, torch.Generator().manual_seed(1))
+    for index in groups:
+        assert torch.equal(noise[index], noise[index[:1]].expand_as(noise[index]))
+        assert torch.equal(timesteps[index], timesteps[index[:1]].expand_as(timesteps[index]))
+    assert len(groups) == 2 and not torch.equal(noise[groups[0][0]], noise[groups[1][0]])
+    # same latents within each group and advantages summing to zero per group: with one noise
+    # draw per group the policy gradient vanishes; with a draw per sample it does not
+    advantages = torch.zeros(len(rollout))
+    for index in groups:
+        rollout.latents[index, -1] = rollout.latents[index[0], -1]
+        advantages[index] = torch.linspace(-1.0, 1.0, len(index))
+    assert _noise_only_gradient(trainer, rollout, advantages, shared=True) < 1e-7
+    assert _noise_only_gradient(trainer, rollout, advantages, shared=False) > 1e-4
 
 
 def test_bad_configs_fail_with_the_fix(tmp_path):

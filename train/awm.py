@@ -20,7 +20,7 @@ from torch import Tensor
 from diffalign.ema import EMA
 from diffalign.models import adapters_disabled
 from diffalign.sampling import add_noise, prediction_target
-from diffalign.train.advantages import group_advantages
+from diffalign.train.advantages import group_advantages, prompt_groups
 from diffalign.train.config import AWMConfig
 from diffalign.train.losses import awm_loss
 from diffalign.train.trainer import RoundBatch, Trainer, derive_seed, mean_diagnostics
@@ -64,10 +64,10 @@ class AWMTrainer(Trainer):
         return adapters_disabled(self.unet)
 
     def sample_loss(self, x0: Tensor, embeds: Tensor, advantages: Tensor, timesteps: Tensor,
-                    generator: torch.Generator):  # fmt: skip
-        """AWM loss of clean latents ``x0`` noised to ``timesteps`` (one per sample)."""
+                    noise: Tensor):  # fmt: skip
+        """AWM loss of clean latents ``x0`` noised with ``noise`` to ``timesteps`` (one each)."""
         config = self.config
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+        noise = noise.to(x0.device, x0.dtype)
         alpha_bar = self.schedule.alpha_bar(timesteps, x0)
         noisy = add_noise(x0, noise, alpha_bar)
         target = prediction_target(x0, noise, alpha_bar, self.schedule.prediction_type)
@@ -89,21 +89,42 @@ class AWMTrainer(Trainer):
             config.beta_kl, config.beta_ema, config.adv_clip_max, config.weighting,
         )  # fmt: skip
 
+    def noise_plan(self, rollout, step: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Per sample, ``num_train_timesteps`` stratified timesteps (B, K) and noises (B, K, ...).
+
+        With ``shared_noise`` every sample of a prompt gets the same timesteps and noise (drawn
+        from a seed of the step and the prompt, so processes agree): advantages sum to zero over
+        a group, so the part of the gradient that depends only on the noise cancels.
+        """
+        config = self.config
+        upper = max(1, int(self.schedule.num_train_timesteps * config.timestep_fraction))
+        strata, shape = config.num_train_timesteps, rollout.latents.shape[2:]
+        if not config.shared_noise:
+            timesteps = stratified_timesteps(len(rollout), strata, upper, generator)
+            return timesteps, torch.randn((len(rollout), strata, *shape), generator=generator)
+        timesteps = torch.empty(len(rollout), strata, dtype=torch.long)
+        noise = torch.empty(len(rollout), strata, *shape)
+        for prompt, index in prompt_groups(rollout.prompts).items():
+            shared = torch.Generator().manual_seed(derive_seed(config.seed, step, "awm", prompt))
+            timesteps[index] = stratified_timesteps(1, strata, upper, shared)
+            noise[index] = torch.randn((1, strata, *shape), generator=shared)
+        return timesteps, noise
+
     def train_on(self, batch: RoundBatch, step: int) -> dict[str, float]:
         config, rollout = self.config, batch.rollout
         generator = torch.Generator().manual_seed(derive_seed(config.seed, step, self.rank, "awm"))
         x0 = rollout.latents[:, -1]
-        upper = max(1, int(self.schedule.num_train_timesteps * config.timestep_fraction))
         strata = config.num_train_timesteps
+        timesteps, noise = self.noise_plan(rollout, step, generator)
         diagnostics = []
         for group in self.micro_batches(len(rollout), generator):
             parts = len(group) * strata
             for position, index in enumerate(group):
-                timesteps = stratified_timesteps(len(index), strata, upper, generator)
                 for k in range(strata):
                     out = self.sample_loss(x0[index], rollout.prompt_embeds[index],
                                            batch.advantages[index],
-                                           timesteps[:, k].to(x0.device), generator)  # fmt: skip
+                                           timesteps[index, k].to(x0.device),
+                                           noise[index, k])  # fmt: skip
                     last = position == len(group) - 1 and k == strata - 1
                     self.backward(out.loss / parts, sync=last)
                     diagnostics.append({"loss": out.loss.item(), **out.diagnostics})

@@ -126,6 +126,9 @@ class AWMConfig(TrainConfig):
     adv_clip_max: float = 5.0
     weighting: str = field(default="uniform", metadata={"help": "uniform or ghuber"})
     global_std: bool = field(default=True, metadata={"help": "advantages over the batch std"})
+    shared_noise: bool = field(
+        default=False, metadata={"help": "one noise and timestep draw per prompt group"}
+    )
     eta: float = 0.0
 
     def validate(self) -> None:

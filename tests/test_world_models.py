@@ -7,7 +7,12 @@ import torch
 from diffalign.cli import main
 from diffalign.models import build_tiny_vae
 from diffalign.world import evaluate
-from diffalign.world.pretrain import WorldPretrainConfig, pretrain_world, train_vae
+from diffalign.world.pretrain import (
+    WorldPretrainConfig,
+    finetune_decoder,
+    pretrain_world,
+    train_vae,
+)
 
 
 def test_vae_training_lowers_reconstruction_loss():
@@ -97,9 +102,48 @@ def test_world_commands_on_a_saved_pipeline(tiny_pipeline, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["results"]["guidance_scale"] == 3.0
 
 
+def test_decoder_finetuning_keeps_the_encoder_and_sharpens_reconstructions():
+    vae = build_tiny_vae(0, 32)
+    train_vae(vae, WorldPretrainConfig(vae_steps=20, vae_batch_size=8), quiet=True)
+    encoder = {
+        n: p.clone() for n, p in vae.named_parameters() if not n.startswith(("decoder", "post"))
+    }
+    config = WorldPretrainConfig(decoder_steps=40, vae_batch_size=8, decoder_learning_rate=1e-3)
+    record = finetune_decoder(vae, config, quiet=True)
+    assert record["reconstruction_psnr_db"] > record["reconstruction_psnr_db_before"] + 0.5
+    for name, parameter in vae.named_parameters():
+        assert not parameter.requires_grad
+        if name in encoder:
+            assert torch.equal(parameter, encoder[name]), name
+
+
+def test_pretrain_can_replace_only_the_decoder_of_a_trained_model(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    config = WorldPretrainConfig(vae_steps=2, unet_steps=2, batch_size=4, vae_batch_size=4)
+    pretrain_world(config, tmp_path / "base", quiet=True)
+    record = json.loads((tmp_path / "base" / "training.json").read_text())
+    record["sampling"] = {"guidance_scale": 4.5}
+    (tmp_path / "base" / "training.json").write_text(json.dumps(record))
+    decoder_only = WorldPretrainConfig(unet_steps=0, decoder_steps=3, vae_batch_size=4,
+                                       init_from=str(tmp_path / "base"))  # fmt: skip
+    pretrain_world(decoder_only, tmp_path / "new", quiet=True)
+    base = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
+    new = StableDiffusionPipeline.from_pretrained(tmp_path / "new")
+    for module in ("unet", "text_encoder"):
+        kept = getattr(new, module).state_dict()
+        for name, value in getattr(base, module).state_dict().items():
+            assert torch.equal(value, kept[name]), (module, name)
+    assert not torch.equal(base.vae.decoder.conv_out.weight, new.vae.decoder.conv_out.weight)
+    assert torch.equal(base.vae.encoder.conv_in.weight, new.vae.encoder.conv_in.weight)
+    saved = json.loads((tmp_path / "new" / "training.json").read_text())
+    assert saved["vae"]["decoder"]["steps"] == 3 and saved["sampling"]["guidance_scale"] == 4.5
+
+
 def test_pretrain_rejects_bad_settings(tmp_path):
     assert main(["world", "pretrain", "--out", str(tmp_path), "--set", "image_size=16"]) == 2
     assert main(["world", "pretrain", "--out", str(tmp_path), "--set", "unet_step=3"]) == 2
+    assert main(["world", "pretrain", "--out", str(tmp_path), "--set", "unet_steps=0"]) == 2
 
 
 def test_tiny_clip_training_step_and_saved_format(tmp_path):

@@ -33,7 +33,14 @@ class WorldPretrainConfig(BaseConfig):
     vae_batch_size: int = 32
     vae_learning_rate: float = 1e-3
     vae_kl_weight: float = field(default=1e-6, metadata={"help": "KL weight (as in SD's VAE)."})
-    unet_steps: int = field(default=3000, metadata={"help": "Text encoder + UNet steps."})
+    decoder_steps: int = field(
+        default=0,
+        metadata={"help": "Decoder-only steps after the VAE stage (encoder and latents fixed)."},
+    )
+    decoder_learning_rate: float = 3e-4
+    unet_steps: int = field(
+        default=3000, metadata={"help": "Text encoder + UNet steps (0 with init_from: keep them)."}
+    )
     batch_size: int = 32
     learning_rate: float = 5e-4
     warmup_steps: int = 200
@@ -45,7 +52,7 @@ class WorldPretrainConfig(BaseConfig):
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)."})
     init_from: str | None = field(
         default=None,
-        metadata={"help": "Continue from this pipeline folder (its VAE is kept, no VAE stage)."},
+        metadata={"help": "Continue from this folder (VAE kept; decoder_steps apply)."},
     )
 
     def validate(self) -> None:
@@ -54,8 +61,15 @@ class WorldPretrainConfig(BaseConfig):
                 f"image_size must be a multiple of 8 and at least 32 (four objects must fit), "
                 f"got {self.image_size}."
             )
-        if min(self.vae_steps, self.unet_steps, self.batch_size, self.vae_batch_size) < 1:
-            raise ConfigError("Step counts and batch sizes must be >= 1.")
+        if min(self.vae_steps, self.batch_size, self.vae_batch_size) < 1:
+            raise ConfigError("vae_steps and the batch sizes must be >= 1.")
+        if self.decoder_steps < 0 or self.unet_steps < 0:
+            raise ConfigError("decoder_steps and unet_steps must be >= 0.")
+        if self.unet_steps == 0 and not self.init_from:
+            raise ConfigError(
+                "unet_steps=0 keeps the denoiser of init_from; set init_from=FOLDER or give "
+                "unet_steps >= 1."
+            )
         if not 0 <= self.caption_dropout < 1:
             raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}.")
 
@@ -112,12 +126,48 @@ def train_vae(vae, config: WorldPretrainConfig, quiet: bool = False) -> dict:
     with torch.no_grad():
         images, _ = _batches(config, 3, 0, 256)
         latents = vae.encode(images * 2 - 1).latent_dist.sample()
-        reconstruction = vae.decode(latents).sample
     scaling = 1.0 / latents.std().item()
     vae.register_to_config(scaling_factor=scaling)
-    psnr = 10 * math.log10(4 / F.mse_loss(reconstruction, images * 2 - 1).item())
+    psnr = _reconstruction_psnr(vae, config)
     return {"final_loss": sum(losses[-50:]) / len(losses[-50:]), "scaling_factor": scaling,
             "reconstruction_psnr_db": psnr}  # fmt: skip
+
+
+def _reconstruction_psnr(vae, config: WorldPretrainConfig) -> float:
+    with torch.no_grad():
+        images, _ = _batches(config, 3, 0, 256)
+        target = images * 2 - 1
+        reconstruction = vae.decode(vae.encode(target).latent_dist.mode()).sample
+    return 10 * math.log10(4 / F.mse_loss(reconstruction, target).item())
+
+
+def finetune_decoder(vae, config: WorldPretrainConfig, quiet: bool = False) -> dict:
+    """Train only the decoder (and ``post_quant_conv``) on fresh renderings.
+
+    The encoder, and so the latent space the denoiser was trained on, stays fixed: a sharper
+    decoder can be swapped under an already trained UNet.
+    """
+    before = _reconstruction_psnr(vae, config)
+    vae.requires_grad_(False)
+    decoder = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for parameter in decoder:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(decoder, lr=config.decoder_learning_rate)
+    generator = torch.Generator().manual_seed(config.seed)
+    losses = []
+    for step in tqdm(range(config.decoder_steps), desc="vae decoder", disable=quiet):
+        images, _ = _batches(config, 4, step, config.vae_batch_size)
+        with torch.no_grad():
+            latents = vae.encode(images * 2 - 1).latent_dist.sample(generator)
+        loss = F.mse_loss(vae.decode(latents).sample, images * 2 - 1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    vae.requires_grad_(False)
+    return {"steps": config.decoder_steps, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+            "reconstruction_psnr_db_before": before,
+            "reconstruction_psnr_db": _reconstruction_psnr(vae, config)}  # fmt: skip
 
 
 def _encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
@@ -192,9 +242,15 @@ def pretrain_world(config: WorldPretrainConfig, out: Path, quiet: bool = False):
         torch.manual_seed(config.seed)
         unet = build_world_unet(config)
         vae_record = train_vae(vae, config, quiet)
+    if config.decoder_steps:
+        vae_record = {**vae_record, "decoder": finetune_decoder(vae, config, quiet)}
     vae_seconds = time.time() - start
     vae.requires_grad_(False).eval()
-    denoiser_record = train_denoiser(unet, text_encoder, tokenizer, vae, scheduler, config, quiet)
+    denoiser_record = {"kept_from": config.init_from}
+    if config.unet_steps:
+        denoiser_record = train_denoiser(
+            unet, text_encoder, tokenizer, vae, scheduler, config, quiet
+        )
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
         scheduler=scheduler, safety_checker=None, feature_extractor=None,
@@ -212,6 +268,8 @@ def pretrain_world(config: WorldPretrainConfig, out: Path, quiet: bool = False):
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
+    if not config.unet_steps and history and "sampling" in history:
+        record["sampling"] = history["sampling"]  # the same denoiser: its chosen CFG still holds
     out.mkdir(parents=True, exist_ok=True)
     pipeline.save_pretrained(out)
     save_clip_tokenizer(tokenizer, out / "tokenizer")

@@ -109,36 +109,50 @@ def _lr_lambda(warmup: int, total: int):
     return factor
 
 
-def train_vae(vae, config: WorldPretrainConfig, quiet: bool = False) -> dict:
-    """Train the VAE to reconstruct world images; set its latent ``scaling_factor``."""
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate)
+def _fit_reconstruction(vae, parameters, learning_rate: float, steps: int, stage: int,
+                        config: WorldPretrainConfig, kl_weight: float, desc: str, quiet: bool,
+                        generator: torch.Generator | None = None) -> float:  # fmt: skip
+    """Train ``parameters`` of ``vae`` to reconstruct fresh renderings; the mean of the last 50
+    losses. Frozen parts (the encoder, for a decoder-only stage) build no graph."""
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate)
     losses = []
-    for step in tqdm(range(config.vae_steps), desc="vae", disable=quiet):
-        images, _ = _batches(config, 1, step, config.vae_batch_size)
+    for step in tqdm(range(steps), desc=desc, disable=quiet):
+        images, _ = _batches(config, stage, step, config.vae_batch_size)
         posterior = vae.encode(images * 2 - 1).latent_dist
-        reconstruction = vae.decode(posterior.sample()).sample
-        loss = F.mse_loss(reconstruction, images * 2 - 1)
-        loss = loss + config.vae_kl_weight * posterior.kl().mean()
+        loss = F.mse_loss(vae.decode(posterior.sample(generator)).sample, images * 2 - 1)
+        if kl_weight:
+            loss = loss + kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    with torch.no_grad():
-        images, _ = _batches(config, 3, 0, 256)
-        latents = vae.encode(images * 2 - 1).latent_dist.sample()
-    scaling = 1.0 / latents.std().item()
-    vae.register_to_config(scaling_factor=scaling)
-    psnr = _reconstruction_psnr(vae, config)
-    return {"final_loss": sum(losses[-50:]) / len(losses[-50:]), "scaling_factor": scaling,
-            "reconstruction_psnr_db": psnr}  # fmt: skip
+    return sum(losses[-50:]) / len(losses[-50:])
 
 
-def _reconstruction_psnr(vae, config: WorldPretrainConfig) -> float:
+def _reconstruction_psnr(vae, images: torch.Tensor) -> float:
     with torch.no_grad():
-        images, _ = _batches(config, 3, 0, 256)
         target = images * 2 - 1
         reconstruction = vae.decode(vae.encode(target).latent_dist.mode()).sample
     return 10 * math.log10(4 / F.mse_loss(reconstruction, target).item())
+
+
+def _held_back_images(config: WorldPretrainConfig) -> torch.Tensor:
+    """256 renderings no training stage draws (stage 3), for the scale and the PSNR."""
+    return _batches(config, 3, 0, 256)[0]
+
+
+def train_vae(vae, config: WorldPretrainConfig, quiet: bool = False) -> dict:
+    """Train the VAE to reconstruct world images; set its latent ``scaling_factor``."""
+    final_loss = _fit_reconstruction(vae, vae.parameters(), config.vae_learning_rate,
+                                     config.vae_steps, 1, config, config.vae_kl_weight, "vae",
+                                     quiet)  # fmt: skip
+    images = _held_back_images(config)
+    with torch.no_grad():
+        latents = vae.encode(images * 2 - 1).latent_dist.sample()
+    scaling = 1.0 / latents.std().item()
+    vae.register_to_config(scaling_factor=scaling)
+    return {"final_loss": final_loss, "scaling_factor": scaling,
+            "reconstruction_psnr_db": _reconstruction_psnr(vae, images)}  # fmt: skip
 
 
 def finetune_decoder(vae, config: WorldPretrainConfig, quiet: bool = False) -> dict:
@@ -147,27 +161,19 @@ def finetune_decoder(vae, config: WorldPretrainConfig, quiet: bool = False) -> d
     The encoder, and so the latent space the denoiser was trained on, stays fixed: a sharper
     decoder can be swapped under an already trained UNet.
     """
-    before = _reconstruction_psnr(vae, config)
+    images = _held_back_images(config)
+    before = _reconstruction_psnr(vae, images)
     vae.requires_grad_(False)
-    decoder = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    for parameter in decoder:
-        parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW(decoder, lr=config.decoder_learning_rate)
-    generator = torch.Generator().manual_seed(config.seed)
-    losses = []
-    for step in tqdm(range(config.decoder_steps), desc="vae decoder", disable=quiet):
-        images, _ = _batches(config, 4, step, config.vae_batch_size)
-        with torch.no_grad():
-            latents = vae.encode(images * 2 - 1).latent_dist.sample(generator)
-        loss = F.mse_loss(vae.decode(latents).sample, images * 2 - 1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    vae.decoder.requires_grad_(True)
+    vae.post_quant_conv.requires_grad_(True)
+    trainable = [p for p in vae.parameters() if p.requires_grad]
+    final_loss = _fit_reconstruction(vae, trainable, config.decoder_learning_rate,
+                                     config.decoder_steps, 4, config, 0.0, "vae decoder", quiet,
+                                     torch.Generator().manual_seed(config.seed))  # fmt: skip
     vae.requires_grad_(False)
-    return {"steps": config.decoder_steps, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+    return {"steps": config.decoder_steps, "final_loss": final_loss,
             "reconstruction_psnr_db_before": before,
-            "reconstruction_psnr_db": _reconstruction_psnr(vae, config)}  # fmt: skip
+            "reconstruction_psnr_db": _reconstruction_psnr(vae, images)}  # fmt: skip
 
 
 def _encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:

@@ -18,6 +18,8 @@ from diffalign.train.awm import AWMTrainer, stratified_timesteps
 from diffalign.train.config import AWMConfig, DDPOConfig
 from diffalign.train.ddpo import DDPOTrainer
 
+from .conftest import requires_cuda
+
 # --set takes several KEY=VALUE pairs and repeats; both forms are used here
 TINY = ["--set", "max_steps=2", "prompts_per_step=2", "samples_per_prompt=2",
         "num_inference_steps=3", "--set", "train_batch_size=2", "num_heldout_prompts=2",
@@ -87,6 +89,23 @@ def test_training_changes_the_weights_and_stratifies_timesteps(tmp_path):
     steps = stratified_timesteps(1000, 4, 800, torch.Generator().manual_seed(0))
     for k in range(4):
         assert steps[:, k].min() >= 200 * k and steps[:, k].max() < 200 * (k + 1)
+
+
+@requires_cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("cls, config_cls", [(DDPOTrainer, DDPOConfig), (AWMTrainer, AWMConfig)])
+def test_mixed_precision_step_on_cuda_updates_float32_lora_weights(cls, config_cls, precision,
+                                                                    tmp_path):  # fmt: skip
+    config = config_cls(max_steps=1, **{**SMALL, "mixed_precision": precision})
+    trainer = _trainer(cls, config, tmp_path)
+    assert trainer.accelerator.device.type == "cuda"
+    before = _weights(trainer)
+    round_batch = trainer.sample_round(0)
+    assert torch.isfinite(round_batch.rewards).all()
+    trainer.train_on(round_batch, 0)
+    after = _weights(trainer)
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in after.values())
+    assert any(not torch.equal(before[n], w) for n, w in after.items())
 
 
 def _noise_only_gradient(trainer, rollout, advantages, shared: bool) -> float:

@@ -144,7 +144,13 @@ def format_table(results: dict) -> str:
 
 
 def tree_vs_batched_speed(
-    pipeline, prompt: str, steps: int, guidance_scale: float, chains: int, batch_size: int
+    pipeline,
+    prompt: str,
+    steps: int,
+    guidance_scale: float,
+    chains: int,
+    batch_size: int,
+    resolution: int | None = None,
 ) -> dict:
     """UNet rows per second of DTS* against best-of-N on one prompt, with scoring left out (no
     decoding, no reward), so the difference is the tree's bookkeeping (the GPU overhead goal)."""
@@ -161,7 +167,8 @@ def tree_vs_batched_speed(
 
     speeds = {}
     for sampler in ("best-of-n", "dts-star"):
-        chain = UnscoredChain(pipeline, prompt, None, steps, guidance_scale, eta=1.0)
+        chain = UnscoredChain(pipeline, prompt, None, steps, guidance_scale, eta=1.0,
+                              height=resolution, width=resolution)  # fmt: skip
         full = chain.step_cost(steps)
         run_search(chain, SearchOptions(sampler, full, batch_size=batch_size))  # warm-up
         synchronize(chain.device)

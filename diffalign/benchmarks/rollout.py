@@ -74,14 +74,16 @@ def _timed(fn, device: torch.device) -> float:
 
 
 def time_sampling(pipeline, prompts: list[str], steps: int, guidance: float, eta: float,
-                  repeats: int, device: torch.device) -> dict:  # fmt: skip
+                  repeats: int, device: torch.device,
+                  resolution: int | None = None) -> dict:  # fmt: skip
     """Alternate diffusers and rollout sampling; median seconds of each and the ratio."""
     from diffusers import StableDiffusionPipeline
 
     reference = StableDiffusionPipeline(**pipeline.components, requires_safety_checker=False)
     reference.set_progress_bar_config(disable=True)
     pipeline.set_progress_bar_config(disable=True)
-    kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "eta": eta}
+    kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "eta": eta,
+              "height": resolution, "width": resolution}  # fmt: skip
 
     def run_diffusers():
         reference(prompts, generator=torch.Generator().manual_seed(0), output_type="pt", **kwargs)
@@ -103,8 +105,10 @@ def time_sampling(pipeline, prompts: list[str], steps: int, guidance: float, eta
 
 
 def time_training_steps(pipeline, model: str, batch: int, steps: int, guidance: float,
-                        mixed_precision: str, out) -> dict:  # fmt: skip
-    """Images/s of one DDPO and one AWM update (LoRA) on a freshly sampled round."""
+                        mixed_precision: str, out,
+                        resolution: int | None = None) -> dict:  # fmt: skip
+    """Images/s of one DDPO and one AWM update (LoRA) on a freshly sampled round, timed after
+    one warm-up update on the same round; on CUDA also the peak memory of the timed update."""
     from diffalign.train.awm import AWMTrainer
     from diffalign.train.config import AWMConfig, DDPOConfig
     from diffalign.train.ddpo import DDPOTrainer
@@ -113,7 +117,7 @@ def time_training_steps(pipeline, model: str, batch: int, steps: int, guidance: 
               "sample_batch_size": batch, "num_inference_steps": steps, "guidance_scale": guidance,
               "train_batch_size": batch, "log_with": "none", "progress": False,
               "reward": "jpeg_compressibility", "mixed_precision": mixed_precision,
-              "lora_rank": 4, "model": model}  # fmt: skip
+              "lora_rank": 4, "model": model, "resolution": resolution}  # fmt: skip
     results = {}
     for name, trainer_cls, config in (
         ("ddpo", DDPOTrainer, DDPOConfig(**shared, timestep_fraction=1.0)),
@@ -122,26 +126,35 @@ def time_training_steps(pipeline, model: str, batch: int, steps: int, guidance: 
         components = {**pipeline.components, "unet": copy.deepcopy(pipeline.unet)}
         fresh = type(pipeline)(**components, requires_safety_checker=False)
         trainer = trainer_cls(config, out, pipeline=fresh)
+        device = trainer.model.device
         round_batch = trainer.sample_round(0)
-        seconds = _timed(lambda t=trainer, b=round_batch: t.train_on(b, 0), trainer.model.device)
+        trainer.train_on(round_batch, 0)  # warm-up: kernel selection, optimizer state
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = _timed(lambda t=trainer, b=round_batch: t.train_on(b, 0), device)
         results[f"{name}_step_images_per_s"] = len(round_batch.rollout) / seconds
         results[f"{name}_step_seconds"] = seconds
+        if device.type == "cuda":
+            results[f"{name}_step_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        del trainer, fresh, round_batch
     return results
 
 
 def run_rollout_benchmark(model: str, device: torch.device, dtype: torch.dtype, batch: int,
                           steps: int, guidance: float, eta: float, repeats: int, train: bool,
-                          out) -> dict:  # fmt: skip
+                          out, resolution: int | None = None) -> dict:  # fmt: skip
     """Sampling ratio and (optionally) training-step throughput; returns a flat dict."""
     pipeline = load_benchmark_pipeline(model, device, dtype)
     prompts = ["two red circles left of a blue square"] * batch
     results = {"model": model, "batch": batch, "steps": steps, "guidance_scale": guidance,
-               "eta": eta, **time_sampling(pipeline, prompts, steps, guidance, eta, repeats,
-                                           device)}  # fmt: skip
+               "eta": eta, "resolution": resolution,
+               **time_sampling(pipeline, prompts, steps, guidance, eta, repeats, device,
+                               resolution)}  # fmt: skip
     if train:
         precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
         if precision != "no":
             pipeline.to(dtype=torch.float32)  # mixed precision keeps float32 master weights
         results.update(time_training_steps(pipeline, model if model != SD15_RANDOM else "-",
-                                           batch, steps, guidance, precision, out))  # fmt: skip
+                                           batch, steps, guidance, precision, out,
+                                           resolution))  # fmt: skip
     return results

@@ -137,6 +137,8 @@ def _add_rollout(subparsers) -> None:
     parser.add_argument("--eta", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-train", action="store_true", help="skip the optimizer steps")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="image size in pixels (default: the model's)")  # fmt: skip
 
 
 def _run_rollout(args: argparse.Namespace) -> int:
@@ -147,7 +149,7 @@ def _run_rollout(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device)
     results = run_rollout_benchmark(
         args.model, device, dtype, args.batch_size, args.steps, args.guidance_scale, args.eta,
-        args.repeats, not args.no_train, args.out,
+        args.repeats, not args.no_train, args.out, args.resolution,
     )  # fmt: skip
     results["dtype"] = str(dtype).removeprefix("torch.")
     lines = [f"{key:32s} {value:.3f}" if isinstance(value, float) else f"{key:32s} {value}"
@@ -182,6 +184,8 @@ def _add_dts(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--speed-only", action="store_true",
                         help="NFE/s of DTS* vs best-of-N only, unscored")  # fmt: skip
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="pixels, with --speed-only (default: the model's)")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -205,10 +209,11 @@ def _run_dts(args: argparse.Namespace) -> int:
                 "steps": args.steps,
                 "guidance_scale": guidance, "n": args.n, "budgets_in_chains": list(budgets),
                 "inverse_temperature": args.inverse_temperature, "batch_size": args.batch_size,
-                "dtype": str(dtype).removeprefix("torch."), "seed": args.seed}  # fmt: skip
+                "dtype": str(dtype).removeprefix("torch."), "seed": args.seed,
+                "resolution": args.resolution}  # fmt: skip
     if args.speed_only:
         results = dts.tree_vs_batched_speed(pipeline, prompts[0], args.steps, guidance, args.n,
-                                            args.batch_size)  # fmt: skip
+                                            args.batch_size, args.resolution)  # fmt: skip
         results["settings"] = settings
         return _report(args, results, device, json.dumps(results["nfe_per_second"], indent=1))
     if args.model == SD15_RANDOM:

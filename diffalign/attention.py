@@ -9,7 +9,8 @@ pipelines (each component in turn). Backends:
 - ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient /
   math kernels chosen by torch).
 - ``"classic"``: the explicit ``softmax(QK^T / sqrt(d)) V`` with the full attention matrix.
-- ``"auto"``: xformers when the model sits on CUDA and xformers imports, else SDPA, else classic.
+- ``"auto"``: xformers when the model sits on CUDA and xformers runs there (an xformers built for
+  another torch imports but has no kernels: then SDPA), else SDPA, else classic.
 
 ``fuse_qkv=True`` additionally concatenates the query/key/value projections of self-attention
 (key/value of cross-attention) into one matrix product (SDPA backend, diffusers models). It is
@@ -21,7 +22,9 @@ standard layout.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +64,32 @@ def xformers_available() -> bool:
     return importlib.util.find_spec("xformers") is not None
 
 
+@functools.cache
+def xformers_problem(device: str = "cuda") -> str | None:
+    """Why xformers cannot run on ``device`` (a CUDA device), or ``None`` when it can.
+
+    Installed is not enough: an xformers wheel built for another torch imports with a warning
+    and then has no kernels. One tiny attention call on the device finds out (once per device).
+    """
+    if not xformers_available():
+        return "xformers is not installed: `pip install diffalign[xformers]`"
+    try:
+        import xformers
+        import xformers.ops
+
+        query = torch.zeros(1, 8, 1, 64, device=device, dtype=torch.float16)
+        xformers.ops.memory_efficient_attention(query, query, query)
+    except Exception as error:  # noqa: BLE001 - any failure means "cannot run", with its reason
+        version = getattr(sys.modules.get("xformers"), "__version__", "?")
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return (
+            f"xformers {version} cannot run with torch {torch.__version__} "
+            f"({type(error).__name__}: {first_line[:200]}); install the xformers build made for "
+            "this torch"
+        )
+    return None
+
+
 def _model_device(model: nn.Module) -> torch.device:
     parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
@@ -77,18 +106,19 @@ def resolve_backend(backend: str, device: torch.device | str, library: str = "di
     on_cuda = torch.device(device).type == "cuda"
     has_sdpa = hasattr(torch.nn.functional, "scaled_dot_product_attention")
     if backend == "auto":
-        if library == "diffusers" and on_cuda and xformers_available():
+        if library == "diffusers" and on_cuda and xformers_problem(str(device)) is None:
             return "xformers"
         return "sdpa" if has_sdpa else "classic"
     if backend == "xformers":
         if library != "diffusers":
             raise ValueError("transformers models have no xformers attention; use 'sdpa'.")
         if not xformers_available():
-            raise ValueError(
-                "xformers is not installed: `pip install diffalign[xformers]`, or use 'sdpa'."
-            )
+            raise ValueError(f"{xformers_problem()}, or use 'sdpa'.")
         if not on_cuda:
             raise ValueError("xformers has no CPU kernels: move the model to CUDA, or use 'sdpa'.")
+        problem = xformers_problem(str(device))
+        if problem:
+            raise ValueError(f"{problem}, or use 'sdpa'.")
     if backend == "sdpa" and not has_sdpa:
         raise ValueError("This torch has no scaled_dot_product_attention; use 'classic'.")
     return backend

@@ -129,9 +129,20 @@ def test_auto_never_picks_xformers_on_cpu():
     assert attention.resolve_backend("auto", "cpu") == "sdpa"
 
 
+def test_an_xformers_that_cannot_run_is_skipped_by_auto_and_named_when_asked_for(monkeypatch):
+    problem = "xformers 0.0.35 cannot run with torch 2.11.0 (NotImplementedError: no kernel)"
+    monkeypatch.setattr(attention, "xformers_available", lambda: True)
+    monkeypatch.setattr(attention, "xformers_problem", lambda device="cuda": problem)
+    assert attention.resolve_backend("auto", "cuda") == "sdpa"
+    with pytest.raises(ValueError, match=r"cannot run with torch 2\.11\.0.*or use 'sdpa'"):
+        attention.resolve_backend("xformers", "cuda")
+
+
 @requires_cuda
 def test_xformers_matches_sdpa_on_cuda(tiny_unet):
-    pytest.importorskip("xformers")
+    problem = attention.xformers_problem("cuda")
+    if problem:
+        pytest.skip(problem)
     unet = tiny_unet.cuda()
     inputs = [x.cuda() for x in unet_inputs(unet)]
     with torch.no_grad():

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from diffalign.attention import enable_fused_attention, xformers_available
+from diffalign.attention import enable_fused_attention, xformers_problem
 
 SD15_UNET_CONFIG = {
     "sample_size": 64,
@@ -64,7 +64,7 @@ class Timing:
 def backends_for(device: torch.device) -> list[tuple[str, str, bool]]:
     """(label, backend, fuse_qkv) rows to time on ``device``; xformers only where it can run."""
     rows = [("classic", "classic", False), ("sdpa", "sdpa", False), ("sdpa+fused", "sdpa", True)]
-    if device.type == "cuda" and xformers_available():
+    if device.type == "cuda" and xformers_problem(str(device)) is None:
         rows.append(("xformers", "xformers", False))
     return rows
 
@@ -211,8 +211,13 @@ def run_attention_benchmark(
         shapes[name] = case.shape
         results.extend(benchmark_case(case, device, warmup, repeats))
         del case
+    xformers_note = xformers_problem(str(device)) if device.type == "cuda" else "CPU"
+    table = format_table(results)
+    if xformers_note:
+        table += f"\nxformers not timed: {xformers_note}"
     return {
         "timings": [asdict(t) for t in results],
         "input_shapes": shapes,
-        "table": format_table(results),
+        "xformers_not_timed_because": xformers_note,
+        "table": table,
     }

@@ -91,7 +91,18 @@ def test_training_changes_the_weights_and_stratifies_timesteps(tmp_path):
         assert steps[:, k].min() >= 200 * k and steps[:, k].max() < 200 * (k + 1)
 
 
+@pytest.fixture()
+def fresh_accelerate_state():
+    """accelerate fixes the mixed precision once per process: reset it around a test."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @requires_cuda
+@pytest.mark.usefixtures("fresh_accelerate_state")
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("cls, config_cls", [(DDPOTrainer, DDPOConfig), (AWMTrainer, AWMConfig)])
 def test_mixed_precision_step_on_cuda_updates_float32_lora_weights(cls, config_cls, precision,

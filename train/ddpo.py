@@ -48,7 +48,8 @@ class DDPOTrainer(Trainer):
         rows = torch.arange(len(index))
         chain = rollout.latents[index]
         latents, next_latents = chain[rows, steps], chain[rows, steps + 1]
-        timesteps = rollout.timesteps.to(steps.device)[steps]
+        # the UNet embeds (B,) timesteps on their own device: keep them with the latents
+        timesteps = rollout.timesteps.to(latents.device)[steps.to(latents.device)]
         negative = rollout.negative_prompt_embeds
         use_cfg = config.train_cfg and negative is not None
         with self.accelerator.autocast():

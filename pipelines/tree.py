@@ -26,9 +26,9 @@ stayed near 0.2 from 16 to 256 rollouts, against 0.006 when the child to grow is
 uniformly. So DTS grows the tree uniformly by default (``uniform_selection=1``), and the soft
 values steer only the output. DTS* returns the best samples found; its UCT search is anytime.
 
-Several rollouts are selected before any of them is rolled out (pending visits count towards
-widening), then advance together, each at its own chain position, in one UNet batch. The budget
-is in NFEs and is never exceeded.
+Several rollouts are in flight at once (pending visits count towards widening) and advance
+together, each at its own chain position, in one UNet batch that is refilled as soon as one of
+them finishes. The budget is in NFEs and is never exceeded.
 
 The widening rule, rollout nodes kept in the tree and DTS* using the same soft backup are choices
 made here where the paper leaves them open; the tests check the sampler against an exactly
@@ -220,6 +220,27 @@ class TreeSettings:
             raise ValueError("Progressive widening needs widening_c > 0 and 0 <= alpha <= 1.")
 
 
+@dataclass
+class _Branch:
+    """One rollout in flight: grown from ``start`` (whose path carries its pending mark), now at
+    ``node``, whose latent it carries (``None`` for a finished sample revisited)."""
+
+    start: int
+    node: int
+    latent: Tensor | None
+
+
+@dataclass
+class _Budget:
+    """NFEs of one search: the total, those promised to selected rollouts, those of the finished
+    samples recorded so far, and why selection stopped."""
+
+    total: int
+    reserved: int = 0
+    recorded: int = 0
+    stopped: str = "budget"
+
+
 class TreeSampler:
     """Runs DTS or DTS* on a :class:`DenoisingChain` within an NFE budget."""
 
@@ -282,91 +303,110 @@ class TreeSampler:
 
     # ------------------------------------------------------------------ expansion
 
-    def _expand_and_roll_out(self, starts: list[int]) -> list[int]:
-        """Add one child to each start node and roll every new branch out; returns the leaves."""
-        tree, chain, last = self.tree, self.chain, self.chain.num_steps
-        current, latents = [], []
-        for node in starts:
-            if tree.position[node] == last:  # a finished sample revisited: nothing to compute
-                current.append(node)
-                latents.append(None)
-            elif node == 0:
-                noise = chain.initial_noise(1, self.noise)[0]
-                current.append(tree.add(0, noise))
-                latents.append(noise)
-            else:
-                current.append(node)
-                latents.append(tree.latent(node, chain.device))
-        while True:
-            active = [i for i, n in enumerate(current) if tree.position[n] < last]
-            if not active:
-                return current
-            batch = torch.stack([latents[i] for i in active])
-            positions = torch.tensor([tree.position[current[i]] for i in active])
-            stepped, _ = chain.step(batch, positions, self.noise)
-            for row, i in enumerate(active):
-                current[i] = tree.add(current[i], stepped[row])
-                latents[i] = stepped[row]
+    def _begin(self, start: int) -> _Branch:
+        """A rollout growing from ``start``: a fresh noise draw at the root, else its latent."""
+        tree, chain = self.tree, self.chain
+        if tree.position[start] == chain.num_steps:  # a finished sample revisited: no compute
+            return _Branch(start, start, None)
+        if start == 0:
+            noise = chain.initial_noise(1, self.noise)[0]
+            return _Branch(start, tree.add(0, noise), noise)
+        return _Branch(start, start, tree.latent(start, chain.device))
+
+    def _advance(self, pool: list[_Branch]) -> None:
+        """One denoising step for every rollout in ``pool``, each at its own chain position, in
+        one UNet batch; every new latent joins the tree."""
+        tree = self.tree
+        batch = torch.stack([branch.latent for branch in pool])
+        positions = torch.tensor([tree.position[branch.node] for branch in pool])
+        stepped, _ = self.chain.step(batch, positions, self.noise)
+        for row, branch in enumerate(pool):
+            branch.node, branch.latent = tree.add(branch.node, stepped[row]), stepped[row]
 
     # ------------------------------------------------------------------ the loop
 
     def _check_room(self, planned_nodes: int) -> bool:
         return len(self.tree) + planned_nodes <= self.tree.max_nodes
 
+    def _select_into(self, pool: list[_Branch], done: list[_Branch], budget: _Budget) -> bool:
+        """Select rollouts until the UNet batch is full; ``False`` once the next one does not
+        fit the budget (or the node cap): it is not started and its pending mark is undone."""
+        tree, last, size = self.tree, self.chain.num_steps, self.settings.rollouts_per_batch
+        while len(pool) < size and len(done) < size:
+            node = self.select()
+            cost = self.rollout_cost(node) if tree.position[node] < last else 0
+            planned = sum(last - tree.position[b.node] for b in pool) + last - tree.position[node]
+            fits = budget.reserved + cost <= budget.total
+            if not fits or not self._check_room(planned):
+                for ancestor in tree.path_to_root(node):
+                    tree.pending[ancestor] -= 1
+                budget.stopped = "budget" if not fits else "max_nodes"
+                return False
+            budget.reserved += cost
+            branch = self._begin(node)
+            (pool if branch.latent is not None else done).append(branch)
+        return True
+
     def run(self, budget_nfe: int, progress: bool = False) -> SearchStats:
-        """Roll out until the next rollout would exceed ``budget_nfe`` (or the node cap)."""
-        tree, chain, settings = self.tree, self.chain, self.settings
+        """Roll out until the next rollout would exceed ``budget_nfe`` (or the node cap).
+
+        The UNet batch is kept full: as soon as a rollout reaches a clean sample, another is
+        selected in its place (rollouts that branch deep in the chain finish early; waiting for
+        the slowest one of a batch left the GPU half busy). Finished samples are scored and
+        backed up a batch at a time, or when nothing is left running.
+        """
+        chain, settings = self.chain, self.settings
         stats = SearchStats("dts-star" if settings.mode == "search" else "dts")
-        start_nfe = chain.nfe
+        start_nfe, budget = chain.nfe, _Budget(budget_nfe)
         bar = tqdm(total=budget_nfe, desc=stats.sampler, unit="nfe", disable=not progress)
-        idle_rounds = 0
+        pool, done, selecting, idle_backups = [], [], True, 0
         while True:
-            starts, cost, nodes = [], 0, 0
-            while len(starts) < settings.rollouts_per_batch:
-                node = self.select()
-                extra = self.rollout_cost(node) if tree.position[node] < chain.num_steps else 0
-                new_nodes = chain.num_steps - tree.position[node]
-                fits = chain.nfe - start_nfe + cost + extra <= budget_nfe
-                if not fits or not self._check_room(nodes + new_nodes):
-                    for ancestor in tree.path_to_root(node):  # undo the pending mark
-                        tree.pending[ancestor] -= 1
-                    stats.stopped = "budget" if not fits else "max_nodes"
+            if selecting:
+                selecting = self._select_into(pool, done, budget)
+            if not pool and not done:
+                break
+            if pool:
+                self._advance(pool)
+                done += [b for b in pool if self.tree.position[b.node] == chain.num_steps]
+                pool = [b for b in pool if self.tree.position[b.node] < chain.num_steps]
+            if done and (len(done) >= settings.rollouts_per_batch or not pool):
+                computed = self._back_up(done, stats, budget)
+                done, selecting = [], selecting or not pool  # drained: try once more to select
+                idle_backups = 0 if computed else idle_backups + 1
+                if idle_backups > 1000:
+                    budget.stopped = "no_progress"
                     break
-                starts.append(node)
-                cost, nodes = cost + extra, nodes + new_nodes
-            if not starts:
-                break
-            idle_rounds = idle_rounds + 1 if cost == 0 else 0
-            if idle_rounds > 1000:
-                stats.stopped = "no_progress"
-                break
-            self._finish_batch(starts, stats, start_nfe)
             bar.update(chain.nfe - start_nfe - bar.n)
         bar.close()
+        stats.stopped = budget.stopped
         self._warn_if_full(stats)
         stats.nfe = chain.nfe - start_nfe
-        stats.tree_nodes = len(tree)
+        stats.tree_nodes = len(self.tree)
         return stats
 
-    def _finish_batch(self, starts: list[int], stats: SearchStats, start_nfe: int) -> None:
+    def _back_up(self, done: list[_Branch], stats: SearchStats, budget: _Budget) -> bool:
+        """Score the newly finished samples in one reward batch and back every rollout up;
+        returns whether any rollout computed something (revisits of finished samples do not).
+
+        Each new sample is recorded at the NFEs of the rollouts finished so far, counted one
+        after another (as best-of-N counts its chains), so curves compare at equal compute.
+        """
         tree, chain = self.tree, self.chain
-        before = chain.nfe - start_nfe
-        leaves = self._expand_and_roll_out(starts)
-        fresh = [leaf for leaf in leaves if leaf not in tree.reward]
+        fresh = [branch.node for branch in done if branch.node not in tree.reward]
+        rewards = {}
         if fresh:
             scores = chain.score(torch.stack([tree.latents[i] for i in fresh]).to(chain.device))
             rewards = dict(zip(fresh, scores.tolist(), strict=True))
-        else:
-            rewards = {}
-        tree.pending = [0] * len(tree)
-        spent = before
-        for start, leaf in zip(starts, leaves, strict=True):
-            reward = rewards.get(leaf, tree.reward.get(leaf))
-            tree.backup(leaf, reward, self.settings.inverse_temperature)
-            if leaf in rewards:
-                spent += self.rollout_cost(start)
-                stats.record(reward, spent)
+        for branch in done:
+            for ancestor in tree.path_to_root(branch.start):
+                tree.pending[ancestor] -= 1
+            reward = rewards.get(branch.node, tree.reward.get(branch.node))
+            tree.backup(branch.node, reward, self.settings.inverse_temperature)
+            if branch.node in rewards:
+                budget.recorded += self.rollout_cost(branch.start)
+                stats.record(reward, budget.recorded)
         stats.reward_calls += len(fresh)
+        return bool(fresh)
 
     def _warn_if_full(self, stats: SearchStats) -> None:
         if stats.stopped != "max_nodes":

@@ -116,3 +116,17 @@ def test_bench_dts_writes_the_ratio_the_curves_and_the_plot(tmp_path):
                                                4 * results["nfe_per_chain"]]  # fmt: skip
     assert results["best_of_n_nfe"] == 4 * results["nfe_per_chain"]
     assert (tmp_path / "reward_vs_nfe.png").is_file()
+
+
+def test_bench_dts_speed_only_times_both_samplers_on_their_unet_batches(tmp_path):
+    args = ["bench", "dts", "--speed-only", "--steps", "3", "--n", "4", "--batch-size", "2",
+            "--guidance-scale", "2", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads((tmp_path / "metrics.json").read_text())["results"]
+    rows = results["unet_rows_per_call"]
+    assert rows["best-of-n"] == 4  # 2 chains per batch, CFG doubles the rows
+    assert 0 < rows["dts-star"] <= 4
+    for key in ("nfe_per_second", "first_run_nfe_per_second"):
+        assert all(speed > 0 for speed in results[key].values())
+    speeds = results["nfe_per_second"]
+    assert results["tree_overhead"] == pytest.approx(1 - speeds["dts-star"] / speeds["best-of-n"])

@@ -215,7 +215,8 @@ def _run_dts(args: argparse.Namespace) -> int:
         results = dts.tree_vs_batched_speed(pipeline, prompts[0], args.steps, guidance, args.n,
                                             args.batch_size, args.resolution)  # fmt: skip
         results["settings"] = settings
-        return _report(args, results, device, json.dumps(results["nfe_per_second"], indent=1))
+        shown = {k: v for k, v in results.items() if k != "settings"}
+        return _report(args, results, device, json.dumps(shown, indent=1))
     if args.model == SD15_RANDOM:
         raise SystemExit("error: sd15-random has random weights; use it with --speed-only.")
     from diffalign.rewards import load_reward

@@ -352,8 +352,8 @@ class TreeSampler:
 
         The UNet batch is kept full: as soon as a rollout reaches a clean sample, another is
         selected in its place (rollouts that branch deep in the chain finish early; waiting for
-        the slowest one of a batch left the GPU half busy). Finished samples are scored and
-        backed up a batch at a time, or when nothing is left running.
+        the slowest one of a batch left the GPU half busy). Samples are scored and backed up as
+        soon as they finish (with those finishing in the same step), so selection sees them.
         """
         chain, settings = self.chain, self.settings
         stats = SearchStats("dts-star" if settings.mode == "search" else "dts")
@@ -369,9 +369,9 @@ class TreeSampler:
                 self._advance(pool)
                 done += [b for b in pool if self.tree.position[b.node] == chain.num_steps]
                 pool = [b for b in pool if self.tree.position[b.node] < chain.num_steps]
-            if done and (len(done) >= settings.rollouts_per_batch or not pool):
+            if done:
                 computed = self._back_up(done, stats, budget)
-                done, selecting = [], selecting or not pool  # drained: try once more to select
+                done, selecting = [], True  # the tree changed: a rollout that fits may exist
                 idle_backups = 0 if computed else idle_backups + 1
                 if idle_backups > 1000:
                     budget.stopped = "no_progress"

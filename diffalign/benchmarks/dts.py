@@ -159,6 +159,7 @@ def tree_vs_batched_speed(
     one-time costs per UNet batch shape (kernel selection on a GPU), and the tree's batches take
     many sizes while best-of-N's take one. Its speed is reported as ``first_run_nfe_per_second``.
     """
+    from diffalign.benchmarks.rollout import seconds_of
     from diffalign.pipelines.chain import PipelineChain
     from diffalign.pipelines.dts import SearchOptions, run_search
 
@@ -174,14 +175,9 @@ def tree_vs_batched_speed(
 
     def timed_search(chain, options) -> tuple[float, int, int]:
         """(NFE/s, NFEs, UNet calls) of one search."""
-        if chain.device.type == "cuda":
-            torch.cuda.synchronize(chain.device)
-        start, nfe, calls = time.perf_counter(), chain.nfe, chain.calls
-        run_search(chain, options)
-        if chain.device.type == "cuda":
-            torch.cuda.synchronize(chain.device)
-        spent = chain.nfe - nfe
-        return spent / (time.perf_counter() - start), spent, chain.calls - calls
+        nfe, calls = chain.nfe, chain.calls
+        seconds = seconds_of(lambda: run_search(chain, options), chain.device)
+        return (chain.nfe - nfe) / seconds, chain.nfe - nfe, chain.calls - calls
 
     results = {"nfe_per_second": {}, "first_run_nfe_per_second": {}, "unet_rows_per_call": {}}
     for sampler in ("best-of-n", "dts-star"):

@@ -63,7 +63,9 @@ def load_benchmark_pipeline(
     return pipeline_cls(**components, requires_safety_checker=False).to(device, dtype)
 
 
-def _timed(fn, device: torch.device) -> float:
+def seconds_of(fn, device: torch.device) -> float:
+    """Wall-clock seconds of ``fn()``, the device's queued work included (CUDA is synchronised
+    before and after)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -94,8 +96,8 @@ def time_sampling(pipeline, prompts: list[str], steps: int, guidance: float, eta
     run_diffusers(), run_rollout()  # warm-up
     diffusers_s, rollout_s = [], []
     for _ in range(repeats):
-        diffusers_s.append(_timed(run_diffusers, device))
-        rollout_s.append(_timed(run_rollout, device))
+        diffusers_s.append(seconds_of(run_diffusers, device))
+        rollout_s.append(seconds_of(run_rollout, device))
     diffusers_median, rollout_median = statistics.median(diffusers_s), statistics.median(rollout_s)
     return {
         "diffusers_images_per_s": len(prompts) / diffusers_median,
@@ -131,7 +133,7 @@ def time_training_steps(pipeline, model: str, batch: int, steps: int, guidance: 
         trainer.train_on(round_batch, 0)  # warm-up: kernel selection, optimizer state
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        seconds = _timed(lambda t=trainer, b=round_batch: t.train_on(b, 0), device)
+        seconds = seconds_of(lambda t=trainer, b=round_batch: t.train_on(b, 0), device)
         results[f"{name}_step_images_per_s"] = len(round_batch.rollout) / seconds
         results[f"{name}_step_seconds"] = seconds
         if device.type == "cuda":

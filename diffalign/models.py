@@ -38,6 +38,10 @@ class ModelNotAvailableError(OSError):
     """A model could not be found locally and the hub cannot be reached."""
 
 
+class UnsupportedModelError(ValueError):
+    """The folder holds a pipeline that the requested diffalign pipeline cannot run."""
+
+
 # --------------------------------------------------------------------------- tokenizer
 
 
@@ -245,6 +249,22 @@ def _safety_checker_overrides(model_index: dict[str, Any]) -> dict[str, Any]:
     return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
 
+def _check_unet_pipeline(model_index: dict[str, Any], pipeline_cls, name: str) -> None:
+    """Raise :class:`UnsupportedModelError` when a Stable Diffusion (UNet) pipeline class is asked
+    to load a folder without a UNet, such as SD3 or FLUX (transformer, flow matching)."""
+    from diffusers import StableDiffusionPipeline
+
+    if not issubclass(pipeline_cls, StableDiffusionPipeline) or "unet" in model_index:
+        return
+    kind = model_index.get("_class_name", "a pipeline")
+    denoiser = "transformer" if "transformer" in model_index else "no unet"
+    raise UnsupportedModelError(
+        f"{name} holds {kind} ({denoiser}), but {pipeline_cls.__name__} runs Stable Diffusion "
+        "pipelines with a UNet (SD 1.x / 2.x layout: unet, vae, text_encoder, tokenizer, "
+        "scheduler). Transformer and flow-matching models (SD3, FLUX) are not supported yet."
+    )
+
+
 def _load_local(path: Path, pipeline_cls, **kwargs):
     index_file = path / "model_index.json"
     if not index_file.is_file():
@@ -253,6 +273,7 @@ def _load_local(path: Path, pipeline_cls, **kwargs):
             "`pipeline.save_pretrained(DIR)` or download a complete model folder."
         )
     model_index = json.loads(index_file.read_text())
+    _check_unet_pipeline(model_index, pipeline_cls, str(path))
     return pipeline_cls.from_pretrained(path, **_safety_checker_overrides(model_index), **kwargs)
 
 
@@ -260,6 +281,7 @@ def _load_hub(name: str, pipeline_cls, **kwargs):
     offline = hub_is_offline_by_setting() or not hub_is_reachable()
     try:
         model_index = pipeline_cls.load_config(name, local_files_only=True)
+        _check_unet_pipeline(model_index, pipeline_cls, name)
         return pipeline_cls.from_pretrained(
             name, local_files_only=True, **_safety_checker_overrides(model_index), **kwargs
         )
@@ -272,6 +294,7 @@ def _load_hub(name: str, pipeline_cls, **kwargs):
             )
             raise _not_available(name, reason) from cached_error
     model_index = pipeline_cls.load_config(name)
+    _check_unet_pipeline(model_index, pipeline_cls, name)
     return pipeline_cls.from_pretrained(name, **_safety_checker_overrides(model_index), **kwargs)
 
 
@@ -298,6 +321,8 @@ def load_pipeline(
         ModelNotAvailableError: the model is neither local nor cached and the hub is unreachable
             or ``HF_HUB_OFFLINE=1``; the message says how to supply a local copy.
         FileNotFoundError: a local path that is not a diffusers pipeline folder.
+        UnsupportedModelError: ``pipeline_cls`` is a Stable Diffusion pipeline (such as
+            diffalign's rollout and DTS pipelines) and the model has no UNet (SD3, FLUX).
     """
     from diffusers import DiffusionPipeline
 

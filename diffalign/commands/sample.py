@@ -87,7 +87,7 @@ def _check_search_arguments(args: argparse.Namespace) -> None:
 
 def _load(model: str, device, dtype):
     import torch
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from diffalign.models import build_tiny_pipeline, load_pipeline
 
@@ -100,7 +100,7 @@ def _load(model: str, device, dtype):
             from diffalign.world import shipped_model_path
 
             model = str(shipped_model_path(model.removeprefix(SHIPPED_PREFIX)))
-        pipeline = load_pipeline(model, torch_dtype=dtype, device=device)
+        pipeline = load_pipeline(model, StableDiffusionPipeline, torch_dtype=dtype, device=device)
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     return pipeline
 

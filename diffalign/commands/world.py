@@ -86,6 +86,7 @@ def _pretrain_clip(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
+    from diffusers import StableDiffusionPipeline
 
     from diffalign.models import load_pipeline
     from diffalign.world import recorded_guidance_scale, shipped_model_path
@@ -93,7 +94,7 @@ def _load(args: argparse.Namespace):
     if args.quiet:
         quiet_libraries()
     path = Path(args.model) if args.model else shipped_model_path()
-    pipeline = load_pipeline(path)
+    pipeline = load_pipeline(path, pipeline_cls=StableDiffusionPipeline)
     pipeline.set_progress_bar_config(disable=True)
     scale = args.guidance_scale
     if scale is None:

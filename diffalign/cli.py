@@ -49,12 +49,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that mean "fix your input": shown as one line, without a traceback."""
     from diffalign.checkpoint import CheckpointError
     from diffalign.config import ConfigError
-    from diffalign.models import ModelNotAvailableError, UnsupportedModelError
+    from diffalign.models import LoraTargetError, ModelNotAvailableError, UnsupportedModelError
     from diffalign.rewards import UnknownRewardError
 
     return (
         ModelNotAvailableError, ConfigError, CheckpointError, FileNotFoundError,
-        UnknownRewardError, UnsupportedModelError,
+        UnknownRewardError, UnsupportedModelError, LoraTargetError,
     )  # fmt: skip
 
 

@@ -370,6 +370,7 @@ def add_lora(
         raise ValueError(f"LoRA rank must be >= 1, got {rank}.")
     if not hasattr(model, "add_adapter"):
         raise TypeError(f"{type(model).__name__} does not support peft adapters (no add_adapter).")
+    _check_lora_targets(model, target_modules)
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha if alpha is not None else rank,
@@ -380,6 +381,26 @@ def add_lora(
     model.requires_grad_(False)
     model.add_adapter(config, adapter_name=adapter_name)
     return model
+
+
+class LoraTargetError(ValueError):
+    """LoRA target modules that name no layer of the model (peft would silently skip them)."""
+
+
+def _check_lora_targets(model: nn.Module, target_modules: Sequence[str]) -> None:
+    """Raise a LoraTargetError naming the targets that match no Linear / Conv2d of ``model``."""
+    layers = [name for name, module in model.named_modules()
+              if isinstance(module, (nn.Linear, nn.Conv2d))]  # fmt: skip
+    if not target_modules:
+        raise LoraTargetError("No LoRA target modules given: name at least one (e.g. to_q).")
+    missing = [t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n in layers)]
+    if missing:
+        suffixes = sorted({name.rsplit(".", 1)[-1] for name in layers} - {"0", "1", "2"})
+        raise LoraTargetError(
+            f"LoRA targets {missing} match no Linear or Conv2d layer of "
+            f"{type(model).__name__}; its layer names end in: {', '.join(suffixes)} "
+            "(attention projections: to_q, to_k, to_v, to_out.0)."
+        )
 
 
 def has_lora(model: nn.Module) -> bool:

@@ -156,9 +156,18 @@ def test_lora_attach_disable_merge(tiny_unet):
         models.merge_lora(tiny_unet)
 
 
-def test_lora_save_and_load_round_trip(tiny_pipeline, tmp_path):
+CONV_AND_ATTENTION = ("conv1", "conv2", "proj_in", "proj_out", "to_q", "to_out.0")
+
+
+@pytest.mark.parametrize("targets", [models.DEFAULT_LORA_TARGETS, CONV_AND_ATTENTION])
+def test_lora_save_and_load_round_trip(targets, tiny_pipeline, tmp_path):
     tiny_pipeline.save_pretrained(tmp_path / "base")
-    models.add_lora(tiny_pipeline.unet, rank=4, alpha=8)
+    models.add_lora(tiny_pipeline.unet, rank=4, alpha=8, target_modules=targets)
+    adapted = {n.split(".lora_")[0] for n, p in tiny_pipeline.unet.named_parameters()
+               if p.requires_grad}  # fmt: skip
+    suffix_of = {module: [t for t in targets if module.endswith(f".{t}")] for module in adapted}
+    assert all(suffix_of.values())  # every adapted layer is a target ...
+    assert {t for hits in suffix_of.values() for t in hits} == set(targets)  # ... and vice versa
     perturb_lora(tiny_pipeline.unet)
     expected = sample(tiny_pipeline)
     models.save_lora(tiny_pipeline, tmp_path / "lora")
@@ -172,6 +181,11 @@ def test_lora_save_and_load_round_trip(tiny_pipeline, tmp_path):
 def test_lora_bad_arguments(tiny_pipeline, tmp_path):
     with pytest.raises(ValueError, match="rank"):
         models.add_lora(tiny_pipeline.unet, rank=0)
+    with pytest.raises(ValueError, match=r"\['to_qq'\] match no Linear or Conv2d .*conv_shortcut"):
+        models.add_lora(tiny_pipeline.unet, rank=2, target_modules=["to_q", "to_qq"])
+    with pytest.raises(ValueError, match="No LoRA target modules"):
+        models.add_lora(tiny_pipeline.unet, rank=2, target_modules=[])
+    assert not models.has_lora(tiny_pipeline.unet)  # nothing half-attached
     with pytest.raises(ValueError, match="no LoRA adapter named"):
         models.save_lora(tiny_pipeline, tmp_path)
     with pytest.raises(FileNotFoundError):

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from diffalign.cli import main
-from diffalign.models import build_tiny_pipeline, load_pipeline
+from diffalign.models import build_tiny_pipeline, load_lora, load_pipeline, merge_lora
 from diffalign.pipelines.rollout import RolloutPipeline
 from diffalign.train.advantages import prompt_groups
 from diffalign.train.awm import AWMTrainer, stratified_timesteps
 from diffalign.train.config import AWMConfig, DDPOConfig
 from diffalign.train.ddpo import DDPOTrainer
+from diffalign.world import shipped_model_path
 
 from .conftest import requires_cuda
 
@@ -45,6 +46,31 @@ def test_train_command_on_the_shipped_tiny_model_writes_a_loadable_run(method, t
     pipeline = load_pipeline(tmp_path / "final")
     assert type(pipeline).__name__ == "StableDiffusionPipeline"
     assert "final pipeline" in capsys.readouterr().out
+
+
+def test_lora_on_conv_layers_trains_and_its_adapter_reloads_onto_the_base(tmp_path):
+    targets = "[conv1, conv2, proj_in, proj_out, to_q, to_k, to_v, to_out.0]"
+    argv = ["train", "awm", "--recipe", "tiny-shapes", *TINY, "--set", "learning_rate=1e-2",
+            f"lora_target_modules={targets}", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    assert AWMConfig.from_yaml(tmp_path / "config.yaml").lora_target_modules[0] == "conv1"
+    final = load_pipeline(tmp_path / "final")
+    base = load_pipeline(shipped_model_path())
+    conv = "down_blocks.0.resnets.0.conv1.weight"
+    moved = (final.unet.state_dict()[conv] - base.unet.state_dict()[conv]).abs().max()
+    assert moved > 1e-6  # the conv layers were trained
+    load_lora(base, tmp_path / "lora")
+    merge_lora(base.unet)
+    for name, weight in final.unet.state_dict().items():
+        torch.testing.assert_close(base.unet.state_dict()[name], weight, atol=1e-5, rtol=1e-4)
+
+
+def test_unknown_lora_targets_fail_before_training(tmp_path, capsys):
+    argv = ["train", "awm", "--recipe", "tiny-shapes", *TINY, "--set",
+            "lora_target_modules=[to_q, attn1]", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "['attn1'] match no Linear or Conv2d layer" in error and "Traceback" not in error
 
 
 def _trainer(cls, config, out):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from diffalign.config import BaseConfig, ConfigError
+from diffalign.models import DEFAULT_LORA_TARGETS
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "wandb", "none")
@@ -58,6 +59,10 @@ class TrainConfig(BaseConfig):
     use_lora: bool = field(default=True, metadata={"help": "LoRA (peft) or full fine-tuning"})
     lora_rank: int = 4
     lora_alpha: float | None = field(default=None, metadata={"help": "default: lora_rank"})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        metadata={"help": "UNet layer-name suffixes that get LoRA (default: attention)"},
+    )
     gradient_checkpointing: bool = False
     ema_decay: float = field(default=0.0, metadata={"help": "EMA of trained weights; 0 = off"})
     async_reward: bool = field(default=True, metadata={"help": "score while sampling"})

@@ -126,7 +126,12 @@ class Trainer:
         self.pipeline.vae.requires_grad_(False)
         self.pipeline.text_encoder.requires_grad_(False)
         if config.use_lora:
-            add_lora(self.unet, rank=config.lora_rank, alpha=config.lora_alpha)
+            add_lora(
+                self.unet,
+                rank=config.lora_rank,
+                alpha=config.lora_alpha,
+                target_modules=config.lora_target_modules,
+            )
         else:
             self.unet.requires_grad_(True)
         if config.gradient_checkpointing:

@@ -30,8 +30,11 @@ def _top(latents: Tensor, rewards: Tensor, count: int) -> tuple[Tensor, Tensor]:
     return latents[picks.to(latents.device)], rewards[picks]
 
 
-def _run_chains(chain: DenoisingChain, latents: Tensor, generator: torch.Generator) -> Tensor:
-    for position in range(chain.num_steps):
+def finish_chains(
+    chain: DenoisingChain, latents: Tensor, generator: torch.Generator, start: int = 0
+) -> Tensor:
+    """Run ``latents``, all at chain position ``start`` (0 = noise), to the end of the chain."""
+    for position in range(start, chain.num_steps):
         latents, _ = chain.step(latents, torch.full((len(latents),), position), generator)
     return latents
 
@@ -48,7 +51,7 @@ def best_of_n(
     finals, rewards = [], []
     for first in range(0, n, batch_size):
         count = min(batch_size, n - first)
-        final = _run_chains(chain, chain.initial_noise(count, generator), generator)
+        final = finish_chains(chain, chain.initial_noise(count, generator), generator)
         scores = chain.score(final)
         cost_each = chain.step_cost(chain.num_steps)
         done = chain.nfe - start - count * cost_each

@@ -165,46 +165,103 @@ def _add_dts(subparsers) -> None:
         "metrics.json (nfe_ratio_dts_star_vs_best_of_n, curves) and reward_vs_nfe.png.",
         _run_dts,
     )  # fmt: skip
+    _add_chain_arguments(parser, num_prompts=16, model_help=" or sd15-random (with --speed-only)")
+    parser.add_argument("--n", type=int, default=32, help="best-of-N's N (the budget)")
+    parser.add_argument("--budgets", default="2,4,8,16,32",
+                        help="SMC and DTS budgets in chain-equivalents")  # fmt: skip
+    parser.add_argument("--inverse-temperature", type=float, default=10.0, help="lambda")
+    parser.add_argument("--batch-size", type=int, default=8, help="rollouts per UNet batch")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="NFE/s of DTS* vs best-of-N only, unscored")  # fmt: skip
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="pixels, with --speed-only (default: the model's)")  # fmt: skip
+
+
+def _add_chain_arguments(parser, num_prompts: int, model_help: str = "") -> None:
+    """Model, reward, world prompts and the stochastic DDIM chain (shared by dts and branching)."""
     parser.add_argument("--model", default="diffalign:tiny-shapes",
-                        help="a pipeline folder, diffalign:tiny-shapes, or sd15-random "
-                             "(with --speed-only)")  # fmt: skip
+                        help=f"a pipeline folder, diffalign:tiny-shapes{model_help}")  # fmt: skip
     parser.add_argument("--reward", default="shapes", help="a registered reward or a sum")
-    parser.add_argument("--num-prompts", type=int, default=16, help="prompts searched")
+    parser.add_argument("--num-prompts", type=int, default=num_prompts, help="world prompts used")
     parser.add_argument("--split", default="heldout", choices=("heldout", "validation"),
                         help="world split of the prompts: tune settings on validation, report "
                              "held-out")  # fmt: skip
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps (eta = 1)")
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="default: the one recorded with the model, else 3")  # fmt: skip
-    parser.add_argument("--n", type=int, default=32, help="best-of-N's N (the budget)")
-    parser.add_argument("--budgets", default="2,4,8,16,32",
-                        help="SMC and DTS budgets in chain-equivalents")  # fmt: skip
-    parser.add_argument("--inverse-temperature", type=float, default=10.0, help="lambda")
-    parser.add_argument("--batch-size", type=int, default=8, help="rollouts per UNet batch")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--speed-only", action="store_true",
-                        help="NFE/s of DTS* vs best-of-N only, unscored")  # fmt: skip
-    parser.add_argument("--resolution", type=int, default=None,
-                        help="pixels, with --speed-only (default: the model's)")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _run_dts(args: argparse.Namespace) -> int:
-    from diffalign.benchmarks import dts
-    from diffalign.benchmarks.rollout import SD15_RANDOM, load_benchmark_pipeline
+def _add_branching(subparsers) -> None:
+    parser = _benchmark_parser(
+        subparsers, "branching",
+        "when is the reward decided? variance of continuations branched at each step",
+        "Run chains from noise to each branch step, continue each several times, and report "
+        "the share of the reward's variance the prefix already fixes (decided_share): near 1 "
+        "means tree search has little left to explore after that step.",
+        _run_branching,
+    )  # fmt: skip
+    _add_chain_arguments(parser, num_prompts=8)
+    parser.add_argument("--branch-steps", default="0,2,5,10,15",
+                        help="chain positions to branch at (0 = the starting noise)")  # fmt: skip
+    parser.add_argument("--prefixes", type=int, default=4, help="chains per prompt and step")
+    parser.add_argument("--continuations", type=int, default=8, help="branches per prefix")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per UNet batch")
+
+
+def _run_branching(args: argparse.Namespace) -> int:
+    from diffalign.benchmarks.branching import format_branching_table, run_branching_benchmark
+    from diffalign.benchmarks.rollout import SD15_RANDOM
+    from diffalign.rewards import load_reward
+
+    quiet_libraries()
+    if args.model == SD15_RANDOM:
+        raise SystemExit("error: sd15-random has random weights: its rewards mean nothing.")
+    try:
+        branch_steps = [int(b) for b in args.branch_steps.split(",") if b.strip()]
+    except ValueError:
+        raise SystemExit("error: --branch-steps takes integers, e.g. 0,2,5,10.") from None
+    device, dtype, pipeline, guidance, prompts = _chain_setup(args)
+    reward = load_reward(args.reward).to(device)
+    try:
+        results = run_branching_benchmark(
+            pipeline, reward, prompts, branch_steps, args.steps, guidance, args.prefixes,
+            args.continuations, args.batch_size, args.seed, not args.quiet,
+        )  # fmt: skip
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    results["settings"] = {"model": args.model, "reward": args.reward, "split": args.split,
+                           "steps": args.steps, "guidance_scale": guidance, "seed": args.seed,
+                           "prefixes": args.prefixes, "continuations": args.continuations,
+                           "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+    results["prompts"] = prompts
+    return _report(args, results, device, format_branching_table(results))
+
+
+def _chain_setup(args: argparse.Namespace):
+    """Device, dtype, the pipeline, the guidance scale and the world prompts of a chain bench."""
+    from diffalign.benchmarks.rollout import load_benchmark_pipeline
     from diffalign.pipelines.dts import DTSPipeline
     from diffalign.world import model_guidance_scale
 
-    quiet_libraries()
-    budgets = tuple(int(b) for b in args.budgets.split(",") if b.strip())
-    if args.n < 1 or not budgets or min(budgets) < 1:
-        raise SystemExit("error: --n and every --budgets entry must be positive integers.")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     pipeline = load_benchmark_pipeline(args.model, device, dtype, DTSPipeline)
     pipeline.set_progress_bar_config(disable=True)
     guidance = args.guidance_scale or model_guidance_scale(args.model)
-    prompts = _world_prompts(args.num_prompts, args.split)
+    return device, dtype, pipeline, guidance, _world_prompts(args.num_prompts, args.split)
+
+
+def _run_dts(args: argparse.Namespace) -> int:
+    from diffalign.benchmarks import dts
+    from diffalign.benchmarks.rollout import SD15_RANDOM
+
+    quiet_libraries()
+    budgets = tuple(int(b) for b in args.budgets.split(",") if b.strip())
+    if args.n < 1 or not budgets or min(budgets) < 1:
+        raise SystemExit("error: --n and every --budgets entry must be positive integers.")
+    device, dtype, pipeline, guidance, prompts = _chain_setup(args)
     settings = {"model": args.model, "reward": args.reward, "split": args.split,
                 "steps": args.steps,
                 "guidance_scale": guidance, "n": args.n, "budgets_in_chains": list(budgets),
@@ -247,6 +304,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_rewards(subparsers)
     _add_rollout(subparsers)
     _add_dts(subparsers)
+    _add_branching(subparsers)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -395,7 +395,7 @@ def _check_lora_targets(model: nn.Module, target_modules: Sequence[str]) -> None
         raise LoraTargetError("No LoRA target modules given: name at least one (e.g. to_q).")
     missing = [t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n in layers)]
     if missing:
-        suffixes = sorted({name.rsplit(".", 1)[-1] for name in layers} - {"0", "1", "2"})
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in layers} - {str(i) for i in range(10)})
         raise LoraTargetError(
             f"LoRA targets {missing} match no Linear or Conv2d layer of "
             f"{type(model).__name__}; its layer names end in: {', '.join(suffixes)} "

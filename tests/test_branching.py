@@ -7,11 +7,9 @@ import pytest
 import torch
 
 from diffalign.benchmarks.branching import branch_rewards, variance_split
-from diffalign.pipelines.gaussian_mixture import GaussianMixture, GaussianMixtureChain
+from diffalign.pipelines.gaussian_mixture import GaussianMixtureChain
 
-MIXTURE = GaussianMixture(
-    torch.tensor([0.45, 0.45, 0.1]), torch.tensor([[-2.0], [0.0], [2.0]]), torch.tensor([0.3] * 3)
-)
+from .test_dts import MIXTURE
 
 
 def in_rare_mode(x):

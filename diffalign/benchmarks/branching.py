@@ -114,7 +114,7 @@ def run_branching_benchmark(
     for step in sorted(per_prompt[0]):
         rows = [p[step] for p in per_prompt]
         summary[str(step)] = {key: _finite_mean([row[key] for row in rows]) for key in rows[0]}
-        summary[str(step)]["nfe_per_continuation"] = (steps - step) * chain.rows_per_sample
+        summary[str(step)]["nfe_per_continuation"] = chain.step_cost(steps - step)
     return {
         "by_branch_step": summary,
         "per_prompt": [{str(k): v for k, v in p.items()} for p in per_prompt],
@@ -123,8 +123,7 @@ def run_branching_benchmark(
 
 
 def _finite_mean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else math.nan
+    return torch.tensor(values, dtype=torch.float64).nanmean().item()
 
 
 def format_branching_table(results: dict) -> str:

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from diffalign.cli import main
@@ -177,3 +178,83 @@ def test_contrastive_loss_by_hand():
     loss = contrastive_loss(image, text, torch.tensor(10.0).log())
     expected = torch.log1p(torch.exp(torch.tensor(-10.0))).item()
     assert abs(loss.item() - expected) < 1e-3 * expected
+
+
+class _IdentityVAE:
+    """encode / decode that hand the image back unchanged, as a VAE with a perfect decoder would."""
+
+    def encode(self, images):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: images))
+
+    def decode(self, latents):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sample=latents)
+
+
+def _two_phrase_share(prompts):
+    from diffalign.world.grammar import parse_caption
+
+    return sum(parse_caption(p).relation is not None for p in prompts) / len(prompts)
+
+
+def test_reward_ceiling_by_hand():
+    from diffalign.world.diagnose import reward_ceiling
+
+    prompts = evaluate.heldout_prompts(12)
+    share = _two_phrase_share(prompts)
+    assert 0 < share < 1
+    ceiling = reward_ceiling(_IdentityVAE(), prompts, samples_per_prompt=2)
+    # Renderings score 1; a flipped relation halves the score of every other two-phrase image.
+    assert ceiling["renderings_exact"] == ceiling["through_vae_exact"] == 1.0
+    expected = 1 - 0.25 * share
+    assert abs(ceiling["renderings_relations_at_chance"] - expected) < 1e-9
+    assert abs(ceiling["through_vae_relations_at_chance"] - expected) < 1e-9
+
+
+def test_composition_counts_found_objects_and_relations():
+    from diffalign.world.diagnose import render_prompts
+
+    prompts = [p for p in evaluate.heldout_prompts(30) if " of " in p or "above" in p][:4]
+    for at_chance, relation in ((False, 1.0), (True, 0.5)):
+        images = render_prompts(prompts, 2, relations_at_chance=at_chance)
+        summary = evaluate.evaluate_prompts(images, prompts, samples_per_prompt=2)
+        assert summary["two_phrase_objects_found"] == 1.0
+        assert summary["relation_given_objects_found"] == relation
+    blank = torch.full_like(images, 0.5)
+    summary = evaluate.evaluate_prompts(blank, prompts, samples_per_prompt=2)
+    assert summary["two_phrase_objects_found"] == 0.0
+    assert summary["relation_given_objects_found"] is None
+
+
+def test_relation_sensitivity_by_hand(clip_tokenizer):
+    from diffalign.world.diagnose import relation_sensitivity
+
+    def one_hot_encoder(ids):  # token states that only see their own token: no context
+        return (torch.nn.functional.one_hot(ids, len(clip_tokenizer)).float(),)
+
+    prompts = ["two red circles left of a blue square", "a green square above a red circle",
+               "a yellow triangle"]  # fmt: skip
+    result = relation_sensitivity(clip_tokenizer, one_hot_encoder, prompts)
+    # One token changes in each (relation word; red -> green, green -> blue) of 10 and 9 tokens.
+    expected = (2**0.5 / 10**0.5 + 2**0.5 / 9**0.5) / 2
+    assert result["num_prompts"] == 2
+    assert abs(result["relation_flip_change"] - expected) < 1e-6
+    assert abs(result["colour_change"] - expected) < 1e-6
+    with pytest.raises(ValueError, match="two phrases"):
+        relation_sensitivity(clip_tokenizer, one_hot_encoder, ["a yellow triangle"])
+
+
+def test_world_diagnose_command(tiny_pipeline, tmp_path):
+    tiny_pipeline.save_pretrained(tmp_path / "model")
+    args = ["world", "diagnose", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "d"),
+            "--num-prompts", "6", "--samples-per-prompt", "2", "--split", "validation",
+            "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads((tmp_path / "d" / "metrics.json").read_text())["results"]
+    ceiling = results["reward_ceiling"]
+    assert ceiling["renderings_exact"] == 1.0
+    assert 0.0 <= ceiling["through_vae_exact"] <= 1.0
+    assert results["split"] == "validation" and results["text_encoder"]["num_prompts"] >= 1

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from diffalign.commands._common import add_out_argument, quiet_libraries, write_metrics
+from diffalign.world.grammar import SPLITS
 
 NAME = "world"
 HELP = "the embedded shapes world: pretrain its tiny model, sample, evaluate"
@@ -52,11 +53,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sample.add_argument("--num-images-per-prompt", type=int, default=8)
     _add_model_arguments(sample)
     sample.set_defaults(action=_sample)
-    evaluate = sub.add_parser("eval", help="shapes reward on held-out prompts")
-    evaluate.add_argument("--num-prompts", type=int, default=200)
-    evaluate.add_argument("--samples-per-prompt", type=int, default=4)
-    _add_model_arguments(evaluate)
-    evaluate.set_defaults(action=_eval)
+    measures = (
+        ("eval", "shapes reward on held-out prompts", _eval),
+        ("diagnose", "what the model's VAE and text encoder let any fine-tuning reach", _diagnose),
+    )
+    for name, text, action in measures:
+        measure = sub.add_parser(name, help=text)
+        measure.add_argument("--num-prompts", type=int, default=200)
+        measure.add_argument("--samples-per-prompt", type=int, default=4)
+        measure.add_argument("--split", choices=SPLITS, default="heldout",
+                             help="prompt split (default: held-out combinations)")  # fmt: skip
+        _add_model_arguments(measure)
+        measure.set_defaults(action=action)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,17 +133,39 @@ def _eval(args: argparse.Namespace) -> int:
     from diffalign.world.evaluate import evaluate_prompts, generate, heldout_prompts
 
     path, pipeline, scale = _load(args)
-    prompts = heldout_prompts(args.num_prompts, seed=args.seed)
+    prompts = heldout_prompts(args.num_prompts, seed=args.seed, split=args.split)
     start = time.perf_counter()
     images = generate(pipeline, prompts, args.samples_per_prompt, args.steps, scale, args.seed,
                       quiet=args.quiet)  # fmt: skip
     seconds = time.perf_counter() - start
     results = evaluate_prompts(images, prompts, args.samples_per_prompt)
-    results.update(model=str(path), guidance_scale=scale, steps=args.steps, seed=args.seed,
-                   seconds=seconds)  # fmt: skip
+    results.update(model=str(path), split=args.split, guidance_scale=scale, steps=args.steps,
+                   seed=args.seed, seconds=seconds)  # fmt: skip
     write_metrics(args.out, "world eval", results)
     single = results["shapes_mean_single_object"]
     single_text = "n/a" if single is None else f"{single:.3f}"
     print(f"shapes_mean {results['shapes_mean']:.3f}, single-object {single_text} "
-          f"on {len(prompts)} held-out prompts")  # fmt: skip
+          f"on {len(prompts)} {args.split} prompts")  # fmt: skip
+    return 0
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from diffalign.world.diagnose import relation_sensitivity, reward_ceiling
+    from diffalign.world.evaluate import heldout_prompts
+
+    path, pipeline, _ = _load(args)
+    prompts = heldout_prompts(args.num_prompts, seed=args.seed, split=args.split)
+    results = {
+        "reward_ceiling": reward_ceiling(pipeline.vae, prompts, args.samples_per_prompt,
+                                         args.seed),  # fmt: skip
+        "text_encoder": relation_sensitivity(pipeline.tokenizer, pipeline.text_encoder, prompts),
+        "model": str(path), "split": args.split, "num_prompts": len(prompts),
+        "samples_per_prompt": args.samples_per_prompt, "seed": args.seed,
+    }  # fmt: skip
+    write_metrics(args.out, "world diagnose", results)
+    ceiling, text = results["reward_ceiling"], results["text_encoder"]
+    print(f"perfect renderings through the VAE: {ceiling['through_vae_exact']:.3f} "
+          f"({ceiling['through_vae_relations_at_chance']:.3f} with relations at chance); "
+          f"text encoding moves {text['relation_flip_change']:.3f} when the relation flips, "
+          f"{text['colour_change']:.3f} when a colour changes")  # fmt: skip
     return 0

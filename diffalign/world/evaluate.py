@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from diffalign.world.grammar import parse_caption
 from diffalign.world.render import sample_captions
-from diffalign.world.reward import score_images, summarize
+from diffalign.world.reward import ShapesScore, score_images, summarize
 
 
 def heldout_prompts(count: int = 200, seed: int = 0, split: str = "heldout") -> list[str]:
@@ -57,6 +57,7 @@ def evaluate_prompts(images: torch.Tensor, prompts: Sequence[str], samples_per_p
     pairs = [s for s, n in zip(scores, phrases, strict=True) if n == 2]
     overall = summarize(scores)
     return {
+        **composition(pairs),
         "shapes_mean": overall["total"],
         "shapes_mean_single_object": summarize(single)["total"] if single else None,
         "shapes_mean_two_objects": summarize(pairs)["total"] if pairs else None,
@@ -65,4 +66,16 @@ def evaluate_prompts(images: torch.Tensor, prompts: Sequence[str], samples_per_p
         "num_prompts": len(prompts),
         "num_single_object_prompts": len(single) // samples_per_prompt,
         "samples_per_prompt": samples_per_prompt,
+    }
+
+
+def composition(pair_scores: Sequence[ShapesScore]) -> dict:
+    """Two-phrase images: the share where both phrases' objects (colour and shape) are found,
+    and among those, the share where the relation holds (0.5 is chance)."""
+    found = [s for s in pair_scores if s.shape == 1.0]
+    return {
+        "two_phrase_objects_found": len(found) / len(pair_scores) if pair_scores else None,
+        "relation_given_objects_found": (
+            sum(s.relation for s in found) / len(found) if found else None
+        ),
     }

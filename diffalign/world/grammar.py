@@ -22,6 +22,7 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 COUNT_WORDS: dict[int, str] = {1: "a", 2: "two", 3: "three"}
 MAX_OBJECTS = 4
+SPLITS: tuple[str, ...] = ("train", "validation", "heldout")  # assigned in render.split_of
 _NUMBER = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
 
 
@@ -80,6 +81,18 @@ class Caption:
             return ("pair", a.colour, a.shape, self.relation, b.colour, b.shape)
         (only,) = self.objects
         return ("single", only.colour, only.shape, only.count, self.background)
+
+
+OPPOSITE_RELATION: dict[str, str] = {
+    "left of": "right of", "right of": "left of", "above": "below", "below": "above",
+}  # fmt: skip
+
+
+def flip_relation(caption: Caption) -> Caption:
+    """The same caption with the opposite relation (one-phrase captions come back unchanged)."""
+    if caption.relation is None:
+        return caption
+    return Caption(caption.objects, OPPOSITE_RELATION[caption.relation], caption.background)
 
 
 def validate(caption: Caption) -> None:

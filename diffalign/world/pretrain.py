@@ -129,11 +129,15 @@ def _fit_reconstruction(vae, parameters, learning_rate: float, steps: int, stage
     return sum(losses[-50:]) / len(losses[-50:])
 
 
-def _reconstruction_psnr(vae, images: torch.Tensor) -> float:
+def reconstruct(vae, images: torch.Tensor) -> torch.Tensor:
+    """``images`` in [0, 1] encoded to their latent mode and decoded again, in [-1, 1]."""
     with torch.no_grad():
-        target = images * 2 - 1
-        reconstruction = vae.decode(vae.encode(target).latent_dist.mode()).sample
-    return 10 * math.log10(4 / F.mse_loss(reconstruction, target).item())
+        return vae.decode(vae.encode(images * 2 - 1).latent_dist.mode()).sample
+
+
+def _reconstruction_psnr(vae, images: torch.Tensor) -> float:
+    error = F.mse_loss(reconstruct(vae, images), images * 2 - 1).item()
+    return 10 * math.log10(4 / error)
 
 
 def _held_back_images(config: WorldPretrainConfig) -> torch.Tensor:
@@ -176,7 +180,8 @@ def finetune_decoder(vae, config: WorldPretrainConfig, quiet: bool = False) -> d
             "reconstruction_psnr_db": _reconstruction_psnr(vae, images)}  # fmt: skip
 
 
-def _encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
+def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
+    """The text encoder's token states (B, max_length, hidden) of ``captions``, padded."""
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids  # fmt: skip
     return text_encoder(ids)[0]
@@ -204,7 +209,7 @@ def train_denoiser(unet, text_encoder, tokenizer, vae, scheduler, config, quiet=
         timesteps = torch.randint(0, schedule.num_train_timesteps, (len(latents),),
                                   generator=generator)  # fmt: skip
         noisy = add_noise(latents, noise, schedule.alpha_bar(timesteps, latents))
-        states = _encode_text(tokenizer, text_encoder, captions)
+        states = encode_text(tokenizer, text_encoder, captions)
         loss = F.mse_loss(unet(noisy, timesteps, states).sample, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

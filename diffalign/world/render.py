@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffalign.world.grammar import Caption, random_caption
+from diffalign.world.grammar import SPLITS, Caption, random_caption
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -29,7 +29,6 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 DEFAULT_BACKGROUND = "grey"
 BACKGROUND_RGB: dict[str, tuple[int, int, int]] = {**PALETTE, DEFAULT_BACKGROUND: (128, 128, 128)}
-SPLITS: tuple[str, ...] = ("train", "validation", "heldout")
 _GAP = 2
 
 

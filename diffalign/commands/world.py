@@ -8,7 +8,10 @@
 - ``sample --prompt TEXT --out DIR``: sample a grid from a model (default: the shipped
   ``tiny-shapes``) and score it with the ``shapes`` reward.
 - ``eval --model DIR --out DIR``: the shapes reward on held-out prompts (combinations never seen in
-  training): ``shapes_mean``, ``shapes_mean_single_object`` and the breakdown.
+  training; ``--split`` for another split): ``shapes_mean``, ``shapes_mean_single_object``, the
+  breakdown and the two-phrase composition.
+- ``diagnose --model DIR --out DIR``: what the model's VAE and text encoder let any fine-tuning of
+  its UNet reach (reward of perfect renderings through the VAE; relation-word sensitivity).
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from diffalign.world.evaluate import evaluate_prompts
 from diffalign.world.grammar import COLOURS, Caption, ObjectPhrase, flip_relation, parse_caption
 from diffalign.world.pretrain import encode_text, reconstruct
-from diffalign.world.render import render
-from diffalign.world.reward import score_images
+from diffalign.world.render import render, to_tensor
 
 
 def render_prompts(prompts: Sequence[str], samples_per_prompt: int, seed: int = 0,
@@ -36,12 +36,7 @@ def render_prompts(prompts: Sequence[str], samples_per_prompt: int, seed: int = 
         for index in range(samples_per_prompt):
             flipped = relations_at_chance and index % 2 == 1
             arrays.append(render(flip_relation(caption) if flipped else caption, rng))
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
-
-
-def _mean_reward(images: torch.Tensor, prompts: Sequence[str], samples_per_prompt: int) -> float:
-    repeated = [p for p in prompts for _ in range(samples_per_prompt)]
-    return float(np.mean([s.total for s in score_images(images, repeated)]))
+    return to_tensor(arrays)
 
 
 def reward_ceiling(vae, prompts: Sequence[str], samples_per_prompt: int = 4, seed: int = 0,
@@ -53,8 +48,9 @@ def reward_ceiling(vae, prompts: Sequence[str], samples_per_prompt: int = 4, see
         images = render_prompts(prompts, samples_per_prompt, seed, at_chance)
         decoded = torch.cat([reconstruct(vae, batch) for batch in images.split(batch_size)])
         decoded = ((decoded + 1) / 2).clamp(0, 1)
-        results[f"renderings_{name}"] = _mean_reward(images, prompts, samples_per_prompt)
-        results[f"through_vae_{name}"] = _mean_reward(decoded, prompts, samples_per_prompt)
+        for stage, batch in (("renderings", images), ("through_vae", decoded)):
+            summary = evaluate_prompts(batch, prompts, samples_per_prompt)
+            results[f"{stage}_{name}"] = summary["shapes_mean"]
     return results
 
 

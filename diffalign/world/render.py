@@ -155,12 +155,16 @@ def sample_captions(count: int, seed: int, split: str | None = "train") -> list[
     return captions
 
 
+def to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 renderings as one float batch (N, 3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
 def generate_pairs(
     count: int, seed: int, split: str | None = "train", image_size: int = 32
 ) -> tuple[torch.Tensor, list[str]]:
     """``count`` (image, caption) pairs: images float in [0, 1], shape (count, 3, H, W)."""
     captions = sample_captions(count, seed, split)
     rng = random.Random(seed + 1)
-    arrays = np.stack([render(c, rng, image_size) for c in captions])
-    images = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255
+    images = to_tensor([render(c, rng, image_size) for c in captions])
     return images, [str(c) for c in captions]

@@ -247,6 +247,45 @@ def test_relation_sensitivity_by_hand(clip_tokenizer):
         relation_sensitivity(clip_tokenizer, one_hot_encoder, ["a yellow triangle"])
 
 
+class _LeftWordDenoiser:
+    """A pipeline whose text states mark the word "left" and whose UNet predicts, everywhere,
+    the number of "left" tokens in the caption, whatever the noisy input."""
+
+    def __init__(self, tokenizer):
+        from types import SimpleNamespace
+
+        from diffalign.models import sd_ddim_scheduler
+
+        left = tokenizer("left").input_ids[1]
+        self.tokenizer, self.scheduler, self.vae = tokenizer, sd_ddim_scheduler(), _IdentityVAE()
+        self.text_encoder = lambda ids: ((ids == left).float().unsqueeze(-1),)
+        self.unet = lambda x, t, states: SimpleNamespace(
+            sample=torch.zeros_like(x) + states.sum(dim=(1, 2)).view(-1, 1, 1, 1)
+        )
+
+
+def test_denoiser_sensitivity_by_hand(clip_tokenizer):
+    from diffalign.world.diagnose import denoiser_sensitivity
+
+    pipeline = _LeftWordDenoiser(clip_tokenizer)
+    left = ["a red circle left of a blue square", "two green triangles left of a yellow circle"]
+    right = [p.replace("left", "right") for p in left]
+    # Noise n ~ N(0, 1) on 3072 latent values per image; the UNet predicts 1 for "left" captions
+    # and 0 otherwise, so a sample's loss is mean((1 - n)^2) ~ 2 or mean(n^2) ~ 1: flipping
+    # "left" to "right" changes it by mean(n^2) - mean((1 - n)^2) = -1 + 2 mean(n) ~ -1, the
+    # other way by ~ +1, and a colour change not at all.
+    for prompts, loss, increase in ((left, 2.0, -1.0), (right, 1.0, 1.0)):
+        result = denoiser_sensitivity(pipeline, prompts + ["a yellow triangle"],
+                                      samples_per_prompt=8)  # fmt: skip
+        assert result["num_images"] == 16
+        assert abs(result["loss"] - loss) < 0.05
+        assert abs(result["relation_flip_loss_increase"] - increase) < 0.05
+        assert result["relation_flip_loss_increase_stderr"] < 0.02  # 2 / sqrt(3072 * 16) = 0.009
+        assert result["colour_change_loss_increase"] == 0.0
+    with pytest.raises(ValueError, match="two phrases"):
+        denoiser_sensitivity(pipeline, ["a yellow triangle"])
+
+
 def test_world_diagnose_command(tiny_pipeline, tmp_path):
     tiny_pipeline.save_pretrained(tmp_path / "model")
     args = ["world", "diagnose", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "d"),
@@ -258,3 +297,4 @@ def test_world_diagnose_command(tiny_pipeline, tmp_path):
     assert ceiling["renderings_exact"] == 1.0
     assert 0.0 <= ceiling["through_vae_exact"] <= 1.0
     assert results["split"] == "validation" and results["text_encoder"]["num_prompts"] >= 1
+    assert results["denoiser"]["num_images"] == 2 * results["text_encoder"]["num_prompts"]

@@ -11,7 +11,8 @@
   training; ``--split`` for another split): ``shapes_mean``, ``shapes_mean_single_object``, the
   breakdown and the two-phrase composition.
 - ``diagnose --model DIR --out DIR``: what the model's VAE and text encoder let any fine-tuning of
-  its UNet reach (reward of perfect renderings through the VAE; relation-word sensitivity).
+  its UNet reach (reward of perfect renderings through the VAE; relation-word sensitivity), and
+  whether its denoiser uses the relation at all (loss increase when the relation flips).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sample.set_defaults(action=_sample)
     measures = (
         ("eval", "shapes reward on held-out prompts", _eval),
-        ("diagnose", "what the model's VAE and text encoder let any fine-tuning reach", _diagnose),
+        ("diagnose", "what the model's VAE, text encoder and denoiser can express", _diagnose),
     )
     for name, text, action in measures:
         measure = sub.add_parser(name, help=text)
@@ -153,7 +154,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _diagnose(args: argparse.Namespace) -> int:
-    from diffalign.world.diagnose import relation_sensitivity, reward_ceiling
+    from diffalign.world.diagnose import (
+        denoiser_sensitivity,
+        relation_sensitivity,
+        reward_ceiling,
+    )
     from diffalign.world.evaluate import heldout_prompts
 
     path, pipeline, _ = _load(args)
@@ -162,13 +167,17 @@ def _diagnose(args: argparse.Namespace) -> int:
         "reward_ceiling": reward_ceiling(pipeline.vae, prompts, args.samples_per_prompt,
                                          args.seed),  # fmt: skip
         "text_encoder": relation_sensitivity(pipeline.tokenizer, pipeline.text_encoder, prompts),
+        "denoiser": denoiser_sensitivity(pipeline, prompts, args.samples_per_prompt, args.seed),
         "model": str(path), "split": args.split, "num_prompts": len(prompts),
         "samples_per_prompt": args.samples_per_prompt, "seed": args.seed,
     }  # fmt: skip
     write_metrics(args.out, "world diagnose", results)
-    ceiling, text = results["reward_ceiling"], results["text_encoder"]
+    ceiling, text, denoiser = (results[k] for k in ("reward_ceiling", "text_encoder", "denoiser"))
     print(f"perfect renderings through the VAE: {ceiling['through_vae_exact']:.3f} "
           f"({ceiling['through_vae_relations_at_chance']:.3f} with relations at chance); "
           f"text encoding moves {text['relation_flip_change']:.3f} when the relation flips, "
           f"{text['colour_change']:.3f} when a colour changes")  # fmt: skip
+    print(f"denoising loss {denoiser['loss']:.4f}, "
+          f"{denoiser['relation_flip_loss_increase']:+.5f} when the relation flips, "
+          f"{denoiser['colour_change_loss_increase']:+.5f} when a colour changes")  # fmt: skip
     return 0

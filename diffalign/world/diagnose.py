@@ -8,6 +8,10 @@ Two limits sit outside the denoiser that RL fine-tunes:
 - the text encoder: how far the token states move when only the relation word changes,
   against the change of one colour word. A relation the encoder barely hears is one the
   UNet cannot follow from the text.
+
+And one inside it: how much the denoiser's loss on renderings grows when the caption's relation
+is flipped, against one colour word. A denoiser whose loss does not grow ignores the relation,
+whatever the text encoder tells it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from diffalign.sampling import NoiseSchedule, add_noise
 from diffalign.world.evaluate import evaluate_prompts
 from diffalign.world.grammar import COLOURS, Caption, ObjectPhrase, flip_relation, parse_caption
 from diffalign.world.pretrain import encode_text, reconstruct
@@ -77,17 +82,77 @@ def _relative_change(tokenizer, text_encoder, texts: list[str], others: list[str
     return float(np.mean(changes))
 
 
+def _caption_variants(prompts: Sequence[str], caller: str) -> tuple[list[str], ...]:
+    """The two-phrase ``prompts`` as they are, with the relation flipped, and recoloured."""
+    captions = [c for c in map(parse_caption, prompts) if c.relation is not None]
+    if not captions:
+        raise ValueError(f"{caller} needs prompts with two phrases and a relation.")
+    return (
+        [str(c) for c in captions],
+        [str(flip_relation(c)) for c in captions],
+        [str(_other_colour(c)) for c in captions],
+    )
+
+
 def relation_sensitivity(tokenizer, text_encoder, prompts: Sequence[str]) -> dict[str, float]:
     """How much the text encoding of the two-phrase ``prompts`` changes when only the relation is
     flipped, and when only the first phrase's colour changes."""
-    captions = [c for c in map(parse_caption, prompts) if c.relation is not None]
-    if not captions:
-        raise ValueError("relation_sensitivity needs prompts with two phrases and a relation.")
-    texts = [str(c) for c in captions]
-    flipped = [str(flip_relation(c)) for c in captions]
-    recoloured = [str(_other_colour(c)) for c in captions]
+    texts, flipped, recoloured = _caption_variants(prompts, "relation_sensitivity")
     return {
         "relation_flip_change": _relative_change(tokenizer, text_encoder, texts, flipped),
         "colour_change": _relative_change(tokenizer, text_encoder, texts, recoloured),
         "num_prompts": len(texts),
+    }
+
+
+def _per_sample_losses(pipeline, noisy, timesteps, noise, texts) -> torch.Tensor:
+    states = encode_text(pipeline.tokenizer, pipeline.text_encoder, texts)
+    prediction = pipeline.unet(noisy, timesteps, states).sample
+    return (prediction - noise).pow(2).mean(dim=tuple(range(1, noise.ndim)))
+
+
+def denoiser_sensitivity(pipeline, prompts: Sequence[str], samples_per_prompt: int = 4,
+                         seed: int = 0, batch_size: int = 128) -> dict[str, float]:  # fmt: skip
+    """How much the denoising loss on perfect renderings of the two-phrase ``prompts`` grows when
+    the caption's relation is flipped, and when its first colour changes (same latents, noise
+    and timesteps for the three captions; timesteps stratified over the training schedule).
+
+    Returns the mean loss under the true captions, each increase with its standard error, and
+    the number of images. An increase of zero means the denoiser ignores that part of the text.
+    """
+    variants = _caption_variants(prompts, "denoiser_sensitivity")
+    images = render_prompts(variants[0], samples_per_prompt, seed)
+    texts = [[text for text in variant for _ in range(samples_per_prompt)] for variant in variants]
+    schedule = NoiseSchedule.from_scheduler(pipeline.scheduler)
+    generator = torch.Generator().manual_seed(seed)
+    count = len(images)
+    # One timestep per stratum of the schedule, shuffled so that no prompt gets only low noise.
+    strata = torch.randperm(count, generator=generator) + torch.rand(count, generator=generator)
+    all_timesteps = (strata / count * schedule.num_train_timesteps).long()
+    scale = getattr(getattr(pipeline.vae, "config", None), "scaling_factor", 1.0)
+    losses = [[], [], []]
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size] * 2 - 1
+            latents = pipeline.vae.encode(batch).latent_dist.mode() * scale
+            noise = torch.randn(latents.shape, generator=generator)
+            timesteps = all_timesteps[start : start + batch_size]
+            noisy = add_noise(latents, noise, schedule.alpha_bar(timesteps, latents))
+            for kept, variant in zip(losses, texts, strict=True):
+                chunk = variant[start : start + batch_size]
+                kept.append(_per_sample_losses(pipeline, noisy, timesteps, noise, chunk))
+    true, flipped, recoloured = (torch.cat(kept) for kept in losses)
+
+    def increase(other: torch.Tensor) -> tuple[float, float]:
+        difference = other - true
+        return difference.mean().item(), (difference.std() / len(difference) ** 0.5).item()
+
+    (relation, relation_error), (colour, colour_error) = increase(flipped), increase(recoloured)
+    return {
+        "loss": true.mean().item(),
+        "relation_flip_loss_increase": relation,
+        "relation_flip_loss_increase_stderr": relation_error,
+        "colour_change_loss_increase": colour,
+        "colour_change_loss_increase_stderr": colour_error,
+        "num_images": len(true),
     }

@@ -286,6 +286,23 @@ def test_denoiser_sensitivity_by_hand(clip_tokenizer):
         denoiser_sensitivity(pipeline, ["a yellow triangle"])
 
 
+def test_denoiser_sensitivity_follows_the_prediction_type(clip_tokenizer):
+    from diffusers import DDIMScheduler
+
+    from diffalign.world.diagnose import denoiser_sensitivity, render_prompts
+
+    pipeline = _LeftWordDenoiser(clip_tokenizer)
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config,
+                                                   prediction_type="sample")  # fmt: skip
+    prompts = ["a red circle right of a blue square", "a green square below a red circle"]
+    # No "left" in these captions: the UNet predicts 0, so against the clean latents (the
+    # renderings themselves, through the identity VAE) the loss is their mean square.
+    clean = render_prompts(prompts, samples_per_prompt=2) * 2 - 1
+    result = denoiser_sensitivity(pipeline, prompts, samples_per_prompt=2)
+    assert abs(result["loss"] - clean.pow(2).mean().item()) < 1e-6
+    assert result["colour_change_loss_increase"] == 0.0
+
+
 def test_world_diagnose_command(tiny_pipeline, tmp_path):
     tiny_pipeline.save_pretrained(tmp_path / "model")
     args = ["world", "diagnose", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "d"),

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from diffalign.sampling import NoiseSchedule, add_noise
+from diffalign.sampling import NoiseSchedule, add_noise, prediction_target
 from diffalign.world.evaluate import evaluate_prompts
 from diffalign.world.grammar import COLOURS, Caption, ObjectPhrase, flip_relation, parse_caption
 from diffalign.world.pretrain import encode_text, reconstruct
@@ -105,17 +105,18 @@ def relation_sensitivity(tokenizer, text_encoder, prompts: Sequence[str]) -> dic
     }
 
 
-def _per_sample_losses(pipeline, noisy, timesteps, noise, texts) -> torch.Tensor:
+def _per_sample_losses(pipeline, noisy, timesteps, target, texts) -> torch.Tensor:
     states = encode_text(pipeline.tokenizer, pipeline.text_encoder, texts)
     prediction = pipeline.unet(noisy, timesteps, states).sample
-    return (prediction - noise).pow(2).mean(dim=tuple(range(1, noise.ndim)))
+    return (prediction - target).pow(2).mean(dim=tuple(range(1, target.ndim)))
 
 
 def denoiser_sensitivity(pipeline, prompts: Sequence[str], samples_per_prompt: int = 4,
                          seed: int = 0, batch_size: int = 128) -> dict[str, float]:  # fmt: skip
     """How much the denoising loss on perfect renderings of the two-phrase ``prompts`` grows when
     the caption's relation is flipped, and when its first colour changes (same latents, noise
-    and timesteps for the three captions; timesteps stratified over the training schedule).
+    and timesteps for the three captions; timesteps stratified over the training schedule; the
+    target is the scheduler's ``prediction_type``).
 
     Returns the mean loss under the true captions, each increase with its standard error, and
     the number of images. An increase of zero means the denoiser ignores that part of the text.
@@ -137,10 +138,12 @@ def denoiser_sensitivity(pipeline, prompts: Sequence[str], samples_per_prompt: i
             latents = pipeline.vae.encode(batch).latent_dist.mode() * scale
             noise = torch.randn(latents.shape, generator=generator)
             timesteps = all_timesteps[start : start + batch_size]
-            noisy = add_noise(latents, noise, schedule.alpha_bar(timesteps, latents))
+            alpha_bar = schedule.alpha_bar(timesteps, latents)
+            noisy = add_noise(latents, noise, alpha_bar)
+            target = prediction_target(latents, noise, alpha_bar, schedule.prediction_type)
             for kept, variant in zip(losses, texts, strict=True):
                 chunk = variant[start : start + batch_size]
-                kept.append(_per_sample_losses(pipeline, noisy, timesteps, noise, chunk))
+                kept.append(_per_sample_losses(pipeline, noisy, timesteps, target, chunk))
     true, flipped, recoloured = (torch.cat(kept) for kept in losses)
 
     def increase(other: torch.Tensor) -> tuple[float, float]:

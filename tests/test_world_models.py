@@ -1,6 +1,7 @@
 """World pretraining, evaluation and the world command (fast settings; no retraining of assets)."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -183,14 +184,12 @@ def test_contrastive_loss_by_hand():
 class _IdentityVAE:
     """encode / decode that hand the image back unchanged, as a VAE with a perfect decoder would."""
 
-    def encode(self, images):
-        from types import SimpleNamespace
+    config = SimpleNamespace(scaling_factor=1.0)
 
+    def encode(self, images):
         return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: images))
 
     def decode(self, latents):
-        from types import SimpleNamespace
-
         return SimpleNamespace(sample=latents)
 
 
@@ -252,8 +251,6 @@ class _LeftWordDenoiser:
     the number of "left" tokens in the caption, whatever the noisy input."""
 
     def __init__(self, tokenizer):
-        from types import SimpleNamespace
-
         from diffalign.models import sd_ddim_scheduler
 
         left = tokenizer("left").input_ids[1]

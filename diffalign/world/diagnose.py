@@ -108,7 +108,7 @@ def relation_sensitivity(tokenizer, text_encoder, prompts: Sequence[str]) -> dic
 def _per_sample_losses(pipeline, noisy, timesteps, target, texts) -> torch.Tensor:
     states = encode_text(pipeline.tokenizer, pipeline.text_encoder, texts)
     prediction = pipeline.unet(noisy, timesteps, states).sample
-    return (prediction - target).pow(2).mean(dim=tuple(range(1, target.ndim)))
+    return (prediction - target).pow(2).flatten(1).mean(1)
 
 
 def denoiser_sensitivity(pipeline, prompts: Sequence[str], samples_per_prompt: int = 4,
@@ -125,17 +125,17 @@ def denoiser_sensitivity(pipeline, prompts: Sequence[str], samples_per_prompt: i
     images = render_prompts(variants[0], samples_per_prompt, seed)
     texts = [[text for text in variant for _ in range(samples_per_prompt)] for variant in variants]
     schedule = NoiseSchedule.from_scheduler(pipeline.scheduler)
+    vae = pipeline.vae
     generator = torch.Generator().manual_seed(seed)
     count = len(images)
     # One timestep per stratum of the schedule, shuffled so that no prompt gets only low noise.
     strata = torch.randperm(count, generator=generator) + torch.rand(count, generator=generator)
     all_timesteps = (strata / count * schedule.num_train_timesteps).long()
-    scale = getattr(getattr(pipeline.vae, "config", None), "scaling_factor", 1.0)
     losses = [[], [], []]
     with torch.no_grad():
-        for start in range(0, len(images), batch_size):
+        for start in range(0, count, batch_size):
             batch = images[start : start + batch_size] * 2 - 1
-            latents = pipeline.vae.encode(batch).latent_dist.mode() * scale
+            latents = vae.encode(batch).latent_dist.mode() * vae.config.scaling_factor
             noise = torch.randn(latents.shape, generator=generator)
             timesteps = all_timesteps[start : start + batch_size]
             alpha_bar = schedule.alpha_bar(timesteps, latents)

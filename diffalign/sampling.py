@@ -254,7 +254,9 @@ def ddim_step(
     if schedule.clip_sample_range is not None:
         x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
     std = eta * ddim_variance(alpha_t, alpha_prev) ** 0.5
-    mean = alpha_prev**0.5 * x0 + (1 - alpha_prev - std**2) ** 0.5 * eps
+    # At alpha_t = 0 (zero terminal SNR) with eta = 1, std^2 equals 1 - alpha_prev up to rounding,
+    # which could make the square root's argument slightly negative.
+    mean = alpha_prev**0.5 * x0 + (1 - alpha_prev - std**2).clamp(min=0) ** 0.5 * eps
     if eta == 0:
         if prev_sample is not None:
             raise ValueError("A deterministic step (eta=0) has no log-prob; use eta > 0.")

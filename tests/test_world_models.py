@@ -1,19 +1,24 @@
 """World pretraining, evaluation and the world command (fast settings; no retraining of assets)."""
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from diffalign.cli import main
+from diffalign.config import ConfigError
 from diffalign.models import build_tiny_vae
 from diffalign.world import evaluate
 from diffalign.world.pretrain import (
     WorldPretrainConfig,
     finetune_decoder,
     pretrain_world,
+    train_denoiser,
     train_vae,
+    training_timesteps,
+    world_scheduler,
 )
 
 
@@ -146,6 +151,88 @@ def test_pretrain_rejects_bad_settings(tmp_path):
     assert main(["world", "pretrain", "--out", str(tmp_path), "--set", "image_size=16"]) == 2
     assert main(["world", "pretrain", "--out", str(tmp_path), "--set", "unet_step=3"]) == 2
     assert main(["world", "pretrain", "--out", str(tmp_path), "--set", "unet_steps=0"]) == 2
+    for bad, problem in ((["zero_terminal_snr=true"], "prediction_type"),
+                         (["prediction_type=x0"], "prediction_type"),
+                         (["high_noise_share=1.5"], "high_noise_share")):  # fmt: skip
+        with pytest.raises(ConfigError, match=problem):
+            WorldPretrainConfig.from_dict({}, bad)
+
+
+class _ZeroLatentVAE:
+    """Encodes every image to zero latents, so the clean part of every target is 0."""
+
+    config = SimpleNamespace(scaling_factor=1.0)
+
+    def encode(self, images):
+        zeros = torch.zeros(len(images), 4, 16, 16)
+        return SimpleNamespace(latent_dist=SimpleNamespace(sample=lambda generator: zeros))
+
+
+class _ZeroOutput(torch.nn.Module):
+    """A trainable scale on its input that starts (and, at learning rate 0, stays) at 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, inputs, *_):
+        if inputs.dtype == torch.long:  # token ids in: text states out
+            return (torch.zeros(len(inputs), inputs.shape[1], 8) * self.scale,)
+        return SimpleNamespace(sample=inputs * self.scale)
+
+
+@pytest.mark.parametrize(
+    "prediction_type, zero_terminal_snr, expected",
+    [("epsilon", False, "one"), ("sample", False, "zero"), ("v_prediction", False, "alpha_bar"),
+     ("v_prediction", True, "alpha_bar")],
+)  # fmt: skip
+def test_denoiser_loss_regresses_on_the_prediction_type_target(
+    clip_tokenizer, prediction_type, zero_terminal_snr, expected
+):
+    # Latents are 0 and the UNet predicts 0, so the loss is the target's mean square: eps^2 ~ 1
+    # for epsilon, exactly 0 for sample, alpha_bar(t) eps^2 ~ mean alpha_bar over t for v.
+    config = WorldPretrainConfig(unet_steps=30, batch_size=64, learning_rate=0.0,
+                                 prediction_type=prediction_type,
+                                 zero_terminal_snr=zero_terminal_snr)  # fmt: skip
+    scheduler = world_scheduler(config)
+    record = train_denoiser(_ZeroOutput(), _ZeroOutput(), clip_tokenizer, _ZeroLatentVAE(),
+                            scheduler, config, quiet=True)  # fmt: skip
+    want = {"one": 1.0, "zero": 0.0, "alpha_bar": scheduler.alphas_cumprod.mean().item()}
+    assert abs(record["final_loss"] - want[expected]) < 0.03
+
+
+def test_high_noise_share_moves_that_share_of_timesteps_to_the_noisiest_fifth():
+    def draw(share):
+        return training_timesteps(20_000, 1000, share, torch.Generator().manual_seed(0))
+
+    uniform = torch.randint(0, 1000, (20_000,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(draw(0.0), uniform)  # no extra draws: earlier runs replay exactly
+    assert draw(1.0).min() >= 800 and draw(1.0).max() <= 999
+    # Half drawn from the top fifth, the other half uniform: 0.5 + 0.5 * 0.2 = 0.6 up there.
+    assert abs((draw(0.5) >= 800).float().mean().item() - 0.6) < 0.015
+
+
+def test_pretrain_for_v_prediction_at_zero_terminal_snr_keeps_that_schedule(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    config = WorldPretrainConfig(vae_steps=2, unet_steps=2, batch_size=4, vae_batch_size=4,
+                                 prediction_type="v_prediction",
+                                 zero_terminal_snr=True)  # fmt: skip
+    pretrain_world(config, tmp_path / "base", quiet=True)
+    pipeline = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
+    scheduler = pipeline.scheduler
+    assert scheduler.config.prediction_type == "v_prediction"
+    assert scheduler.config.timestep_spacing == "trailing" and scheduler.alphas_cumprod[-1] == 0
+    assert torch.isfinite(evaluate.generate(pipeline, ["a red circle"], 1, steps=2,
+                                            quiet=True)).all()  # fmt: skip
+    decoder_only = WorldPretrainConfig(unet_steps=0, decoder_steps=1, vae_batch_size=4,
+                                       init_from=str(tmp_path / "base"))  # fmt: skip
+    with pytest.raises(ConfigError, match="prediction_type=v_prediction zero_terminal_snr=True"):
+        pretrain_world(decoder_only, tmp_path / "new", quiet=True)
+    matching = replace(decoder_only, prediction_type="v_prediction", zero_terminal_snr=True)
+    pretrain_world(matching, tmp_path / "new", quiet=True)
+    kept = StableDiffusionPipeline.from_pretrained(tmp_path / "new").scheduler.config
+    assert kept == scheduler.config
 
 
 def test_tiny_clip_training_step_and_saved_format(tmp_path):

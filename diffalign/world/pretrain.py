@@ -1,8 +1,10 @@
 """Pretrain the tiny shapes-world text-to-image model: the VAE first, then text encoder + UNet.
 
 The result is a standard ``StableDiffusionPipeline`` folder (AutoencoderKL, CLIPTextModel with the
-real CLIP tokenizer, UNet2DConditionModel, DDIMScheduler, epsilon prediction), so it loads with the
-same code as Stable Diffusion. Data are drawn fresh every step from the world's training split.
+real CLIP tokenizer, UNet2DConditionModel, DDIMScheduler), so it loads with the same code as Stable
+Diffusion. The denoiser predicts epsilon under SD's schedule, or v under a zero-terminal-SNR
+schedule (``prediction_type`` / ``zero_terminal_snr``). Data are drawn fresh every step from the
+world's training split.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from tqdm.auto import tqdm
 
 from diffalign.config import BaseConfig, ConfigError
 from diffalign.ema import EMA
-from diffalign.sampling import NoiseSchedule, add_noise
+from diffalign.sampling import PREDICTION_TYPES, NoiseSchedule, add_noise, prediction_target
 from diffalign.world.render import generate_pairs
 
 
@@ -44,6 +46,24 @@ class WorldPretrainConfig(BaseConfig):
     batch_size: int = 32
     learning_rate: float = 5e-4
     warmup_steps: int = 200
+    prediction_type: str = field(
+        default="epsilon",
+        metadata={"help": "What the UNet predicts: epsilon (SD 1.x), v_prediction or sample."},
+    )
+    zero_terminal_snr: bool = field(
+        default=False,
+        metadata={
+            "help": "Rescale SD's betas so the last timestep is pure noise, and sample with "
+            "trailing timesteps (needs v_prediction or sample)."
+        },
+    )
+    high_noise_share: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of each batch whose timesteps are drawn from the noisiest 20% of the "
+            "schedule, where the layout (and so the relation) is decided; the rest are uniform."
+        },
+    )
     caption_dropout: float = field(default=0.1, metadata={"help": "Empty-caption rate, for CFG."})
     ema_decay: float = 0.999
     unet_channels: tuple[int, ...] = (40, 80, 80)
@@ -70,6 +90,18 @@ class WorldPretrainConfig(BaseConfig):
                 "unet_steps=0 keeps the denoiser of init_from; set init_from=FOLDER or give "
                 "unet_steps >= 1."
             )
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(
+                f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}."
+            )
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ConfigError(
+                "zero_terminal_snr=true needs prediction_type=v_prediction (or sample): at zero "
+                "SNR the noisy latent is the noise itself, so epsilon prediction carries no "
+                "information about the image."
+            )
+        if not 0 <= self.high_noise_share <= 1:
+            raise ConfigError(f"high_noise_share must be in [0, 1], got {self.high_noise_share}.")
         if not 0 <= self.caption_dropout < 1:
             raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}.")
 
@@ -187,8 +219,21 @@ def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
     return text_encoder(ids)[0]
 
 
+def training_timesteps(count: int, num_train_timesteps: int, high_noise_share: float,
+                       generator: torch.Generator) -> torch.Tensor:  # fmt: skip
+    """``count`` training timesteps: uniform, except that each is drawn from the noisiest 20% of
+    the schedule with probability ``high_noise_share``."""
+    timesteps = torch.randint(0, num_train_timesteps, (count,), generator=generator)
+    if not high_noise_share:  # draws nothing more, so earlier runs replay exactly
+        return timesteps
+    high = torch.randint(num_train_timesteps * 4 // 5, num_train_timesteps, (count,),
+                         generator=generator)  # fmt: skip
+    return torch.where(torch.rand(count, generator=generator) < high_noise_share, high, timesteps)
+
+
 def train_denoiser(unet, text_encoder, tokenizer, vae, scheduler, config, quiet=False) -> dict:
-    """Train text encoder and UNet jointly with the epsilon-prediction denoising loss."""
+    """Train text encoder and UNet jointly with the denoising loss of ``scheduler``'s schedule and
+    prediction type."""
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=1e-2)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -206,11 +251,13 @@ def train_denoiser(unet, text_encoder, tokenizer, vae, scheduler, config, quiet=
             latents = vae.encode(images * 2 - 1).latent_dist.sample(generator)
             latents = latents * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, schedule.num_train_timesteps, (len(latents),),
-                                  generator=generator)  # fmt: skip
-        noisy = add_noise(latents, noise, schedule.alpha_bar(timesteps, latents))
+        timesteps = training_timesteps(len(latents), schedule.num_train_timesteps,
+                                       config.high_noise_share, generator)  # fmt: skip
+        alpha_bar = schedule.alpha_bar(timesteps, latents)
+        target = prediction_target(latents, noise, alpha_bar, schedule.prediction_type)
         states = encode_text(tokenizer, text_encoder, captions)
-        loss = F.mse_loss(unet(noisy, timesteps, states).sample, noise)
+        prediction = unet(add_noise(latents, noise, alpha_bar), timesteps, states).sample
+        loss = F.mse_loss(prediction, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -222,6 +269,30 @@ def train_denoiser(unet, text_encoder, tokenizer, vae, scheduler, config, quiet=
     return {"final_loss": sum(losses[-100:]) / len(losses[-100:]), "loss_curve": losses[::50]}
 
 
+def world_scheduler(config: WorldPretrainConfig):
+    """The DDIM scheduler ``config`` trains the denoiser for: SD 1.x's, or its zero-terminal-SNR
+    rescaling with trailing timesteps (so sampling starts from the pure-noise step)."""
+    from diffalign.models import sd_ddim_scheduler
+
+    if config.zero_terminal_snr:
+        return sd_ddim_scheduler(
+            config.prediction_type, rescale_betas_zero_snr=True, timestep_spacing="trailing"
+        )
+    return sd_ddim_scheduler(config.prediction_type)
+
+
+def _check_kept_scheduler(scheduler, config: WorldPretrainConfig) -> None:
+    """With ``unet_steps=0`` the denoiser of ``init_from`` is kept, and so must its schedule be."""
+    kept = (scheduler.config.prediction_type, bool(scheduler.config.rescale_betas_zero_snr))
+    if kept != (config.prediction_type, config.zero_terminal_snr):
+        raise ConfigError(
+            f"unet_steps=0 keeps the denoiser of {config.init_from}, which was trained with "
+            f"prediction_type={kept[0]} zero_terminal_snr={kept[1]}; set those, or give "
+            f"unet_steps >= 1 to retrain it for prediction_type={config.prediction_type} "
+            f"zero_terminal_snr={config.zero_terminal_snr}."
+        )
+
+
 def pretrain_world(config: WorldPretrainConfig, out: Path, quiet: bool = False):
     """Run both stages and save the pipeline to ``out``; returns (pipeline, training record)."""
     from diffusers import StableDiffusionPipeline
@@ -231,12 +302,11 @@ def pretrain_world(config: WorldPretrainConfig, out: Path, quiet: bool = False):
         build_tiny_text_encoder,
         build_tiny_vae,
         save_clip_tokenizer,
-        sd_ddim_scheduler,
     )
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    tokenizer, scheduler = build_clip_tokenizer(), sd_ddim_scheduler()
+    tokenizer, scheduler = build_clip_tokenizer(), world_scheduler(config)
     start, history = time.time(), None
     if config.init_from:
         base = StableDiffusionPipeline.from_pretrained(config.init_from)
@@ -246,6 +316,9 @@ def pretrain_world(config: WorldPretrainConfig, out: Path, quiet: bool = False):
         base_record = Path(config.init_from) / "training.json"
         history = json.loads(base_record.read_text()) if base_record.is_file() else None
         vae_record = {"kept_from": config.init_from}
+        if not config.unet_steps:
+            _check_kept_scheduler(base.scheduler, config)
+            scheduler = base.scheduler
     else:
         torch.manual_seed(config.seed)
         vae = build_tiny_vae(config.seed, config.image_size)

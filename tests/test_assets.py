@@ -24,11 +24,12 @@ def test_tiny_shapes_loads_like_stable_diffusion():
     direct = StableDiffusionPipeline.from_pretrained(path)
     ours = load_pipeline(path)
     assert isinstance(ours, StableDiffusionPipeline) and isinstance(ours.scheduler, DDIMScheduler)
-    assert ours.scheduler.config.prediction_type == "epsilon"
+    assert ours.scheduler.config.prediction_type == "v_prediction"
+    assert ours.scheduler.config.rescale_betas_zero_snr
     assert ours.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     for a, b in zip(direct.unet.parameters(), ours.unet.parameters(), strict=True):
         assert torch.equal(a, b)
-    assert recorded_guidance_scale(path) == 3.5  # chosen on the validation split (model card)
+    assert recorded_guidance_scale(path) == 4.5  # chosen on the validation split (model card)
 
 
 def test_tiny_shapes_draws_single_objects_well():

@@ -17,7 +17,7 @@ from diffalign.train.advantages import prompt_groups
 from diffalign.train.awm import AWMTrainer, stratified_timesteps
 from diffalign.train.config import AWMConfig, DDPOConfig
 from diffalign.train.ddpo import DDPOTrainer
-from diffalign.world import shipped_model_path
+from diffalign.world import recorded_guidance_scale, shipped_model_path
 
 from .conftest import requires_cuda
 
@@ -45,6 +45,7 @@ def test_train_command_on_the_shipped_tiny_model_writes_a_loadable_run(method, t
     assert sorted(p.name for p in (tmp_path / "samples").glob("*.png"))[0] == "step-000000.png"
     pipeline = load_pipeline(tmp_path / "final")
     assert type(pipeline).__name__ == "StableDiffusionPipeline"
+    assert recorded_guidance_scale(tmp_path / "final") == 4.5  # the recipe's, not the default 3
     assert "final pipeline" in capsys.readouterr().out
 
 

@@ -407,8 +407,19 @@ class Trainer:
                 save_lora(plain, self.out / "lora")
                 merge_lora(unet)
             plain.save_pretrained(final)
+            self._record_sampling(final)
             rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
             plot_reward_curve(rows, self.out / "reward_curve.png",
                               title=f"{self.method}: {self.config.reward}")  # fmt: skip
         self.accelerator.wait_for_everyone()
         return final
+
+    def _record_sampling(self, final: Path) -> None:
+        """Write ``final/training.json`` with the run's config and the sampling settings it
+        trained and evaluated with, so that ``world eval`` / ``sample`` default to them as they
+        do for the shipped models."""
+        sampling = {"guidance_scale": self.config.guidance_scale,
+                    "num_inference_steps": self.config.num_inference_steps,
+                    "chosen_on": f"the {self.method} run that trained this model"}  # fmt: skip
+        record = {"config": self.config.to_dict(), "sampling": sampling}
+        (final / "training.json").write_text(json.dumps(record, indent=1))

@@ -27,7 +27,8 @@ from diffalign.world.render import generate_pairs
 
 @dataclass
 class WorldPretrainConfig(BaseConfig):
-    """Settings of ``diffalign world pretrain`` (defaults made the shipped model)."""
+    """Settings of ``diffalign world pretrain`` (the defaults began the shipped model; its card
+    lists the runs and overrides that continued it)."""
 
     seed: int = field(default=0, metadata={"help": "Seed of weights, data and noise."})
     image_size: int = field(default=32, metadata={"help": "Image side in pixels."})

@@ -100,9 +100,12 @@ def save_clip_tokenizer(tokenizer, folder: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------- tiny components
 
 
-def sd_ddim_scheduler(prediction_type: str = "epsilon", **overrides: Any):
+def sd_ddim_scheduler(
+    prediction_type: str = "epsilon", zero_terminal_snr: bool = False, **overrides: Any
+):
     """A DDIM scheduler configured exactly like Stable Diffusion 1.x's (``overrides`` replace
-    any of its settings)."""
+    any of its settings). ``zero_terminal_snr`` rescales its betas so that the last timestep is
+    pure noise and samples with trailing timesteps, so that sampling starts there."""
     from diffusers import DDIMScheduler
 
     settings = {
@@ -114,6 +117,8 @@ def sd_ddim_scheduler(prediction_type: str = "epsilon", **overrides: Any):
         "steps_offset": 1,
         "prediction_type": prediction_type,
     }
+    if zero_terminal_snr:
+        settings.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     return DDIMScheduler(**{**settings, **overrides})
 
 

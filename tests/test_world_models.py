@@ -9,7 +9,7 @@ import torch
 
 from diffalign.cli import main
 from diffalign.config import ConfigError
-from diffalign.models import build_tiny_vae
+from diffalign.models import build_tiny_vae, sd_ddim_scheduler
 from diffalign.world import evaluate
 from diffalign.world.pretrain import (
     WorldPretrainConfig,
@@ -18,7 +18,6 @@ from diffalign.world.pretrain import (
     train_denoiser,
     train_vae,
     training_timesteps,
-    world_scheduler,
 )
 
 
@@ -194,7 +193,7 @@ def test_denoiser_loss_regresses_on_the_prediction_type_target(
     config = WorldPretrainConfig(unet_steps=30, batch_size=64, learning_rate=0.0,
                                  prediction_type=prediction_type,
                                  zero_terminal_snr=zero_terminal_snr)  # fmt: skip
-    scheduler = world_scheduler(config)
+    scheduler = sd_ddim_scheduler(prediction_type, zero_terminal_snr)
     record = train_denoiser(_ZeroOutput(), _ZeroOutput(), clip_tokenizer, _ZeroLatentVAE(),
                             scheduler, config, quiet=True)  # fmt: skip
     want = {"one": 1.0, "zero": 0.0, "alpha_bar": scheduler.alphas_cumprod.mean().item()}
@@ -338,8 +337,6 @@ class _LeftWordDenoiser:
     the number of "left" tokens in the caption, whatever the noisy input."""
 
     def __init__(self, tokenizer):
-        from diffalign.models import sd_ddim_scheduler
-
         left = tokenizer("left").input_ids[1]
         self.tokenizer, self.scheduler, self.vae = tokenizer, sd_ddim_scheduler(), _IdentityVAE()
         self.text_encoder = lambda ids: ((ids == left).float().unsqueeze(-1),)

@@ -5,8 +5,9 @@ The shipped world model (v2) starts every chain at pure noise; nothing may divid
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 
+from diffalign.models import sd_ddim_scheduler
 from diffalign.pipelines.dts import SEARCH_SAMPLERS, DTSPipeline
 from diffalign.pipelines.rollout import RolloutPipeline
 from diffalign.sampling import NoiseSchedule, ddim_step_log_prob
@@ -15,10 +16,7 @@ PROMPTS = ["a red circle", "a blue square above a green triangle"]
 
 
 def zero_snr_components(pipeline) -> dict:
-    scheduler = DDIMScheduler.from_config(
-        pipeline.scheduler.config, prediction_type="v_prediction", rescale_betas_zero_snr=True,
-        timestep_spacing="trailing",
-    )  # fmt: skip
+    scheduler = sd_ddim_scheduler("v_prediction", zero_terminal_snr=True)
     assert scheduler.alphas_cumprod[-1] == 0
     return {**pipeline.components, "scheduler": scheduler}
 

@@ -30,7 +30,7 @@ def recorded_guidance_scale(path: str | Path, default: float = 3.0) -> float:
     if not record.is_file():
         return default
     data = json.loads(record.read_text())
-    return float(data.get("sampling", {}).get("guidance_scale", data["config"]["guidance_scale"]))
+    return float((data.get("sampling") or data["config"])["guidance_scale"])
 
 
 def model_guidance_scale(model: str, default: float = 3.0) -> float:

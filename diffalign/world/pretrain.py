@@ -270,18 +270,6 @@ def train_denoiser(unet, text_encoder, tokenizer, vae, scheduler, config, quiet=
     return {"final_loss": sum(losses[-100:]) / len(losses[-100:]), "loss_curve": losses[::50]}
 
 
-def world_scheduler(config: WorldPretrainConfig):
-    """The DDIM scheduler ``config`` trains the denoiser for: SD 1.x's, or its zero-terminal-SNR
-    rescaling with trailing timesteps (so sampling starts from the pure-noise step)."""
-    from diffalign.models import sd_ddim_scheduler
-
-    if config.zero_terminal_snr:
-        return sd_ddim_scheduler(
-            config.prediction_type, rescale_betas_zero_snr=True, timestep_spacing="trailing"
-        )
-    return sd_ddim_scheduler(config.prediction_type)
-
-
 def _check_kept_scheduler(scheduler, config: WorldPretrainConfig) -> None:
     """With ``unet_steps=0`` the denoiser of ``init_from`` is kept, and so must its schedule be."""
     kept = (scheduler.config.prediction_type, bool(scheduler.config.rescale_betas_zero_snr))
@@ -303,11 +291,13 @@ def pretrain_world(config: WorldPretrainConfig, out: Path, quiet: bool = False):
         build_tiny_text_encoder,
         build_tiny_vae,
         save_clip_tokenizer,
+        sd_ddim_scheduler,
     )
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    tokenizer, scheduler = build_clip_tokenizer(), world_scheduler(config)
+    tokenizer = build_clip_tokenizer()
+    scheduler = sd_ddim_scheduler(config.prediction_type, config.zero_terminal_snr)
     start, history = time.time(), None
     if config.init_from:
         base = StableDiffusionPipeline.from_pretrained(config.init_from)

@@ -116,6 +116,17 @@ def test_training_changes_the_weights_and_stratifies_timesteps(tmp_path):
     steps = stratified_timesteps(1000, 4, 800, torch.Generator().manual_seed(0))
     for k in range(4):
         assert steps[:, k].min() >= 200 * k and steps[:, k].max() < 200 * (k + 1)
+    window = stratified_timesteps(1000, 4, 1000, torch.Generator().manual_seed(0), lower=600)
+    for k in range(4):
+        assert window[:, k].min() >= 600 + 100 * k and window[:, k].max() < 700 + 100 * k
+
+
+def test_awm_trains_only_inside_its_timestep_window(tmp_path):
+    config = AWMConfig(max_steps=1, min_timestep_fraction=0.5, timestep_fraction=0.75, **SMALL)
+    trainer = _trainer(AWMTrainer, config, tmp_path)
+    timesteps, noise = trainer.noise_plan(trainer.sample_round(0).rollout, 0, torch.Generator())
+    assert timesteps.min() >= 500 and timesteps.max() < 750
+    assert noise.shape[:2] == timesteps.shape
 
 
 @pytest.fixture()
@@ -183,6 +194,8 @@ def test_bad_configs_fail_with_the_fix(tmp_path):
         DDPOConfig(eta=0.0)
     with pytest.raises(ValueError, match="prompts_per_step"):
         AWMConfig(prompts_per_step=0)
+    with pytest.raises(ValueError, match="min_timestep_fraction must be in"):
+        AWMConfig(min_timestep_fraction=0.9, timestep_fraction=0.9)
     assert main(["train", "awm", "--recipe", "tiny-shapes", "--set", "prompts=nope.txt",
                  "--out", str(tmp_path)]) == 2  # fmt: skip
 

@@ -1,12 +1,12 @@
 """AWM: advantage-weighted matching (Xue et al. 2025).
 
 The policy's own final latents are the data. For each sample, ``num_train_timesteps`` noise levels
-are drawn stratified over ``[0, timestep_fraction * T)`` with fresh noise, and the pretraining
-denoising loss (epsilon or v target for Stable-Diffusion UNets) is weighted by the sample's
-group-relative advantage (:func:`~diffalign.train.losses.awm_loss`), plus ``beta_kl`` times the
-squared distance to the reference network (LoRA disabled; a frozen copy when fine-tuning fully)
-and ``beta_ema`` times the distance to a slow EMA of the trained weights. Rollouts need no
-log-probs, so any ``eta`` works (default 0, the deterministic DDIM sampler).
+are drawn stratified over ``[min_timestep_fraction * T, timestep_fraction * T)`` with fresh noise,
+and the pretraining denoising loss (epsilon or v target for Stable-Diffusion UNets) is weighted
+by the sample's group-relative advantage (:func:`~diffalign.train.losses.awm_loss`), plus
+``beta_kl`` times the squared distance to the reference network (LoRA disabled; a frozen copy
+when fine-tuning fully) and ``beta_ema`` times the distance to a slow EMA of the trained weights.
+Rollouts need no log-probs, so any ``eta`` works (default 0, the deterministic DDIM sampler).
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from diffalign.train.losses import awm_loss
 from diffalign.train.trainer import RoundBatch, Trainer, derive_seed, mean_diagnostics
 
 
-def stratified_timesteps(count: int, strata: int, upper: int, generator) -> Tensor:
+def stratified_timesteps(count: int, strata: int, upper: int, generator, lower: int = 0) -> Tensor:
     """(count, strata) integer timesteps: one uniform draw in each of ``strata`` equal bins of
-    ``[0, upper)`` per sample."""
-    edges = torch.linspace(0, upper, strata + 1)
+    ``[lower, upper)`` per sample."""
+    edges = torch.linspace(lower, upper, strata + 1)
     low, width = edges[:-1], edges[1:] - edges[:-1]
     draws = low + torch.rand(count, strata, generator=generator) * width
-    return draws.long().clamp(0, upper - 1)
+    return draws.long().clamp(lower, upper - 1)
 
 
 class AWMTrainer(Trainer):
@@ -97,16 +97,18 @@ class AWMTrainer(Trainer):
         a group, so the part of the gradient that depends only on the noise cancels.
         """
         config = self.config
-        upper = max(1, int(self.schedule.num_train_timesteps * config.timestep_fraction))
+        total = self.schedule.num_train_timesteps
+        upper = max(1, int(total * config.timestep_fraction))
+        lower = min(int(total * config.min_timestep_fraction), upper - 1)
         strata, shape = config.num_train_timesteps, rollout.latents.shape[2:]
         if not config.shared_noise:
-            timesteps = stratified_timesteps(len(rollout), strata, upper, generator)
+            timesteps = stratified_timesteps(len(rollout), strata, upper, generator, lower)
             return timesteps, torch.randn((len(rollout), strata, *shape), generator=generator)
         timesteps = torch.empty(len(rollout), strata, dtype=torch.long)
         noise = torch.empty(len(rollout), strata, *shape)
         for prompt, index in prompt_groups(rollout.prompts).items():
             shared = torch.Generator().manual_seed(derive_seed(config.seed, step, "awm", prompt))
-            timesteps[index] = stratified_timesteps(1, strata, upper, shared)
+            timesteps[index] = stratified_timesteps(1, strata, upper, shared, lower)
             noise[index] = torch.randn((1, strata, *shape), generator=shared)
         return timesteps, noise
 

@@ -123,7 +123,11 @@ class AWMConfig(TrainConfig):
 
     num_train_timesteps: int = field(default=6, metadata={"help": "noise levels per sample"})
     timestep_fraction: float = field(
-        default=0.9, metadata={"help": "train t in [0, fraction * T), stratified"}
+        default=0.9, metadata={"help": "train t below fraction * T, stratified"}
+    )
+    min_timestep_fraction: float = field(
+        default=0.0,
+        metadata={"help": "train t >= this share of T (0.5: the half that sets the layout)"},
     )
     beta_kl: float = field(default=1e-4, metadata={"help": "KL to the adapter-disabled model"})
     beta_ema: float = field(default=0.0, metadata={"help": "KL to a slow EMA of the weights"})
@@ -140,5 +144,10 @@ class AWMConfig(TrainConfig):
         super().validate()
         if self.num_train_timesteps < 1 or not 0 < self.timestep_fraction <= 1:
             raise ConfigError("num_train_timesteps must be >= 1, timestep_fraction in (0, 1].")
+        if not 0 <= self.min_timestep_fraction < self.timestep_fraction:
+            raise ConfigError(
+                f"min_timestep_fraction must be in [0, timestep_fraction = "
+                f"{self.timestep_fraction}), got {self.min_timestep_fraction}."
+            )
         if self.weighting not in ("uniform", "ghuber"):
             raise ConfigError("weighting must be 'uniform' or 'ghuber'.")

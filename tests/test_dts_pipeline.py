@@ -118,6 +118,30 @@ def test_bench_dts_writes_the_ratio_the_curves_and_the_plot(tmp_path):
     assert (tmp_path / "reward_vs_nfe.png").is_file()
 
 
+def test_bench_dts_passes_the_tree_settings_and_can_skip_the_curves(tmp_path, monkeypatch):
+    import diffalign.pipelines.dts as dts_module
+
+    seen, original = [], dts_module.run_search
+
+    def recording_search(chain, options, *args):
+        seen.append(options)
+        return original(chain, options, *args)
+
+    monkeypatch.setattr(dts_module, "run_search", recording_search)
+    args = ["bench", "dts", "--num-prompts", "1", "--steps", "3", "--n", "4", "--no-curves",
+            "--exploration", "0.25", "--widening-alpha", "0.7", "--quiet",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads((tmp_path / "metrics.json").read_text())["results"]
+    assert set(results["curves"]) == {"best-of-n", "dts-star"}
+    assert results["settings"]["exploration"] == 0.25 and not results["settings"]["curves"]
+    assert [o.sampler for o in seen] == ["best-of-n", "dts-star"]
+    tree = seen[1].tree_settings()
+    assert (tree.mode, tree.exploration, tree.widening_alpha) == ("search", 0.25, 0.7)
+    with pytest.raises(SystemExit, match="widening"):
+        main([*args[:-2], "--widening-alpha", "2", "--out", str(tmp_path)])
+
+
 def test_bench_dts_speed_only_times_both_samplers_on_their_unet_batches(tmp_path):
     args = ["bench", "dts", "--speed-only", "--steps", "3", "--n", "4", "--batch-size", "2",
             "--guidance-scale", "2", "--out", str(tmp_path)]  # fmt: skip

@@ -7,7 +7,8 @@ steps x UNet rows per sample):
 - best-of-N and DTS* are anytime: one run of ``n`` chain-equivalents gives the best reward found
   within every smaller budget (``SearchStats.best_within``);
 - SMC and DTS are not: they run once per budget in ``budgets``; the reward of the image each
-  returns is recorded.
+  returns is recorded. ``curves=False`` leaves them out (the ratio needs only the anytime two, at
+  about a third of the compute), e.g. to choose the tree's settings on validation prompts.
 
 ``nfe_ratio_dts_star_vs_best_of_n`` is best-of-N's budget at N = ``n`` divided by the smallest
 budget at which DTS*'s mean best reward over the prompts reaches best-of-N's (None when DTS*
@@ -19,9 +20,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from diffalign.pipelines.tree import TreeSettings
 
 ANYTIME = ("best-of-n", "dts-star")
 PER_BUDGET = ("smc", "dts")
@@ -51,27 +56,39 @@ def run_dts_benchmark(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
+    tree: TreeSettings | None = None,
+    curves: bool = True,
 ) -> dict:
-    """Run every sampler on every prompt; curves, the NFE ratio and speeds (see module doc)."""
+    """Run every sampler on every prompt; curves, the NFE ratio and speeds (see module doc).
+
+    ``tree`` sets DTS's and DTS*'s knobs (exploration, widening, expansion; default
+    ``TreeSettings(rollouts_per_batch=batch_size)``); ``curves=False`` runs best-of-N and DTS*
+    only.
+    """
     from diffalign.pipelines.chain import PipelineChain
     from diffalign.pipelines.dts import SearchOptions
 
+    per_budget_samplers = PER_BUDGET if curves else ()
     anytime = {name: [] for name in ANYTIME}
-    per_budget = {name: [] for name in PER_BUDGET}
-    timing = {name: [0.0, 0] for name in ANYTIME + PER_BUDGET}  # seconds, NFEs
+    per_budget = {name: [] for name in per_budget_samplers}
+    timing = {name: [0.0, 0] for name in ANYTIME + per_budget_samplers}  # seconds, NFEs
+
+    def options(sampler: str, budget: int) -> SearchOptions:
+        return SearchOptions(sampler, budget, inverse_temperature, tree=tree,
+                             batch_size=batch_size)  # fmt: skip
+
     for index, prompt in enumerate(tqdm(prompts, desc="bench dts", disable=not progress)):
         chain = PipelineChain(pipeline, prompt, reward, steps, guidance_scale, eta=1.0)
         full = chain.step_cost(chain.num_steps)
         for sampler in ANYTIME:
-            options = SearchOptions(sampler, n * full, inverse_temperature, batch_size=batch_size)
-            stats = _timed_search(chain, options, seed + index, timing[sampler]).stats
+            stats = _timed_search(chain, options(sampler, n * full), seed + index,
+                                  timing[sampler]).stats  # fmt: skip
             anytime[sampler].append([stats.best_within(b * full) for b in range(1, n + 1)])
-        for sampler in PER_BUDGET:
+        for sampler in per_budget_samplers:
             rewards = []
             for b in budgets:
-                options = SearchOptions(sampler, b * full, inverse_temperature,
-                                        batch_size=batch_size)  # fmt: skip
-                result = _timed_search(chain, options, seed + index, timing[sampler])
+                result = _timed_search(chain, options(sampler, b * full), seed + index,
+                                       timing[sampler])  # fmt: skip
                 rewards.append(result.rewards[0].item())
             per_budget[sampler].append(rewards)
     seconds = {name: t[0] for name, t in timing.items()}
@@ -101,6 +118,7 @@ def _summarise(anytime, per_budget, seconds, nfe, n, budgets, full, num_prompts)
         "dts_star_nfe_to_match": None if needed is None else needed * full,
         "dts_star_reward_at_same_nfe": curves["dts-star"][n - 1],
         "nfe_per_chain": full,
+        "budget_nfe": [b * full for b in budgets],
         "num_prompts": num_prompts,
         "curves": {
             name: {"nfe": [b * full for b in range(1, n + 1)], "mean_reward": curve}
@@ -134,12 +152,13 @@ def format_table(results: dict) -> str:
         + (f"{results['dts_star_nfe_to_match']} (ratio {ratio:.2f}x)" if ratio else "not reached"),
         f"tree bookkeeping overhead (NFE/s vs best-of-N): {results['tree_overhead']:+.1%}",
         "",
-        f"{'sampler':10s} " + " ".join(f"{nfe:>7d}" for nfe in results["curves"]["dts"]["nfe"]),
+        f"{'sampler':10s} " + " ".join(f"{nfe:>7d}" for nfe in results["budget_nfe"]),
     ]
-    budgets = results["curves"]["dts"]["nfe"]
+    budgets = results["budget_nfe"]
     for name, curve in results["curves"].items():
         by_nfe = dict(zip(curve["nfe"], curve["mean_reward"], strict=True))
-        lines.append(f"{name:10s} " + " ".join(f"{by_nfe[b]:7.3f}" for b in budgets))
+        cells = (f"{by_nfe[b]:7.3f}" if b in by_nfe else f"{'-':>7s}" for b in budgets)
+        lines.append(f"{name:10s} " + " ".join(cells))  # anytime curves stop at best-of-N's n
     return "\n".join(lines)
 
 

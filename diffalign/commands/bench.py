@@ -171,6 +171,18 @@ def _add_dts(subparsers) -> None:
                         help="SMC and DTS budgets in chain-equivalents")  # fmt: skip
     parser.add_argument("--inverse-temperature", type=float, default=10.0, help="lambda")
     parser.add_argument("--batch-size", type=int, default=8, help="rollouts per UNet batch")
+    tree = parser.add_argument_group("tree settings (DTS and DTS*; choose them on --split "
+                                     "validation, report held-out)")  # fmt: skip
+    tree.add_argument("--exploration", type=float, default=1.0, help="DTS*'s UCT constant")
+    tree.add_argument("--widening-c", type=float, default=1.0,
+                      help="children allowed: ceil(c * visits ** alpha)")  # fmt: skip
+    tree.add_argument("--widening-alpha", type=float, default=0.5)
+    tree.add_argument("--expansion", choices=("shallowest", "random"), default=None,
+                      help="node to grow on the path (default: random for DTS*, shallowest "
+                           "for DTS)")  # fmt: skip
+    parser.add_argument("--no-curves", action="store_true",
+                        help="best-of-N and DTS* only (the ratio), no SMC / DTS curves: about "
+                             "a third of the time")  # fmt: skip
     parser.add_argument("--speed-only", action="store_true",
                         help="NFE/s of DTS* vs best-of-N only, unscored")  # fmt: skip
     parser.add_argument("--resolution", type=int, default=None,
@@ -256,16 +268,26 @@ def _chain_setup(args: argparse.Namespace):
 def _run_dts(args: argparse.Namespace) -> int:
     from diffalign.benchmarks import dts
     from diffalign.benchmarks.rollout import SD15_RANDOM
+    from diffalign.pipelines.tree import TreeSettings
 
     quiet_libraries()
     budgets = tuple(int(b) for b in args.budgets.split(",") if b.strip())
     if args.n < 1 or not budgets or min(budgets) < 1:
         raise SystemExit("error: --n and every --budgets entry must be positive integers.")
+    try:
+        tree = TreeSettings(exploration=args.exploration, widening_c=args.widening_c,
+                            widening_alpha=args.widening_alpha, expansion=args.expansion,
+                            rollouts_per_batch=args.batch_size)  # fmt: skip
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     device, dtype, pipeline, guidance, prompts = _chain_setup(args)
     settings = {"model": args.model, "reward": args.reward, "split": args.split,
                 "steps": args.steps,
                 "guidance_scale": guidance, "n": args.n, "budgets_in_chains": list(budgets),
                 "inverse_temperature": args.inverse_temperature, "batch_size": args.batch_size,
+                "exploration": args.exploration, "widening_c": args.widening_c,
+                "widening_alpha": args.widening_alpha, "expansion": args.expansion,
+                "curves": not args.no_curves,
                 "dtype": str(dtype).removeprefix("torch."), "seed": args.seed,
                 "resolution": args.resolution}  # fmt: skip
     if args.speed_only:
@@ -281,7 +303,8 @@ def _run_dts(args: argparse.Namespace) -> int:
     reward = load_reward(args.reward).to(device)
     results = dts.run_dts_benchmark(
         pipeline, reward, prompts, args.steps, guidance, args.n, budgets,
-        args.inverse_temperature, args.batch_size, args.seed, not args.quiet,
+        args.inverse_temperature, args.batch_size, args.seed, not args.quiet, tree,
+        not args.no_curves,
     )  # fmt: skip
     results["settings"] = settings
     results["prompts"] = prompts

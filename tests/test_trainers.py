@@ -129,6 +129,49 @@ def test_awm_trains_only_inside_its_timestep_window(tmp_path):
     assert noise.shape[:2] == timesteps.shape
 
 
+def test_awm_train_cfg_matches_the_guided_prediction_the_rollouts_used(tmp_path):
+    from diffalign.sampling import add_noise, prediction_target
+    from diffalign.train.losses import awm_loss
+
+    trainer = _trainer(AWMTrainer, AWMConfig(max_steps=1, beta_kl=0.0, train_cfg=True, **SMALL),
+                       tmp_path)  # fmt: skip
+    rollout = trainer.sample_round(0).rollout
+    x0, embeds, negative = (rollout.latents[:2, -1], rollout.prompt_embeds[:2],
+                            rollout.negative_prompt_embeds[:2])  # fmt: skip
+    timesteps, noise = torch.tensor([300, 800]), torch.randn_like(x0)
+    advantages = torch.tensor([1.0, -1.0])
+    alpha_bar = trainer.schedule.alpha_bar(timesteps, x0)
+    noisy = add_noise(x0, noise, alpha_bar)
+    with torch.no_grad():
+        uncond = trainer.unet(noisy, timesteps, encoder_hidden_states=negative).sample
+        cond = trainer.unet(noisy, timesteps, encoder_hidden_states=embeds).sample
+    target = prediction_target(x0, noise, alpha_bar, trainer.schedule.prediction_type)
+    fraction = timesteps.float() / 1000
+
+    def expected(prediction):
+        return awm_loss(prediction, target, advantages, fraction).diagnostics["mse"]
+
+    guided = trainer.sample_loss(x0, embeds, advantages, timesteps, noise, negative, 3.0)
+    plain = trainer.sample_loss(x0, embeds, advantages, timesteps, noise)
+    assert guided.diagnostics["mse"] == pytest.approx(expected(uncond + 3.0 * (cond - uncond)))
+    assert plain.diagnostics["mse"] == pytest.approx(expected(cond))
+    assert guided.diagnostics["mse"] != pytest.approx(plain.diagnostics["mse"])
+    calls, original = [], trainer.sample_loss
+
+    def recording_loss(*args):
+        calls.append((args[5], args[6]))
+        return original(*args)
+
+    trainer.sample_loss = recording_loss
+    batch = trainer.sample_round(0)
+    trainer.train_on(batch, 0)
+    assert calls and all(n is not None and scale == SMALL["guidance_scale"] for n, scale in calls)
+    trainer.config.train_cfg = False
+    calls.clear()
+    trainer.train_on(batch, 0)
+    assert calls and all(n is None for n, _ in calls)
+
+
 @pytest.fixture()
 def fresh_accelerate_state():
     """accelerate fixes the mixed precision once per process: reset it around a test."""

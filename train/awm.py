@@ -19,6 +19,7 @@ from torch import Tensor
 
 from diffalign.ema import EMA
 from diffalign.models import adapters_disabled
+from diffalign.pipelines.rollout import guided_noise_prediction
 from diffalign.sampling import add_noise, prediction_target
 from diffalign.train.advantages import group_advantages, prompt_groups
 from diffalign.train.config import AWMConfig
@@ -64,25 +65,33 @@ class AWMTrainer(Trainer):
         return adapters_disabled(self.unet)
 
     def sample_loss(self, x0: Tensor, embeds: Tensor, advantages: Tensor, timesteps: Tensor,
-                    noise: Tensor):  # fmt: skip
-        """AWM loss of clean latents ``x0`` noised with ``noise`` to ``timesteps`` (one each)."""
+                    noise: Tensor, negative: Tensor | None = None,
+                    guidance_scale: float = 1.0):  # fmt: skip
+        """AWM loss of clean latents ``x0`` noised with ``noise`` to ``timesteps`` (one each).
+
+        With ``negative`` embeddings every prediction (policy, reference, EMA) is the guided one,
+        ``uncond + guidance_scale * (cond - uncond)``: the network that sampled the rollouts.
+        """
         config = self.config
         noise = noise.to(x0.device, x0.dtype)
         alpha_bar = self.schedule.alpha_bar(timesteps, x0)
         noisy = add_noise(x0, noise, alpha_bar)
         target = prediction_target(x0, noise, alpha_bar, self.schedule.prediction_type)
+
+        def predict(unet) -> Tensor:
+            return guided_noise_prediction(unet, noisy, timesteps, embeds, negative,
+                                           guidance_scale)  # fmt: skip
+
         reference = ema_prediction = None
         with torch.no_grad(), self.accelerator.autocast():  # before the policy's forward: the
             if config.beta_kl > 0:  # EMA swap writes the weights in place
                 with self._reference() as unet:
-                    reference = unet(noisy, timesteps, encoder_hidden_states=embeds).sample
+                    reference = predict(unet)
             if self.kl_ema is not None:
                 with self.kl_ema.swapped():
-                    ema_prediction = self.unet(
-                        noisy, timesteps, encoder_hidden_states=embeds
-                    ).sample
+                    ema_prediction = predict(self.unet)
         with self.accelerator.autocast():
-            prediction = self.model(noisy, timesteps, encoder_hidden_states=embeds).sample
+            prediction = predict(self.model)
         fraction = timesteps.float() / self.schedule.num_train_timesteps
         return awm_loss(
             prediction.float(), target.float(), advantages, fraction, reference, ema_prediction,
@@ -116,6 +125,7 @@ class AWMTrainer(Trainer):
         config, rollout = self.config, batch.rollout
         generator = torch.Generator().manual_seed(derive_seed(config.seed, step, self.rank, "awm"))
         x0 = rollout.latents[:, -1]
+        negative = rollout.negative_prompt_embeds if config.train_cfg else None
         strata = config.num_train_timesteps
         timesteps, noise = self.noise_plan(rollout, step, generator)
         diagnostics = []
@@ -123,10 +133,11 @@ class AWMTrainer(Trainer):
             parts = len(group) * strata
             for position, index in enumerate(group):
                 for k in range(strata):
-                    out = self.sample_loss(x0[index], rollout.prompt_embeds[index],
-                                           batch.advantages[index],
-                                           timesteps[index, k].to(x0.device),
-                                           noise[index, k])  # fmt: skip
+                    out = self.sample_loss(
+                        x0[index], rollout.prompt_embeds[index], batch.advantages[index],
+                        timesteps[index, k].to(x0.device), noise[index, k],
+                        None if negative is None else negative[index], rollout.guidance_scale,
+                    )  # fmt: skip
                     last = position == len(group) - 1 and k == strata - 1
                     self.backward(out.loss / parts, sync=last)
                     diagnostics.append({"loss": out.loss.item(), **out.diagnostics})

@@ -138,6 +138,10 @@ class AWMConfig(TrainConfig):
     shared_noise: bool = field(
         default=False, metadata={"help": "one noise and timestep draw per prompt group"}
     )
+    train_cfg: bool = field(
+        default=False,
+        metadata={"help": "match with the guided prediction the rollouts used (CFG > 1)"},
+    )
     eta: float = 0.0
 
     def validate(self) -> None:

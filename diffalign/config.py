@@ -22,6 +22,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from diffalign.files import atomic_write_text
+
 ConfigT = TypeVar("ConfigT", bound="BaseConfig")
 _NONE_WORDS = {"none", "null", "~"}
 
@@ -229,7 +231,7 @@ class BaseConfig:
         """The config as YAML text; also written to ``path`` when given."""
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
-            Path(path).write_text(text)
+            atomic_write_text(path, text)
         return text
 
     @classmethod

@@ -96,6 +96,8 @@ def test_resumed_runs_match_uninterrupted_ones(cls, config_cls, extra, tmp_path,
     straight = _trainer(cls, config_cls(max_steps=3, **SMALL, **extra), tmp_path / "straight")
     straight.train()
     _trainer(cls, config_cls(max_steps=1, **SMALL, **extra), tmp_path / "split").train()
+    with (tmp_path / "split" / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 2, "reward_me')  # a crash in the middle of logging round 2
     resumed = _trainer(cls, config_cls(max_steps=3, **SMALL, **extra), tmp_path / "split")
     resumed.train(resume=True)
     for name, value in _weights(straight).items():

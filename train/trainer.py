@@ -24,6 +24,7 @@ from torch import Tensor
 
 from diffalign.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from diffalign.ema import EMA
+from diffalign.files import atomic_write_text
 from diffalign.pipelines.rollout import Rollout, RolloutPipeline
 from diffalign.rewards import AsyncRewardScorer, Reward, load_reward
 from diffalign.sampling import NoiseSchedule
@@ -58,6 +59,15 @@ class RoundBatch:
     rewards: Tensor
     advantages: Tensor
     all_rewards: Tensor
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of one ``metrics.jsonl`` line; None for a blank line or one cut short by a crash
+    in the middle of its write (resume drops it: the round is run again)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
 
 
 def mean_diagnostics(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -331,9 +341,10 @@ class Trainer:
             return False
         self.load_state(load_checkpoint(latest).states)
         if self.accelerator.is_main_process and self.metrics_path.exists():
-            kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= self.step]  # fmt: skip
-            self.metrics_path.write_text("".join(f"{line}\n" for line in kept))
+            lines = self.metrics_path.read_text().splitlines()
+            logged = [(line, _logged_step(line)) for line in lines]
+            kept = [line for line, step in logged if step is not None and step <= self.step]
+            atomic_write_text(self.metrics_path, "".join(f"{line}\n" for line in kept))
         return True
 
     @property
@@ -422,4 +433,4 @@ class Trainer:
                     "num_inference_steps": self.config.num_inference_steps,
                     "chosen_on": f"the {self.method} run that trained this model"}  # fmt: skip
         record = {"config": self.config.to_dict(), "sampling": sampling}
-        (final / "training.json").write_text(json.dumps(record, indent=1))
+        atomic_write_text(final / "training.json", json.dumps(record, indent=1))

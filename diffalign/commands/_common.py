@@ -12,6 +12,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from diffalign.files import atomic_write_text
+
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 _VERSIONED = ("torch", "diffusers", "transformers", "accelerate", "peft", "xformers")
 
@@ -106,11 +108,7 @@ def write_metrics(out: Path, command: str, results: dict[str, Any], device=None)
         "environment": environment_info(device),
         "results": results,
     }
-    target = out / "metrics.json"
-    staging = out / ".metrics.json.tmp"
-    staging.write_text(json.dumps(payload, indent=2, default=str))
-    staging.replace(target)
-    return target
+    return atomic_write_text(out / "metrics.json", json.dumps(payload, indent=2, default=str))
 
 
 def quiet_libraries() -> None:

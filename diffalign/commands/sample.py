@@ -25,6 +25,7 @@ from diffalign.commands._common import (
     resolve_dtype,
     write_metrics,
 )
+from diffalign.files import atomic_write_text
 
 NAME = "sample"
 HELP = "generate images (DDIM, best-of-n, smc, dts, dts-star); writes images and samples.json"
@@ -193,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     )
     per_image = nfe[1] / len(images)
     records = _sample_records(repeated, rewards, per_image, [Path(f).name for f in files])
-    _write_json(args.out / "samples.json", records)
+    atomic_write_text(args.out / "samples.json", json.dumps(records, indent=2))
     results = {
         "model": args.model, "sampler": args.sampler, "prompts": prompts,
         "num_images": len(images), "resolution": size, "steps": args.steps, "eta": args.eta,
@@ -217,9 +218,3 @@ def _load_reward(name: str | None, device):
     from diffalign.rewards import load_reward
 
     return load_reward(name).to(device)
-
-
-def _write_json(path: Path, data) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(data, indent=2))
-    staging.replace(path)

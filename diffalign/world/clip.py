@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffalign.config import BaseConfig, ConfigError
+from diffalign.files import atomic_write_text
 from diffalign.models import save_clip_tokenizer
 from diffalign.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from diffalign.world.render import generate_pairs
@@ -159,5 +160,5 @@ def pretrain_clip(config: WorldClipConfig, out: Path, quiet: bool = False):
     model.save_pretrained(out)
     processor.save_pretrained(out)
     save_clip_tokenizer(tokenizer, out)
-    (out / "training.json").write_text(json.dumps(record, indent=1))
+    atomic_write_text(out / "training.json", json.dumps(record, indent=1))
     return model, record

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from diffalign.config import BaseConfig, ConfigError
 from diffalign.ema import EMA
+from diffalign.files import atomic_write_text
 from diffalign.sampling import PREDICTION_TYPES, NoiseSchedule, add_noise, prediction_target
 from diffalign.world.render import generate_pairs
 
@@ -348,5 +349,5 @@ def pretrain_world(config: WorldPretrainConfig, out: Path, quiet: bool = False):
     out.mkdir(parents=True, exist_ok=True)
     pipeline.save_pretrained(out)
     save_clip_tokenizer(tokenizer, out / "tokenizer")
-    (out / "training.json").write_text(json.dumps(record, indent=1))
+    atomic_write_text(out / "training.json", json.dumps(record, indent=1))
     return pipeline, record

@@ -341,9 +341,8 @@ class Trainer:
             return False
         self.load_state(load_checkpoint(latest).states)
         if self.accelerator.is_main_process and self.metrics_path.exists():
-            lines = self.metrics_path.read_text().splitlines()
-            logged = [(line, _logged_step(line)) for line in lines]
-            kept = [line for line, step in logged if step is not None and step <= self.step]
+            kept = [line for line in self.metrics_path.read_text().splitlines()
+                    if (step := _logged_step(line)) is not None and step <= self.step]  # fmt: skip
             atomic_write_text(self.metrics_path, "".join(f"{line}\n" for line in kept))
         return True
 

@@ -178,13 +178,17 @@ def build_tiny_text_encoder(seed: int = 0, hidden_size: int = 32):
     return CLIPTextModel(config)
 
 
-def build_tiny_pipeline(seed: int = 0, image_size: int = 32, hidden_size: int = 32):
+def build_tiny_pipeline(
+    seed: int = 0, image_size: int = 32, hidden_size: int = 32, flow_shift: float | None = None
+):
     """A real ``StableDiffusionPipeline`` with tiny random components, built offline.
 
     Images are ``image_size`` pixels square and latents half that. The safety checker is off.
-    The same ``seed`` always gives the same weights.
+    The same ``seed`` always gives the same weights. With ``flow_shift`` the scheduler is a
+    ``FlowMatchEulerDiscreteScheduler`` with that shift (a flow-matching UNet) instead of SD's
+    DDIM.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline
 
     if image_size % 8:
         raise ValueError(f"image_size must be a multiple of 8, got {image_size}.")
@@ -193,11 +197,32 @@ def build_tiny_pipeline(seed: int = 0, image_size: int = 32, hidden_size: int = 
         text_encoder=build_tiny_text_encoder(seed, hidden_size),
         tokenizer=build_clip_tokenizer(),
         unet=build_tiny_unet(seed, image_size // 2, hidden_size),
-        scheduler=sd_ddim_scheduler(),
+        scheduler=sd_ddim_scheduler()
+        if flow_shift is None
+        else FlowMatchEulerDiscreteScheduler(shift=flow_shift),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def as_ddim_scheduler(scheduler, feature: str):
+    """``scheduler`` as a ``DDIMScheduler`` with the same config (SD1.5 ships PNDM), for
+    ``feature``, which samples with DDIM steps. A flow-matching scheduler raises
+    :class:`UnsupportedModelError`: its model cannot be sampled by DDIM."""
+    from diffusers import DDIMScheduler
+
+    from diffalign.flow import is_flow_scheduler
+
+    if is_flow_scheduler(scheduler):
+        raise UnsupportedModelError(
+            f"{feature} samples with DDIM steps, but this model is a flow-matching model "
+            f"({type(scheduler).__name__}). Flow-matching UNets are supported by the rollout "
+            "pipeline and the DDPO and AWM trainers (`diffalign train`) only."
+        )
+    if isinstance(scheduler, DDIMScheduler):
+        return scheduler
+    return DDIMScheduler.from_config(scheduler.config)
 
 
 # --------------------------------------------------------------------------- loading
@@ -256,7 +281,7 @@ def _safety_checker_overrides(model_index: dict[str, Any]) -> dict[str, Any]:
 
 def _check_unet_pipeline(model_index: dict[str, Any], pipeline_cls, name: str) -> None:
     """Raise :class:`UnsupportedModelError` when a Stable Diffusion (UNet) pipeline class is asked
-    to load a folder without a UNet, such as SD3 or FLUX (transformer, flow matching)."""
+    to load a folder without a UNet, such as SD3 or FLUX (transformers)."""
     from diffusers import StableDiffusionPipeline
 
     if not issubclass(pipeline_cls, StableDiffusionPipeline) or "unet" in model_index:
@@ -266,7 +291,8 @@ def _check_unet_pipeline(model_index: dict[str, Any], pipeline_cls, name: str) -
     raise UnsupportedModelError(
         f"{name} holds {kind} ({denoiser}), but {pipeline_cls.__name__} runs Stable Diffusion "
         "pipelines with a UNet (SD 1.x / 2.x layout: unet, vae, text_encoder, tokenizer, "
-        "scheduler). Transformer and flow-matching models (SD3, FLUX) are not supported yet."
+        "scheduler; the scheduler may be DDIM-family or flow matching). Transformer models "
+        "(SD3, FLUX) are not supported yet."
     )
 
 

@@ -9,8 +9,8 @@ Timesteps may be Python ints (one timestep for the whole batch) or integer tenso
 (one per sample, as trainers that shuffle timesteps per sample need). A negative timestep means
 "past the end of the chain" and uses the schedule's ``final_alpha_cumprod``, as diffusers does.
 
-Flow-matching helpers use the rectified-flow convention ``x_t = (1 - t) * x0 + t * noise`` with
-velocity target ``noise - x0`` (Stable Diffusion 3, FLUX).
+Flow-matching models (``x_t = (1 - t) * x0 + t * noise``, Stable Diffusion 3, FLUX) have the same
+interface in :mod:`diffalign.flow`; :func:`load_schedule` picks the right one for a scheduler.
 """
 
 from __future__ import annotations
@@ -54,6 +54,12 @@ class NoiseSchedule:
         """Read the schedule of a diffusers DDIM/DDPM-style scheduler (anything with
         ``alphas_cumprod`` and a ``prediction_type`` config entry)."""
         config = scheduler.config
+        if not hasattr(scheduler, "alphas_cumprod"):
+            raise ValueError(
+                f"{type(scheduler).__name__} has no alphas_cumprod: it is not a DDIM/DDPM-family "
+                "scheduler. Flow-matching schedulers are read by diffalign.sampling.load_schedule "
+                "(rollouts, DDPO and AWM support them); this sampler needs a DDIM-family one."
+            )
         if getattr(config, "thresholding", False):
             raise ValueError(
                 "Dynamic thresholding is not supported by diffalign.sampling; build the scheduler "
@@ -95,6 +101,58 @@ class NoiseSchedule:
         """The timestep one DDIM step later in sampling, as ``diffusers.DDIMScheduler`` computes
         it (``t - num_train_timesteps // num_inference_steps``; negative past the end)."""
         return timestep - self.num_train_timesteps // num_inference_steps
+
+    def following_timesteps(self, timesteps: Tensor, num_inference_steps: int) -> Tensor:
+        """The timestep each step of the chain ``timesteps`` lands on (as :meth:`step` takes)."""
+        return self.previous_timestep(timesteps, num_inference_steps)
+
+    def step(
+        self,
+        model_output: Tensor,
+        timestep: int | Tensor,
+        sample: Tensor,
+        next_timestep: int | Tensor,
+        eta: float = 0.0,
+        **options,
+    ) -> DDIMStepOutput:
+        """:func:`ddim_step` on this schedule; ``options`` are its ``generator``, ``noise``,
+        ``prev_sample`` and ``reduction`` (the interface :class:`~diffalign.flow.FlowSchedule`
+        shares)."""
+        return ddim_step(model_output, timestep, sample, self, next_timestep, eta, **options)
+
+    def training_point(self, x0: Tensor, noise: Tensor, index: Tensor) -> TrainingPoint:
+        """The denoising regression problem at integer training timesteps ``index``."""
+        alpha_bar = self.alpha_bar(index, x0)
+        timestep = torch.as_tensor(index, device=x0.device)
+        return TrainingPoint(
+            noisy=add_noise(x0, noise, alpha_bar),
+            timestep=timestep,
+            target=prediction_target(x0, noise, alpha_bar, self.prediction_type),
+            noise_level=timestep.float() / self.num_train_timesteps,
+        )
+
+
+@dataclass
+class TrainingPoint:
+    """One denoising-loss problem: the network sees ``noisy`` at ``timestep`` and should output
+    ``target``; ``noise_level`` in [0, 1] says how noisy (the fraction of the chain for DDPM-style
+    schedules, the flow time for flow models), for loss weightings that depend on it."""
+
+    noisy: Tensor
+    timestep: Tensor
+    target: Tensor
+    noise_level: Tensor
+
+
+def load_schedule(scheduler):
+    """The step math of a diffusers scheduler: a :class:`~diffalign.flow.FlowSchedule` for
+    flow-matching schedulers, else a :class:`NoiseSchedule`. Both offer ``step``,
+    ``following_timesteps`` and ``training_point``."""
+    from diffalign.flow import FlowSchedule, is_flow_scheduler
+
+    if is_flow_scheduler(scheduler):
+        return FlowSchedule.from_scheduler(scheduler)
+    return NoiseSchedule.from_scheduler(scheduler)
 
 
 @dataclass
@@ -313,26 +371,3 @@ def ddim_inversion_step(
     alpha_next = schedule.alpha_bar(next_timestep, sample)
     x0, eps = split_prediction(model_output, sample, alpha_t, schedule.prediction_type)
     return alpha_next**0.5 * x0 + (1 - alpha_next) ** 0.5 * eps
-
-
-def _flow_time(t: float | Tensor, like: Tensor) -> Tensor:
-    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
-    if ((t < 0) | (t > 1)).any():
-        raise ValueError("Flow-matching time must lie in [0, 1].")
-    return _broadcast(t, like)
-
-
-def flow_interpolate(x0: Tensor, noise: Tensor, t: float | Tensor) -> Tensor:
-    """The rectified-flow point ``x_t = (1 - t) * x0 + t * noise`` (``t`` scalar or ``[B]``)."""
-    t = _flow_time(t, x0)
-    return (1 - t) * x0 + t * noise
-
-
-def flow_velocity_target(x0: Tensor, noise: Tensor) -> Tensor:
-    """The flow-matching regression target ``noise - x0`` (the velocity ``dx_t/dt``)."""
-    return noise - x0
-
-
-def flow_predict_x0(sample: Tensor, predicted_velocity: Tensor, t: float | Tensor) -> Tensor:
-    """The clean sample implied by a velocity prediction at ``x_t``: ``x_t - t * v``."""
-    return sample - _flow_time(t, sample) * predicted_velocity

@@ -122,10 +122,9 @@ class PipelineChain(DenoisingChain):
         height: int | None = None,
         width: int | None = None,
     ) -> None:
-        from diffusers import DDIMScheduler
+        from diffalign.models import as_ddim_scheduler
 
-        if not isinstance(pipeline.scheduler, DDIMScheduler):
-            pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+        pipeline.scheduler = as_ddim_scheduler(pipeline.scheduler, "Tree and particle sampling")
         self.pipeline, self.prompt, self.reward = pipeline, prompt, reward
         self.device = pipeline._execution_device
         self.use_cfg = guidance_scale > 1.0

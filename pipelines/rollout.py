@@ -6,6 +6,10 @@ step of :mod:`diffalign.sampling`. Its call returns a :class:`Rollout`: the late
 step, the timesteps, each step's log-prob under the sampling policy (free: the step's Gaussian is
 already computed), the prompt embeddings and the decoded images. With ``eta=0`` its images equal
 ``StableDiffusionPipeline`` with a ``DDIMScheduler`` under the same seed.
+
+A UNet trained with flow matching (its scheduler a ``FlowMatchEulerDiscreteScheduler``) keeps its
+scheduler and samples with the flow step of :mod:`diffalign.flow` instead: Euler at ``eta=0``,
+Flow-GRPO's SDE with log-probs at ``eta > 0``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from torch import Tensor
 
-from diffalign.sampling import NoiseSchedule, ddim_step
+from diffalign.flow import is_flow_scheduler
+from diffalign.sampling import load_schedule
 
 
 @dataclass
@@ -119,6 +124,19 @@ def guided_noise_prediction(
 class RolloutPipeline(StableDiffusionPipeline):
     """``StableDiffusionPipeline`` whose call returns a :class:`Rollout` (see the module doc)."""
 
+    def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device,
+                        generator, latents=None):  # fmt: skip
+        """diffusers' starting noise; flow schedulers (no ``init_noise_sigma``) start at unit
+        noise, drawn the same way."""
+        if not is_flow_scheduler(self.scheduler):
+            return super().prepare_latents(batch_size, num_channels_latents, height, width, dtype,
+                                           device, generator, latents)  # fmt: skip
+        if latents is not None:
+            return latents.to(device)
+        scale = self.vae_scale_factor
+        shape = (batch_size, num_channels_latents, height // scale, width // scale)
+        return draw_noise(shape, generator, device, dtype)
+
     def decode_to_images(self, latents: Tensor) -> Tensor:
         """Latents → images in [0, 1] (float32), as diffusers' ``output_type="pt"`` gives."""
         decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
@@ -145,11 +163,12 @@ class RolloutPipeline(StableDiffusionPipeline):
 
         Arguments follow ``StableDiffusionPipeline.__call__``; ``eta`` defaults to 1 (DDPO) and
         ``decode=False`` skips the VAE (``images`` is then None). Another scheduler (SD1.5 ships
-        PNDM) is replaced by a ``DDIMScheduler`` with the same config. The progress bar follows
-        the pipeline's ``set_progress_bar_config``.
+        PNDM) is replaced by a ``DDIMScheduler`` with the same config; a flow-matching one is
+        kept (see the module doc). The progress bar follows the pipeline's
+        ``set_progress_bar_config``.
         """
-        if not isinstance(self.scheduler, DDIMScheduler):  # e.g. SD1.5's default PNDM
-            self.scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        if not isinstance(self.scheduler, DDIMScheduler) and not is_flow_scheduler(self.scheduler):
+            self.scheduler = DDIMScheduler.from_config(self.scheduler.config)  # e.g. SD1.5's PNDM
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds,
@@ -165,22 +184,20 @@ class RolloutPipeline(StableDiffusionPipeline):
         )  # fmt: skip
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
-        schedule = NoiseSchedule.from_scheduler(self.scheduler)
+        schedule = load_schedule(self.scheduler)
+        landing = schedule.following_timesteps(timesteps, num_inference_steps)
         sample = self.prepare_latents(
             batch * num_images_per_prompt, self.unet.config.in_channels, height, width,
             prompt_embeds.dtype, device, generator, latents,
         )  # fmt: skip
         chain, log_probs = [sample], []
-        for t in self.progress_bar(timesteps):
+        for t, t_next in zip(self.progress_bar(timesteps), landing, strict=True):
             noise_pred = guided_noise_prediction(
                 self.unet, sample, t, prompt_embeds,
                 negative_prompt_embeds if use_cfg else None, guidance_scale,
             )  # fmt: skip
             noise = draw_noise(sample.shape, generator, device, sample.dtype) if eta > 0 else None
-            step = ddim_step(
-                noise_pred, t, sample, schedule,
-                schedule.previous_timestep(t, num_inference_steps), eta=eta, noise=noise,
-            )  # fmt: skip
+            step = schedule.step(noise_pred, t, sample, t_next, eta=eta, noise=noise)
             sample = step.prev_sample
             chain.append(sample)
             if step.log_prob is not None:

@@ -127,3 +127,16 @@ def test_missing_model_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "diffalign sample: error: Model 'someone/not-cached' is not available" in err
     assert "Traceback" not in err
+
+
+def test_sampling_a_flow_model_is_refused_with_what_supports_it(tmp_path, capsys):
+    from diffalign.models import build_tiny_pipeline
+
+    build_tiny_pipeline(seed=0, flow_shift=3.0).save_pretrained(tmp_path / "flow")
+    args = ["sample", "--model", str(tmp_path / "flow"), "--prompt", "x", "--steps", "2",
+            "--sampler", "dts-star", "--reward", "jpeg_compressibility", "--budget-nfe", "8",
+            "--out", str(tmp_path / "out"), "--quiet"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "flow-matching model (FlowMatchEulerDiscreteScheduler)" in err
+    assert "DDPO and AWM" in err and "Traceback" not in err

@@ -84,3 +84,53 @@ def test_select_and_concat_keep_samples_together(rollout_pipeline):
     assert joined.prompts == [rollout.prompts[i] for i in (0, 3, 1, 2)]
     torch.testing.assert_close(joined.images, rollout.images[[0, 3, 1, 2]])
     assert torch.equal(joined.timesteps, rollout.timesteps)
+
+
+@pytest.fixture()
+def flow_pipeline():
+    from diffalign.models import build_tiny_pipeline
+
+    pipeline = RolloutPipeline(**build_tiny_pipeline(seed=0, flow_shift=3.0).components)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _guided(unet, latents, t, rollout, scale=3.0):
+    states = torch.cat([rollout.negative_prompt_embeds, rollout.prompt_embeds])
+    uncond, cond = unet(torch.cat([latents] * 2), t, encoder_hidden_states=states).sample.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+def test_flow_model_keeps_its_scheduler_and_equals_diffusers_euler_steps(flow_pipeline):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    rollout = flow_pipeline(PROMPTS, num_inference_steps=4, guidance_scale=3.0, eta=0.0,
+                            generator=_generator(2))  # fmt: skip
+    assert isinstance(flow_pipeline.scheduler, FlowMatchEulerDiscreteScheduler)
+    assert rollout.log_probs is None and rollout.timesteps[0] == 1000
+    reference = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    reference.set_timesteps(4)
+    latents = draw = torch.randn(2, 4, 16, 16, generator=_generator(2))
+    torch.testing.assert_close(rollout.latents[:, 0], draw)
+    with torch.no_grad():
+        for t in reference.timesteps:
+            latents = reference.step(_guided(flow_pipeline.unet, latents, t, rollout), t,
+                                     latents).prev_sample  # fmt: skip
+    torch.testing.assert_close(rollout.latents[:, -1], latents, atol=1e-6, rtol=0)
+
+
+def test_flow_model_sde_rollout_log_probs_recompute(flow_pipeline):
+    from diffalign.sampling import load_schedule
+
+    rollout = flow_pipeline(PROMPTS, num_inference_steps=3, guidance_scale=3.0, eta=0.7,
+                            generator=_generator(3))  # fmt: skip
+    schedule = load_schedule(flow_pipeline.scheduler)
+    landing = schedule.following_timesteps(rollout.timesteps, 3)
+    assert rollout.log_probs.shape == (2, 3)
+    with torch.no_grad():
+        for i, t in enumerate(rollout.timesteps):
+            velocity = _guided(flow_pipeline.unet, rollout.latents[:, i], t, rollout)
+            step = schedule.step(velocity, t, rollout.latents[:, i], landing[i], eta=0.7,
+                                 prev_sample=rollout.latents[:, i + 1])  # fmt: skip
+            torch.testing.assert_close(step.log_prob, rollout.log_probs[:, i], atol=1e-4,
+                                       rtol=1e-4)  # fmt: skip

@@ -182,18 +182,6 @@ def test_inversion_error_shrinks_with_step_count_on_a_smooth_model():
     assert fine < coarse / 4  # first-order convergence: 8x the steps, ~8x smaller error
 
 
-def test_flow_matching_helpers():
-    gen = torch.Generator().manual_seed(8)
-    x0, noise = torch.randn(2, 2, 3, 4, 4, generator=gen)
-    t = torch.tensor([0.25, 0.75])
-    x_t = sampling.flow_interpolate(x0, noise, t)
-    torch.testing.assert_close(x_t[0], 0.75 * x0[0] + 0.25 * noise[0])
-    v = sampling.flow_velocity_target(x0, noise)
-    torch.testing.assert_close(sampling.flow_predict_x0(x_t, v, t), x0, atol=1e-6, rtol=1e-6)
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        sampling.flow_interpolate(x0, noise, 1.5)
-
-
 def test_bad_inputs_raise_clear_errors():
     schedule = NoiseSchedule.from_scheduler(make_scheduler())
     x = torch.zeros(1, 4, 2, 2)

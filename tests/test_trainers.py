@@ -74,8 +74,8 @@ def test_unknown_lora_targets_fail_before_training(tmp_path, capsys):
     assert "['attn1'] match no Linear or Conv2d layer" in error and "Traceback" not in error
 
 
-def _trainer(cls, config, out):
-    pipeline = RolloutPipeline(**build_tiny_pipeline(seed=0).components,
+def _trainer(cls, config, out, flow_shift=None):
+    pipeline = RolloutPipeline(**build_tiny_pipeline(seed=0, flow_shift=flow_shift).components,
                                requires_safety_checker=False)  # fmt: skip
     return cls(config, out, pipeline=pipeline)
 
@@ -172,6 +172,43 @@ def test_awm_train_cfg_matches_the_guided_prediction_the_rollouts_used(tmp_path)
     calls.clear()
     trainer.train_on(batch, 0)
     assert calls and all(n is None for n, _ in calls)
+
+
+def test_awm_on_a_flow_model_regresses_the_velocity_at_shifted_times(tmp_path):
+    from diffalign.train.losses import awm_loss
+
+    config = AWMConfig(max_steps=1, beta_kl=0.0, **{**SMALL, "guidance_scale": 1.0})
+    trainer = _trainer(AWMTrainer, config, tmp_path, flow_shift=3.0)
+    rollout = trainer.sample_round(0).rollout
+    x0, embeds = rollout.latents[:2, -1], rollout.prompt_embeds[:2]
+    index, noise, advantages = torch.tensor([499, 899]), torch.randn_like(x0), torch.ones(2)
+    sigma = 3 * (index + 1) / 1000 / (1 + 2 * (index + 1) / 1000)  # SD3's shift
+    noisy = (1 - sigma.view(2, 1, 1, 1)) * x0 + sigma.view(2, 1, 1, 1) * noise
+    with torch.no_grad():
+        velocity = trainer.unet(noisy, sigma * 1000, encoder_hidden_states=embeds).sample
+    expected = awm_loss(velocity, noise - x0, advantages, sigma).diagnostics["mse"]
+    out = trainer.sample_loss(x0, embeds, advantages, index, noise)
+    assert out.diagnostics["mse"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "cls, config_cls, extra",
+    [(DDPOTrainer, DDPOConfig, {"stat_min_count": 2, "eta": 0.7}),
+     (AWMTrainer, AWMConfig, {"num_train_timesteps": 2})],
+)  # fmt: skip
+def test_both_trainers_train_a_flow_model(cls, config_cls, extra, tmp_path):
+    trainer = _trainer(cls, config_cls(max_steps=1, **SMALL, **extra), tmp_path, flow_shift=3.0)
+    batch = trainer.sample_round(0)
+    if cls is DDPOTrainer:  # before any update the recomputed log-probs are the rollout's
+        steps = torch.arange(len(batch.rollout.timesteps))
+        index = torch.zeros_like(steps)
+        with torch.no_grad():
+            out = trainer.step_loss(batch.rollout, batch.advantages, index, steps)
+        assert out.diagnostics["approx_kl"] < 1e-8 and out.diagnostics["clipfrac"] == 0
+    before = _weights(trainer)
+    metrics = trainer.train_on(batch, 0)
+    assert metrics["loss"] == metrics["loss"]  # not NaN
+    assert any(not torch.equal(before[n], w) for n, w in _weights(trainer).items())
 
 
 @pytest.fixture()

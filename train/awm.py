@@ -20,7 +20,6 @@ from torch import Tensor
 from diffalign.ema import EMA
 from diffalign.models import adapters_disabled
 from diffalign.pipelines.rollout import guided_noise_prediction
-from diffalign.sampling import add_noise, prediction_target
 from diffalign.train.advantages import group_advantages, prompt_groups
 from diffalign.train.config import AWMConfig
 from diffalign.train.losses import awm_loss
@@ -73,13 +72,10 @@ class AWMTrainer(Trainer):
         ``uncond + guidance_scale * (cond - uncond)``: the network that sampled the rollouts.
         """
         config = self.config
-        noise = noise.to(x0.device, x0.dtype)
-        alpha_bar = self.schedule.alpha_bar(timesteps, x0)
-        noisy = add_noise(x0, noise, alpha_bar)
-        target = prediction_target(x0, noise, alpha_bar, self.schedule.prediction_type)
+        point = self.schedule.training_point(x0, noise.to(x0.device, x0.dtype), timesteps)
 
         def predict(unet) -> Tensor:
-            return guided_noise_prediction(unet, noisy, timesteps, embeds, negative,
+            return guided_noise_prediction(unet, point.noisy, point.timestep, embeds, negative,
                                            guidance_scale)  # fmt: skip
 
         reference = ema_prediction = None
@@ -92,10 +88,9 @@ class AWMTrainer(Trainer):
                     ema_prediction = predict(self.unet)
         with self.accelerator.autocast():
             prediction = predict(self.model)
-        fraction = timesteps.float() / self.schedule.num_train_timesteps
         return awm_loss(
-            prediction.float(), target.float(), advantages, fraction, reference, ema_prediction,
-            config.beta_kl, config.beta_ema, config.adv_clip_max, config.weighting,
+            prediction.float(), point.target.float(), advantages, point.noise_level, reference,
+            ema_prediction, config.beta_kl, config.beta_ema, config.adv_clip_max, config.weighting,
         )  # fmt: skip
 
     def noise_plan(self, rollout, step: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -42,7 +42,10 @@ class TrainConfig(BaseConfig):
     sample_batch_size: int = field(default=16, metadata={"help": "images per pipeline call"})
     num_inference_steps: int = 50
     guidance_scale: float = 5.0
-    eta: float = field(default=1.0, metadata={"help": "DDIM eta of the rollouts"})
+    eta: float = field(
+        default=1.0,
+        metadata={"help": "DDIM eta of the rollouts (the SDE noise level on flow models)"},
+    )
     resolution: int | None = field(default=None, metadata={"help": "default: the model's"})
     train_batch_size: int = field(default=4, metadata={"help": "samples per micro-batch"})
     gradient_accumulation_steps: int = field(

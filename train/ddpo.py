@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from diffalign.pipelines.rollout import Rollout, guided_noise_prediction
-from diffalign.sampling import ddim_step_log_prob
 from diffalign.train.advantages import PerPromptStatTracker
 from diffalign.train.config import DDPOConfig
 from diffalign.train.losses import LossOutput, ddpo_loss
@@ -57,10 +56,10 @@ class DDPOTrainer(Trainer):
                 self.model, latents, timesteps, rollout.prompt_embeds[index],
                 negative[index] if use_cfg else None, rollout.guidance_scale,
             )  # fmt: skip
-        log_probs = ddim_step_log_prob(
-            noise_pred, timesteps, latents, next_latents, self.schedule,
-            self.schedule.previous_timestep(timesteps, rollout.num_inference_steps), rollout.eta,
-        )  # fmt: skip
+        landing = self.schedule.following_timesteps(rollout.timesteps, rollout.num_inference_steps)
+        next_timesteps = landing.to(latents.device)[steps.to(latents.device)]
+        log_probs = self.schedule.step(noise_pred, timesteps, latents, next_timesteps, rollout.eta,
+                                       prev_sample=next_latents).log_prob  # fmt: skip
         return ddpo_loss(log_probs, rollout.log_probs[index, steps], advantages[index],
                          config.clip_range, config.adv_clip_max)  # fmt: skip
 

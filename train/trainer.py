@@ -27,7 +27,7 @@ from diffalign.ema import EMA
 from diffalign.files import atomic_write_text
 from diffalign.pipelines.rollout import Rollout, RolloutPipeline
 from diffalign.rewards import AsyncRewardScorer, Reward, load_reward
-from diffalign.sampling import NoiseSchedule
+from diffalign.sampling import load_schedule
 from diffalign.train.config import TrainConfig
 from diffalign.train.prompts import PromptSource
 
@@ -123,7 +123,7 @@ class Trainer:
                               for name in config.heldout_extra_rewards}  # fmt: skip
         self.train_prompts = PromptSource(config.prompts)
         self.heldout = PromptSource(config.heldout_prompts).fixed(config.num_heldout_prompts)
-        self.schedule = NoiseSchedule.from_scheduler(self.pipeline.scheduler)
+        self.schedule = load_schedule(self.pipeline.scheduler)
         self.step = 0
         self.samples_seen = 0
 

@@ -88,9 +88,9 @@ def _check_search_arguments(args: argparse.Namespace) -> None:
 
 def _load(model: str, device, dtype):
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
-    from diffalign.models import build_tiny_pipeline, load_pipeline
+    from diffalign.models import as_ddim_scheduler, build_tiny_pipeline, load_pipeline
 
     if model == TINY_RANDOM:
         pipeline = build_tiny_pipeline(seed=0).to(device)
@@ -102,7 +102,7 @@ def _load(model: str, device, dtype):
 
             model = str(shipped_model_path(model.removeprefix(SHIPPED_PREFIX)))
         pipeline = load_pipeline(model, StableDiffusionPipeline, torch_dtype=dtype, device=device)
-    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    pipeline.scheduler = as_ddim_scheduler(pipeline.scheduler, "diffalign sample and bench")
     return pipeline
 
 

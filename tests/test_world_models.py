@@ -9,7 +9,7 @@ import torch
 
 from diffalign.cli import main
 from diffalign.config import ConfigError
-from diffalign.models import build_tiny_vae, sd_ddim_scheduler
+from diffalign.models import build_tiny_vae, load_pipeline, sd_ddim_scheduler
 from diffalign.world import evaluate
 from diffalign.world.pretrain import (
     WorldPretrainConfig,
@@ -232,6 +232,28 @@ def test_pretrain_for_v_prediction_at_zero_terminal_snr_keeps_that_schedule(tmp_
     pretrain_world(matching, tmp_path / "new", quiet=True)
     kept = StableDiffusionPipeline.from_pretrained(tmp_path / "new").scheduler.config
     assert kept == scheduler.config
+
+
+def test_pretrain_for_flow_matching_makes_a_flow_unet_that_world_sample_samples(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffalign.flow import FlowSchedule
+
+    config = WorldPretrainConfig(vae_steps=2, unet_steps=2, batch_size=4, vae_batch_size=4,
+                                 prediction_type="flow", flow_shift=2.0)  # fmt: skip
+    _, record = pretrain_world(config, tmp_path / "flow", quiet=True)
+    assert record["denoiser"]["final_loss"] > 0
+    pipeline = load_pipeline(tmp_path / "flow")
+    assert isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler)
+    assert FlowSchedule.from_scheduler(pipeline.scheduler).shift == 2.0
+    argv = ["world", "sample", "--model", str(tmp_path / "flow"), "--prompt", "a red circle",
+            "--num-images-per-prompt", "2", "--steps", "2", "--out", str(tmp_path / "s"),
+            "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "s" / "metrics.json").read_text())["results"]
+    assert results["samples_per_prompt"] == 2 and 0 <= results["shapes_mean"] <= 1
+    with pytest.raises(ConfigError, match="flow_shift > 0 and no zero_terminal_snr"):
+        replace(config, zero_terminal_snr=True).validate()
 
 
 def test_tiny_clip_training_step_and_saved_format(tmp_path):

@@ -3,8 +3,9 @@
 The result is a standard ``StableDiffusionPipeline`` folder (AutoencoderKL, CLIPTextModel with the
 real CLIP tokenizer, UNet2DConditionModel, DDIMScheduler), so it loads with the same code as Stable
 Diffusion. The denoiser predicts epsilon under SD's schedule, or v under a zero-terminal-SNR
-schedule (``prediction_type`` / ``zero_terminal_snr``). Data are drawn fresh every step from the
-world's training split.
+schedule (``prediction_type`` / ``zero_terminal_snr``), or, with ``prediction_type=flow``, the
+flow-matching velocity under a ``FlowMatchEulerDiscreteScheduler`` (``flow_shift``), which makes a
+flow-matching UNet. Data are drawn fresh every step from the world's training split.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from tqdm.auto import tqdm
 from diffalign.config import BaseConfig, ConfigError
 from diffalign.ema import EMA
 from diffalign.files import atomic_write_text
-from diffalign.sampling import PREDICTION_TYPES, NoiseSchedule, add_noise, prediction_target
+from diffalign.flow import is_flow_scheduler
+from diffalign.sampling import PREDICTION_TYPES, load_schedule
 from diffalign.world.render import generate_pairs
 
 
@@ -50,7 +52,13 @@ class WorldPretrainConfig(BaseConfig):
     warmup_steps: int = 200
     prediction_type: str = field(
         default="epsilon",
-        metadata={"help": "What the UNet predicts: epsilon (SD 1.x), v_prediction or sample."},
+        metadata={
+            "help": "What the UNet predicts: epsilon (SD 1.x), v_prediction, sample, or flow "
+            "(the flow-matching velocity noise - x0)."
+        },
+    )
+    flow_shift: float = field(
+        default=1.0, metadata={"help": "Static shift of the flow schedule (prediction_type=flow)."}
     )
     zero_terminal_snr: bool = field(
         default=False,
@@ -92,9 +100,15 @@ class WorldPretrainConfig(BaseConfig):
                 "unet_steps=0 keeps the denoiser of init_from; set init_from=FOLDER or give "
                 "unet_steps >= 1."
             )
-        if self.prediction_type not in PREDICTION_TYPES:
+        if self.prediction_type not in (*PREDICTION_TYPES, "flow"):
             raise ConfigError(
-                f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}."
+                f"prediction_type must be one of {(*PREDICTION_TYPES, 'flow')}, got "
+                f"{self.prediction_type!r}."
+            )
+        if self.prediction_type == "flow" and (self.zero_terminal_snr or self.flow_shift <= 0):
+            raise ConfigError(
+                "prediction_type=flow needs flow_shift > 0 and no zero_terminal_snr (flow "
+                "matching reaches pure noise at t = 1 by construction)."
             )
         if self.zero_terminal_snr and self.prediction_type == "epsilon":
             raise ConfigError(
@@ -242,7 +256,7 @@ def train_denoiser(unet, text_encoder, tokenizer, vae, scheduler, config, quiet=
         optimizer, _lr_lambda(config.warmup_steps, config.unet_steps)
     )
     ema = EMA(parameters, decay=config.ema_decay)
-    schedule = NoiseSchedule.from_scheduler(scheduler)
+    schedule = load_schedule(scheduler)
     generator = torch.Generator().manual_seed(config.seed)
     losses = []
     for step in tqdm(range(config.unet_steps), desc="text encoder + unet", disable=quiet):
@@ -255,11 +269,10 @@ def train_denoiser(unet, text_encoder, tokenizer, vae, scheduler, config, quiet=
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = training_timesteps(len(latents), schedule.num_train_timesteps,
                                        config.high_noise_share, generator)  # fmt: skip
-        alpha_bar = schedule.alpha_bar(timesteps, latents)
-        target = prediction_target(latents, noise, alpha_bar, schedule.prediction_type)
+        point = schedule.training_point(latents, noise, timesteps)
         states = encode_text(tokenizer, text_encoder, captions)
-        prediction = unet(add_noise(latents, noise, alpha_bar), timesteps, states).sample
-        loss = F.mse_loss(prediction, target)
+        prediction = unet(point.noisy, point.timestep, states).sample
+        loss = F.mse_loss(prediction, point.target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -271,9 +284,23 @@ def train_denoiser(unet, text_encoder, tokenizer, vae, scheduler, config, quiet=
     return {"final_loss": sum(losses[-100:]) / len(losses[-100:]), "loss_curve": losses[::50]}
 
 
+def world_scheduler(config: WorldPretrainConfig):
+    """The scheduler the denoiser trains under: SD's DDIM (``prediction_type``,
+    ``zero_terminal_snr``), or flow matching with ``flow_shift``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffalign.models import sd_ddim_scheduler
+
+    if config.prediction_type == "flow":
+        return FlowMatchEulerDiscreteScheduler(shift=config.flow_shift)
+    return sd_ddim_scheduler(config.prediction_type, config.zero_terminal_snr)
+
+
 def _check_kept_scheduler(scheduler, config: WorldPretrainConfig) -> None:
     """With ``unet_steps=0`` the denoiser of ``init_from`` is kept, and so must its schedule be."""
-    kept = (scheduler.config.prediction_type, bool(scheduler.config.rescale_betas_zero_snr))
+    settings = scheduler.config
+    kept = ("flow", False) if is_flow_scheduler(scheduler) else (
+        settings.prediction_type, bool(settings.rescale_betas_zero_snr))  # fmt: skip
     if kept != (config.prediction_type, config.zero_terminal_snr):
         raise ConfigError(
             f"unet_steps=0 keeps the denoiser of {config.init_from}, which was trained with "
@@ -292,13 +319,12 @@ def pretrain_world(config: WorldPretrainConfig, out: Path, quiet: bool = False):
         build_tiny_text_encoder,
         build_tiny_vae,
         save_clip_tokenizer,
-        sd_ddim_scheduler,
     )
 
     if config.threads:
         torch.set_num_threads(config.threads)
     tokenizer = build_clip_tokenizer()
-    scheduler = sd_ddim_scheduler(config.prediction_type, config.zero_terminal_snr)
+    scheduler = world_scheduler(config)
     start, history = time.time(), None
     if config.init_from:
         base = StableDiffusionPipeline.from_pretrained(config.init_from)

@@ -121,25 +121,29 @@ def test_bench_dts_writes_the_ratio_the_curves_and_the_plot(tmp_path):
 def test_bench_dts_passes_the_tree_settings_and_can_skip_the_curves(tmp_path, monkeypatch):
     import diffalign.pipelines.dts as dts_module
 
-    seen, original = [], dts_module.run_search
+    seen, etas, original = [], set(), dts_module.run_search
 
     def recording_search(chain, options, *args):
         seen.append(options)
+        etas.add(chain.eta)
         return original(chain, options, *args)
 
     monkeypatch.setattr(dts_module, "run_search", recording_search)
     args = ["bench", "dts", "--num-prompts", "1", "--steps", "3", "--n", "4", "--no-curves",
-            "--exploration", "0.25", "--widening-alpha", "0.7", "--quiet",
+            "--exploration", "0.25", "--widening-alpha", "0.7", "--eta", "0.5", "--quiet",
             "--out", str(tmp_path)]  # fmt: skip
     assert main(args) == 0
     results = json.loads((tmp_path / "metrics.json").read_text())["results"]
     assert set(results["curves"]) == {"best-of-n", "dts-star"}
     assert results["settings"]["exploration"] == 0.25 and not results["settings"]["curves"]
     assert [o.sampler for o in seen] == ["best-of-n", "dts-star"]
+    assert etas == {0.5} and results["settings"]["eta"] == 0.5
     tree = seen[1].tree_settings()
     assert (tree.mode, tree.exploration, tree.widening_alpha) == ("search", 0.25, 0.7)
     with pytest.raises(SystemExit, match="widening"):
         main([*args[:-2], "--widening-alpha", "2", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--eta must be > 0"):
+        main([*args[:-2], "--eta", "0", "--out", str(tmp_path)])
 
 
 def test_bench_dts_speed_only_times_both_samplers_on_their_unet_batches(tmp_path):

@@ -100,13 +100,15 @@ def run_branching_benchmark(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = True,
+    eta: float = 1.0,
 ) -> dict:
-    """``variance_split`` per branch step, per prompt and averaged over the prompts."""
+    """``variance_split`` per branch step, per prompt and averaged over the prompts (chains
+    of stochastic DDIM at ``eta``)."""
     from diffalign.pipelines.chain import PipelineChain
 
     per_prompt = []
     for index, prompt in enumerate(tqdm(prompts, desc="bench branching", disable=not progress)):
-        chain = PipelineChain(pipeline, prompt, reward, steps, guidance_scale, eta=1.0)
+        chain = PipelineChain(pipeline, prompt, reward, steps, guidance_scale, eta=eta)
         rewards = branch_rewards(chain, branch_steps, prefixes, continuations, batch_size,
                                  seed + index)  # fmt: skip
         per_prompt.append({step: variance_split(r) for step, r in rewards.items()})

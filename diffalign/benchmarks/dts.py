@@ -1,8 +1,8 @@
 """Reward against compute for best-of-N, SMC, DTS and DTS*, on the same prompts and accounting.
 
-For each held-out prompt, one chain (``PipelineChain``: the model, the reward, DDIM with eta = 1)
-is searched by every sampler. Budgets are in NFEs and quoted in chain-equivalents (one chain =
-steps x UNet rows per sample):
+For each held-out prompt, one chain (``PipelineChain``: the model, the reward, stochastic DDIM,
+eta = 1 unless set) is searched by every sampler. Budgets are in NFEs and quoted in
+chain-equivalents (one chain = steps x UNet rows per sample):
 
 - best-of-N and DTS* are anytime: one run of ``n`` chain-equivalents gives the best reward found
   within every smaller budget (``SearchStats.best_within``);
@@ -58,12 +58,13 @@ def run_dts_benchmark(
     progress: bool = True,
     tree: TreeSettings | None = None,
     curves: bool = True,
+    eta: float = 1.0,
 ) -> dict:
     """Run every sampler on every prompt; curves, the NFE ratio and speeds (see module doc).
 
     ``tree`` sets DTS's and DTS*'s knobs (exploration, widening, expansion; default
     ``TreeSettings(rollouts_per_batch=batch_size)``); ``curves=False`` runs best-of-N and DTS*
-    only.
+    only. ``eta`` is the DDIM chain's (every sampler searches the same chain).
     """
     from diffalign.pipelines.chain import PipelineChain
     from diffalign.pipelines.dts import SearchOptions
@@ -78,7 +79,7 @@ def run_dts_benchmark(
                              batch_size=batch_size)  # fmt: skip
 
     for index, prompt in enumerate(tqdm(prompts, desc="bench dts", disable=not progress)):
-        chain = PipelineChain(pipeline, prompt, reward, steps, guidance_scale, eta=1.0)
+        chain = PipelineChain(pipeline, prompt, reward, steps, guidance_scale, eta=eta)
         full = chain.step_cost(chain.num_steps)
         for sampler in ANYTIME:
             stats = _timed_search(chain, options(sampler, n * full), seed + index,

@@ -198,7 +198,9 @@ def _add_chain_arguments(parser, num_prompts: int, model_help: str = "") -> None
     parser.add_argument("--split", default="heldout", choices=("heldout", "validation"),
                         help="world split of the prompts: tune settings on validation, report "
                              "held-out")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (eta = 1)")
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    parser.add_argument("--eta", type=float, default=1.0,
+                        help="DDIM's eta, > 0 (1: DDPM-like; lower: less noise)")  # fmt: skip
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="default: the one recorded with the model, else 3")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
@@ -239,12 +241,13 @@ def _run_branching(args: argparse.Namespace) -> int:
     try:
         results = run_branching_benchmark(
             pipeline, reward, prompts, branch_steps, args.steps, guidance, args.prefixes,
-            args.continuations, args.batch_size, args.seed, not args.quiet,
+            args.continuations, args.batch_size, args.seed, not args.quiet, args.eta,
         )  # fmt: skip
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     results["settings"] = {"model": args.model, "reward": args.reward, "split": args.split,
-                           "steps": args.steps, "guidance_scale": guidance, "seed": args.seed,
+                           "steps": args.steps, "eta": args.eta, "guidance_scale": guidance,
+                           "seed": args.seed,
                            "prefixes": args.prefixes, "continuations": args.continuations,
                            "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
     results["prompts"] = prompts
@@ -253,6 +256,9 @@ def _run_branching(args: argparse.Namespace) -> int:
 
 def _chain_setup(args: argparse.Namespace):
     """Device, dtype, the pipeline, the guidance scale and the world prompts of a chain bench."""
+    if args.eta <= 0:
+        raise SystemExit(f"error: --eta must be > 0 (got {args.eta}): search branches the chain, "
+                         "which needs a stochastic sampler; 1 is DDPM-like.")  # fmt: skip
     from diffalign.benchmarks.rollout import load_benchmark_pipeline
     from diffalign.pipelines.dts import DTSPipeline
     from diffalign.world import model_guidance_scale
@@ -282,7 +288,7 @@ def _run_dts(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {error}") from None
     device, dtype, pipeline, guidance, prompts = _chain_setup(args)
     settings = {"model": args.model, "reward": args.reward, "split": args.split,
-                "steps": args.steps,
+                "steps": args.steps, "eta": args.eta,
                 "guidance_scale": guidance, "n": args.n, "budgets_in_chains": list(budgets),
                 "inverse_temperature": args.inverse_temperature, "batch_size": args.batch_size,
                 "exploration": args.exploration, "widening_c": args.widening_c,
@@ -304,7 +310,7 @@ def _run_dts(args: argparse.Namespace) -> int:
     results = dts.run_dts_benchmark(
         pipeline, reward, prompts, args.steps, guidance, args.n, budgets,
         args.inverse_temperature, args.batch_size, args.seed, not args.quiet, tree,
-        not args.no_curves,
+        not args.no_curves, args.eta,
     )  # fmt: skip
     results["settings"] = settings
     results["prompts"] = prompts

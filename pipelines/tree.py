@@ -250,8 +250,10 @@ class TreeSampler:
         self.expansion = settings.expansion or default_expansion
         device = getattr(chain, "device", torch.device("cpu"))
         self.tree = DiffusionTree(settings.storage_device or device, settings.max_nodes)
-        self.rng = torch.Generator().manual_seed(seed)
-        self.noise = torch.Generator(device=device).manual_seed(seed + 1)
+        # The noise stream is seeded as best-of-N's and SMC's are: at one seed, every sampler
+        # starts from the same chains, so comparisons between them are paired.
+        self.noise = torch.Generator(device=device).manual_seed(seed)
+        self.rng = torch.Generator().manual_seed(seed + 1)
 
     # ------------------------------------------------------------------ selection
 

@@ -61,6 +61,18 @@ def test_dts_star_beats_a_single_chain_on_the_same_prompt(dts_pipeline):
     assert searched.rewards[0] > one.rewards[0]
 
 
+def test_at_one_seed_dts_star_starts_from_best_of_ns_chains(dts_pipeline):
+    # Paired comparisons: until the tree has values to branch on, its rollouts are best-of-N's.
+    kwargs = dict(budget_nfe=16, num_inference_steps=4, guidance_scale=2.0, output_type="pt",
+                  batch_size=2, seed=3)  # fmt: skip
+    plain = dts_pipeline("a red circle", brightness, sampler="best-of-n", **kwargs)
+    tree = dts_pipeline("a red circle", brightness, sampler="dts-star", **kwargs)
+    assert tree.stats[0]["samples"] == plain.stats[0]["samples"] == 2
+    assert tree.stats[0]["best_reward"] == pytest.approx(plain.stats[0]["best_reward"], abs=1e-6)
+    other = dts_pipeline("a red circle", brightness, sampler="dts-star", **{**kwargs, "seed": 4})
+    assert other.stats[0]["best_reward"][-1] != pytest.approx(tree.stats[0]["best_reward"][-1])
+
+
 def test_saved_folders_load_as_dts_pipelines(tiny_pipeline, tmp_path):
     tiny_pipeline.save_pretrained(tmp_path)
     loaded = DTSPipeline.from_pretrained(tmp_path)

@@ -247,8 +247,8 @@ def _run_branching(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {error}") from None
     results["settings"] = {"model": args.model, "reward": args.reward, "split": args.split,
                            "steps": args.steps, "eta": args.eta, "guidance_scale": guidance,
-                           "seed": args.seed,
-                           "prefixes": args.prefixes, "continuations": args.continuations,
+                           "seed": args.seed, "prefixes": args.prefixes,
+                           "continuations": args.continuations,
                            "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
     results["prompts"] = prompts
     return _report(args, results, device, format_branching_table(results))
@@ -288,8 +288,8 @@ def _run_dts(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {error}") from None
     device, dtype, pipeline, guidance, prompts = _chain_setup(args)
     settings = {"model": args.model, "reward": args.reward, "split": args.split,
-                "steps": args.steps, "eta": args.eta,
-                "guidance_scale": guidance, "n": args.n, "budgets_in_chains": list(budgets),
+                "steps": args.steps, "eta": args.eta, "guidance_scale": guidance, "n": args.n,
+                "budgets_in_chains": list(budgets),
                 "inverse_temperature": args.inverse_temperature, "batch_size": args.batch_size,
                 "exploration": args.exploration, "widening_c": args.widening_c,
                 "widening_alpha": args.widening_alpha, "expansion": args.expansion,

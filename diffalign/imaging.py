@@ -47,3 +47,23 @@ def save_images(
         to_pil(image).save(path)
         paths.append(path)
     return paths
+
+
+def side_by_side(
+    grids: Sequence[tuple[str, torch.Tensor]], columns: int | None = None, gap: int = 8
+) -> Image.Image:
+    """Image batches tiled as grids (``make_grid``) and placed left to right, each under a
+    caption, e.g. ``[("base", a), ("aligned", b)]``."""
+    from PIL import ImageDraw
+
+    tiles = [(name, make_grid(images, columns)) for name, images in grids]
+    caption = 12
+    width = sum(tile.width for _, tile in tiles) + gap * (len(tiles) - 1)
+    height = max(tile.height for _, tile in tiles) + caption
+    canvas = Image.new("RGB", (width, height), "white")
+    draw, left = ImageDraw.Draw(canvas), 0
+    for name, tile in tiles:
+        draw.text((left + 2, 0), name, fill="black")
+        canvas.paste(tile, (left, caption))
+        left += tile.width + gap
+    return canvas

@@ -239,15 +239,22 @@ def hub_is_offline_by_setting() -> bool:
 
 @functools.lru_cache(maxsize=4)
 def hub_is_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the hub endpoint opens within ``timeout`` seconds.
-
-    The probe runs in a daemon thread so that a slow DNS lookup cannot hold the caller longer
-    than ``timeout``. The answer is cached for the life of the process.
-    """
+    """Whether a TCP connection to the hub endpoint opens within ``timeout`` seconds (cached
+    for the life of the process)."""
     from huggingface_hub import constants
 
     parsed = urlparse(constants.ENDPOINT)
-    host, port = parsed.hostname or "huggingface.co", parsed.port or 443
+    return host_is_reachable(parsed.hostname or "huggingface.co", parsed.port or 443, timeout)
+
+
+def host_is_reachable(host: str | None, port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds.
+
+    The probe runs in a daemon thread so that a slow DNS lookup cannot hold the caller longer
+    than ``timeout``.
+    """
+    if not host:
+        return False
     result: list[bool] = []
 
     def probe() -> None:

@@ -77,7 +77,8 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _check_search_arguments(args: argparse.Namespace) -> None:
+def check_search_arguments(args: argparse.Namespace) -> None:
+    """Exit with a message when a search sampler lacks its reward / budget or gets eta <= 0."""
     if args.sampler == "ddim":
         return
     if args.reward is None or args.budget_nfe is None:
@@ -86,7 +87,8 @@ def _check_search_arguments(args: argparse.Namespace) -> None:
         raise SystemExit("error: search samplers branch the chain and need --eta > 0 (1 is DDPM).")
 
 
-def _load(model: str, device, dtype):
+def load_sampling_pipeline(model: str, device, dtype):
+    """A DDIM-scheduled Stable Diffusion pipeline for ``--model`` (folder, hub id, shipped)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -152,6 +154,13 @@ def _sample_search(pipeline, prompts, args, size, reward):
     return output.images, output.rewards, output.prompts, {"search": output.stats}
 
 
+def sample_prompts(pipeline, prompts, args: argparse.Namespace, size: int, reward):
+    """Images of ``prompts`` by ``args.sampler`` (``ddim`` or a search sampler): the images,
+    their rewards (NaN without a reward), the prompt of each and extra statistics."""
+    sample = _sample_ddim if args.sampler == "ddim" else _sample_search
+    return sample(pipeline, prompts, args, size, reward)
+
+
 def _sample_records(prompts, rewards, nfe_per_image, files) -> list[dict]:
     return [
         {
@@ -171,22 +180,21 @@ def run(args: argparse.Namespace) -> int:
     from diffalign.world import model_guidance_scale
 
     prompts = _prompts(args)
-    _check_search_arguments(args)
+    check_search_arguments(args)
     if args.quiet:
         quiet_libraries()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipeline = _load(args.model, device, dtype)
+    pipeline = load_sampling_pipeline(args.model, device, dtype)
     if args.guidance_scale is None:
         args.guidance_scale = model_guidance_scale(args.model, default=7.5)
     pipeline.set_progress_bar_config(disable=args.quiet)
     reports = enable_fused_attention(pipeline, args.attention)
-    reward = _load_reward(args.reward, device)
+    reward = load_optional_reward(args.reward, device)
     nfe = count_calls(pipeline.unet)
     size = args.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     start = time.perf_counter()
-    sample = _sample_ddim if args.sampler == "ddim" else _sample_search
-    images, rewards, repeated, extra = sample(pipeline, prompts, args, size, reward)
+    images, rewards, repeated, extra = sample_prompts(pipeline, prompts, args, size, reward)
     seconds = time.perf_counter() - start
     files = save_images(images, args.out / "images")
     make_grid(images, columns=args.num_images_per_prompt if len(prompts) > 1 else None).save(
@@ -212,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_reward(name: str | None, device):
+def load_optional_reward(name: str | None, device):
+    """The reward called ``name`` on ``device``, or None."""
     if name is None:
         return None
     from diffalign.rewards import load_reward

@@ -86,3 +86,14 @@ def composition(pair_scores: Sequence[ShapesScore]) -> dict:
             sum(s.relation for s in found) / len(found) if found else None
         ),
     }
+
+
+def render_prompts(prompts: Sequence[str], seed: int = 0, image_size: int = 32) -> torch.Tensor:
+    """Real images of the world for ``prompts``: one fresh rendering per prompt (in order), the
+    reference set for FID on the shapes world."""
+    import random
+
+    from diffalign.world.render import render, to_tensor
+
+    rng = random.Random(seed)
+    return to_tensor([render(parse_caption(p), rng, image_size) for p in prompts])

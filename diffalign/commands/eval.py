@@ -1,0 +1,208 @@
+"""``diffalign eval``: sample a model (and a baseline) and measure FID, PickScore, rewards.
+
+Both models are sampled with the same prompts, seeds and sampler, so win-rates compare each image
+with its pair. ``--prompts`` takes a file (one prompt per line) or ``world:SPLIT`` (the shapes
+world's ``heldout`` / ``validation`` / ``train`` captions, ``--num-prompts`` of them).
+``--metrics`` lists metric names (see ``diffalign.metrics``): ``fid`` (standard Inception; offline
+it needs ``--fid-weights``), ``fid:tiny-clip`` (FID on another feature network), ``kid``, and any
+reward (``pickscore``, ``clip_score``, ``tiny_clip``, ``shapes``, ...). FID needs ``--reference``:
+a folder of real images, a statistics file that an earlier run wrote
+(``OUT/reference_NET.safetensors``, reusable), or ``world`` (fresh renderings of the prompts).
+
+Writes ``OUT/metrics.json`` (each metric, ``<metric>_ci`` 95% bootstrap interval, ``n``, and the
+baseline's under ``baseline``), ``OUT/report.md`` + ``report.html`` (model vs baseline table),
+``OUT/grid.png`` (model and baseline side by side) and the reference statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+from diffalign.commands._common import (
+    add_device_arguments,
+    add_out_argument,
+    quiet_libraries,
+    resolve_device,
+    resolve_dtype,
+    write_metrics,
+)
+
+NAME = "eval"
+HELP = "evaluate a model (vs a baseline): FID, PickScore, CLIP score, rewards, win-rates"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the evaluation options (sampling options as in ``diffalign sample``)."""
+    from diffalign.pipelines.dts import SEARCH_SAMPLERS
+
+    parser.add_argument("--model", required=True, help="folder, hub id or diffalign:tiny-shapes")
+    parser.add_argument("--baseline", default=None, help="a second model to compare against")
+    parser.add_argument("--prompts", required=True, help="a prompt file or world:SPLIT")
+    parser.add_argument("--num-prompts", type=int, default=64, help="for --prompts world:SPLIT")
+    parser.add_argument(
+        "--metrics", required=True, help="comma-separated: fid,pickscore or fid:tiny-clip,shapes"
+    )
+    parser.add_argument("--num-images", type=int, default=None,
+                        help="images per model (default: one per prompt)")  # fmt: skip
+    parser.add_argument(
+        "--reference", default=None, help="FID's real images: a folder, a statistics file, world"
+    )
+    parser.add_argument(
+        "--fid-weights", default=None, help="Inception weights file (or DIFFALIGN_INCEPTION_PATH)"
+    )
+    parser.add_argument("--sampler", default="ddim", choices=("ddim", *SEARCH_SAMPLERS))
+    parser.add_argument("--reward", default=None, help="the search samplers' reward")
+    parser.add_argument("--budget-nfe", type=int, default=None, help="search budget per prompt")
+    parser.add_argument("--inverse-temperature", type=float, default=10.0)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--eta", type=float, default=None)
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="default: the one recorded with a world model, else 7.5")  # fmt: skip
+    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device_arguments(parser)
+    add_out_argument(parser)
+
+
+def read_prompts(spec: str, count: int) -> list[str]:
+    """Prompts from a file (one per line) or ``world:SPLIT`` (``count`` captions of the split)."""
+    if spec.startswith("world:"):
+        from diffalign.world.evaluate import heldout_prompts
+
+        split = spec.removeprefix("world:")
+        if split not in ("heldout", "validation", "train"):
+            raise SystemExit(f"error: unknown world split {split!r}; use heldout, validation "
+                             "or train.")  # fmt: skip
+        return heldout_prompts(count, split=split)
+    path = Path(spec)
+    if not path.is_file():
+        raise SystemExit(f"error: --prompts {spec} is neither a file nor world:SPLIT.")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit(f"error: --prompts {spec} holds no prompts (one per line).")
+    return prompts
+
+
+def load_image_folder(folder: Path):
+    """Every image in ``folder`` (sorted by name) as one (N, 3, H, W) batch in [0, 1]."""
+    import torch
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) < 2:
+        raise ValueError(f"The reference folder {folder} holds {len(files)} images; FID needs 2+.")
+    images = [pil_to_tensor(Image.open(f).convert("RGB")) for f in files]
+    sizes = {tuple(image.shape[1:]) for image in images}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"The reference images in {folder} differ in size ({', '.join(map(str, sizes))}); "
+            "resize them to one size first (FID networks resize each batch as a whole)."
+        )
+    return torch.stack(images).float() / 255
+
+
+def _reference(args: argparse.Namespace, prompts: list[str]):
+    if args.reference is None:
+        return None
+    if args.reference == "world":
+        from diffalign.world.evaluate import render_prompts
+
+        return render_prompts(prompts, seed=args.seed + 1)
+    path = Path(args.reference)
+    if path.is_dir():
+        return load_image_folder(path)
+    if path.is_file():
+        return path
+    raise SystemExit(f"error: --reference {path} is not a folder, a file or 'world'.")
+
+
+def _sample(model: str, prompts: list[str], args: argparse.Namespace, device, dtype):
+    """Images of one model for the repeated prompt list (same seeds for every model)."""
+    from diffalign.commands.sample import (
+        load_optional_reward,
+        load_sampling_pipeline,
+        sample_prompts,
+    )
+    from diffalign.world import model_guidance_scale
+
+    pipeline = load_sampling_pipeline(model, device, dtype)
+    pipeline.set_progress_bar_config(disable=True)
+    run = argparse.Namespace(**vars(args))
+    if run.guidance_scale is None:
+        run.guidance_scale = model_guidance_scale(model, default=7.5)
+    size = args.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    reward = load_optional_reward(args.reward, device)
+    images, _, _, _ = sample_prompts(pipeline, prompts, run, size, reward)
+    return images[: args.num_images].float().cpu(), run.guidance_scale
+
+
+def run(args: argparse.Namespace) -> int:
+    """Sample, measure, and write metrics.json, the report and the grids."""
+    from diffalign.commands.sample import check_search_arguments
+    from diffalign.metrics import evaluate, parse_metrics, reference_statistics
+
+    try:
+        requests = parse_metrics(args.metrics)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    check_search_arguments(args)
+    if args.quiet:
+        quiet_libraries()
+    prompts = read_prompts(args.prompts, args.num_prompts)
+    args.num_images = args.num_images or len(prompts)
+    if args.num_images < 2:
+        raise SystemExit("error: --num-images must be at least 2 (intervals need two images).")
+    args.num_images_per_prompt = math.ceil(args.num_images / len(prompts))
+    repeated = [p for p in prompts for _ in range(args.num_images_per_prompt)][: args.num_images]
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    reference = _reference(args, repeated)
+    networks = sorted({r.name for r in requests if r.kind != "reward"})
+    stats = {n: reference_statistics(reference, n, args.fid_weights, device) for n in networks}
+    for name, stat in stats.items():
+        stat.save(args.out / f"reference_{name}.safetensors")
+    columns: dict[str, dict[str, Any]] = {}
+    images, guidance = _sample(args.model, prompts, args, device, dtype)
+    baseline_images = None
+    if args.baseline:
+        baseline_images, _ = _sample(args.baseline, prompts, args, device, dtype)
+    common = {"reference": stats, "fid_weights": args.fid_weights, "device": device,
+              "seed": args.seed, "quiet": args.quiet}  # fmt: skip
+    columns["model"] = evaluate(images, repeated, args.metrics, baseline=baseline_images, **common)
+    if baseline_images is not None:
+        columns["baseline"] = evaluate(baseline_images, repeated, args.metrics, **common)
+    _write_outputs(args, columns, images, baseline_images, guidance, device)
+    return 0
+
+
+def _write_outputs(args, columns, images, baseline_images, guidance, device) -> None:
+    from diffalign.imaging import side_by_side
+    from diffalign.report import Report, Section, markdown_table, metric_rows
+
+    grids = [("model", images)] + ([("baseline", baseline_images)] if args.baseline else [])
+    side_by_side(grids, columns=args.num_images_per_prompt).save(args.out / "grid.png")
+    rows = metric_rows(columns)
+    names = {"model": args.model, "baseline": args.baseline}
+    text = (f"{len(images)} images per model, sampler {args.sampler}, {args.steps} steps, "
+            f"CFG {guidance}, seed {args.seed}; model: {args.model}"
+            + (f"; baseline: {args.baseline}" if args.baseline else "")
+            + ". Values with their 95% bootstrap intervals.")  # fmt: skip
+    warnings = columns["model"].get("warnings", [])
+    sections = [Section("Metrics", text, rows), Section("Samples", figures=[
+        (" | ".join(f"{name} ({names[name]})" for name, _ in grids), "grid.png")])]  # fmt: skip
+    if warnings:
+        sections.append(Section("Warnings", " ".join(warnings)))
+    Report("diffalign eval", sections).write(args.out)
+    model = dict(columns["model"])
+    results = {**model, "baseline": columns.get("baseline"), "model": args.model,
+               "baseline_model": args.baseline, "prompts": args.prompts, "sampler": args.sampler,
+               "steps": args.steps, "guidance_scale": guidance, "seed": args.seed}  # fmt: skip
+    path = write_metrics(args.out, "eval", results, device)
+    print(markdown_table(rows))
+    print(f"\nwrote {path} and {args.out / 'report.md'}")

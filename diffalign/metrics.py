@@ -1,0 +1,265 @@
+"""Evaluate generated images: FID / KID, reward means and win-rates, with bootstrap intervals.
+
+``evaluate(images, prompts, metrics=[...], reference=..., baseline=...)`` is the one entry point.
+Metric names (``parse_metrics``):
+
+- ``fid`` (standard Inception-v3) or ``fid:NET`` for another feature network (``fid:tiny-clip``
+  on the shapes world), see :mod:`diffalign.fid`. Needs ``reference``: real images, or a file
+  of cached statistics. Below the recommended sample size a warning is recorded and KID on the
+  same features is added (``kid_NET``, unbiased at small n). ``kid`` / ``kid:NET`` ask for KID.
+- any registered reward (``pickscore``, ``clip_score``, ``tiny_clip``, ``shapes``, ...): the mean
+  score (key ``NAME_mean``) and, when a baseline's images are given (same prompts and seeds, same
+  order), the win-rate against it (``NAME_win_rate``: ties count half).
+
+Each value comes with ``KEY_ci``, a 95% percentile-bootstrap interval over images (pairs of
+images for win-rates; for FID shifted by the bootstrap's bias, for KID mean +- 1.96 standard
+deviations over subsets), and the result holds ``n``, the number of images.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from diffalign.fid import FeatureStats, canonical_feature_name
+
+logger = logging.getLogger(__name__)
+
+BOOTSTRAP_RESAMPLES = 1000
+FID_BOOTSTRAP_RESAMPLES = 100  # each resample re-solves a d x d eigenproblem
+DISTANCES = ("fid", "kid")
+
+
+@dataclass(frozen=True)
+class MetricRequest:
+    """One requested metric: a distance on a feature network, or a reward's scores."""
+
+    kind: str  # "fid", "kid" or "reward"
+    name: str  # the feature network or the reward
+
+    @property
+    def key(self) -> str:
+        """The result key: ``fid``, ``fid_tiny_clip``, ``kid``, ``shapes_mean``, ..."""
+        if self.kind == "reward":
+            return f"{self.name}_mean"
+        return self.kind if self.name == "inception" else f"{self.kind}_{self.name}"
+
+
+def parse_metrics(spec: str | Sequence[str]) -> list[MetricRequest]:
+    """``"fid:tiny-clip,shapes"`` (or a list of names) as metric requests, in order, no repeats.
+
+    Raises:
+        ValueError: no metric, or a name that is neither a distance nor a registered reward.
+    """
+    from diffalign.rewards import list_rewards
+
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    requests: list[MetricRequest] = []
+    for raw in (n.strip() for n in names):
+        if not raw:
+            continue
+        head, _, feature = raw.partition(":")
+        head = canonical_feature_name(head)
+        if head in DISTANCES:
+            request = MetricRequest(head, canonical_feature_name(feature or "inception"))
+        elif head in list_rewards() and not feature:
+            request = MetricRequest("reward", head)
+        else:
+            known = ", ".join(["fid", "fid:NET", "kid", "kid:NET", *list_rewards()])
+            raise ValueError(f"Unknown metric {raw!r}; known metrics: {known}.")
+        if request not in requests:
+            requests.append(request)
+    if not requests:
+        raise ValueError("No metric requested; pass e.g. --metrics fid:tiny-clip,shapes.")
+    return requests
+
+
+def bootstrap_interval(
+    values: torch.Tensor,
+    statistic: Callable[[torch.Tensor], torch.Tensor] = torch.mean,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    level: float = 0.95,
+    seed: int = 0,
+    bias_corrected: bool = False,
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of ``statistic`` over the rows of ``values``.
+
+    ``bias_corrected`` shifts the interval by the bootstrap's bias (mean of the resampled
+    statistics minus the statistic itself): for statistics such as FID, which a resample with
+    repeated rows pushes upwards, the plain percentile interval would miss the estimate.
+    """
+    if len(values) < 2:
+        raise ValueError("A bootstrap interval needs at least 2 values.")
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(len(values), (resamples, len(values)), generator=generator)
+    estimates = torch.stack([torch.as_tensor(statistic(values[rows])) for rows in draws]).double()
+    tail = (1 - level) / 2
+    low, high = torch.quantile(estimates, torch.tensor([tail, 1 - tail], dtype=torch.double))
+    shift = float(estimates.mean() - torch.as_tensor(statistic(values))) if bias_corrected else 0.0
+    return float(low) - shift, float(high) - shift
+
+
+def win_outcomes(scores: torch.Tensor, baseline_scores: torch.Tensor) -> torch.Tensor:
+    """1 where a score beats its baseline pair, 0.5 on a tie, 0 where it loses."""
+    if scores.shape != baseline_scores.shape:
+        raise ValueError(
+            f"Win-rates compare images pairwise: {len(scores)} scores against "
+            f"{len(baseline_scores)} baseline scores; sample both with the same prompts and seeds."
+        )
+    return (scores > baseline_scores).double() + 0.5 * (scores == baseline_scores).double()
+
+
+def evaluate(
+    images: torch.Tensor,
+    prompts: Sequence[str],
+    metrics: str | Sequence[str] = ("shapes",),
+    reference: Any = None,
+    baseline: torch.Tensor | None = None,
+    *,
+    fid_weights: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    quiet: bool = True,
+) -> dict[str, Any]:
+    """Metrics of ``images`` (N, 3, H, W) in [0, 1], one prompt per image.
+
+    Args:
+        metrics: names as in the module docstring.
+        reference: for FID / KID: real images (a tensor), a statistics file written by
+            :meth:`FeatureStats.save`, a :class:`FeatureStats`, or a mapping from feature-network
+            name to any of those.
+        baseline: the baseline model's images for the same prompts and seeds (win-rates).
+        fid_weights: the Inception weights file (or a CLIP folder for ``fid:NET``).
+
+    Returns:
+        ``{KEY: value, KEY_ci: [low, high], ..., "n": N, "fid_resize": ..., "warnings": [...]}``.
+    """
+    _check_inputs(images, prompts, baseline)
+    results: dict[str, Any] = {"n": len(images), "warnings": []}
+    networks: dict[str, Any] = {}
+    for request in tqdm(parse_metrics(metrics), desc="scoring", disable=quiet):
+        if request.kind == "reward":
+            results.update(_reward_metrics(request, images, prompts, baseline, device, seed))
+            continue
+        if request.name not in networks:
+            networks[request.name] = _feature_sets(
+                request.name, images, reference, fid_weights, device, quiet
+            )
+        results.update(_distance_metrics(request, *networks[request.name], results, seed))
+    for warning in results["warnings"]:
+        logger.warning(warning)
+    return results
+
+
+def _check_inputs(images, prompts, baseline) -> None:
+    from diffalign.rewards.base import check_images
+
+    check_images(images)
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(images)} images need {len(images)} prompts, got {len(prompts)}.")
+    if baseline is not None:
+        check_images(baseline)
+        if baseline.shape != images.shape:
+            raise ValueError(
+                f"The baseline images {tuple(baseline.shape)} do not match the images "
+                f"{tuple(images.shape)}; sample both at the same size, prompts and seeds."
+            )
+
+
+def _reward_metrics(request, images, prompts, baseline, device, seed) -> dict[str, Any]:
+    from diffalign.rewards import load_reward
+
+    reward = load_reward(request.name).to(device)
+    with torch.no_grad():
+        scores = reward(images.to(device), list(prompts)).double().cpu()
+    out = {request.key: float(scores.mean()),
+           f"{request.key}_ci": bootstrap_interval(scores, seed=seed)}  # fmt: skip
+    if baseline is not None:
+        with torch.no_grad():
+            base_scores = reward(baseline.to(device), list(prompts)).double().cpu()
+        wins = win_outcomes(scores, base_scores)
+        out[f"{request.name}_win_rate"] = float(wins.mean())
+        out[f"{request.name}_win_rate_ci"] = bootstrap_interval(wins, seed=seed)
+    return out
+
+
+def reference_statistics(
+    reference: Any,
+    feature: str,
+    fid_weights: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    network=None,
+    quiet: bool = True,
+) -> FeatureStats:
+    """``reference`` (real images, a statistics file, :class:`FeatureStats`, or a mapping from
+    feature-network name to one of those) as the statistics of ``feature``'s network."""
+    from diffalign.fid import extract_features, load_feature_network
+
+    name = canonical_feature_name(feature)
+    if reference is None:
+        raise ValueError(
+            f"FID / KID on {name} features need reference images or statistics (--reference)."
+        )
+    if isinstance(reference, Mapping):
+        given = {canonical_feature_name(k): v for k, v in reference.items()}
+        if name not in given:
+            raise ValueError(f"No reference was given for the {name!r} feature network.")
+        reference = given[name]
+    if isinstance(reference, torch.Tensor):
+        network = network or load_feature_network(name, fid_weights, device)
+        features = extract_features(network, reference, quiet=quiet)
+        return FeatureStats.from_features(features, name, network.resize_convention)
+    stats = reference if isinstance(reference, FeatureStats) else FeatureStats.load(reference)
+    if stats.feature != name:
+        raise ValueError(f"The reference holds {stats.feature!r} features, not {name!r}.")
+    return stats
+
+
+def _feature_sets(name, images, reference, fid_weights, device, quiet):
+    """(reference stats, generated features, network) for one feature network."""
+    from diffalign.fid import extract_features, load_feature_network
+
+    if reference is None:  # fail before loading any network
+        reference_statistics(reference, name)
+    network = load_feature_network(name, fid_weights, device)
+    stats = reference_statistics(reference, name, network=network, quiet=quiet)
+    return stats, extract_features(network, images, quiet=quiet), network
+
+
+def _distance_metrics(request, reference, features, network, results, seed) -> dict[str, Any]:
+    from diffalign.fid import frechet_distance, kernel_distance, recommended_sample_size
+
+    generated = FeatureStats.from_features(features, request.name, network.resize_convention)
+    out: dict[str, Any] = {f"{request.kind}_resize": network.resize_convention}
+    recommended = recommended_sample_size(request.name, network.dim)
+    too_few = min(len(features), reference.n) < recommended
+    if request.kind == "fid":
+        out[request.key] = frechet_distance(reference, generated)
+        out[f"{request.key}_ci"] = bootstrap_interval(
+            features, lambda rows: _fid_of(reference, rows, request.name),
+            resamples=FID_BOOTSTRAP_RESAMPLES, seed=seed, bias_corrected=True,
+        )  # fmt: skip
+        if too_few:
+            results["warnings"].append(
+                f"FID on {request.name} features from {len(features)} images and "
+                f"{reference.n} reference images is below the recommended {recommended} and "
+                "biased upwards; compare it only at equal n, or read KID (added)."
+            )
+    if request.kind == "kid" or too_few:
+        kid_key = MetricRequest("kid", request.name).key
+        mean, std = kernel_distance(reference, generated)
+        out[kid_key], out[f"{kid_key}_std"] = mean, std
+        out[f"{kid_key}_ci"] = (mean - 1.96 * std, mean + 1.96 * std)
+    return out
+
+
+def _fid_of(reference: FeatureStats, features: torch.Tensor, name: str) -> torch.Tensor:
+    from diffalign.fid import frechet_distance
+
+    return torch.tensor(frechet_distance(reference, FeatureStats.from_features(features, name)))

@@ -1,0 +1,82 @@
+"""``diffalign eval`` and ``diffalign quickstart``: files written, keys, and bad inputs."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from diffalign.cli import main
+from diffalign.quickstart import COLUMNS, QuickstartSettings, run_quickstart
+
+
+def eval_args(out, *extra):
+    return ["eval", "--model", "diffalign:tiny-shapes", "--prompts", "world:heldout",
+            "--num-prompts", "3", "--num-images", "6", "--steps", "2", "--quiet",
+            "--out", str(out), *extra]  # fmt: skip
+
+
+def test_eval_against_a_baseline_writes_metrics_report_grid_and_reference(tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = eval_args(out, "--baseline", "diffalign:tiny-shapes", "--metrics",
+                     "shapes,fid:tiny-clip", "--reference", "world")  # fmt: skip
+    assert main(args) == 0
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    assert results["n"] == 6 and results["baseline"]["n"] == 6
+    # the same model twice, same seeds: identical scores, every pair a tie
+    assert results["shapes_mean"] == results["baseline"]["shapes_mean"]
+    assert results["shapes_win_rate"] == 0.5
+    assert len(results["shapes_mean_ci"]) == 2 and "fid_tiny_clip" in results
+    report = (out / "report.md").read_text()
+    assert "| metric | model | baseline |" in report and "shapes_win_rate" in report
+    assert "<table>" in (out / "report.html").read_text()
+    assert Image.open(out / "grid.png").width == 2 * (2 * 34 + 2) + 8  # two 2-wide grids
+    assert "| shapes_mean |" in capsys.readouterr().out
+    # the written reference statistics serve the next run
+    again = tmp_path / "again"
+    reference = str(out / "reference_tiny_clip.safetensors")
+    assert main(eval_args(again, "--metrics", "fid:tiny-clip", "--reference", reference)) == 0
+    second = json.loads((again / "metrics.json").read_text())["results"]
+    assert second["fid_tiny_clip"] == pytest.approx(results["fid_tiny_clip"])
+
+
+def test_eval_bad_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="Unknown metric 'sharpness'"):
+        main(eval_args(tmp_path, "--metrics", "sharpness"))
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(SystemExit, match="holds no prompts"):
+        main(["eval", "--model", "diffalign:tiny-shapes", "--prompts", str(empty),
+              "--metrics", "shapes", "--out", str(tmp_path)])  # fmt: skip
+    with pytest.raises(SystemExit, match="neither a file nor world:SPLIT"):
+        main(["eval", "--model", "diffalign:tiny-shapes", "--prompts", "nowhere.txt",
+              "--metrics", "shapes", "--out", str(tmp_path)])  # fmt: skip
+    folder = tmp_path / "real"
+    folder.mkdir()
+    Image.new("RGB", (32, 32)).save(folder / "a.png")
+    Image.new("RGB", (40, 32)).save(folder / "b.png")
+    with pytest.raises(ValueError, match="differ in size"):
+        main(eval_args(tmp_path / "o", "--metrics", "fid:tiny-clip", "--reference", str(folder)))
+
+
+def test_quickstart_writes_the_four_columns_report_and_figures(tmp_path):
+    settings = QuickstartSettings(
+        num_prompts=2, steps=3, awm_rounds=2, search_chains=2,
+        awm_overrides=["prompts_per_step=2", "samples_per_prompt=2", "sample_batch_size=4",
+                       "train_batch_size=4", "eval_every=1", "num_heldout_prompts=2",
+                       "num_inference_steps=3", "save_every=2"],
+    )  # fmt: skip
+    metrics = run_quickstart(tmp_path, settings, progress=False)
+    assert list(metrics) == list(COLUMNS)
+    for column in COLUMNS:
+        assert {"shapes_mean", "tiny_clip_mean", "fid_tiny_clip"} <= set(metrics[column])
+    assert "shapes_win_rate" in metrics["aligned_dts_star"]
+    written = json.loads((tmp_path / "metrics.json").read_text())["results"]
+    assert written["base"]["shapes_mean"] == metrics["base"]["shapes_mean"]
+    curve = written["curves"]["dts-star"]
+    assert curve["nfe"] == [6, 12]  # one and two chains of 3 steps x 2 CFG rows
+    assert curve["mean_best_reward"] == sorted(curve["mean_best_reward"])  # anytime: never falls
+    for name in ("report.md", "report.html", "grid.png", "reward_curve.png", "reward_vs_nfe.png"):
+        assert (tmp_path / name).is_file(), name
+    report = (tmp_path / "report.md").read_text()
+    assert "| metric | base | aligned | aligned_best_of_n | aligned_dts_star |" in report
+    assert (tmp_path / "awm" / "final" / "model_index.json").is_file()

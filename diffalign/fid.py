@@ -270,8 +270,11 @@ def frechet_distance(reference: FeatureStats, generated: FeatureStats) -> float:
     return float(metric.compute())
 
 
-def kernel_distance(reference: FeatureStats, generated: FeatureStats) -> tuple[float, float]:
-    """KID (mean and standard deviation over subsets), unbiased at small sample sizes."""
+def kernel_distance(
+    reference: FeatureStats, generated: FeatureStats, seed: int = 0
+) -> tuple[float, float]:
+    """KID (mean and standard deviation over random subsets drawn with ``seed``), unbiased at
+    small sample sizes."""
     from torchmetrics.image.kid import KernelInceptionDistance
 
     _check_same_feature(reference, generated)
@@ -286,7 +289,9 @@ def kernel_distance(reference: FeatureStats, generated: FeatureStats) -> tuple[f
         )
     metric.update(reference.features.float(), real=True)
     metric.update(generated.features.float(), real=False)
-    mean, std = metric.compute()
+    with torch.random.fork_rng():  # the subsets come from the global generator
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
     return float(mean), float(std)
 
 

@@ -50,20 +50,26 @@ def save_images(
 
 
 def side_by_side(
-    grids: Sequence[tuple[str, torch.Tensor]], columns: int | None = None, gap: int = 8
+    grids: Sequence[tuple[str, torch.Tensor]],
+    columns: int | None = None,
+    gap: int = 8,
+    scale: int = 1,
 ) -> Image.Image:
-    """Image batches tiled as grids (``make_grid``) and placed left to right, each under a
-    caption, e.g. ``[("base", a), ("aligned", b)]``."""
+    """Image batches tiled as grids (``make_grid``, enlarged ``scale`` times without smoothing)
+    and placed left to right, each under a caption, e.g. ``[("base", a), ("aligned", b)]``."""
     from PIL import ImageDraw
 
-    tiles = [(name, make_grid(images, columns)) for name, images in grids]
-    caption = 12
+    tiles = []
+    for name, images in grids:
+        tile = make_grid(images, columns)
+        tiles.append((name, tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST)))
+    caption = 14
     width = sum(tile.width for _, tile in tiles) + gap * (len(tiles) - 1)
     height = max(tile.height for _, tile in tiles) + caption
     canvas = Image.new("RGB", (width, height), "white")
     draw, left = ImageDraw.Draw(canvas), 0
     for name, tile in tiles:
-        draw.text((left + 2, 0), name, fill="black")
+        draw.text((left + 2, 1), name, fill="black")
         canvas.paste(tile, (left, caption))
         left += tile.width + gap
     return canvas

@@ -241,10 +241,11 @@ def _distance_metrics(request, reference, features, network, results, seed) -> d
     too_few = min(len(features), reference.n) < recommended
     if request.kind == "fid":
         out[request.key] = frechet_distance(reference, generated)
-        out[f"{request.key}_ci"] = bootstrap_interval(
+        low, high = bootstrap_interval(
             features, lambda rows: _fid_of(reference, rows, request.name),
             resamples=FID_BOOTSTRAP_RESAMPLES, seed=seed, bias_corrected=True,
         )  # fmt: skip
+        out[f"{request.key}_ci"] = (max(low, 0.0), max(high, 0.0))  # FID is never negative
         if too_few:
             results["warnings"].append(
                 f"FID on {request.name} features from {len(features)} images and "
@@ -253,7 +254,7 @@ def _distance_metrics(request, reference, features, network, results, seed) -> d
             )
     if request.kind == "kid" or too_few:
         kid_key = MetricRequest("kid", request.name).key
-        mean, std = kernel_distance(reference, generated)
+        mean, std = kernel_distance(reference, generated, seed)
         out[kid_key], out[f"{kid_key}_std"] = mean, std
         out[f"{kid_key}_ci"] = (mean - 1.96 * std, mean + 1.96 * std)
     return out

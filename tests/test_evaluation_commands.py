@@ -39,6 +39,14 @@ def test_eval_against_a_baseline_writes_metrics_report_grid_and_reference(tmp_pa
     assert second["fid_tiny_clip"] == pytest.approx(results["fid_tiny_clip"])
 
 
+def test_eval_without_fid_creates_its_output_folder(tmp_path):
+    out = tmp_path / "new" / "eval"
+    assert main(eval_args(out, "--metrics", "shapes")) == 0
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    assert results["n"] == 6 and 0.0 <= results["shapes_mean"] <= 1.0
+    assert results["baseline"] is None and (out / "grid.png").is_file()
+
+
 def test_eval_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="Unknown metric 'sharpness'"):
         main(eval_args(tmp_path, "--metrics", "sharpness"))

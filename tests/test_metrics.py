@@ -59,6 +59,7 @@ def test_kid_is_near_zero_for_one_distribution_and_positive_for_another():
     other_mean, _ = kernel_distance(reference, other)
     assert abs(same_mean) < 3 * same_std + 1e-3
     assert other_mean > 10 * max(abs(same_mean), same_std)
+    assert kernel_distance(reference, same) == (same_mean, same_std)  # seeded subsets
 
 
 def test_statistics_round_trip_through_a_file_and_check_the_network(tmp_path):

@@ -162,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
     repeated = [p for p in prompts for _ in range(args.num_images_per_prompt)][: args.num_images]
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    args.out.mkdir(parents=True, exist_ok=True)
     reference = _reference(args, repeated)
     networks = sorted({r.name for r in requests if r.kind != "reward"})
     stats = {n: reference_statistics(reference, n, args.fid_weights, device) for n in networks}

@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--awm-rounds", type=int, default=defaults.awm_rounds)
     parser.add_argument("--search-chains", type=int, default=defaults.search_chains,
                         help="search budget per prompt, in full chains")  # fmt: skip
+    parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale,
+                        help="CFG for training, evaluation and search (default: 1)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -43,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1.")
     quiet_libraries()
     settings = QuickstartSettings(num_prompts=args.num_prompts, awm_rounds=args.awm_rounds,
-                                  search_chains=args.search_chains, seed=args.seed)  # fmt: skip
+                                  search_chains=args.search_chains, seed=args.seed,
+                                  guidance_scale=args.guidance_scale)  # fmt: skip
     run_quickstart(args.out, settings, progress=not args.quiet)
     return 0

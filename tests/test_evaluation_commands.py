@@ -81,7 +81,7 @@ def test_quickstart_writes_the_four_columns_report_and_figures(tmp_path):
     written = json.loads((tmp_path / "metrics.json").read_text())["results"]
     assert written["base"]["shapes_mean"] == metrics["base"]["shapes_mean"]
     curve = written["curves"]["dts-star"]
-    assert curve["nfe"] == [6, 12]  # one and two chains of 3 steps x 2 CFG rows
+    assert curve["nfe"] == [3, 6]  # one and two chains of 3 steps, one row a step at CFG 1
     assert curve["mean_best_reward"] == sorted(curve["mean_best_reward"])  # anytime: never falls
     for name in ("report.md", "report.html", "grid.png", "reward_curve.png", "reward_vs_nfe.png"):
         assert (tmp_path / name).is_file(), name

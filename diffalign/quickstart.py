@@ -107,7 +107,8 @@ def run_quickstart(out: str | Path, settings: QuickstartSettings | None = None,
         columns[key] = state.evaluate(images[key], images["base"])
         clock.done(f"{sampler} at {state.budget()} NFEs per prompt")
     metrics = {name: columns[name] for name in COLUMNS}
-    write_quickstart_outputs(out, metrics, images, curves, run_folder, settings, clock.total())
+    write_quickstart_outputs(out, metrics, images, curves, run_folder, settings, clock.total(),
+                             prompts[:8])  # fmt: skip
     return metrics
 
 
@@ -210,7 +211,7 @@ def train_awm(settings: QuickstartSettings, out: Path, progress: bool = True) ->
 
 def write_quickstart_outputs(out: Path, metrics: dict, images: dict, curves: dict,
                              run_folder: Path, settings: QuickstartSettings,
-                             seconds: float) -> None:  # fmt: skip
+                             seconds: float, shown_prompts: list[str]) -> None:  # fmt: skip
     """metrics.json, the figures and report.md / report.html; prints the table."""
     from diffalign.commands._common import write_metrics
     from diffalign.imaging import side_by_side
@@ -228,12 +229,12 @@ def write_quickstart_outputs(out: Path, metrics: dict, images: dict, curves: dic
     table = metric_rows(metrics)
     results = {**metrics, "settings": asdict(settings), "seconds": seconds, "curves": curves}
     write_metrics(out, "quickstart", results)
-    _report(table, settings, seconds).write(out)
+    _report(table, settings, seconds, shown_prompts).write(out)
     print(markdown_table(table))
     print(f"\nreport: {out / 'report.md'} (and report.html)")
 
 
-def _report(table, settings: QuickstartSettings, seconds: float):
+def _report(table, settings: QuickstartSettings, seconds: float, shown_prompts: list[str]):
     from diffalign.report import Report, Section
 
     n = settings.num_prompts * settings.samples_per_prompt
@@ -245,7 +246,8 @@ def _report(table, settings: QuickstartSettings, seconds: float):
              f"Total time {seconds / 60:.1f} min.")  # fmt: skip
     return Report("diffalign quickstart: align, search, evaluate", [
         Section("Results", about, table),
-        Section("Samples", "The first 8 prompts, two images each, left to right by column.",
+        Section("Samples", "The first 8 prompts, one row each (two images per column), top to "
+                "bottom: " + "; ".join(shown_prompts) + ".",
                 figures=[("base | aligned | aligned + best-of-N | aligned + DTS*", "grid.png")]),
         Section("Training", figures=[("shapes reward during AWM", "reward_curve.png")]),
         Section("Search", "The best image per prompt found within each budget (the table's "

@@ -132,7 +132,7 @@ def _sample(model: str, prompts: list[str], args: argparse.Namespace, device, dt
     from diffalign.world import model_guidance_scale
 
     pipeline = load_sampling_pipeline(model, device, dtype)
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline.set_progress_bar_config(disable=args.quiet, desc=f"sampling {model}")
     run = argparse.Namespace(**vars(args))
     if run.guidance_scale is None:
         run.guidance_scale = model_guidance_scale(model, default=7.5)

@@ -53,7 +53,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from diffalign.rewards import UnknownRewardError
 
     return (
-        ModelNotAvailableError, ConfigError, CheckpointError, FileNotFoundError,
+        ModelNotAvailableError, ConfigError, CheckpointError, FileNotFoundError, FileExistsError,
         UnknownRewardError, UnsupportedModelError, LoraTargetError,
     )  # fmt: skip
 

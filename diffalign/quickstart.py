@@ -195,7 +195,12 @@ def anytime_curve(stats: list[dict], budget: int, points: int) -> dict[str, list
 
 
 def train_awm(settings: QuickstartSettings, out: Path, progress: bool = True) -> Path:
-    """A short AWM run of the ``tiny-shapes`` recipe; returns its run folder."""
+    """A short AWM run of the ``tiny-shapes`` recipe in ``out``; returns ``out``.
+
+    A run of the same settings already there is continued from its latest checkpoint (an
+    interrupted quickstart resumes, a finished one is reused, more rounds extend it); a run of
+    other settings, or a longer one, is an error rather than overwritten.
+    """
     from diffalign.commands.train import recipe_path
     from diffalign.train.awm import AWMTrainer
     from diffalign.train.config import AWMConfig
@@ -205,8 +210,26 @@ def train_awm(settings: QuickstartSettings, out: Path, progress: bool = True) ->
                  f"seed={settings.seed}", f"progress={str(progress).lower()}",
                  *settings.awm_overrides]  # fmt: skip
     config = AWMConfig.from_yaml(recipe_path("awm", "tiny-shapes"), overrides)
-    AWMTrainer(config, out).train()
+    existing = out / "config.yaml"
+    same = existing.is_file() and _run_settings(AWMConfig.from_yaml(existing)) == (
+        _run_settings(config)
+    )
+    if existing.is_file() and not same:
+        raise FileExistsError(
+            f"{out} holds an AWM run with other settings; pass another --out or delete {out}."
+        )
+    if same and AWMConfig.from_yaml(existing).max_steps > config.max_steps:
+        raise FileExistsError(
+            f"{out} holds a longer AWM run than --awm-rounds {config.max_steps}; pass another "
+            f"--out or delete {out}."
+        )
+    AWMTrainer(config, out).train(resume=same)
     return out
+
+
+def _run_settings(config) -> dict[str, Any]:
+    """The settings that make two runs the same run (length and progress display aside)."""
+    return {k: v for k, v in config.to_dict().items() if k not in ("progress", "max_steps")}
 
 
 def write_quickstart_outputs(out: Path, metrics: dict, images: dict, curves: dict,

@@ -66,13 +66,17 @@ def test_eval_bad_inputs_are_clear_errors(tmp_path):
         main(eval_args(tmp_path / "o", "--metrics", "fid:tiny-clip", "--reference", str(folder)))
 
 
+def tiny_quickstart(**changes) -> QuickstartSettings:
+    overrides = ["prompts_per_step=2", "samples_per_prompt=2", "sample_batch_size=4",
+                 "train_batch_size=4", "eval_every=1", "num_heldout_prompts=2",
+                 "num_inference_steps=3", "save_every=1"]  # fmt: skip
+    settings = {"num_prompts": 2, "steps": 3, "awm_rounds": 2, "search_chains": 2,
+                "awm_overrides": overrides, **changes}  # fmt: skip
+    return QuickstartSettings(**settings)
+
+
 def test_quickstart_writes_the_four_columns_report_and_figures(tmp_path):
-    settings = QuickstartSettings(
-        num_prompts=2, steps=3, awm_rounds=2, search_chains=2,
-        awm_overrides=["prompts_per_step=2", "samples_per_prompt=2", "sample_batch_size=4",
-                       "train_batch_size=4", "eval_every=1", "num_heldout_prompts=2",
-                       "num_inference_steps=3", "save_every=2"],
-    )  # fmt: skip
+    settings = tiny_quickstart()
     metrics = run_quickstart(tmp_path, settings, progress=False)
     assert list(metrics) == list(COLUMNS)
     for column in COLUMNS:
@@ -88,3 +92,16 @@ def test_quickstart_writes_the_four_columns_report_and_figures(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "| metric | base | aligned | aligned_best_of_n | aligned_dts_star |" in report
     assert (tmp_path / "awm" / "final" / "model_index.json").is_file()
+
+
+def test_quickstart_continues_its_own_run_and_refuses_another(tmp_path):
+    first = run_quickstart(tmp_path, tiny_quickstart(awm_rounds=1), progress=False)
+    # more rounds of the same settings continue from the checkpoint of round 1
+    longer = run_quickstart(tmp_path, tiny_quickstart(awm_rounds=2), progress=False)
+    rows = (tmp_path / "awm" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["step"] for row in rows] == [0, 1, 2]
+    assert longer["base"] == first["base"]
+    with pytest.raises(FileExistsError, match="longer AWM run"):
+        run_quickstart(tmp_path, tiny_quickstart(awm_rounds=1), progress=False)
+    with pytest.raises(FileExistsError, match="other settings"):
+        run_quickstart(tmp_path, tiny_quickstart(awm_rounds=2, seed=1), progress=False)

@@ -218,13 +218,20 @@ def train_awm(settings: QuickstartSettings, out: Path, progress: bool = True) ->
         raise FileExistsError(
             f"{out} holds an AWM run with other settings; pass another --out or delete {out}."
         )
-    if same and AWMConfig.from_yaml(existing).max_steps > config.max_steps:
+    if same and _rounds_done(out) > config.max_steps:
         raise FileExistsError(
             f"{out} holds a longer AWM run than --awm-rounds {config.max_steps}; pass another "
             f"--out or delete {out}."
         )
     AWMTrainer(config, out).train(resume=same)
     return out
+
+
+def _rounds_done(out: Path) -> int:
+    """The last round an AWM run folder logged (0 when none)."""
+    log = out / "metrics.jsonl"
+    rows = log.read_text().splitlines() if log.is_file() else []
+    return max((json.loads(row)["step"] for row in rows if row.strip()), default=0)
 
 
 def _run_settings(config) -> dict[str, Any]:

@@ -116,30 +116,50 @@ def win_outcomes(scores: torch.Tensor, baseline_scores: torch.Tensor) -> torch.T
 
 
 def evaluate(
-    images: torch.Tensor,
+    model_or_images: Any,
     prompts: Sequence[str],
     metrics: str | Sequence[str] = ("shapes",),
     reference: Any = None,
-    baseline: torch.Tensor | None = None,
+    baseline: Any = None,
     *,
+    samples_per_prompt: int = 1,
+    steps: int = 25,
+    guidance_scale: float | None = None,
     fid_weights: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
     quiet: bool = True,
 ) -> dict[str, Any]:
-    """Metrics of ``images`` (N, 3, H, W) in [0, 1], one prompt per image.
+    """Metrics of a model's images, or of images (N, 3, H, W) in [0, 1] with one prompt each.
 
     Args:
+        model_or_images: images, one per prompt; or a model (a Stable Diffusion pipeline, a
+            folder, a hub id or ``diffalign:tiny-shapes``), sampled with deterministic DDIM,
+            ``samples_per_prompt`` images per prompt (prompt-major), ``steps`` steps,
+            ``guidance_scale`` (default: the one recorded with a world model, else 7.5), ``seed``.
         metrics: names as in the module docstring.
         reference: for FID / KID: real images (a tensor), a statistics file written by
             :meth:`FeatureStats.save`, a :class:`FeatureStats`, or a mapping from feature-network
             name to any of those.
-        baseline: the baseline model's images for the same prompts and seeds (win-rates).
+        baseline: the baseline's images for the same prompts and seeds, or a baseline model
+            (sampled as the model is, with the same seeds), for win-rates.
         fid_weights: the Inception weights file (or a CLIP folder for ``fid:NET``).
 
     Returns:
         ``{KEY: value, KEY_ci: [low, high], ..., "n": N, "fid_resize": ..., "warnings": [...]}``.
     """
+    sampling = {"samples_per_prompt": samples_per_prompt, "steps": steps,
+                "guidance_scale": guidance_scale, "seed": seed, "device": device,
+                "quiet": quiet}  # fmt: skip
+    baseline_is_model = baseline is not None and not isinstance(baseline, torch.Tensor)
+    if not isinstance(model_or_images, torch.Tensor):
+        distinct = list(prompts)
+        model_or_images, prompts = sample_model(model_or_images, distinct, **sampling)
+        if baseline_is_model:
+            baseline, _ = sample_model(baseline, distinct, **sampling)
+    elif baseline_is_model:
+        raise ValueError("Images are compared with a baseline's images: pass them, not a model.")
+    images = model_or_images
     _check_inputs(images, prompts, baseline)
     results: dict[str, Any] = {"n": len(images), "warnings": []}
     networks: dict[str, Any] = {}
@@ -155,6 +175,37 @@ def evaluate(
     for warning in results["warnings"]:
         logger.warning(warning)
     return results
+
+
+def sample_model(
+    model: Any,
+    prompts: Sequence[str],
+    samples_per_prompt: int = 1,
+    steps: int = 25,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    quiet: bool = True,
+) -> tuple[torch.Tensor, list[str]]:
+    """Deterministic DDIM images of ``model`` (a pipeline or a model name) for every prompt,
+    ``samples_per_prompt`` each, and the prompt of each image (prompt-major)."""
+    from diffalign.world import model_guidance_scale
+    from diffalign.world.evaluate import generate
+
+    if not prompts:
+        raise ValueError("Give at least one prompt to sample the model with.")
+    pipeline = model
+    if isinstance(model, (str, os.PathLike)):
+        from diffalign.commands.sample import load_sampling_pipeline
+
+        pipeline = load_sampling_pipeline(str(model), torch.device(device), torch.float32)
+    if guidance_scale is None:
+        name = str(model) if isinstance(model, (str, os.PathLike)) else ""
+        guidance_scale = model_guidance_scale(name, default=7.5)
+    pipeline.set_progress_bar_config(disable=True)
+    images = generate(pipeline, list(prompts), samples_per_prompt, steps, guidance_scale, seed,
+                      quiet=quiet)  # fmt: skip
+    return images.float(), [p for p in prompts for _ in range(samples_per_prompt)]
 
 
 def _check_inputs(images, prompts, baseline) -> None:

@@ -200,3 +200,13 @@ def test_inception_weights_load_from_a_file_and_give_its_features(tmp_path, monk
     torch.save({"model": InceptionFeatures}, pickled)  # a class, not tensors: refused
     with pytest.raises(ValueError, match="not an Inception weights file"):
         InceptionFeatures(pickled)
+
+
+def test_evaluate_samples_a_model_and_a_baseline_model_with_the_same_seeds():
+    prompts = heldout_prompts(3)
+    results = evaluate("diffalign:tiny-shapes", prompts, "shapes", baseline="diffalign:tiny-shapes",
+                       samples_per_prompt=2, steps=3)  # fmt: skip
+    assert results["n"] == 6
+    assert results["shapes_win_rate"] == 0.5  # the same model and seeds: every pair ties
+    with pytest.raises(ValueError, match="baseline's images"):
+        evaluate(render_prompts(prompts), prompts, "shapes", baseline="diffalign:tiny-shapes")

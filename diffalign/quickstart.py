@@ -259,12 +259,14 @@ def write_quickstart_outputs(out: Path, metrics: dict, images: dict, curves: dic
     table = metric_rows(metrics)
     results = {**metrics, "settings": asdict(settings), "seconds": seconds, "curves": curves}
     write_metrics(out, "quickstart", results)
-    _report(table, settings, seconds, shown_prompts).write(out)
+    warnings = sorted({w for column in metrics.values() for w in column.get("warnings", [])})
+    _report(table, settings, seconds, shown_prompts, warnings).write(out)
     print(markdown_table(table))
     print(f"\nreport: {out / 'report.md'} (and report.html)")
 
 
-def _report(table, settings: QuickstartSettings, seconds: float, shown_prompts: list[str]):
+def _report(table, settings: QuickstartSettings, seconds: float, shown_prompts: list[str],
+            warnings: list[str]):  # fmt: skip
     from diffalign.report import Report, Section
 
     n = settings.num_prompts * settings.samples_per_prompt
@@ -274,7 +276,7 @@ def _report(table, settings: QuickstartSettings, seconds: float, shown_prompts: 
              f"{settings.search_chains} chains' worth of NFEs per prompt. Values with 95% "
              f"bootstrap intervals; win-rates against the base, image by image. "
              f"Total time {seconds / 60:.1f} min.")  # fmt: skip
-    return Report("diffalign quickstart: align, search, evaluate", [
+    report = Report("diffalign quickstart: align, search, evaluate", [
         Section("Results", about, table),
         Section("Samples", "The first 8 prompts, one row each (two images per column), top to "
                 "bottom: " + "; ".join(shown_prompts) + ".",
@@ -284,3 +286,6 @@ def _report(table, settings: QuickstartSettings, seconds: float, shown_prompts: 
                 "search columns hold each prompt's two best images).",
                 figures=[("mean best reward against NFEs", "reward_vs_nfe.png")]),
     ])  # fmt: skip
+    if warnings:
+        report.sections.insert(1, Section("Warnings", " ".join(warnings)))
+    return report

@@ -91,6 +91,7 @@ def test_quickstart_writes_the_four_columns_report_and_figures(tmp_path):
         assert (tmp_path / name).is_file(), name
     report = (tmp_path / "report.md").read_text()
     assert "| metric | base | aligned | aligned_best_of_n | aligned_dts_star |" in report
+    assert "## Warnings" in report and "below the recommended" in report  # 4 images per column
     assert (tmp_path / "awm" / "final" / "model_index.json").is_file()
 
 

@@ -125,6 +125,7 @@ class InceptionFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Features (N, 2048) of images (N, 3, H, W) in [0, 1], quantised to uint8 first."""
         pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8)
         return self.network(pixels)[0].reshape(len(images), -1)
 
@@ -145,6 +146,7 @@ class ClipImageFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Image embeddings (N, projection_dim) of images (N, 3, H, W) in [0, 1]."""
         from diffalign.rewards.clip import pooled
 
         pixels = self.reward.transform(images.to(self.reward.device, self.reward.dtype))

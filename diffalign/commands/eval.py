@@ -123,29 +123,26 @@ def _reference(args: argparse.Namespace, prompts: list[str]):
 
 
 def _sample(model: str, prompts: list[str], args: argparse.Namespace, device, dtype):
-    """Images of one model for the repeated prompt list (same seeds for every model)."""
+    """Images of one model for the repeated prompt list (same seeds and CFG for every model)."""
     from diffalign.commands.sample import (
         load_optional_reward,
         load_sampling_pipeline,
         sample_prompts,
     )
-    from diffalign.world import model_guidance_scale
 
     pipeline = load_sampling_pipeline(model, device, dtype)
     pipeline.set_progress_bar_config(disable=args.quiet, desc=f"sampling {model}")
-    run = argparse.Namespace(**vars(args))
-    if run.guidance_scale is None:
-        run.guidance_scale = model_guidance_scale(model, default=7.5)
     size = args.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     reward = load_optional_reward(args.reward, device)
-    images, _, _, _ = sample_prompts(pipeline, prompts, run, size, reward)
-    return images[: args.num_images].float().cpu(), run.guidance_scale
+    images, _, _, _ = sample_prompts(pipeline, prompts, args, size, reward)
+    return images[: args.num_images].float().cpu()
 
 
 def run(args: argparse.Namespace) -> int:
     """Sample, measure, and write metrics.json, the report and the grids."""
     from diffalign.commands.sample import check_search_arguments
     from diffalign.metrics import evaluate, parse_metrics, reference_statistics
+    from diffalign.world import model_guidance_scale
 
     try:
         requests = parse_metrics(args.metrics)
@@ -168,21 +165,23 @@ def run(args: argparse.Namespace) -> int:
     stats = {n: reference_statistics(reference, n, args.fid_weights, device) for n in networks}
     for name, stat in stats.items():
         stat.save(args.out / f"reference_{name}.safetensors")
+    if args.guidance_scale is None:  # one scale for both models: the model's recorded one
+        args.guidance_scale = model_guidance_scale(args.model, default=7.5)
     columns: dict[str, dict[str, Any]] = {}
-    images, guidance = _sample(args.model, prompts, args, device, dtype)
+    images = _sample(args.model, prompts, args, device, dtype)
     baseline_images = None
     if args.baseline:
-        baseline_images, _ = _sample(args.baseline, prompts, args, device, dtype)
+        baseline_images = _sample(args.baseline, prompts, args, device, dtype)
     common = {"reference": stats, "fid_weights": args.fid_weights, "device": device,
               "seed": args.seed, "quiet": args.quiet}  # fmt: skip
     columns["model"] = evaluate(images, repeated, args.metrics, baseline=baseline_images, **common)
     if baseline_images is not None:
         columns["baseline"] = evaluate(baseline_images, repeated, args.metrics, **common)
-    _write_outputs(args, columns, images, baseline_images, guidance, device)
+    _write_outputs(args, columns, images, baseline_images, device)
     return 0
 
 
-def _write_outputs(args, columns, images, baseline_images, guidance, device) -> None:
+def _write_outputs(args, columns, images, baseline_images, device) -> None:
     from diffalign.imaging import side_by_side
     from diffalign.report import Report, Section, markdown_table, metric_rows
 
@@ -191,7 +190,7 @@ def _write_outputs(args, columns, images, baseline_images, guidance, device) -> 
     rows = metric_rows(columns)
     names = {"model": args.model, "baseline": args.baseline}
     text = (f"{len(images)} images per model, sampler {args.sampler}, {args.steps} steps, "
-            f"CFG {guidance}, seed {args.seed}; model: {args.model}"
+            f"CFG {args.guidance_scale}, seed {args.seed}; model: {args.model}"
             + (f"; baseline: {args.baseline}" if args.baseline else "")
             + ". Values with their 95% bootstrap intervals.")  # fmt: skip
     warnings = columns["model"].get("warnings", [])
@@ -200,10 +199,10 @@ def _write_outputs(args, columns, images, baseline_images, guidance, device) -> 
     if warnings:
         sections.append(Section("Warnings", " ".join(warnings)))
     Report("diffalign eval", sections).write(args.out)
-    model = dict(columns["model"])
-    results = {**model, "baseline": columns.get("baseline"), "model": args.model,
-               "baseline_model": args.baseline, "prompts": args.prompts, "sampler": args.sampler,
-               "steps": args.steps, "guidance_scale": guidance, "seed": args.seed}  # fmt: skip
+    settings = {key: getattr(args, key) for key in ("prompts", "sampler", "steps", "seed")}
+    results = {**columns["model"], "baseline": columns.get("baseline"), "model": args.model,
+               "baseline_model": args.baseline, "guidance_scale": args.guidance_scale,
+               **settings}  # fmt: skip
     path = write_metrics(args.out, "eval", results, device)
     print(markdown_table(rows))
     print(f"\nwrote {path} and {args.out / 'report.md'}")

@@ -218,7 +218,8 @@ def as_ddim_scheduler(scheduler, feature: str):
         raise UnsupportedModelError(
             f"{feature} samples with DDIM steps, but this model is a flow-matching model "
             f"({type(scheduler).__name__}). Flow-matching UNets are supported by the rollout "
-            "pipeline and the DDPO and AWM trainers (`diffalign train`) only."
+            "pipeline, the DDPO and AWM trainers (`diffalign train`) and the search samplers "
+            "(`--sampler best-of-n|smc|dts|dts-star`, on Flow-GRPO's SDE step)."
         )
     if isinstance(scheduler, DDIMScheduler):
         return scheduler

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from diffalign.pipelines.rollout import draw_noise, guided_noise_prediction
-from diffalign.sampling import NoiseSchedule, ddim_step
+from diffalign.sampling import NoiseSchedule, load_schedule
 
 
 class DenoisingChain(ABC):
@@ -37,8 +37,10 @@ class DenoisingChain(ABC):
                 f"eta must be > 0, got {eta} (eta=1 is DDPM-like)."
             )
         self.schedule = schedule
-        self.timesteps = timesteps.long().cpu()
+        flow = getattr(schedule, "prediction_type", None) == "flow"  # flow times are fractional
+        self.timesteps = timesteps.cpu() if flow else timesteps.long().cpu()
         self.num_steps = len(self.timesteps)
+        self.next_timesteps = schedule.following_timesteps(self.timesteps, self.num_steps)
         self.eta = eta
         self.rows_per_sample = rows_per_sample
         self.nfe = 0
@@ -83,18 +85,18 @@ class DenoisingChain(ABC):
         if positions.min() < 0 or positions.max() >= self.num_steps:
             raise ValueError(f"Chain positions must lie in [0, {self.num_steps}), got {positions}.")
         timesteps = self.timesteps[positions].to(latents.device)
-        previous = self.schedule.previous_timestep(timesteps, self.num_steps)
+        previous = self.next_timesteps[positions].to(latents.device)
         self.nfe += len(latents) * self.rows_per_sample
         return self._transition(latents, timesteps, previous, generator)
 
     def _transition(
         self, latents: Tensor, timesteps: Tensor, previous: Tensor, generator: torch.Generator
     ) -> tuple[Tensor, Tensor]:
-        """One stochastic DDIM step of the model's prediction: (next latents, predicted x0)."""
+        """One stochastic step of the model's prediction (DDIM, or Flow-GRPO's SDE step for a
+        flow-matching schedule): (next latents, predicted x0)."""
         output = self._predict(latents, timesteps)
         noise = draw_noise(latents.shape, generator, latents.device, latents.dtype)
-        out = ddim_step(output, timesteps, latents, self.schedule, previous, eta=self.eta,
-                        noise=noise)  # fmt: skip
+        out = self.schedule.step(output, timesteps, latents, previous, eta=self.eta, noise=noise)
         return out.prev_sample, out.pred_original_sample.to(latents.dtype)
 
     @torch.no_grad()
@@ -122,9 +124,11 @@ class PipelineChain(DenoisingChain):
         height: int | None = None,
         width: int | None = None,
     ) -> None:
+        from diffalign.flow import is_flow_scheduler
         from diffalign.models import as_ddim_scheduler
 
-        pipeline.scheduler = as_ddim_scheduler(pipeline.scheduler, "Tree and particle sampling")
+        if not is_flow_scheduler(pipeline.scheduler):  # flow models keep their Euler schedule
+            pipeline.scheduler = as_ddim_scheduler(pipeline.scheduler, "Tree sampling")
         self.pipeline, self.prompt, self.reward = pipeline, prompt, reward
         self.device = pipeline._execution_device
         self.use_cfg = guidance_scale > 1.0
@@ -139,7 +143,7 @@ class PipelineChain(DenoisingChain):
         self.latent_size = ((height or sample_size) // scale, (width or sample_size) // scale)
         pipeline.scheduler.set_timesteps(num_inference_steps, device=self.device)
         super().__init__(
-            NoiseSchedule.from_scheduler(pipeline.scheduler), pipeline.scheduler.timesteps, eta,
+            load_schedule(pipeline.scheduler), pipeline.scheduler.timesteps, eta,
             rows_per_sample=2 if self.use_cfg else 1,
         )  # fmt: skip
 

@@ -129,14 +129,18 @@ def test_missing_model_is_one_clear_line(tmp_path, capsys):
     assert "Traceback" not in err
 
 
-def test_sampling_a_flow_model_is_refused_with_what_supports_it(tmp_path, capsys):
+def test_flow_models_search_but_plain_ddim_sampling_is_refused(tmp_path, capsys):
     from diffalign.models import build_tiny_pipeline
 
     build_tiny_pipeline(seed=0, flow_shift=3.0).save_pretrained(tmp_path / "flow")
-    args = ["sample", "--model", str(tmp_path / "flow"), "--prompt", "x", "--steps", "2",
-            "--sampler", "dts-star", "--reward", "jpeg_compressibility", "--budget-nfe", "8",
-            "--out", str(tmp_path / "out"), "--quiet"]  # fmt: skip
-    assert main(args) == 2
+    common = ["sample", "--model", str(tmp_path / "flow"), "--prompt", "x", "--steps", "2",
+              "--quiet"]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "ddim")]) == 2
     err = capsys.readouterr().err
     assert "flow-matching model (FlowMatchEulerDiscreteScheduler)" in err
-    assert "DDPO and AWM" in err and "Traceback" not in err
+    assert "search samplers" in err and "Traceback" not in err
+    search = ["--sampler", "dts-star", "--reward", "jpeg_compressibility", "--budget-nfe", "16",
+              "--eta", "0.7", "--out", str(tmp_path / "dts")]  # fmt: skip
+    assert main([*common, *search]) == 0
+    results = json.loads((tmp_path / "dts" / "metrics.json").read_text())["results"]
+    assert results["nfe"] <= 16 and results["search"][0]["samples"] >= 2

@@ -43,6 +43,28 @@ def test_nfe_accounting_equals_the_unet_rows_evaluated(dts_pipeline, sampler, gu
     assert all(s["reward_calls"] >= 50 // rows_per_chain for s in out.stats)
 
 
+@pytest.mark.parametrize("sampler", SEARCH_SAMPLERS)
+def test_flow_models_are_searched_on_their_own_schedule(sampler):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffalign.flow import FlowSchedule
+    from diffalign.models import build_tiny_pipeline
+    from diffalign.pipelines.chain import PipelineChain
+
+    pipeline = DTSPipeline(**build_tiny_pipeline(seed=0, flow_shift=3.0).components,
+                           requires_safety_checker=False)  # fmt: skip
+    pipeline.set_progress_bar_config(disable=True)
+    rows = count_rows(pipeline.unet)
+    out = pipeline("a red circle", brightness, budget_nfe=32, sampler=sampler,
+                   num_inference_steps=4, guidance_scale=3.0, eta=0.7, output_type="pt",
+                   batch_size=2)  # fmt: skip
+    assert isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler)  # not made DDIM
+    assert rows[0] == out.stats[0]["nfe"] <= 32
+    chain = PipelineChain(pipeline, "a red circle", brightness, 4, 3.0, eta=0.7)
+    assert isinstance(chain.schedule, FlowSchedule)
+    assert chain.timesteps[0] == 1000.0 and chain.next_timesteps[-1] == 0.0  # noise to clean
+
+
 @pytest.mark.parametrize("sampler", ["dts-star", "best-of-n"])
 def test_returned_rewards_are_the_rewards_of_the_returned_images(dts_pipeline, sampler):
     out = dts_pipeline("a red circle", brightness, budget_nfe=64, sampler=sampler,

@@ -87,8 +87,10 @@ def check_search_arguments(args: argparse.Namespace) -> None:
         raise SystemExit("error: search samplers branch the chain and need --eta > 0 (1 is DDPM).")
 
 
-def load_sampling_pipeline(model: str, device, dtype):
-    """A DDIM-scheduled Stable Diffusion pipeline for ``--model`` (folder, hub id, shipped)."""
+def load_sampling_pipeline(model: str, device, dtype, keep_flow: bool = False):
+    """A DDIM-scheduled Stable Diffusion pipeline for ``--model`` (folder, hub id, shipped);
+    ``keep_flow`` leaves a flow-matching model's scheduler (search samplers step it), else a
+    flow model is refused."""
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -104,7 +106,10 @@ def load_sampling_pipeline(model: str, device, dtype):
 
             model = str(shipped_model_path(model.removeprefix(SHIPPED_PREFIX)))
         pipeline = load_pipeline(model, StableDiffusionPipeline, torch_dtype=dtype, device=device)
-    pipeline.scheduler = as_ddim_scheduler(pipeline.scheduler, "diffalign sample and bench")
+    from diffalign.flow import is_flow_scheduler
+
+    if not (keep_flow and is_flow_scheduler(pipeline.scheduler)):
+        pipeline.scheduler = as_ddim_scheduler(pipeline.scheduler, "DDIM sampling")
     return pipeline
 
 
@@ -185,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         quiet_libraries()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipeline = load_sampling_pipeline(args.model, device, dtype)
+    pipeline = load_sampling_pipeline(args.model, device, dtype, args.sampler != "ddim")
     if args.guidance_scale is None:
         args.guidance_scale = model_guidance_scale(args.model, default=7.5)
     pipeline.set_progress_bar_config(disable=args.quiet)

@@ -1,7 +1,8 @@
 """A stochastic denoising chain with compute accounting, which tree sampling and baselines run on.
 
-A :class:`DenoisingChain` advances latents one stochastic DDIM step at a time, each row at its own
-position in the chain, and scores final (or predicted clean) latents with a reward. It counts what
+A :class:`DenoisingChain` advances latents one stochastic step at a time (DDIM with eta > 0, or
+Flow-GRPO's SDE step for a flow-matching schedule), each row at its own position in the chain,
+and scores final (or predicted clean) latents with a reward. It counts what
 a fair comparison needs: ``nfe``, the UNet rows evaluated (classifier-free guidance doubles the
 rows, as it doubles the UNet batch), and ``reward_calls``, the samples scored.
 
@@ -107,7 +108,8 @@ class DenoisingChain(ABC):
 
 
 class PipelineChain(DenoisingChain):
-    """The DDIM chain of a Stable Diffusion pipeline for one prompt, with CFG as diffusers does it.
+    """The chain of a Stable Diffusion pipeline for one prompt (DDIM; a flow-matching UNet keeps
+    its Euler schedule and steps by Flow-GRPO's SDE), with CFG as diffusers does it.
 
     ``reward`` maps (images in [0, 1], prompts) to scores, e.g. a :class:`diffalign.rewards.Reward`.
     """

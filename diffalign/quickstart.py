@@ -81,6 +81,7 @@ class QuickstartSettings:
 def run_quickstart(out: str | Path, settings: QuickstartSettings | None = None,
                    progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Run the five stages into ``out``; returns the metrics written to ``out/metrics.json``."""
+    from diffalign.metrics import reference_statistics
     from diffalign.world.evaluate import heldout_prompts, render_prompts
 
     settings = settings or QuickstartSettings()
@@ -89,7 +90,7 @@ def run_quickstart(out: str | Path, settings: QuickstartSettings | None = None,
     clock = _Clock(progress)
     prompts = heldout_prompts(settings.num_prompts, seed=settings.seed)
     repeated = [p for p in prompts for _ in range(settings.samples_per_prompt)]
-    reference = render_prompts(repeated, seed=settings.seed + 1)
+    reference = reference_statistics(render_prompts(repeated, seed=settings.seed + 1), "tiny_clip")
     state = _Stage(settings, prompts, repeated, {"tiny_clip": reference}, progress)
     images = {"base": state.sample(_load(settings.model))}
     columns = {"base": state.evaluate(images["base"])}
@@ -142,7 +143,7 @@ class _Stage:
     settings: QuickstartSettings
     prompts: list[str]
     repeated: list[str]
-    reference: dict[str, torch.Tensor]
+    reference: dict[str, Any]  # feature network -> FeatureStats, computed once
     progress: bool
 
     @property
@@ -151,11 +152,12 @@ class _Stage:
 
     def sample(self, pipeline) -> torch.Tensor:
         """Deterministic DDIM images of every prompt, the same seeds for every model."""
-        from diffalign.world.evaluate import generate
+        from diffalign.metrics import sample_model
 
-        return generate(pipeline, self.prompts, self.settings.samples_per_prompt,
-                        self.settings.steps, self.guidance, self.settings.seed,
-                        quiet=not self.progress)  # fmt: skip
+        images, _ = sample_model(pipeline, self.prompts, self.settings.samples_per_prompt,
+                                 self.settings.steps, self.guidance, self.settings.seed,
+                                 quiet=not self.progress)  # fmt: skip
+        return images
 
     def budget(self) -> int:
         """NFEs per prompt: ``search_chains`` full chains (CFG counts two rows a step)."""

@@ -110,6 +110,17 @@ def test_resumed_runs_match_uninterrupted_ones(cls, config_cls, extra, tmp_path,
     assert rows("split") == rows("straight") and len(rows("straight")) == 4
 
 
+def test_a_resumed_run_records_and_reports_its_changed_settings(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(AWMTrainer, "save_final", lambda self: None)
+    _trainer(AWMTrainer, AWMConfig(max_steps=1, **SMALL), tmp_path).train()
+    assert AWMConfig.from_yaml(tmp_path / "config.yaml").max_steps == 1
+    longer = {**SMALL, "eval_every": 2}
+    with caplog.at_level("WARNING", logger="diffalign.train.trainer"):
+        _trainer(AWMTrainer, AWMConfig(max_steps=2, **longer), tmp_path).train(resume=True)
+    assert AWMConfig.from_yaml(tmp_path / "config.yaml").max_steps == 2
+    assert "changed settings: eval_every: 1 -> 2, max_steps: 1 -> 2" in caplog.text
+
+
 def test_training_changes_the_weights_and_stratifies_timesteps(tmp_path):
     trainer = _trainer(AWMTrainer, AWMConfig(max_steps=1, **SMALL), tmp_path)
     before = _weights(trainer)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from diffalign.train.config import TrainConfig
 from diffalign.train.prompts import PromptSource
 
 SHIPPED_PREFIX = "diffalign:"
+
+logger = logging.getLogger(__name__)
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -68,6 +71,14 @@ def _logged_step(line: str) -> int | None:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return None
+
+
+def changed_settings(before: dict, after: dict) -> dict[str, tuple]:
+    """The settings whose values differ between two config dicts: ``{key: (before, after)}``
+    (compared as JSON, so a tuple equals the list a checkpoint's manifest stores)."""
+    before, after = json.loads(json.dumps(before)), json.loads(json.dumps(after))
+    keys = sorted(set(before) | set(after))
+    return {k: (before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)}
 
 
 def mean_diagnostics(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -339,7 +350,13 @@ class Trainer:
         latest = latest_checkpoint(self.out / "checkpoints")
         if latest is None:
             return False
-        self.load_state(load_checkpoint(latest).states)
+        checkpoint = load_checkpoint(latest)
+        self.load_state(checkpoint.states)
+        changed = changed_settings(checkpoint.config, self.config.to_dict())
+        if changed and self.accelerator.is_main_process:
+            listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+            logger.warning("Resuming %s at round %d with changed settings: %s", self.out,
+                           self.step, listed)  # fmt: skip
         if self.accelerator.is_main_process and self.metrics_path.exists():
             kept = [line for line in self.metrics_path.read_text().splitlines()
                     if (step := _logged_step(line)) is not None and step <= self.step]  # fmt: skip
@@ -366,9 +383,11 @@ class Trainer:
 
         config = self.config
         self.out.mkdir(parents=True, exist_ok=True)
-        if not (resume and self.resume()) and self.accelerator.is_main_process:
-            self.metrics_path.write_text("")
-            config.to_yaml(self.out / "config.yaml")
+        resumed = resume and self.resume()
+        if self.accelerator.is_main_process:
+            if not resumed:
+                self.metrics_path.write_text("")
+            config.to_yaml(self.out / "config.yaml")  # the settings the run goes on with
         if self.config.log_with != "none":
             self.accelerator.init_trackers(f"diffalign-{self.method}")
         if self.step == 0:

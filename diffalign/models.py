@@ -337,6 +337,15 @@ def _load_hub(name: str, pipeline_cls, **kwargs):
     return pipeline_cls.from_pretrained(name, **_safety_checker_overrides(model_index), **kwargs)
 
 
+def _dtype_keyword() -> str:
+    """The keyword diffusers' ``from_pretrained`` takes the weights' dtype under: ``dtype`` in
+    releases that deprecate ``torch_dtype`` (they warn on every load given it), else
+    ``torch_dtype``. Those releases resolve the two with ``deprecation_utils._resolve_dtype``."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
 def load_pipeline(
     name_or_path: str | os.PathLike,
     pipeline_cls: type | None = None,
@@ -367,7 +376,7 @@ def load_pipeline(
 
     pipeline_cls = pipeline_cls or DiffusionPipeline
     if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
+        kwargs[_dtype_keyword()] = torch_dtype
     path = Path(name_or_path).expanduser()
     if path.exists():
         pipeline = _load_local(path, pipeline_cls, **kwargs)

@@ -50,6 +50,16 @@ def test_save_and_load_round_trip_offline(tiny_pipeline, tmp_path):
     torch.testing.assert_close(sample(loaded), sample(tiny_pipeline), rtol=0, atol=0)
 
 
+def test_load_pipeline_sets_the_dtype_without_a_deprecation_warning(tiny_pipeline, tmp_path):
+    import warnings
+
+    tiny_pipeline.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*torch_dtype", category=FutureWarning)
+        loaded = models.load_pipeline(tmp_path, torch_dtype=torch.bfloat16)
+    assert loaded.unet.dtype == torch.bfloat16 and loaded.vae.dtype == torch.bfloat16
+
+
 def test_load_pipeline_with_a_diffalign_subclass(tiny_pipeline, tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -41,16 +41,16 @@ class DDPOTrainer(Trainer):
     def load_extra_states(self, states: dict) -> None:
         self.tracker.load_state_dict(states["tracker"])
 
-    def step_loss(self, rollout: Rollout, advantages: Tensor, index: Tensor, steps: Tensor):
-        """The PPO loss of samples ``index`` at their chain positions ``steps`` (one per sample)."""
-        config = self.config
+    def transition_log_probs(self, rollout: Rollout, index: Tensor, steps: Tensor) -> Tensor:
+        """Log-probs under the current policy of the stored transitions of samples ``index`` at
+        their chain positions ``steps`` (one per sample), with CFG when ``train_cfg``."""
         rows = torch.arange(len(index))
         chain = rollout.latents[index]
         latents, next_latents = chain[rows, steps], chain[rows, steps + 1]
         # the UNet embeds (B,) timesteps on their own device: keep them with the latents
         timesteps = rollout.timesteps.to(latents.device)[steps.to(latents.device)]
         negative = rollout.negative_prompt_embeds
-        use_cfg = config.train_cfg and negative is not None
+        use_cfg = self.config.train_cfg and negative is not None
         with self.accelerator.autocast():
             noise_pred = guided_noise_prediction(
                 self.model, latents, timesteps, rollout.prompt_embeds[index],
@@ -58,10 +58,14 @@ class DDPOTrainer(Trainer):
             )  # fmt: skip
         landing = self.schedule.following_timesteps(rollout.timesteps, rollout.num_inference_steps)
         next_timesteps = landing.to(latents.device)[steps.to(latents.device)]
-        log_probs = self.schedule.step(noise_pred, timesteps, latents, next_timesteps, rollout.eta,
-                                       prev_sample=next_latents).log_prob  # fmt: skip
+        return self.schedule.step(noise_pred, timesteps, latents, next_timesteps, rollout.eta,
+                                  prev_sample=next_latents).log_prob  # fmt: skip
+
+    def step_loss(self, rollout: Rollout, advantages: Tensor, index: Tensor, steps: Tensor):
+        """The PPO loss of samples ``index`` at their chain positions ``steps`` (one per sample)."""
+        log_probs = self.transition_log_probs(rollout, index, steps)
         return ddpo_loss(log_probs, rollout.log_probs[index, steps], advantages[index],
-                         config.clip_range, config.adv_clip_max)  # fmt: skip
+                         self.config.clip_range, self.config.adv_clip_max)  # fmt: skip
 
     def train_on(self, batch: RoundBatch, step: int) -> dict[str, float]:
         config, rollout = self.config, batch.rollout

@@ -213,9 +213,7 @@ def train_awm(settings: QuickstartSettings, out: Path, progress: bool = True) ->
                  *settings.awm_overrides]  # fmt: skip
     config = AWMConfig.from_yaml(recipe_path("awm", "tiny-shapes"), overrides)
     existing = out / "config.yaml"
-    same = existing.is_file() and _run_settings(AWMConfig.from_yaml(existing)) == (
-        _run_settings(config)
-    )
+    same = existing.is_file() and _same_run(AWMConfig.from_yaml(existing), config)
     if existing.is_file() and not same:
         raise FileExistsError(
             f"{out} holds an AWM run with other settings; pass another --out or delete {out}."
@@ -236,9 +234,12 @@ def _rounds_done(out: Path) -> int:
     return max((json.loads(row)["step"] for row in rows if row.strip()), default=0)
 
 
-def _run_settings(config) -> dict[str, Any]:
-    """The settings that make two runs the same run (length and progress display aside)."""
-    return {k: v for k, v in config.to_dict().items() if k not in ("progress", "max_steps")}
+def _same_run(recorded, config) -> bool:
+    """Whether two configs make the same run (length and progress display aside)."""
+    from diffalign.train.trainer import changed_settings
+
+    changed = changed_settings(recorded.to_dict(), config.to_dict())
+    return not set(changed) - {"progress", "max_steps"}
 
 
 def write_quickstart_outputs(out: Path, metrics: dict, images: dict, curves: dict,

@@ -126,11 +126,10 @@ class PipelineChain(DenoisingChain):
         height: int | None = None,
         width: int | None = None,
     ) -> None:
-        from diffalign.flow import is_flow_scheduler
         from diffalign.models import as_ddim_scheduler
 
-        if not is_flow_scheduler(pipeline.scheduler):  # flow models keep their Euler schedule
-            pipeline.scheduler = as_ddim_scheduler(pipeline.scheduler, "Tree sampling")
+        # flow models keep their Euler schedule (stepped by Flow-GRPO's SDE)
+        pipeline.scheduler = as_ddim_scheduler(pipeline.scheduler, "Tree sampling", keep_flow=True)
         self.pipeline, self.prompt, self.reward = pipeline, prompt, reward
         self.device = pipeline._execution_device
         self.use_cfg = guidance_scale > 1.0

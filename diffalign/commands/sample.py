@@ -106,10 +106,7 @@ def load_sampling_pipeline(model: str, device, dtype, keep_flow: bool = False):
 
             model = str(shipped_model_path(model.removeprefix(SHIPPED_PREFIX)))
         pipeline = load_pipeline(model, StableDiffusionPipeline, torch_dtype=dtype, device=device)
-    from diffalign.flow import is_flow_scheduler
-
-    if not (keep_flow and is_flow_scheduler(pipeline.scheduler)):
-        pipeline.scheduler = as_ddim_scheduler(pipeline.scheduler, "DDIM sampling")
+    pipeline.scheduler = as_ddim_scheduler(pipeline.scheduler, "DDIM sampling", keep_flow)
     return pipeline
 
 

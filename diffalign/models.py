@@ -206,25 +206,15 @@ def build_tiny_pipeline(
     )
 
 
-def as_ddim_scheduler(scheduler, feature: str, keep_flow: bool = False):
-    """``scheduler`` as a ``DDIMScheduler`` with the same config (SD1.5 ships PNDM), for
-    ``feature``, which samples with DDIM steps. A flow-matching scheduler is returned as it is
-    with ``keep_flow`` (the feature steps it itself), else raises :class:`UnsupportedModelError`:
-    its model cannot be sampled by DDIM."""
+def as_ddim_scheduler(scheduler):
+    """``scheduler`` as a ``DDIMScheduler`` with the same config (SD1.5 ships PNDM), for features
+    that sample with DDIM steps; a flow-matching scheduler is returned as it is (those features
+    step it with :mod:`diffalign.flow`)."""
     from diffusers import DDIMScheduler
 
     from diffalign.flow import is_flow_scheduler
 
-    if is_flow_scheduler(scheduler):
-        if keep_flow:
-            return scheduler
-        raise UnsupportedModelError(
-            f"{feature} samples with DDIM steps, but this model is a flow-matching model "
-            f"({type(scheduler).__name__}). Flow-matching UNets are supported by the rollout "
-            "pipeline, the DDPO and AWM trainers (`diffalign train`) and the search samplers "
-            "(`--sampler best-of-n|smc|dts|dts-star`, on Flow-GRPO's SDE step)."
-        )
-    if isinstance(scheduler, DDIMScheduler):
+    if is_flow_scheduler(scheduler) or isinstance(scheduler, DDIMScheduler):
         return scheduler
     return DDIMScheduler.from_config(scheduler.config)
 

@@ -235,11 +235,10 @@ def _rounds_done(out: Path) -> int:
 
 
 def _same_run(recorded, config) -> bool:
-    """Whether two configs make the same run (length and progress display aside)."""
+    """Whether two configs make the same run (its length and display settings aside)."""
     from diffalign.train.trainer import changed_settings
 
-    changed = changed_settings(recorded.to_dict(), config.to_dict())
-    return not set(changed) - {"progress", "max_steps"}
+    return not set(changed_settings(recorded.to_dict(), config.to_dict())) - {"max_steps"}
 
 
 def write_quickstart_outputs(out: Path, metrics: dict, images: dict, curves: dict,

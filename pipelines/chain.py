@@ -129,7 +129,7 @@ class PipelineChain(DenoisingChain):
         from diffalign.models import as_ddim_scheduler
 
         # flow models keep their Euler schedule (stepped by Flow-GRPO's SDE)
-        pipeline.scheduler = as_ddim_scheduler(pipeline.scheduler, "Tree sampling", keep_flow=True)
+        pipeline.scheduler = as_ddim_scheduler(pipeline.scheduler)
         self.pipeline, self.prompt, self.reward = pipeline, prompt, reward
         self.device = pipeline._execution_device
         self.use_cfg = guidance_scale > 1.0

@@ -18,10 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from torch import Tensor
 
 from diffalign.flow import is_flow_scheduler
+from diffalign.models import as_ddim_scheduler
 from diffalign.sampling import load_schedule
 
 
@@ -167,8 +168,7 @@ class RolloutPipeline(StableDiffusionPipeline):
         kept (see the module doc). The progress bar follows the pipeline's
         ``set_progress_bar_config``.
         """
-        if not isinstance(self.scheduler, DDIMScheduler) and not is_flow_scheduler(self.scheduler):
-            self.scheduler = DDIMScheduler.from_config(self.scheduler.config)  # e.g. SD1.5's PNDM
+        self.scheduler = as_ddim_scheduler(self.scheduler)  # e.g. SD1.5's PNDM
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds,
@@ -215,3 +215,24 @@ class RolloutPipeline(StableDiffusionPipeline):
             eta=eta,
             num_inference_steps=num_inference_steps,
         )
+
+
+def plain_sampling_pipeline(pipeline: StableDiffusionPipeline) -> StableDiffusionPipeline:
+    """``pipeline`` itself, or for a flow-matching model a :class:`RolloutPipeline` over the same
+    components: diffusers' ``StableDiffusionPipeline`` cannot step a flow scheduler (it lacks
+    ``scale_model_input``), the rollout pipeline can."""
+    if not is_flow_scheduler(pipeline.scheduler) or isinstance(pipeline, RolloutPipeline):
+        return pipeline
+    plain = RolloutPipeline(**pipeline.components, requires_safety_checker=False)
+    plain.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
+    return plain
+
+
+def sample_images(pipeline: StableDiffusionPipeline, prompt: str | list[str], *,
+                  eta: float = 0.0, **call_kwargs) -> Tensor:  # fmt: skip
+    """Images (N, 3, H, W) in [0, 1] from a ``StableDiffusionPipeline`` or a
+    :class:`RolloutPipeline` (flow models), called with ``call_kwargs`` (steps, guidance scale,
+    generator, ...) and DDIM's ``eta`` (on a flow model: Euler at 0, else the SDE's noise level)."""
+    if isinstance(pipeline, RolloutPipeline):
+        return pipeline(prompt, eta=eta, **call_kwargs).images
+    return pipeline(prompt, eta=eta, output_type="pt", **call_kwargs).images

@@ -129,16 +129,24 @@ def test_missing_model_is_one_clear_line(tmp_path, capsys):
     assert "Traceback" not in err
 
 
-def test_flow_models_search_but_plain_ddim_sampling_is_refused(tmp_path, capsys):
+def test_flow_models_sample_plainly_with_euler_steps_and_search(tmp_path):
+    import numpy as np
+    import torch
+
     from diffalign.models import build_tiny_pipeline
+    from diffalign.pipelines.rollout import RolloutPipeline
 
     build_tiny_pipeline(seed=0, flow_shift=3.0).save_pretrained(tmp_path / "flow")
     common = ["sample", "--model", str(tmp_path / "flow"), "--prompt", "x", "--steps", "2",
               "--quiet"]  # fmt: skip
-    assert main([*common, "--out", str(tmp_path / "ddim")]) == 2
-    err = capsys.readouterr().err
-    assert "flow-matching model (FlowMatchEulerDiscreteScheduler)" in err
-    assert "search samplers" in err and "Traceback" not in err
+    assert main([*common, "--out", str(tmp_path / "ddim")]) == 0
+    saved = np.asarray(Image.open(tmp_path / "ddim" / "images" / "0000.png"), dtype=np.float32)
+    euler = RolloutPipeline.from_pretrained(tmp_path / "flow")(
+        "x", num_inference_steps=2, guidance_scale=7.5, eta=0.0,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]  # fmt: skip
+    expected = euler.permute(1, 2, 0).numpy() * 255
+    assert np.abs(saved - expected).max() <= 1.0  # PNG rounding only
     search = ["--sampler", "dts-star", "--reward", "jpeg_compressibility", "--budget-nfe", "16",
               "--eta", "0.7", "--out", str(tmp_path / "dts")]  # fmt: skip
     assert main([*common, *search]) == 0

@@ -134,3 +134,25 @@ def test_flow_model_sde_rollout_log_probs_recompute(flow_pipeline):
                                  prev_sample=rollout.latents[:, i + 1])  # fmt: skip
             torch.testing.assert_close(step.log_prob, rollout.log_probs[:, i], atol=1e-4,
                                        rtol=1e-4)  # fmt: skip
+
+
+def test_bench_rollout_refuses_a_flow_model_it_cannot_compare(flow_pipeline):
+    from diffalign.benchmarks.rollout import time_sampling
+    from diffalign.models import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="cannot step a flow-matching scheduler"):
+        time_sampling(flow_pipeline, ["x"], 2, 1.0, 0.0, 1, torch.device("cpu"))
+
+
+def test_plain_sampling_of_a_flow_model_uses_the_rollout_pipeline(flow_pipeline):
+    from diffusers import StableDiffusionPipeline
+
+    from diffalign.pipelines.rollout import plain_sampling_pipeline, sample_images
+
+    plain = StableDiffusionPipeline(**flow_pipeline.components, requires_safety_checker=False)
+    sampler = plain_sampling_pipeline(plain)
+    assert isinstance(sampler, RolloutPipeline) and sampler.unet is plain.unet
+    kwargs = {"num_inference_steps": 2, "guidance_scale": 3.0}
+    images = sample_images(sampler, "x", generator=torch.Generator().manual_seed(0), **kwargs)
+    expected = flow_pipeline("x", eta=0.0, generator=torch.Generator().manual_seed(0), **kwargs)
+    torch.testing.assert_close(images, expected.images)

@@ -116,11 +116,11 @@ def test_a_resumed_run_records_and_reports_its_changed_settings(tmp_path, monkey
     monkeypatch.setattr(AWMTrainer, "save_final", lambda self: None)
     _trainer(AWMTrainer, AWMConfig(max_steps=1, **SMALL), tmp_path).train()
     assert AWMConfig.from_yaml(tmp_path / "config.yaml").max_steps == 1
-    longer = {**SMALL, "eval_every": 2}
+    longer = {**SMALL, "eval_every": 2, "progress": True}  # a display setting: not reported
     with caplog.at_level("WARNING", logger="diffalign.train.trainer"):
         _trainer(AWMTrainer, AWMConfig(max_steps=2, **longer), tmp_path).train(resume=True)
     assert AWMConfig.from_yaml(tmp_path / "config.yaml").max_steps == 2
-    assert "changed settings: eval_every: 1 -> 2, max_steps: 1 -> 2" in caplog.text
+    assert "changed settings: eval_every: 1 -> 2, max_steps: 1 -> 2\n" in caplog.text
 
 
 class Brightness(Reward):

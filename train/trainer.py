@@ -73,11 +73,16 @@ def _logged_step(line: str) -> int | None:
         return None
 
 
+DISPLAY_SETTINGS = frozenset({"progress"})
+"""Settings that change what a run shows, not what it computes: not reported as changed."""
+
+
 def changed_settings(before: dict, after: dict) -> dict[str, tuple]:
     """The settings whose values differ between two config dicts: ``{key: (before, after)}``
-    (compared as JSON, so a tuple equals the list a checkpoint's manifest stores)."""
+    (compared as JSON, so a tuple equals the list a checkpoint's manifest stores), display
+    settings (:data:`DISPLAY_SETTINGS`) aside."""
     before, after = json.loads(json.dumps(before)), json.loads(json.dumps(after))
-    keys = sorted(set(before) | set(after))
+    keys = sorted((set(before) | set(after)) - DISPLAY_SETTINGS)
     return {k: (before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)}
 
 

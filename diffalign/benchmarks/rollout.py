@@ -81,6 +81,15 @@ def time_sampling(pipeline, prompts: list[str], steps: int, guidance: float, eta
     """Alternate diffusers and rollout sampling; median seconds of each and the ratio."""
     from diffusers import StableDiffusionPipeline
 
+    from diffalign.flow import is_flow_scheduler
+    from diffalign.models import UnsupportedModelError
+
+    if is_flow_scheduler(pipeline.scheduler):
+        raise UnsupportedModelError(
+            "bench rollout times the rollout pipeline against diffusers' StableDiffusionPipeline, "
+            "which cannot step a flow-matching scheduler; bench a DDPM-family model (e.g. "
+            "diffalign:tiny-shapes or sd15-random)."
+        )
     reference = StableDiffusionPipeline(**pipeline.components, requires_safety_checker=False)
     reference.set_progress_bar_config(disable=True)
     pipeline.set_progress_bar_config(disable=True)

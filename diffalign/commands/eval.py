@@ -130,7 +130,7 @@ def _sample(model: str, prompts: list[str], args: argparse.Namespace, device, dt
         sample_prompts,
     )
 
-    pipeline = load_sampling_pipeline(model, device, dtype, args.sampler != "ddim")
+    pipeline = load_sampling_pipeline(model, device, dtype)
     pipeline.set_progress_bar_config(disable=args.quiet, desc=f"sampling {model}")
     size = args.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     reward = load_optional_reward(args.reward, device)

@@ -87,14 +87,15 @@ def check_search_arguments(args: argparse.Namespace) -> None:
         raise SystemExit("error: search samplers branch the chain and need --eta > 0 (1 is DDPM).")
 
 
-def load_sampling_pipeline(model: str, device, dtype, keep_flow: bool = False):
-    """A DDIM-scheduled Stable Diffusion pipeline for ``--model`` (folder, hub id, shipped);
-    ``keep_flow`` leaves a flow-matching model's scheduler (search samplers step it), else a
-    flow model is refused."""
+def load_sampling_pipeline(model: str, device, dtype):
+    """A DDIM-scheduled Stable Diffusion pipeline for ``--model`` (folder, hub id, shipped); a
+    flow-matching model keeps its scheduler and comes as a ``RolloutPipeline``, which steps it
+    (the search samplers use the same components either way)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
     from diffalign.models import as_ddim_scheduler, build_tiny_pipeline, load_pipeline
+    from diffalign.pipelines.rollout import plain_sampling_pipeline
 
     if model == TINY_RANDOM:
         pipeline = build_tiny_pipeline(seed=0).to(device)
@@ -106,8 +107,8 @@ def load_sampling_pipeline(model: str, device, dtype, keep_flow: bool = False):
 
             model = str(shipped_model_path(model.removeprefix(SHIPPED_PREFIX)))
         pipeline = load_pipeline(model, StableDiffusionPipeline, torch_dtype=dtype, device=device)
-    pipeline.scheduler = as_ddim_scheduler(pipeline.scheduler, "DDIM sampling", keep_flow)
-    return pipeline
+    pipeline.scheduler = as_ddim_scheduler(pipeline.scheduler)
+    return plain_sampling_pipeline(pipeline)
 
 
 def count_calls(module) -> list[int]:
@@ -128,12 +129,14 @@ def _sample_ddim(pipeline, prompts, args, size, reward):
     """Plain DDIM images, their rewards (NaN without ``--reward``) and NFEs per image."""
     import torch
 
+    from diffalign.pipelines.rollout import sample_images
+
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    images = pipeline(
-        prompts, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+    images = sample_images(
+        pipeline, prompts, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
         eta=args.eta or 0.0, num_images_per_prompt=args.num_images_per_prompt, height=size,
-        width=size, generator=generator, output_type="pt",
-    ).images  # fmt: skip
+        width=size, generator=generator,
+    )  # fmt: skip
     repeated = [p for p in prompts for _ in range(args.num_images_per_prompt)]
     if reward is None:
         return images, torch.full((len(images),), float("nan")), repeated, {}
@@ -187,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         quiet_libraries()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipeline = load_sampling_pipeline(args.model, device, dtype, args.sampler != "ddim")
+    pipeline = load_sampling_pipeline(args.model, device, dtype)
     if args.guidance_scale is None:
         args.guidance_scale = model_guidance_scale(args.model, default=7.5)
     pipeline.set_progress_bar_config(disable=args.quiet)

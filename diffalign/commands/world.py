@@ -100,17 +100,14 @@ def _pretrain_clip(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace):
     from diffusers import StableDiffusionPipeline
 
-    from diffalign.flow import is_flow_scheduler
     from diffalign.models import load_pipeline
-    from diffalign.pipelines.rollout import RolloutPipeline
+    from diffalign.pipelines.rollout import plain_sampling_pipeline
     from diffalign.world import recorded_guidance_scale, shipped_model_path
 
     if args.quiet:
         quiet_libraries()
     path = Path(args.model) if args.model else shipped_model_path()
-    pipeline = load_pipeline(path, pipeline_cls=StableDiffusionPipeline)
-    if is_flow_scheduler(pipeline.scheduler):  # StableDiffusionPipeline cannot sample flow models
-        pipeline = RolloutPipeline(**pipeline.components, requires_safety_checker=False)
+    pipeline = plain_sampling_pipeline(load_pipeline(path, pipeline_cls=StableDiffusionPipeline))
     pipeline.set_progress_bar_config(disable=True)
     scale = args.guidance_scale
     if scale is None:

@@ -40,17 +40,16 @@ def generate(
     ``pipeline`` is a ``StableDiffusionPipeline`` or, for flow-matching models, a
     :class:`~diffalign.pipelines.rollout.RolloutPipeline` (sampled deterministically, ``eta=0``).
     """
-    from diffalign.pipelines.rollout import RolloutPipeline
+    from diffalign.pipelines.rollout import sample_images
 
-    output = {"eta": 0.0} if isinstance(pipeline, RolloutPipeline) else {"output_type": "pt"}
     generator = torch.Generator().manual_seed(seed)
     chunks = []
     for start in tqdm(range(0, len(prompts), batch_prompts), desc="sampling", disable=quiet):
         chunk = list(prompts[start : start + batch_prompts])
-        images = pipeline(
-            chunk, num_images_per_prompt=samples_per_prompt, num_inference_steps=steps,
-            guidance_scale=guidance_scale, generator=generator, **output,
-        ).images  # fmt: skip
+        images = sample_images(
+            pipeline, chunk, num_images_per_prompt=samples_per_prompt, num_inference_steps=steps,
+            guidance_scale=guidance_scale, generator=generator,
+        )  # fmt: skip
         chunks.append(images.cpu())
     return torch.cat(chunks)
 

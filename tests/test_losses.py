@@ -24,6 +24,19 @@ def test_ddpo_loss_matches_hand_computation():
     torch.testing.assert_close(log_probs.grad, expected, atol=1e-5, rtol=0)
 
 
+def test_ddpo_loss_weighs_each_sample_by_its_step_weight():
+    log_probs = torch.tensor([0.0, 0.1], requires_grad=True)
+    advantages, weights = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 2.0])
+    out = ddpo_loss(log_probs, torch.zeros(2), advantages, clip_range=0.05, step_weights=weights)
+    # per sample (as above) -1 and 2.210342, times 0.5 and 2, mean over 2
+    assert out.loss.item() == pytest.approx((-0.5 + 4.420684) / 2, abs=1e-6)
+    out.loss.backward()
+    torch.testing.assert_close(log_probs.grad, torch.tensor([-0.25, 2 * 1.105171]), atol=1e-5,
+                               rtol=0)  # fmt: skip
+    with pytest.raises(ValueError, match="step_weights"):
+        ddpo_loss(log_probs, torch.zeros(2), advantages, step_weights=torch.ones(3))
+
+
 def test_ddpo_loss_stops_the_gradient_outside_the_clip_range():
     log_probs = torch.tensor([0.5], requires_grad=True)  # ratio 1.65 > 1 + eps with A > 0
     ddpo_loss(log_probs, torch.zeros(1), torch.ones(1), clip_range=0.2).loss.backward()

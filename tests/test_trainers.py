@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from diffalign.cli import main
+from diffalign.config import ConfigError
 from diffalign.models import build_tiny_pipeline, load_lora, load_pipeline, merge_lora
 from diffalign.pipelines.rollout import RolloutPipeline
 from diffalign.rewards.base import Reward
@@ -172,6 +173,25 @@ def test_a_ddpo_update_moves_log_probs_the_way_of_the_advantages(tmp_path):
     trainer.train_on(batch, 0)
     change = chain_log_probs() - before
     assert (advantages * change).sum() > 0  # up for A > 0, down for A < 0, to first order
+
+
+def test_ddpo_noise_weighting_evens_out_the_steps_by_their_noise_level(tmp_path):
+    config = DDPOConfig(max_steps=1, step_weighting="noise", **SMALL)
+    trainer = _trainer(DDPOTrainer, config, tmp_path)
+    rollout = trainer.sample_round(0).rollout
+    weights = trainer.chain_step_weights(rollout)
+    landing = trainer.schedule.following_timesteps(rollout.timesteps, rollout.num_inference_steps)
+    zero = torch.zeros(1, 4, 4, 4)
+    std = torch.tensor([float(trainer.schedule.step(zero, int(t), zero, int(t_next), rollout.eta,
+                                                    prev_sample=zero).std)
+                        for t, t_next in zip(rollout.timesteps, landing, strict=True)])  # fmt: skip
+    torch.testing.assert_close(weights, std / std.mean())
+    assert weights.mean().item() == pytest.approx(1.0)
+    assert weights[-1] < weights[0] and torch.all(weights[1:] <= weights[:-1])
+    uniform = _trainer(DDPOTrainer, DDPOConfig(max_steps=1, **SMALL), tmp_path / "u")
+    assert torch.equal(uniform.chain_step_weights(rollout), torch.ones(len(weights)))
+    with pytest.raises(ConfigError, match="step_weighting"):
+        DDPOConfig(step_weighting="snr")
 
 
 def test_training_changes_the_weights_and_stratifies_timesteps(tmp_path):

@@ -14,6 +14,7 @@ from diffalign.models import DEFAULT_LORA_TARGETS
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "wandb", "none")
+DDPO_STEP_WEIGHTINGS = ("uniform", "noise")
 
 
 @dataclass
@@ -106,6 +107,10 @@ class DDPOConfig(TrainConfig):
     num_inner_epochs: int = 1
     timestep_fraction: float = field(default=1.0, metadata={"help": "share of steps trained"})
     train_cfg: bool = field(default=True, metadata={"help": "CFG when recomputing log-probs"})
+    step_weighting: str = field(
+        default="uniform",
+        metadata={"help": "uniform, or noise: each step's loss times its noise level (std)"},
+    )
     per_prompt_stat_tracking: bool = True
     stat_buffer_size: int = 32
     stat_min_count: int = 16
@@ -118,6 +123,11 @@ class DDPOConfig(TrainConfig):
             raise ConfigError("timestep_fraction must be in (0, 1].")
         if self.num_inner_epochs < 1:
             raise ConfigError("num_inner_epochs must be >= 1.")
+        if self.step_weighting not in DDPO_STEP_WEIGHTINGS:
+            raise ConfigError(
+                f"step_weighting must be one of {DDPO_STEP_WEIGHTINGS}, "
+                f"got {self.step_weighting!r}."
+            )
 
 
 @dataclass

@@ -30,25 +30,29 @@ def ddpo_loss(
     advantages: Tensor,
     clip_range: float = 1e-4,
     adv_clip_max: float = 5.0,
+    step_weights: Tensor | None = None,
 ) -> LossOutput:
     """PPO-clip loss for one denoising step of a batch (all tensors of shape (B,)).
 
-    ``L = mean(max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)))`` with ``rho = exp(logp -
-    logp_old)`` and ``A`` clipped to ``[-adv_clip_max, adv_clip_max]``. Diagnostics:
+    ``L = mean(w * max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)))`` with ``rho = exp(logp -
+    logp_old)``, ``A`` clipped to ``[-adv_clip_max, adv_clip_max]`` and ``w`` the
+    ``step_weights`` of each sample's step (default 1). Diagnostics:
     ``approx_kl = mean((logp - logp_old)^2) / 2``, ``clipfrac`` (share of ratios outside the
     range) and the mean ratio.
     """
-    if not log_probs.shape == old_log_probs.shape == advantages.shape:
+    weights = torch.ones_like(advantages) if step_weights is None else step_weights
+    if not log_probs.shape == old_log_probs.shape == advantages.shape == weights.shape:
         raise ValueError(
             f"Shapes differ: log_probs {tuple(log_probs.shape)}, old_log_probs "
-            f"{tuple(old_log_probs.shape)}, advantages {tuple(advantages.shape)}."
+            f"{tuple(old_log_probs.shape)}, advantages {tuple(advantages.shape)}, step_weights "
+            f"{tuple(weights.shape)}."
         )
     advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
     difference = log_probs - old_log_probs
     ratio = torch.exp(difference)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    loss = (weights * torch.maximum(unclipped, clipped)).mean()
     diagnostics = {
         "approx_kl": 0.5 * difference.detach().pow(2).mean().item(),
         "clipfrac": ((ratio.detach() - 1).abs() > clip_range).float().mean().item(),

@@ -220,12 +220,10 @@ class RolloutPipeline(StableDiffusionPipeline):
 def plain_sampling_pipeline(pipeline: StableDiffusionPipeline) -> StableDiffusionPipeline:
     """``pipeline`` itself, or for a flow-matching model a :class:`RolloutPipeline` over the same
     components: diffusers' ``StableDiffusionPipeline`` cannot step a flow scheduler (it lacks
-    ``scale_model_input``), the rollout pipeline can."""
+    ``scale_model_input``), the rollout pipeline can. Set its progress bar after this call."""
     if not is_flow_scheduler(pipeline.scheduler) or isinstance(pipeline, RolloutPipeline):
         return pipeline
-    plain = RolloutPipeline(**pipeline.components, requires_safety_checker=False)
-    plain.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
-    return plain
+    return RolloutPipeline(**pipeline.components, requires_safety_checker=False)
 
 
 def sample_images(pipeline: StableDiffusionPipeline, prompt: str | list[str], *,

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from diffalign.pipelines.chain import DenoisingChain
+from diffalign.pipelines.chain import DenoisingChain, Generators, chain_generators
 from diffalign.pipelines.tree import SearchResult, SearchStats
 
 SMC_POTENTIALS = ("max", "diff")
@@ -31,7 +31,7 @@ def _top(latents: Tensor, rewards: Tensor, count: int) -> tuple[Tensor, Tensor]:
 
 
 def finish_chains(
-    chain: DenoisingChain, latents: Tensor, generator: torch.Generator, start: int = 0
+    chain: DenoisingChain, latents: Tensor, generator: Generators, start: int = 0
 ) -> Tensor:
     """Run ``latents``, all at chain position ``start`` (0 = noise), to the end of the chain."""
     for position in range(start, chain.num_steps):
@@ -42,16 +42,21 @@ def finish_chains(
 def best_of_n(
     chain: DenoisingChain, n: int, batch_size: int = 16, num_samples: int = 1, seed: int = 0
 ) -> SearchResult:
-    """Sample ``n`` chains (``batch_size`` at a time) and keep the ``num_samples`` best."""
+    """Sample ``n`` chains (``batch_size`` at a time) and keep the ``num_samples`` best.
+
+    Chain ``k`` draws from its own noise stream (:func:`chain_generator`), so the samples do not
+    depend on ``batch_size``.
+    """
     if n < 1:
         raise ValueError(f"best-of-N needs n >= 1, got {n}.")
-    generator = torch.Generator(device=getattr(chain, "device", "cpu")).manual_seed(seed)
+    device = getattr(chain, "device", "cpu")
     stats = SearchStats("best-of-n")
     start = chain.nfe
     finals, rewards = [], []
     for first in range(0, n, batch_size):
         count = min(batch_size, n - first)
-        final = finish_chains(chain, chain.initial_noise(count, generator), generator)
+        generators = chain_generators(seed, first, count, device)
+        final = finish_chains(chain, chain.initial_noise(count, generators), generators)
         scores = chain.score(final)
         cost_each = chain.step_cost(chain.num_steps)
         done = chain.nfe - start - count * cost_each
@@ -88,7 +93,8 @@ def smc(
         raise ValueError(f"potential must be one of {SMC_POTENTIALS}, got {potential!r}.")
     if particles < 1 or resample_every < 1:
         raise ValueError("smc needs particles >= 1 and resample_every >= 1.")
-    generator = torch.Generator(device=getattr(chain, "device", "cpu")).manual_seed(seed)
+    # particle slot k draws from chain k's stream: the particles start as best-of-N's chains
+    generator = chain_generators(seed, 0, particles, getattr(chain, "device", "cpu"))
     rng = torch.Generator().manual_seed(seed + 1)
     stats = SearchStats("smc")
     start_nfe, start_calls = chain.nfe, chain.reward_calls

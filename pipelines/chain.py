@@ -12,6 +12,7 @@ with a known answer, :class:`diffalign.pipelines.gaussian_mixture.GaussianMixtur
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -20,6 +21,29 @@ from torch import Tensor
 
 from diffalign.pipelines.rollout import draw_noise, guided_noise_prediction
 from diffalign.sampling import NoiseSchedule, load_schedule
+
+Generators = torch.Generator | list[torch.Generator]
+"""One noise stream for a whole batch, or one per row (see :func:`chain_generator`)."""
+
+
+def chain_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The noise stream of chain ``index`` under ``seed``.
+
+    Best-of-N, SMC and tree sampling draw their ``k``-th chain from noise, and every step of it,
+    from stream ``k``: at one seed they start from the same chains whatever their batch sizes,
+    so comparisons between them are paired, and a sample does not change with the batch it was
+    drawn in (as diffusers does with a list of generators).
+    """
+    # A hash, not seed * 2**32 + index: the CPU generator keeps only the low 32 bits of a seed.
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=4).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little"))
+
+
+def chain_generators(
+    seed: int, first: int, count: int, device: torch.device | str = "cpu"
+) -> list[torch.Generator]:
+    """The streams of chains ``first`` to ``first + count - 1`` (see :func:`chain_generator`)."""
+    return [chain_generator(seed, index, device) for index in range(first, first + count)]
 
 
 class DenoisingChain(ABC):
@@ -72,13 +96,15 @@ class DenoisingChain(ABC):
                 f"steps x {self.rows_per_sample} UNet rows, CFG doubles them); raise the budget."
             )
 
-    def initial_noise(self, count: int, generator: torch.Generator) -> Tensor:
-        """``count`` draws of the starting noise ``x_T`` (costs no NFE)."""
+    def initial_noise(self, count: int, generator: Generators) -> Tensor:
+        """``count`` draws of the starting noise ``x_T`` (costs no NFE); a list of generators
+        draws one row from each."""
         return draw_noise((count, *self.noise_shape()), generator, self.device, self.dtype)
 
     @torch.no_grad()
-    def step(self, latents: Tensor, positions: Tensor, generator: torch.Generator):
-        """Advance each row one step from its chain position (0 = pure noise).
+    def step(self, latents: Tensor, positions: Tensor, generator: Generators):
+        """Advance each row one step from its chain position (0 = pure noise), its noise drawn
+        from ``generator`` (one per row when a list).
 
         Returns the next latents and the predicted clean latents ``x0`` (what SMC scores).
         """
@@ -91,7 +117,7 @@ class DenoisingChain(ABC):
         return self._transition(latents, timesteps, previous, generator)
 
     def _transition(
-        self, latents: Tensor, timesteps: Tensor, previous: Tensor, generator: torch.Generator
+        self, latents: Tensor, timesteps: Tensor, previous: Tensor, generator: Generators
     ) -> tuple[Tensor, Tensor]:
         """One stochastic step of the model's prediction (DDIM, or Flow-GRPO's SDE step for a
         flow-matching schedule): (next latents, predicted x0)."""

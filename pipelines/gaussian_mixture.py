@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diffalign.pipelines.chain import DenoisingChain
+from diffalign.pipelines.chain import DenoisingChain, Generators
 from diffalign.sampling import NoiseSchedule
 
 
@@ -152,10 +152,16 @@ class GaussianMixtureChain(DenoisingChain):
         return self.mixture.noise_prediction(latents, self._alpha_bar(timesteps))
 
     def _transition(
-        self, latents: Tensor, timesteps: Tensor, previous: Tensor, generator: torch.Generator
+        self, latents: Tensor, timesteps: Tensor, previous: Tensor, generator: Generators
     ) -> tuple[Tensor, Tensor]:
         if not self.exact:
             return super()._transition(latents, timesteps, previous, generator)
+        if isinstance(generator, list):  # one stream per row: step the rows one at a time
+            rows = [
+                self._transition(latents[i : i + 1], timesteps[i : i + 1], previous[i : i + 1], g)
+                for i, g in enumerate(generator)
+            ]
+            return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
         self.denoiser_rows += len(latents)
         a_t, a_prev = self._alpha_bar(timesteps), self._alpha_bar(previous)
         mix = self.mixture

@@ -45,10 +45,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffalign.pipelines.chain import DenoisingChain
+from diffalign.pipelines.chain import DenoisingChain, chain_generator
 
 TREE_MODES = ("sample", "search")
 EXPANSIONS = ("shallowest", "random")
+BRANCH_STREAMS = 2**40
+"""Noise streams of rollouts that branch below the root are numbered from here, apart from the
+streams of fresh chains from the root (see :func:`~diffalign.pipelines.chain.chain_generator`)."""
 
 
 class TreeFullError(RuntimeError):
@@ -223,11 +226,13 @@ class TreeSettings:
 @dataclass
 class _Branch:
     """One rollout in flight: grown from ``start`` (whose path carries its pending mark), now at
-    ``node``, whose latent it carries (``None`` for a finished sample revisited)."""
+    ``node``, whose latent it carries (``None`` for a finished sample revisited), drawing its
+    noise from ``generator``."""
 
     start: int
     node: int
     latent: Tensor | None
+    generator: torch.Generator | None = None
 
 
 @dataclass
@@ -248,11 +253,12 @@ class TreeSampler:
         self.chain, self.settings = chain, settings
         default_expansion = "random" if settings.mode == "search" else "shallowest"
         self.expansion = settings.expansion or default_expansion
-        device = getattr(chain, "device", torch.device("cpu"))
-        self.tree = DiffusionTree(settings.storage_device or device, settings.max_nodes)
-        # The noise stream is seeded as best-of-N's and SMC's are: at one seed, every sampler
-        # starts from the same chains, so comparisons between them are paired.
-        self.noise = torch.Generator(device=device).manual_seed(seed)
+        self.device = getattr(chain, "device", torch.device("cpu"))
+        self.tree = DiffusionTree(settings.storage_device or self.device, settings.max_nodes)
+        # Each rollout draws from its own noise stream: the k-th fresh chain from the root from
+        # stream k, as best-of-N's k-th chain does, so at one seed the tree starts from
+        # best-of-N's chains whatever either's batch size (comparisons are paired).
+        self.seed, self.branches_started = seed, 0
         self.rng = torch.Generator().manual_seed(seed + 1)
 
     # ------------------------------------------------------------------ selection
@@ -311,9 +317,13 @@ class TreeSampler:
         if tree.position[start] == chain.num_steps:  # a finished sample revisited: no compute
             return _Branch(start, start, None)
         if start == 0:
-            noise = chain.initial_noise(1, self.noise)[0]
-            return _Branch(start, tree.add(0, noise), noise)
-        return _Branch(start, start, tree.latent(start, chain.device))
+            generator = chain_generator(self.seed, len(tree.children[0]), self.device)
+            noise = chain.initial_noise(1, generator)[0]
+            return _Branch(start, tree.add(0, noise), noise, generator)
+        stream = BRANCH_STREAMS + self.branches_started
+        self.branches_started += 1
+        generator = chain_generator(self.seed, stream, self.device)
+        return _Branch(start, start, tree.latent(start, chain.device), generator)
 
     def _advance(self, pool: list[_Branch]) -> None:
         """One denoising step for every rollout in ``pool``, each at its own chain position, in
@@ -321,7 +331,7 @@ class TreeSampler:
         tree = self.tree
         batch = torch.stack([branch.latent for branch in pool])
         positions = torch.tensor([tree.position[branch.node] for branch in pool])
-        stepped, _ = self.chain.step(batch, positions, self.noise)
+        stepped, _ = self.chain.step(batch, positions, [branch.generator for branch in pool])
         for row, branch in enumerate(pool):
             branch.node, branch.latent = tree.add(branch.node, stepped[row]), stepped[row]
 

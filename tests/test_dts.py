@@ -91,13 +91,14 @@ def test_dts_converges_to_the_tilted_target_as_rollouts_grow():
         pooled.append(_total_variation(sum(outputs) / len(outputs), target))
     assert per_tree[0] > per_tree[1] > per_tree[2]  # measured 0.23, 0.10, 0.06
     assert per_tree[2] < 0.1
-    assert pooled[2] < 0.04  # the bias left after 256 rollouts (measured 0.006 over 16 trees)
+    assert pooled[2] < 0.04  # the bias after 256 rollouts: measured 0.031 here, 0.009 over 64 trees
 
 
 def test_lambda_zero_gives_back_the_base_sampler():
     base = _chain().output_distribution().weights
-    outputs = [_dts_output(64, seed, inverse_temperature=0.0) for seed in range(8)]
-    assert _total_variation(sum(outputs) / len(outputs), base) < 0.04
+    # 32 trees: over 8 the pooled distance is itself noisy (0.01 to 0.06 between seed groups)
+    outputs = [_dts_output(64, seed, inverse_temperature=0.0) for seed in range(32)]
+    assert _total_variation(sum(outputs) / len(outputs), base) < 0.04  # measured 0.023
 
 
 def test_growing_the_tree_by_boltzmann_weights_is_biased():
@@ -143,6 +144,22 @@ def test_nfe_accounting_counts_every_denoiser_row_and_stays_in_budget(name, budg
     assert result.stats.best_reward == sorted(result.stats.best_reward)
 
 
+def test_chains_are_the_same_whatever_batch_they_are_drawn_in():
+    # Chain k draws its noise from stream k: best-of-N's samples do not depend on its batch
+    # size, and a tree's first rollouts (before it has values to branch on) are its chains.
+    def best_of(count, batch_size, seed=5):
+        result = best_of_n(_chain(steps=6, exact=False), count, batch_size, count, seed)
+        return result.latents[:, 0].sort().values
+
+    assert torch.equal(best_of(6, 1), best_of(6, 4))
+    assert not torch.allclose(best_of(6, 4), best_of(6, 4, seed=6))
+    sampler = TreeSampler(_chain(steps=6, exact=False),
+                          TreeSettings(mode="search", rollouts_per_batch=3), seed=5)  # fmt: skip
+    sampler.run(3 * 6)
+    first = torch.stack([sampler.tree.latents[leaf][0] for leaf in sampler.tree.reward])
+    assert torch.equal(first.sort().values, best_of(3, 2))
+
+
 def test_tree_rollouts_reuse_prefixes_so_they_finish_more_samples_than_best_of_n():
     chain = _chain(steps=8, exact=False)
     stats = tree_search(chain, 400, TreeSettings(), seed=0).stats
@@ -157,7 +174,7 @@ def test_random_expansion_branches_deeper_so_rollouts_are_cheaper():
                 for seed in range(3)]  # fmt: skip
         return sum(run.stats.samples for run in runs)
 
-    assert samples("random") > 1.1 * samples("shallowest")  # measured 237 vs 201
+    assert samples("random") > 1.1 * samples("shallowest")  # measured 258 vs 227
 
 
 def test_soft_value_and_widening_by_hand():

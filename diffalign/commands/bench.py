@@ -170,9 +170,15 @@ def _add_dts(subparsers) -> None:
     parser.add_argument("--budgets", default="2,4,8,16,32",
                         help="SMC and DTS budgets in chain-equivalents")  # fmt: skip
     parser.add_argument("--inverse-temperature", type=float, default=10.0, help="lambda")
-    parser.add_argument("--batch-size", type=int, default=8, help="rollouts per UNet batch")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="chains per UNet batch (best-of-N; the tree too unless "
+                             "--tree-batch-size)")  # fmt: skip
     tree = parser.add_argument_group("tree settings (DTS and DTS*; choose them on --split "
                                      "validation, report held-out)")  # fmt: skip
+    tree.add_argument("--tree-batch-size", type=int, default=None,
+                      help="rollouts in flight per UNet batch (default: --batch-size); "
+                           "fewer let the tree branch on more finished rollouts, at a lower "
+                           "NFE/s")  # fmt: skip
     tree.add_argument("--exploration", type=float, default=1.0, help="DTS*'s UCT constant")
     tree.add_argument("--widening-c", type=float, default=1.0,
                       help="children allowed: ceil(c * visits ** alpha)")  # fmt: skip
@@ -283,7 +289,8 @@ def _run_dts(args: argparse.Namespace) -> int:
     try:
         tree = TreeSettings(exploration=args.exploration, widening_c=args.widening_c,
                             widening_alpha=args.widening_alpha, expansion=args.expansion,
-                            rollouts_per_batch=args.batch_size)  # fmt: skip
+                            rollouts_per_batch=args.batch_size if args.tree_batch_size is None
+                            else args.tree_batch_size)  # fmt: skip
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     device, dtype, pipeline, guidance, prompts = _chain_setup(args)
@@ -291,6 +298,7 @@ def _run_dts(args: argparse.Namespace) -> int:
                 "steps": args.steps, "eta": args.eta, "guidance_scale": guidance, "n": args.n,
                 "budgets_in_chains": list(budgets),
                 "inverse_temperature": args.inverse_temperature, "batch_size": args.batch_size,
+                "tree_batch_size": tree.rollouts_per_batch,
                 "exploration": args.exploration, "widening_c": args.widening_c,
                 "widening_alpha": args.widening_alpha, "expansion": args.expansion,
                 "curves": not args.no_curves,

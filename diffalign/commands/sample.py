@@ -50,9 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="UNet rows per prompt for search (CFG: 2 per step)")  # fmt: skip
     parser.add_argument("--inverse-temperature", type=float, default=10.0,
                         help="lambda: DTS targets p(x) exp(lambda r(x))")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    parser.add_argument("--steps", type=int, default=25,
+                        help="denoising steps (DDIM; Euler on a flow-matching model)")  # fmt: skip
     parser.add_argument("--eta", type=float, default=None,
-                        help="DDIM eta (default: 0 for ddim, 1 for search samplers)")  # fmt: skip
+                        help="noise per step: DDIM's eta, or the SDE's noise level on a "
+                             "flow-matching model (default: 0 for ddim, 1 for search "
+                             "samplers)")  # fmt: skip
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="default: the one recorded with a world model, else 7.5")  # fmt: skip
     parser.add_argument("--resolution", type=int, default=None, help="default: the model's")

@@ -20,6 +20,7 @@ from diffalign.train.advantages import prompt_groups
 from diffalign.train.awm import AWMTrainer, stratified_timesteps
 from diffalign.train.config import AWMConfig, DDPOConfig
 from diffalign.train.ddpo import DDPOTrainer
+from diffalign.train.trainer import check_strategy
 from diffalign.world import recorded_guidance_scale, shipped_model_path
 
 from .conftest import requires_cuda
@@ -364,6 +365,20 @@ def test_bad_configs_fail_with_the_fix(tmp_path):
         AWMConfig(min_timestep_fraction=0.9, timestep_fraction=0.9)
     assert main(["train", "awm", "--recipe", "tiny-shapes", "--set", "prompts=nope.txt",
                  "--out", str(tmp_path)]) == 2  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy", ["FSDP", "DEEPSPEED"])
+def test_sharded_accelerate_strategies_are_refused_with_the_alternative(strategy, tmp_path):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    # accelerate builds an FSDP or DeepSpeed accelerator only on a GPU: a stand-in carries the type
+    sharded = SimpleNamespace(distributed_type=DistributedType(strategy), num_processes=2)
+    with pytest.raises(ConfigError, match=f"{strategy} strategy.*--multi_gpu"):
+        DDPOTrainer(DDPOConfig(log_with="none"), tmp_path, accelerator=sharded)
+    assert not any(tmp_path.iterdir())
+    check_strategy(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))  # DDP: accepted
 
 
 def _free_port() -> int:

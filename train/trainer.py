@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from diffalign.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from diffalign.config import ConfigError
 from diffalign.ema import EMA
 from diffalign.files import atomic_write_text
 from diffalign.pipelines.rollout import Rollout, RolloutPipeline
@@ -86,6 +87,27 @@ def changed_settings(before: dict, after: dict) -> dict[str, tuple]:
     return {k: (before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)}
 
 
+SHARDED_STRATEGIES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+"""accelerate strategies that shard the model, which the trainers do not support yet."""
+
+
+def check_strategy(accelerator) -> None:
+    """Refuse an accelerate strategy that shards the model (FSDP, DeepSpeed, Megatron-LM).
+
+    Between optimizer steps the trainers sample rollouts with the whole UNet, outside the wrapped
+    model's forward, and checkpoint its parameters by name: a sharded model has neither.
+    """
+    kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
+    if kind in SHARDED_STRATEGIES:
+        raise ConfigError(
+            f"diffalign's trainers do not support accelerate's {kind} strategy yet (it shards the "
+            "UNet, which the rollouts sample with between optimizer steps). Run on one device, "
+            "or with DDP over several (`accelerate launch --multi_gpu ...`, or distributed_type: "
+            "MULTI_GPU / MULTI_CPU in the accelerate config); with LoRA, the default, each "
+            "process holds only a few MB of trainable state beyond the frozen model."
+        )
+
+
 def mean_diagnostics(rows: list[dict[str, float]]) -> dict[str, float]:
     """The mean of each diagnostic over the micro-steps that reported it."""
     keys = {key for row in rows for key in row}
@@ -123,6 +145,7 @@ class Trainer:
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision, log_with=tracker, project_dir=str(self.out)
         )
+        check_strategy(self.accelerator)
         if config.prompts_per_step % self.accelerator.num_processes:
             raise ValueError(
                 f"prompts_per_step ({config.prompts_per_step}) must be a multiple of the number "

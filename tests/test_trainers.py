@@ -1,6 +1,7 @@
 """The trainers end to end on tiny models: outputs, exact resume, and 2-process correctness."""
 
 import dataclasses
+import importlib.util
 import json
 import os
 import socket
@@ -195,6 +196,47 @@ def test_ddpo_noise_weighting_evens_out_the_steps_by_their_noise_level(tmp_path)
         DDPOConfig(step_weighting="snr")
 
 
+def _step_gradients(trainer, batch) -> dict[str, torch.Tensor]:
+    """The gradient one round's optimizer step uses (after accumulation, before clipping)."""
+    gradients, step = {}, trainer.optimizer_step
+
+    def record_then_step() -> None:
+        pairs = zip(trainer.trainable_names, trainer.trainable, strict=True)
+        gradients.update({name: weight.grad.clone() for name, weight in pairs})
+        step()
+
+    trainer.optimizer_step = record_then_step
+    trainer.train_on(batch, 0)
+    return gradients
+
+
+@pytest.mark.parametrize(
+    "cls, config_cls, extra",
+    [(DDPOTrainer, DDPOConfig, {"timestep_fraction": 0.5, "stat_min_count": 2}),
+     (AWMTrainer, AWMConfig, {"beta_kl": 0.1, "num_train_timesteps": 2})],
+)  # fmt: skip
+def test_accumulation_and_checkpointing_give_the_one_batch_gradient(cls, config_cls, extra,
+                                                                    tmp_path):  # fmt: skip
+    def trainer(name, **settings):
+        config = config_cls(max_steps=1, **{**SMALL, "samples_per_prompt": 4, "train_batch_size": 8,
+                                            **extra, **settings})  # fmt: skip
+        return _trainer(cls, config, tmp_path / name)
+
+    whole = trainer("whole")
+    batch = whole.sample_round(0)
+    assert len(batch.rollout) == 8
+    expected = _step_gradients(whole, batch)
+    assert max(g.abs().max() for g in expected.values()) > 0
+    accumulated = _step_gradients(trainer("acc", train_batch_size=4, gradient_accumulation_steps=2),
+                                  batch)  # fmt: skip
+    checkpointed = _step_gradients(trainer("ckpt", gradient_checkpointing=True), batch)
+    for name, gradient in expected.items():
+        torch.testing.assert_close(accumulated[name], gradient, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(checkpointed[name], gradient, rtol=1e-4, atol=1e-7)
+    halves = _step_gradients(trainer("half", train_batch_size=4), batch)  # two steps, not one
+    assert not all(torch.allclose(halves[n], g, rtol=1e-3) for n, g in expected.items())
+
+
 def test_training_changes_the_weights_and_stratifies_timesteps(tmp_path):
     trainer = _trainer(AWMTrainer, AWMConfig(max_steps=1, **SMALL), tmp_path)
     before = _weights(trainer)
@@ -365,6 +407,13 @@ def test_bad_configs_fail_with_the_fix(tmp_path):
         AWMConfig(min_timestep_fraction=0.9, timestep_fraction=0.9)
     assert main(["train", "awm", "--recipe", "tiny-shapes", "--set", "prompts=nope.txt",
                  "--out", str(tmp_path)]) == 2  # fmt: skip
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None,
+                    reason="bitsandbytes is installed")  # fmt: skip
+def test_8bit_adam_without_bitsandbytes_names_the_install(tmp_path):
+    with pytest.raises(ImportError, match="pip install bitsandbytes.*use_8bit_adam=false"):
+        _trainer(DDPOTrainer, DDPOConfig(use_8bit_adam=True, **SMALL), tmp_path)
 
 
 @pytest.mark.parametrize("strategy", ["FSDP", "DEEPSPEED"])

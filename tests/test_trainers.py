@@ -409,11 +409,13 @@ def test_bad_configs_fail_with_the_fix(tmp_path):
                  "--out", str(tmp_path)]) == 2  # fmt: skip
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None,
-                    reason="bitsandbytes is installed")  # fmt: skip
-def test_8bit_adam_without_bitsandbytes_names_the_install(tmp_path):
-    with pytest.raises(ImportError, match="pip install bitsandbytes.*use_8bit_adam=false"):
-        _trainer(DDPOTrainer, DDPOConfig(use_8bit_adam=True, **SMALL), tmp_path)
+@pytest.mark.parametrize("package, setting", [("bitsandbytes", {"use_8bit_adam": True}),
+                                              ("wandb", {"log_with": "wandb"})])  # fmt: skip
+def test_a_setting_whose_package_is_missing_names_the_install(package, setting, tmp_path):
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed")
+    with pytest.raises(ConfigError, match=f"pip install {package}.*=(false|none)"):
+        _trainer(DDPOTrainer, DDPOConfig(**{**SMALL, **setting}), tmp_path)
 
 
 @pytest.mark.parametrize("strategy", ["FSDP", "DEEPSPEED"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import time
@@ -108,6 +109,15 @@ def check_strategy(accelerator) -> None:
         )
 
 
+def check_tracker(log_with: str) -> None:
+    """Refuse a tracker whose package is missing (accelerate would only warn and drop it)."""
+    if log_with != "none" and importlib.util.find_spec(log_with) is None:
+        raise ConfigError(
+            f"log_with={log_with} needs the {log_with} package: pip install {log_with}, or set "
+            "log_with=none (metrics.jsonl is written either way)."
+        )
+
+
 def mean_diagnostics(rows: list[dict[str, float]]) -> dict[str, float]:
     """The mean of each diagnostic over the micro-steps that reported it."""
     keys = {key for row in rows for key in row}
@@ -141,6 +151,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.config, self.out = config, Path(out)
+        check_tracker(config.log_with)
         tracker = None if config.log_with == "none" else config.log_with
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision, log_with=tracker, project_dir=str(self.out)
@@ -199,7 +210,7 @@ class Trainer:
             try:
                 import bitsandbytes as bnb
             except ImportError as error:
-                raise ImportError(
+                raise ConfigError(
                     "use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA only), or "
                     "set use_8bit_adam=false."
                 ) from error

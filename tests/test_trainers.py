@@ -8,9 +8,11 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 
 from diffalign.cli import main
 from diffalign.config import ConfigError
@@ -21,7 +23,7 @@ from diffalign.train.advantages import prompt_groups
 from diffalign.train.awm import AWMTrainer, stratified_timesteps
 from diffalign.train.config import AWMConfig, DDPOConfig
 from diffalign.train.ddpo import DDPOTrainer
-from diffalign.train.trainer import check_strategy
+from diffalign.train.trainer import check_launch
 from diffalign.world import recorded_guidance_scale, shipped_model_path
 
 from .conftest import requires_cuda
@@ -420,16 +422,22 @@ def test_a_setting_whose_package_is_missing_names_the_install(package, setting, 
 
 @pytest.mark.parametrize("strategy", ["FSDP", "DEEPSPEED"])
 def test_sharded_accelerate_strategies_are_refused_with_the_alternative(strategy, tmp_path):
-    from types import SimpleNamespace
-
-    from accelerate.utils import DistributedType
-
     # accelerate builds an FSDP or DeepSpeed accelerator only on a GPU: a stand-in carries the type
     sharded = SimpleNamespace(distributed_type=DistributedType(strategy), num_processes=2)
     with pytest.raises(ConfigError, match=f"{strategy} strategy.*--multi_gpu"):
         DDPOTrainer(DDPOConfig(log_with="none"), tmp_path, accelerator=sharded)
     assert not any(tmp_path.iterdir())
-    check_strategy(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))  # DDP: accepted
+
+
+def test_processes_that_would_each_train_alone_are_refused(monkeypatch):
+    # accelerate launch with use_cpu: true and a GPU strategy starts 2 processes that each run
+    # as distributed type NO: every one trains its own copy into the same folder
+    alone = SimpleNamespace(distributed_type=DistributedType.NO, num_processes=1)
+    check_launch(alone)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="2 processes were launched.*one DDP job"):
+        check_launch(alone)
+    check_launch(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2))
 
 
 def _free_port() -> int:

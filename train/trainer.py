@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,20 +93,31 @@ SHARDED_STRATEGIES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 """accelerate strategies that shard the model, which the trainers do not support yet."""
 
 
-def check_strategy(accelerator) -> None:
-    """Refuse an accelerate strategy that shards the model (FSDP, DeepSpeed, Megatron-LM).
+def check_launch(accelerator) -> None:
+    """Refuse a launch the trainers would run wrongly: a strategy that shards the model (FSDP,
+    DeepSpeed, Megatron-LM), or several launched processes that accelerate runs each on its own.
 
     Between optimizer steps the trainers sample rollouts with the whole UNet, outside the wrapped
-    model's forward, and checkpoint its parameters by name: a sharded model has neither.
+    model's forward, and checkpoint its parameters by name: a sharded model has neither. Processes
+    that do not know of each other would each train their own copy into the same run folder.
     """
     kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
     if kind in SHARDED_STRATEGIES:
         raise ConfigError(
             f"diffalign's trainers do not support accelerate's {kind} strategy yet (it shards the "
             "UNet, which the rollouts sample with between optimizer steps). Run on one device, "
-            "or with DDP over several (`accelerate launch --multi_gpu ...`, or distributed_type: "
-            "MULTI_GPU / MULTI_CPU in the accelerate config); with LoRA, the default, each "
+            "or with DDP over several (`accelerate launch --multi_gpu --num_processes N ...`, or "
+            "distributed_type: MULTI_GPU in the accelerate config); with LoRA, the default, each "
             "process holds only a few MB of trainable state beyond the frozen model."
+        )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > accelerator.num_processes:
+        raise ConfigError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}), but accelerate runs "
+            f"this one alone (distributed_type {kind}, e.g. from use_cpu: true with a GPU "
+            "strategy): each would train its own copy into the same run folder. Launch them as "
+            "one DDP job (`accelerate launch --multi_gpu --num_processes N`, or --cpu instead of "
+            "--multi_gpu on CPUs), or launch one."
         )
 
 
@@ -156,7 +168,7 @@ class Trainer:
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision, log_with=tracker, project_dir=str(self.out)
         )
-        check_strategy(self.accelerator)
+        check_launch(self.accelerator)
         if config.prompts_per_step % self.accelerator.num_processes:
             raise ValueError(
                 f"prompts_per_step ({config.prompts_per_step}) must be a multiple of the number "

@@ -23,7 +23,7 @@ from diffalign.train.advantages import prompt_groups
 from diffalign.train.awm import AWMTrainer, stratified_timesteps
 from diffalign.train.config import AWMConfig, DDPOConfig
 from diffalign.train.ddpo import DDPOTrainer
-from diffalign.train.trainer import check_launch
+from diffalign.train.launch import check_launch
 from diffalign.world import recorded_guidance_scale, shipped_model_path
 
 from .conftest import requires_cuda

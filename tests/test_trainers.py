@@ -54,6 +54,11 @@ def test_train_command_on_the_shipped_tiny_model_writes_a_loadable_run(method, t
     assert type(pipeline).__name__ == "StableDiffusionPipeline"
     assert recorded_guidance_scale(tmp_path / "final") == 4.5  # the recipe's, not the default 3
     assert "final pipeline" in capsys.readouterr().out
+    # the same command again, without --resume, refuses rather than overwrite the run
+    logged = (tmp_path / "metrics.jsonl").read_text()
+    assert main(["train", method, "--recipe", "tiny-shapes", *TINY, "--out", str(tmp_path)]) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    assert (tmp_path / "metrics.jsonl").read_text() == logged
 
 
 def test_lora_on_conv_layers_trains_and_its_adapter_reloads_onto_the_base(tmp_path):

@@ -372,6 +372,20 @@ class Trainer:
             atomic_write_text(self.metrics_path, "".join(f"{line}\n" for line in kept))
         return True
 
+    def refuse_existing_run(self) -> None:
+        """Raise ``FileExistsError`` when ``out`` already holds a run (a checkpoint, logged rounds
+        or a final model), which a fresh start would overwrite."""
+        checkpoint = latest_checkpoint(self.out / "checkpoints")
+        logged = self.metrics_path.is_file() and self.metrics_path.read_text().strip()
+        final = (self.out / "final").exists()
+        if checkpoint is None and not logged and not final:
+            return
+        found = checkpoint.name if checkpoint is not None else "final/" if final else "metrics"
+        raise FileExistsError(
+            f"{self.out} already holds a training run ({found}); a fresh start would overwrite "
+            "it. Continue it with --resume (train(resume=True)), or pass another --out."
+        )
+
     @property
     def metrics_path(self) -> Path:
         """One JSON line per round."""
@@ -391,6 +405,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         config = self.config
+        if not resume:
+            self.refuse_existing_run()
         self.out.mkdir(parents=True, exist_ok=True)
         resumed = resume and self.resume()
         if self.accelerator.is_main_process:

@@ -18,6 +18,7 @@ from diffalign.cli import main
 from diffalign.config import ConfigError
 from diffalign.models import build_tiny_pipeline, load_lora, load_pipeline, merge_lora
 from diffalign.pipelines.rollout import RolloutPipeline
+from diffalign.rewards import registry
 from diffalign.rewards.base import Reward
 from diffalign.train.advantages import prompt_groups
 from diffalign.train.awm import AWMTrainer, stratified_timesteps
@@ -144,19 +145,24 @@ class Brightness(Reward):
         return self.sign * images.mean(dim=(1, 2, 3))
 
 
+def _brightness_trainer(out, sign: float = 1.0, **settings):
+    """AWM with the brightness reward on four prompts that it trains and evaluates on."""
+    prompts = out.parent / "prompts.txt"
+    prompts.write_text("a red circle\na white square\na blue triangle\na green circle\n")
+    config = AWMConfig(**{
+        "prompts": str(prompts), "heldout_prompts": str(prompts), "heldout_extra_rewards": [],
+        "prompts_per_step": 4, "samples_per_prompt": 8, "sample_batch_size": 32,
+        "num_inference_steps": 3, "guidance_scale": 4.5, "train_batch_size": 16,
+        "learning_rate": 1e-2, "max_steps": 8, "num_heldout_prompts": 4,
+        "heldout_samples_per_prompt": 4, "eval_every": 8, "save_every": 8, "log_with": "none",
+        "progress": False, **settings})  # fmt: skip
+    return AWMTrainer(config, out, reward=Brightness(sign))
+
+
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_awm_moves_the_held_out_reward_the_way_the_reward_points(sign, tmp_path, monkeypatch):
     monkeypatch.setattr(AWMTrainer, "save_final", lambda self: None)
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle\na white square\na blue triangle\na green circle\n")
-    config = AWMConfig(
-        prompts=str(prompts), heldout_prompts=str(prompts), heldout_extra_rewards=[],
-        prompts_per_step=4, samples_per_prompt=8, sample_batch_size=32, num_inference_steps=3,
-        guidance_scale=4.5, train_batch_size=16, learning_rate=1e-2, max_steps=8,
-        num_heldout_prompts=4, heldout_samples_per_prompt=4, eval_every=8, save_every=8,
-        log_with="none", progress=False,
-    )  # fmt: skip
-    trainer = AWMTrainer(config, tmp_path / "run", reward=Brightness(sign))
+    trainer = _brightness_trainer(tmp_path / "run", sign)
     trainer.train()
     rows = [json.loads(line) for line in trainer.metrics_path.read_text().splitlines()]
     first, last = rows[0]["heldout_reward_mean"], rows[-1]["heldout_reward_mean"]
@@ -201,6 +207,65 @@ def test_ddpo_noise_weighting_evens_out_the_steps_by_their_noise_level(tmp_path)
     assert torch.equal(uniform.chain_step_weights(rollout), torch.ones(len(weights)))
     with pytest.raises(ConfigError, match="step_weighting"):
         DDPOConfig(step_weighting="snr")
+
+
+def _brightening_trainer(out, monkeypatch, **settings):
+    """AWM that makes images brighter, evaluated every round with a check reward (``darkness``)
+    that prefers them darker, so a guard on it trips."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register_reward("darkness", lambda **kwargs: Brightness(-1.0), "the check")
+    checked = {"heldout_extra_rewards": ["darkness"], "eval_every": 1, "save_every": 1}
+    return _brightness_trainer(out, 1.0, **{**checked, **settings})
+
+
+def _logged(trainer) -> list[dict]:
+    lines = trainer.metrics_path.read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_the_hacking_guard_stops_and_keeps_the_last_weights_that_passed(ema_decay, tmp_path,
+                                                                        monkeypatch):  # fmt: skip
+    guarded = _brightening_trainer(tmp_path / "guarded", monkeypatch, ema_decay=ema_decay,
+                                   max_heldout_drop=0.1)  # fmt: skip
+    guarded.train()
+    trip, rows = guarded.guard_trip, _logged(guarded)
+    assert trip is not None and 1 < trip.step < 8 and trip.passed_step == trip.step - 1
+    assert [row["step"] for row in rows] == list(range(trip.step + 1))
+    assert rows[-1]["stopped_by_guard"] == "heldout_darkness_mean"
+    start, now = rows[0]["heldout_darkness_mean"], rows[-1]["heldout_darkness_mean"]
+    assert trip.drop == pytest.approx((start - now) / abs(start)) and trip.drop > 0.1
+    assert all((start - row["heldout_darkness_mean"]) / abs(start) <= 0.1 for row in rows[:-1])
+    record = json.loads((tmp_path / "guarded" / "final" / "training.json").read_text())
+    assert record["stopped_by_guard"]["passed_step"] == trip.passed_step
+    # the kept weights are those an unguarded run has when it stops at the last passing round
+    plain = _brightening_trainer(tmp_path / "plain", monkeypatch, ema_decay=ema_decay,
+                                 max_steps=trip.passed_step)  # fmt: skip
+    plain.train()
+    evaluated = plain._evaluated_weights()
+    for kept, expected in zip(guarded._evaluated_weights(), evaluated, strict=True):
+        torch.testing.assert_close(kept, expected, atol=0, rtol=0)
+    unet = load_pipeline(tmp_path / "guarded" / "final").unet.state_dict()
+    reference = load_pipeline(tmp_path / "plain" / "final").unet.state_dict()
+    for name, weight in reference.items():
+        torch.testing.assert_close(unet[name], weight, atol=0, rtol=0)
+
+
+def test_a_resumed_guard_remembers_its_start_and_the_weights_that_passed(tmp_path, monkeypatch):
+    monkeypatch.setattr(AWMTrainer, "save_final", lambda self: None)
+    straight = _brightening_trainer(tmp_path / "straight", monkeypatch, max_heldout_drop=0.1)
+    straight.train()
+    trip = straight.guard_trip
+    assert trip is not None and trip.step > 1
+    # stop where the straight run last passed, then resume: the trip's round comes after the
+    # checkpoint, so the weights to go back to can only come from it
+    stopped = dict(max_heldout_drop=0.1, max_steps=trip.passed_step)
+    _brightening_trainer(tmp_path / "split", monkeypatch, **stopped).train()
+    resumed = _brightening_trainer(tmp_path / "split", monkeypatch, max_heldout_drop=0.1)
+    resumed.train(resume=True)
+    assert resumed.guard_trip == trip and _logged(resumed) == _logged(straight)
+    for kept, expected in zip(resumed.trainable, straight.trainable, strict=True):
+        torch.testing.assert_close(kept, expected, atol=0, rtol=0)
 
 
 def _step_gradients(trainer, batch) -> dict[str, torch.Tensor]:
@@ -412,6 +477,10 @@ def test_bad_configs_fail_with_the_fix(tmp_path):
         AWMConfig(prompts_per_step=0)
     with pytest.raises(ValueError, match="min_timestep_fraction must be in"):
         AWMConfig(min_timestep_fraction=0.9, timestep_fraction=0.9)
+    with pytest.raises(ValueError, match=r"none are set: .*heldout_extra_rewards=\[tiny_clip\]"):
+        AWMConfig(max_heldout_drop=0.05)
+    with pytest.raises(ValueError, match="max_heldout_drop must be >= 0"):
+        AWMConfig(max_heldout_drop=-0.1, heldout_extra_rewards=["tiny_clip"])
     assert main(["train", "awm", "--recipe", "tiny-shapes", "--set", "prompts=nope.txt",
                  "--out", str(tmp_path)]) == 2  # fmt: skip
 

@@ -36,6 +36,12 @@ class TrainConfig(BaseConfig):
         default_factory=list,
         metadata={"help": "more rewards to log on held-out samples (reward-hacking checks)"},
     )
+    max_heldout_drop: float = field(
+        default=0.0,
+        metadata={"help": "reward-hacking guard: stop when a heldout_extra_rewards score falls "
+                          "by more than this share of its round-0 value, keeping the last "
+                          "passing weights (0 = off)"},
+    )  # fmt: skip
     seed: int = 0
     max_steps: int = field(default=100, metadata={"help": "sampling + update rounds"})
     prompts_per_step: int = field(default=8, metadata={"help": "distinct prompts per round"})
@@ -88,6 +94,14 @@ class TrainConfig(BaseConfig):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.max_heldout_drop < 0:
+            raise ConfigError(f"max_heldout_drop must be >= 0 (0: off): {self.max_heldout_drop}")
+        if self.max_heldout_drop > 0 and not self.heldout_extra_rewards:
+            raise ConfigError(
+                "max_heldout_drop guards the heldout_extra_rewards, and none are set: add the "
+                'rewards to watch, e.g. --set "heldout_extra_rewards=[tiny_clip]" (clip_score or '
+                "pickscore on real models)."
+            )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError("ema_decay must be in [0, 1) (0 turns the EMA off).")
 

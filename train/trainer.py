@@ -31,6 +31,7 @@ from diffalign.pipelines.rollout import Rollout, RolloutPipeline
 from diffalign.rewards import AsyncRewardScorer, Reward, load_reward
 from diffalign.sampling import load_schedule
 from diffalign.train.config import TrainConfig
+from diffalign.train.guard import GuardTrip, HackingGuard
 from diffalign.train.launch import check_launch, check_tracker
 from diffalign.train.prompts import PromptSource
 
@@ -144,6 +145,11 @@ class Trainer:
         self.train_prompts = PromptSource(config.prompts)
         self.heldout = PromptSource(config.heldout_prompts).fixed(config.num_heldout_prompts)
         self.schedule = load_schedule(self.pipeline.scheduler)
+        self.guard = None
+        if config.max_heldout_drop > 0:
+            checks = [f"heldout_{name}_mean" for name in config.heldout_extra_rewards]
+            self.guard = HackingGuard(checks, config.max_heldout_drop)
+        self.guard_trip: GuardTrip | None = None
         self.step = 0
         self.samples_seen = 0
 
@@ -322,6 +328,8 @@ class Trainer:
         }
         if self.ema is not None:
             states["ema"] = self.ema.state_dict()
+        if self.guard is not None:
+            states["guard"] = self.guard.state_dict()
         return {**states, **self.extra_states()}
 
     def extra_states(self) -> dict:
@@ -344,6 +352,18 @@ class Trainer:
         self.load_extra_states(states)
         self.step = int(states["progress"]["step"])
         self.samples_seen = int(states["progress"]["samples_seen"])
+        if self.guard is not None:
+            self._load_guard(states.get("guard"))
+
+    def _load_guard(self, state: dict | None) -> None:
+        if state is not None:
+            self.guard.load_state_dict(state)
+            return
+        # the guard was off when this checkpoint was written: the resumed weights count as
+        # passing, and falls are measured from the first evaluation after them
+        self.guard.keep(int(self.step), self._evaluated_weights())
+        logger.warning("The reward-hacking guard starts with this resumed run: it measures falls "
+                       "from its first evaluation, not from round 0.")  # fmt: skip
 
     def save(self) -> Path | None:
         """Write ``checkpoints/checkpoint-<step>`` atomically (main process)."""
@@ -416,7 +436,9 @@ class Trainer:
         if self.config.log_with != "none":
             self.accelerator.init_trackers(f"diffalign-{self.method}")
         if self.step == 0:
-            self._log({"step": 0, "samples_seen": 0, **self.evaluate(0)})
+            row = {"step": 0, "samples_seen": 0, **self.evaluate(0)}
+            self._watch(row)
+            self._log(row)
         bar = tqdm(total=config.max_steps, initial=self.step, desc=f"{self.method}",
                    disable=not (config.progress and self.accelerator.is_main_process))  # fmt: skip
         while self.step < config.max_steps:
@@ -431,16 +453,45 @@ class Trainer:
                    **diagnostics, "seconds": time.perf_counter() - started}  # fmt: skip
             if self.step % config.eval_every == 0 or self.step == config.max_steps:
                 row.update(self.evaluate(self.step))
+                self.guard_trip = self._watch(row)
             self._log(row)
             bar.update(1)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("reward_mean", "heldout_reward_mean")
                              if k in row})  # fmt: skip
+            if self.guard_trip is not None:
+                self._stop_on_trip(self.guard_trip)
+                break
             if self.step % config.save_every == 0 or self.step == config.max_steps:
                 self.save()
         bar.close()
         final = self.save_final()
         self.accelerator.end_training()
         return final
+
+    def _evaluated_weights(self) -> list[Tensor]:
+        """The trainable weights as :meth:`evaluate` uses them (the EMA's when it is on)."""
+        return self.ema.shadow if self.ema is not None else self.trainable
+
+    def _watch(self, row: dict) -> GuardTrip | None:
+        """Run the reward-hacking guard on an evaluation's ``row``; keep the weights if they
+        pass, and return the trip (also noted in ``row``) if they do not."""
+        if self.guard is None:
+            return None
+        trip = self.guard.check(row["step"], row)
+        if trip is None:
+            self.guard.keep(row["step"], self._evaluated_weights())
+        else:
+            row["stopped_by_guard"] = trip.key
+        return trip
+
+    def _stop_on_trip(self, trip: GuardTrip) -> None:
+        """Put back the weights of the last evaluation that passed, for ``final/``. The tripping
+        round is not checkpointed: a resume (with a looser guard) replays it from the last
+        checkpoint, exactly, so a run that tripped in its last round cannot end on its weights."""
+        targets = [self.trainable] + ([self.ema.shadow] if self.ema is not None else [])
+        self.guard.restore(targets)
+        if self.accelerator.is_main_process:
+            logger.warning(trip.message())
 
     def save_final(self) -> Path:
         """Save ``final/`` (a standard StableDiffusionPipeline folder, LoRA merged, EMA weights
@@ -476,4 +527,6 @@ class Trainer:
                     "num_inference_steps": self.config.num_inference_steps,
                     "chosen_on": f"the {self.method} run that trained this model"}  # fmt: skip
         record = {"config": self.config.to_dict(), "sampling": sampling}
+        if self.guard_trip is not None:
+            record["stopped_by_guard"] = self.guard_trip.to_dict()
         atomic_write_text(final / "training.json", json.dumps(record, indent=1))

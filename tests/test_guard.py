@@ -22,7 +22,7 @@ def test_the_guard_trips_on_the_largest_fall_beyond_its_bound():
     trip = guard.check(6, {"a": 9.0, "b": -2.4})  # 10% and 20%
     assert (trip.key, trip.start, trip.now, trip.step, trip.passed_step) == ("b", -2.0, -2.4, 6, 3)
     assert trip.drop == pytest.approx(0.2)
-    assert "b fell 20.0% below its round-0 value" in trip.message()
+    assert "b fell 20.00% below its round-0 value" in trip.message()
     live = torch.full((2,), 7.0)
     guard.restore([[live]])
     assert live.tolist() == [1.0, 1.0]

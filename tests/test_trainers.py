@@ -214,7 +214,8 @@ def _brightening_trainer(out, monkeypatch, **settings):
     that prefers them darker, so a guard on it trips."""
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     registry.register_reward("darkness", lambda **kwargs: Brightness(-1.0), "the check")
-    checked = {"heldout_extra_rewards": ["darkness"], "eval_every": 1, "save_every": 1}
+    checked = {"heldout_extra_rewards": ["darkness"], "eval_every": 1, "save_every": 1,
+               "samples_per_prompt": 4, "num_train_timesteps": 2}  # fmt: skip
     return _brightness_trainer(out, 1.0, **{**checked, **settings})
 
 
@@ -227,15 +228,15 @@ def _logged(trainer) -> list[dict]:
 def test_the_hacking_guard_stops_and_keeps_the_last_weights_that_passed(ema_decay, tmp_path,
                                                                         monkeypatch):  # fmt: skip
     guarded = _brightening_trainer(tmp_path / "guarded", monkeypatch, ema_decay=ema_decay,
-                                   max_heldout_drop=0.1)  # fmt: skip
+                                   max_heldout_drop=0.05)  # fmt: skip
     guarded.train()
     trip, rows = guarded.guard_trip, _logged(guarded)
     assert trip is not None and 1 < trip.step < 8 and trip.passed_step == trip.step - 1
     assert [row["step"] for row in rows] == list(range(trip.step + 1))
     assert rows[-1]["stopped_by_guard"] == "heldout_darkness_mean"
     start, now = rows[0]["heldout_darkness_mean"], rows[-1]["heldout_darkness_mean"]
-    assert trip.drop == pytest.approx((start - now) / abs(start)) and trip.drop > 0.1
-    assert all((start - row["heldout_darkness_mean"]) / abs(start) <= 0.1 for row in rows[:-1])
+    assert trip.drop == pytest.approx((start - now) / abs(start)) and trip.drop > 0.05
+    assert all((start - row["heldout_darkness_mean"]) / abs(start) <= 0.05 for row in rows[:-1])
     record = json.loads((tmp_path / "guarded" / "final" / "training.json").read_text())
     assert record["stopped_by_guard"]["passed_step"] == trip.passed_step
     # the kept weights are those an unguarded run has when it stops at the last passing round
@@ -253,15 +254,15 @@ def test_the_hacking_guard_stops_and_keeps_the_last_weights_that_passed(ema_deca
 
 def test_a_resumed_guard_remembers_its_start_and_the_weights_that_passed(tmp_path, monkeypatch):
     monkeypatch.setattr(AWMTrainer, "save_final", lambda self: None)
-    straight = _brightening_trainer(tmp_path / "straight", monkeypatch, max_heldout_drop=0.1)
+    straight = _brightening_trainer(tmp_path / "straight", monkeypatch, max_heldout_drop=0.05)
     straight.train()
     trip = straight.guard_trip
     assert trip is not None and trip.step > 1
     # stop where the straight run last passed, then resume: the trip's round comes after the
     # checkpoint, so the weights to go back to can only come from it
-    stopped = dict(max_heldout_drop=0.1, max_steps=trip.passed_step)
+    stopped = dict(max_heldout_drop=0.05, max_steps=trip.passed_step)
     _brightening_trainer(tmp_path / "split", monkeypatch, **stopped).train()
-    resumed = _brightening_trainer(tmp_path / "split", monkeypatch, max_heldout_drop=0.1)
+    resumed = _brightening_trainer(tmp_path / "split", monkeypatch, max_heldout_drop=0.05)
     resumed.train(resume=True)
     assert resumed.guard_trip == trip and _logged(resumed) == _logged(straight)
     for kept, expected in zip(resumed.trainable, straight.trainable, strict=True):

@@ -40,9 +40,9 @@ class GuardTrip:
     def message(self) -> str:
         """One line for logs and the CLI."""
         return (
-            f"reward-hacking guard: {self.key} fell {self.drop:.1%} below its round-0 value "
+            f"reward-hacking guard: {self.key} fell {self.drop:.2%} below its round-0 value "
             f"({self.start:.4g} -> {self.now:.4g}) at round {self.step}, more than "
-            f"max_heldout_drop {self.max_drop:.1%}; keeping the weights of round "
+            f"max_heldout_drop {self.max_drop:.2%}; keeping the weights of round "
             f"{self.passed_step}, the last evaluation that passed"
         )
 

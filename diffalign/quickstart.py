@@ -262,9 +262,19 @@ def write_quickstart_outputs(out: Path, metrics: dict, images: dict, curves: dic
     results = {**metrics, "settings": asdict(settings), "seconds": seconds, "curves": curves}
     write_metrics(out, "quickstart", results)
     warnings = sorted({w for column in metrics.values() for w in column.get("warnings", [])})
+    warnings += _guard_warning(run_folder)
     _report(table, settings, seconds, shown_prompts, warnings).write(out)
     print(markdown_table(table))
     print(f"\nreport: {out / 'report.md'} (and report.html)")
+
+
+def _guard_warning(run_folder: Path) -> list[str]:
+    """The reward-hacking guard's message when it stopped the AWM run (else nothing)."""
+    from diffalign.train.guard import GuardTrip
+
+    record = run_folder / "final" / "training.json"
+    trip = json.loads(record.read_text()).get("stopped_by_guard") if record.is_file() else None
+    return [f"The AWM run stopped early: {GuardTrip(**trip).message()}."] if trip else []
 
 
 def _report(table, settings: QuickstartSettings, seconds: float, shown_prompts: list[str],

@@ -95,6 +95,17 @@ def test_quickstart_writes_the_four_columns_report_and_figures(tmp_path):
     assert (tmp_path / "awm" / "final" / "model_index.json").is_file()
 
 
+def test_quickstart_reports_an_awm_run_that_the_guard_stopped(tmp_path):
+    # at this rate the first round wrecks the images and the recipe's guard (tiny-clip, 5%) trips
+    settings = tiny_quickstart(awm_rounds=3)
+    settings.awm_overrides.append("learning_rate=0.1")
+    run_quickstart(tmp_path, settings, progress=False)
+    rows = (tmp_path / "awm" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(rows[-1])["stopped_by_guard"] == "heldout_tiny_clip_mean"
+    report = (tmp_path / "report.md").read_text()
+    assert "The AWM run stopped early: reward-hacking guard: heldout_tiny_clip_mean fell" in report
+
+
 def test_quickstart_continues_its_own_run_and_refuses_another(tmp_path):
     first = run_quickstart(tmp_path, tiny_quickstart(awm_rounds=1), progress=False)
     # more rounds of the same settings continue from the checkpoint of round 1

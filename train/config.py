@@ -100,7 +100,7 @@ class TrainConfig(BaseConfig):
             raise ConfigError(
                 "max_heldout_drop guards the heldout_extra_rewards, and none are set: add the "
                 'rewards to watch, e.g. --set "heldout_extra_rewards=[tiny_clip]" (clip_score or '
-                "pickscore on real models)."
+                "pickscore on real models), or turn the guard off with max_heldout_drop=0."
             )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError("ema_decay must be in [0, 1) (0 turns the EMA off).")

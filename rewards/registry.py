@@ -2,7 +2,9 @@
 
 ``load_reward`` accepts a registered name (``"pickscore"``), a weighted-sum string
 (``"pickscore+0.2*aesthetic"``, ``"shapes-0.1*jpeg_incompressibility"``), a mapping of names to
-weights (``{"pickscore": 1.0, "aesthetic": 0.2}``) or a ``Reward`` instance (returned as is).
+weights (``{"pickscore": 1.0, "aesthetic": 0.2}``), a ``Reward`` instance (returned as is), a
+plain function ``(images, prompts) -> scores``, or a reference to your own function or class,
+``FILE.py:NAME`` or ``package.module:NAME`` (see :mod:`diffalign.rewards.function`).
 Keyword arguments go to a single reward; for a sum, pass each component's arguments under its
 name: ``load_reward("pickscore+aesthetic", pickscore={"path": ...}, aesthetic={...})``.
 """
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from diffalign.rewards.base import Reward
+from diffalign.rewards.function import FunctionReward, is_reward_reference, load_reward_reference
 
 
 class UnknownRewardError(KeyError):
@@ -121,8 +124,9 @@ class WeightedReward(Reward):
         return sum(self.weights[name] * scores for name, scores in parts.items())
 
 
-def load_reward(spec: str | Mapping[str, float] | Reward, **kwargs) -> Reward:
-    """Build a reward from a name, a weighted-sum string or mapping (see the module docstring).
+def load_reward(spec: str | Mapping[str, float] | Reward | Callable, **kwargs) -> Reward:
+    """Build a reward from a name, a weighted-sum string or mapping, a function or a
+    ``WHERE:NAME`` reference (see the module docstring).
 
     Raises:
         UnknownRewardError: an unknown name (a ``KeyError``; lists the closest names).
@@ -130,6 +134,10 @@ def load_reward(spec: str | Mapping[str, float] | Reward, **kwargs) -> Reward:
     """
     if isinstance(spec, Reward):
         return spec
+    if is_reward_reference(spec):
+        return load_reward_reference(spec, **kwargs)
+    if callable(spec):
+        return FunctionReward(spec, **kwargs)
     weights = dict(spec) if isinstance(spec, Mapping) else parse_reward_spec(spec)
     if len(weights) == 1 and next(iter(weights.values())) == 1.0:
         return reward_info(next(iter(weights))).factory(**kwargs)

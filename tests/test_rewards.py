@@ -399,3 +399,73 @@ def test_bench_rewards_reports_images_per_second_and_missing_weights(tmp_path, m
     assert by_name["hpsv2"]["weights"] == "weights not found"
     assert "images_per_s_32" not in by_name["hpsv2"]
     assert main(["bench", "rewards", "--rewards", "shapez", "--out", str(tmp_path)]) == 2
+
+
+USER_REWARDS = """
+import torch
+
+from diffalign.rewards import Reward
+
+
+def brightness(images, prompts):
+    return images.mean(dim=(1, 2, 3))
+
+
+def prompt_length(images, prompts):
+    return [float(len(p)) for p in prompts]
+
+
+def one_score(images, prompts):
+    return torch.zeros(1)
+
+
+class Redness(Reward):
+    def __init__(self, scale=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = scale
+
+    def score(self, images, prompts):
+        return self.scale * images[:, 0].mean(dim=(1, 2))
+
+
+TEMPERATURE = 3.0
+"""
+
+
+@pytest.fixture()
+def user_rewards(tmp_path):
+    path = tmp_path / "my_rewards.py"
+    path.write_text(USER_REWARDS)
+    return path
+
+
+def test_your_own_function_or_class_is_a_reward_by_object_or_reference(user_rewards):
+    images = torch.rand(5, 3, 8, 8)
+    prompts = ["a", "bb", "ccc", "dddd", "eeeee"]
+    brightness = load_reward(f"{user_rewards}:brightness", batch_size=2)
+    assert brightness.name == "brightness"
+    torch.testing.assert_close(brightness(images, prompts), images.mean(dim=(1, 2, 3)))
+    lengths = load_reward(f"{user_rewards}:prompt_length")(images, prompts)
+    assert lengths.dtype == torch.float32 and lengths.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    redness = load_reward(f"{user_rewards}:Redness", scale=2.0)  # a class gets the arguments
+    torch.testing.assert_close(redness(images, prompts), 2.0 * images[:, 0].mean(dim=(1, 2)))
+    by_module = load_reward("diffalign.rewards.jpeg:JpegIncompressibility")
+    jpeg = load_reward("jpeg_incompressibility")
+    torch.testing.assert_close(by_module(images, prompts), jpeg(images, prompts))
+    by_object = load_reward(lambda images, prompts: -images.mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(by_object(images, prompts), -images.mean(dim=(1, 2, 3)))
+    with pytest.raises(ValueError, match="returned scores of shape \\(1,\\) for 5 images"):
+        load_reward(f"{user_rewards}:one_score")(images, prompts)
+
+
+@pytest.mark.parametrize(
+    "reference, error, message",
+    [("missing.py:brightness", ValueError, "No reward file missing.py"),
+     ("no_such_module_anywhere:brightness", ValueError, "Cannot import 'no_such_module_any"),
+     ("{file}:brightnes", ValueError, "defines no 'brightnes'; its .*brightness"),
+     ("{file}:TEMPERATURE", TypeError, "is a float; a reward reference must name a function"),
+     ("{file}:", ValueError, "write FILE.py:NAME")],
+)  # fmt: skip
+def test_bad_reward_references_name_the_problem(reference, error, message, user_rewards):
+    with pytest.raises(error, match=message):
+        load_reward(reference.format(file=user_rewards))

@@ -62,6 +62,20 @@ def test_train_command_on_the_shipped_tiny_model_writes_a_loadable_run(method, t
     assert (tmp_path / "metrics.jsonl").read_text() == logged
 
 
+def test_a_reward_of_your_own_trains_and_checks_from_a_file(tmp_path):
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text("import torch\n\n\ndef quarter(images, prompts):\n"
+                       "    return torch.full((len(prompts),), 0.25)\n")  # fmt: skip
+    reference, run = f"{rewards}:quarter", tmp_path / "run"
+    argv = ["train", "awm", "--recipe", "tiny-shapes", *TINY, "--set", f"reward={reference}",
+            f"heldout_extra_rewards=[{reference}]", "--out", str(run)]  # fmt: skip
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["reward_mean"] for row in rows[1:]] == [0.25, 0.25]
+    assert rows[-1]["heldout_reward_mean"] == rows[-1]["heldout_quarter_mean"] == 0.25
+    assert AWMConfig.from_yaml(run / "config.yaml").reward == reference
+
+
 def test_lora_on_conv_layers_trains_and_its_adapter_reloads_onto_the_base(tmp_path):
     targets = "[conv1, conv2, proj_in, proj_out, to_q, to_k, to_v, to_out.0]"
     # at this rate the recipe's guard would stop the run after one round: tiny-clip falls 26%

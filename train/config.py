@@ -25,7 +25,10 @@ class TrainConfig(BaseConfig):
         default="diffalign:tiny-shapes",
         metadata={"help": "pipeline folder, hub id, or diffalign:tiny-shapes (shipped)"},
     )
-    reward: str = field(default="shapes", metadata={"help": "reward name or weighted sum"})
+    reward: str = field(
+        default="shapes",
+        metadata={"help": "reward name, weighted sum, or your own FILE.py:NAME / module:NAME"},
+    )
     prompts: str = field(
         default="world:train", metadata={"help": "world:<split> or a text file, one per line"}
     )
@@ -34,7 +37,10 @@ class TrainConfig(BaseConfig):
     heldout_samples_per_prompt: int = 2
     heldout_extra_rewards: list[str] = field(
         default_factory=list,
-        metadata={"help": "more rewards to log on held-out samples (reward-hacking checks)"},
+        metadata={
+            "help": "more rewards (as reward) to log on held-out samples (reward-hacking "
+            "checks, logged as heldout_<NAME>_mean)"
+        },  # fmt: skip
     )
     max_heldout_drop: float = field(
         default=0.0,

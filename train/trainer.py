@@ -29,6 +29,7 @@ from diffalign.ema import EMA
 from diffalign.files import atomic_write_text
 from diffalign.pipelines.rollout import Rollout, RolloutPipeline
 from diffalign.rewards import AsyncRewardScorer, Reward, load_reward
+from diffalign.rewards.function import reward_label
 from diffalign.sampling import load_schedule
 from diffalign.train.config import TrainConfig
 from diffalign.train.guard import GuardTrip, HackingGuard
@@ -140,14 +141,14 @@ class Trainer:
         self._setup_model()
         self.pipeline.to(self.accelerator.device)
         self.reward = (reward or load_reward(config.reward)).to(self.accelerator.device)
-        self.extra_rewards = {name: load_reward(name).to(self.accelerator.device)
-                              for name in config.heldout_extra_rewards}  # fmt: skip
+        self.extra_rewards = {reward_label(spec): load_reward(spec).to(self.accelerator.device)
+                              for spec in config.heldout_extra_rewards}  # fmt: skip
         self.train_prompts = PromptSource(config.prompts)
         self.heldout = PromptSource(config.heldout_prompts).fixed(config.num_heldout_prompts)
         self.schedule = load_schedule(self.pipeline.scheduler)
         self.guard = None
         if config.max_heldout_drop > 0:
-            checks = [f"heldout_{name}_mean" for name in config.heldout_extra_rewards]
+            checks = [f"heldout_{name}_mean" for name in self.extra_rewards]
             self.guard = HackingGuard(checks, config.max_heldout_drop)
         self.guard_trip: GuardTrip | None = None
         self.step = 0

@@ -50,6 +50,8 @@ def test_train_command_on_the_shipped_tiny_model_writes_a_loadable_run(method, t
         assert key in rows[-1] and rows[-1][key] == rows[-1][key]  # present and not NaN
     assert (tmp_path / "reward_curve.png").stat().st_size > 1000
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    card = (tmp_path / "final" / "README.md").read_text()
+    assert "library_name: diffusers" in card and "| heldout_tiny_clip_mean |" in card
     assert sorted(p.name for p in (tmp_path / "samples").glob("*.png"))[0] == "step-000000.png"
     pipeline = load_pipeline(tmp_path / "final")
     assert type(pipeline).__name__ == "StableDiffusionPipeline"
@@ -172,7 +174,11 @@ def _brightness_trainer(out, sign: float = 1.0, **settings):
         "learning_rate": 1e-2, "max_steps": 8, "num_heldout_prompts": 4,
         "heldout_samples_per_prompt": 4, "eval_every": 8, "save_every": 8, "log_with": "none",
         "progress": False, **settings})  # fmt: skip
-    return AWMTrainer(config, out, reward=Brightness(sign))
+
+    def brightness(images, prompts):  # a plain function is a reward too
+        return sign * images.mean(dim=(1, 2, 3))
+
+    return AWMTrainer(config, out, reward=brightness)
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])

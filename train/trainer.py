@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from diffalign.checkpoint import latest_checkpoint, load_checkpoint, save_checkp
 from diffalign.config import ConfigError
 from diffalign.ema import EMA
 from diffalign.files import atomic_write_text
+from diffalign.flow import is_flow_scheduler
 from diffalign.pipelines.rollout import Rollout, RolloutPipeline
 from diffalign.rewards import AsyncRewardScorer, Reward, load_reward
 from diffalign.rewards.function import reward_label
@@ -34,6 +36,7 @@ from diffalign.sampling import load_schedule
 from diffalign.train.config import TrainConfig
 from diffalign.train.guard import GuardTrip, HackingGuard
 from diffalign.train.launch import check_launch, check_tracker
+from diffalign.train.model_card import model_card
 from diffalign.train.prompts import PromptSource
 
 SHIPPED_PREFIX = "diffalign:"
@@ -105,7 +108,8 @@ class Trainer:
         config: the method's config.
         out: the run folder (``metrics.jsonl``, ``checkpoints/``, ``samples/``, ``final/``).
         pipeline: a ready ``RolloutPipeline`` (default: loaded from ``config.model``).
-        reward: a ready reward (default: ``load_reward(config.reward)``).
+        reward: a ready reward, or a function ``(images, prompts) -> scores`` (default:
+            ``load_reward(config.reward)``).
         accelerator: a ready ``accelerate.Accelerator`` (default: built from the config).
     """
 
@@ -116,7 +120,7 @@ class Trainer:
         config: TrainConfig,
         out: str | Path,
         pipeline: RolloutPipeline | None = None,
-        reward: Reward | None = None,
+        reward: Reward | Callable | None = None,
         accelerator=None,
     ) -> None:
         from accelerate import Accelerator
@@ -140,7 +144,8 @@ class Trainer:
         self.unet = self.pipeline.unet
         self._setup_model()
         self.pipeline.to(self.accelerator.device)
-        self.reward = (reward or load_reward(config.reward)).to(self.accelerator.device)
+        self.reward = load_reward(config.reward if reward is None else reward)
+        self.reward = self.reward.to(self.accelerator.device)
         self.extra_rewards = {reward_label(spec): load_reward(spec).to(self.accelerator.device)
                               for spec in config.heldout_extra_rewards}  # fmt: skip
         self.train_prompts = PromptSource(config.prompts)
@@ -496,7 +501,8 @@ class Trainer:
 
     def save_final(self) -> Path:
         """Save ``final/`` (a standard StableDiffusionPipeline folder, LoRA merged, EMA weights
-        when on), ``lora/`` (the adapter alone) and ``reward_curve.png``."""
+        when on, with a model card ``README.md``), ``lora/`` (the adapter alone) and
+        ``reward_curve.png``."""
         from diffusers import StableDiffusionPipeline
 
         from diffalign.models import has_lora, merge_lora, save_lora
@@ -517,6 +523,9 @@ class Trainer:
             rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
             plot_reward_curve(rows, self.out / "reward_curve.png",
                               title=f"{self.method}: {self.config.reward}")  # fmt: skip
+            card = model_card(self.method, self.config, rows, self.guard_trip,
+                              flow=is_flow_scheduler(self.pipeline.scheduler))  # fmt: skip
+            atomic_write_text(final / "README.md", card)
         self.accelerator.wait_for_everyone()
         return final
 

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate.utils import DistributedType
+from PIL import Image
 
 from diffalign.cli import main
 from diffalign.config import ConfigError
@@ -139,6 +140,28 @@ def test_resumed_runs_match_uninterrupted_ones(cls, config_cls, extra, tmp_path,
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
 
     assert rows("split") == rows("straight") and len(rows("straight")) == 4
+
+
+def test_tensorboard_gets_the_metrics_and_the_sample_grids(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setattr(AWMTrainer, "save_final", lambda self: None)
+    config = AWMConfig(max_steps=2, **{**SMALL, "log_with": "tensorboard"})
+    _trainer(AWMTrainer, config, tmp_path).train()
+    (events,) = {path.parent for path in tmp_path.rglob("events.out.tfevents.*")}
+    logged = EventAccumulator(str(events), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in logged.Scalars("heldout_reward_mean")] == [0, 1, 2]
+    grids = logged.Images("heldout_samples")
+    assert [e.step for e in grids] == [0, 1, 2] and grids[0].width > 0
+    # wandb (not installed here) takes a list of images: a stand-in records what it gets
+    trainer = _trainer(AWMTrainer, AWMConfig(max_steps=1, **SMALL), tmp_path / "wandb")
+    logged_images = []
+    wandb = SimpleNamespace(name="wandb", log_images=lambda values, step: logged_images.append(
+        (values, step)))  # fmt: skip
+    trainer.accelerator.trackers = [wandb]
+    grid = Image.new("RGB", (8, 4))
+    trainer._log_grid(grid, 3)
+    assert logged_images == [({"heldout_samples": [grid]}, 3)]
 
 
 def test_a_resumed_run_records_and_reports_its_changed_settings(tmp_path, monkeypatch, caplog):

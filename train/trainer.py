@@ -319,7 +319,19 @@ class Trainer:
             path.parent.mkdir(parents=True, exist_ok=True)
             grid.save(path)
             (path.with_suffix(".txt")).write_text("\n".join(all_prompts[:16]) + "\n")
+            self._log_grid(grid, step)
         return gathered
+
+    def _log_grid(self, grid, step: int) -> None:
+        """Show an evaluation's sample grid in the trackers (each wants its own image format)."""
+        import numpy as np
+
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                pixels = np.asarray(grid.convert("RGB"))[None]
+                tracker.log_images({"heldout_samples": pixels}, step=step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({"heldout_samples": [grid]}, step=step)
 
     # ------------------------------------------------------------------ checkpoints
 

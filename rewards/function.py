@@ -90,16 +90,22 @@ def load_reward_reference(reference: str, **kwargs) -> Reward:
             f"{location} defines no {attribute!r}; its functions and classes: "
             f"{', '.join(defined) or 'none'}."
         )
-    target = getattr(module, attribute)
+    return reward_from_object(getattr(module, attribute), name=attribute, **kwargs)
+
+
+def reward_from_object(target: object, name: str | None = None, **kwargs) -> Reward:
+    """A ``Reward`` instance as it is, a ``Reward`` subclass built with ``kwargs``, or a function
+    behind :class:`FunctionReward` (called ``name``)."""
     if isinstance(target, Reward):
         return target
     if isinstance(target, type) and issubclass(target, Reward):
         return target(**kwargs)
     if callable(target) and not isinstance(target, type):
-        return FunctionReward(target, name=attribute, **kwargs)
+        return FunctionReward(target, name=name, **kwargs)
     raise TypeError(
-        f"{reference} is a {type(target).__name__}; a reward reference must name a function "
-        "(images, prompts) -> scores, a Reward subclass or a Reward instance."
+        f"{name or target!r} is a {type(target).__name__}; a reward reference must name a "
+        "function (images, prompts) -> scores, a Reward subclass or a Reward instance (as must "
+        "an object passed as the reward)."
     )
 
 

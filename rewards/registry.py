@@ -20,7 +20,11 @@ import torch
 from torch import nn
 
 from diffalign.rewards.base import Reward
-from diffalign.rewards.function import FunctionReward, is_reward_reference, load_reward_reference
+from diffalign.rewards.function import (
+    is_reward_reference,
+    load_reward_reference,
+    reward_from_object,
+)
 
 
 class UnknownRewardError(KeyError):
@@ -132,12 +136,10 @@ def load_reward(spec: str | Mapping[str, float] | Reward | Callable, **kwargs) -
         UnknownRewardError: an unknown name (a ``KeyError``; lists the closest names).
         WeightsNotFoundError: the reward's weights are missing (with how to supply them).
     """
-    if isinstance(spec, Reward):
-        return spec
     if is_reward_reference(spec):
         return load_reward_reference(spec, **kwargs)
-    if callable(spec):
-        return FunctionReward(spec, **kwargs)
+    if not isinstance(spec, (str, Mapping)):
+        return reward_from_object(spec, **kwargs)
     weights = dict(spec) if isinstance(spec, Mapping) else parse_reward_spec(spec)
     if len(weights) == 1 and next(iter(weights.values())) == 1.0:
         return reward_info(next(iter(weights))).factory(**kwargs)

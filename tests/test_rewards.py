@@ -452,6 +452,7 @@ def test_your_own_function_or_class_is_a_reward_by_object_or_reference(user_rewa
     by_module = load_reward("diffalign.rewards.jpeg:JpegIncompressibility")
     jpeg = load_reward("jpeg_incompressibility")
     torch.testing.assert_close(by_module(images, prompts), jpeg(images, prompts))
+    assert type(load_reward(type(jpeg))) is type(jpeg)  # a Reward class is built, not wrapped
     by_object = load_reward(lambda images, prompts: -images.mean(dim=(1, 2, 3)))
     torch.testing.assert_close(by_object(images, prompts), -images.mean(dim=(1, 2, 3)))
     with pytest.raises(ValueError, match="returned scores of shape \\(1,\\) for 5 images"):

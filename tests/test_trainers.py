@@ -19,8 +19,7 @@ from diffalign.cli import main
 from diffalign.config import ConfigError
 from diffalign.models import build_tiny_pipeline, load_lora, load_pipeline, merge_lora
 from diffalign.pipelines.rollout import RolloutPipeline
-from diffalign.rewards import registry
-from diffalign.rewards.base import Reward
+from diffalign.rewards import load_reward, registry
 from diffalign.train.advantages import prompt_groups
 from diffalign.train.awm import AWMTrainer, stratified_timesteps
 from diffalign.train.config import AWMConfig, DDPOConfig
@@ -106,6 +105,12 @@ def test_unknown_lora_targets_fail_before_training(tmp_path, capsys):
     assert "['attn1'] match no Linear or Conv2d layer" in error and "Traceback" not in error
 
 
+def _logged(trainer) -> list[dict]:
+    """A run's metrics.jsonl rows without their timings."""
+    lines = trainer.metrics_path.read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+
 def _trainer(cls, config, out, flow_shift=None):
     pipeline = RolloutPipeline(**build_tiny_pipeline(seed=0, flow_shift=flow_shift).components,
                                requires_safety_checker=False)  # fmt: skip
@@ -135,11 +140,7 @@ def test_resumed_runs_match_uninterrupted_ones(cls, config_cls, extra, tmp_path,
     for name, value in _weights(straight).items():
         torch.testing.assert_close(_weights(resumed)[name], value, atol=0, rtol=0)
 
-    def rows(run):
-        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
-
-    assert rows("split") == rows("straight") and len(rows("straight")) == 4
+    assert _logged(resumed) == _logged(straight) and len(_logged(straight)) == 4
 
 
 def test_tensorboard_gets_the_metrics_and_the_sample_grids(tmp_path, monkeypatch):
@@ -175,15 +176,14 @@ def test_a_resumed_run_records_and_reports_its_changed_settings(tmp_path, monkey
     assert "changed settings: eval_every: 1 -> 2, max_steps: 1 -> 2\n" in caplog.text
 
 
-class Brightness(Reward):
-    """Mean pixel value times ``sign``: a reward that every prompt raises the same way."""
+def brightness(sign: float):
+    """Mean pixel value times ``sign``: a reward that every prompt raises the same way (a plain
+    function is a reward too)."""
 
-    def __init__(self, sign: float) -> None:
-        super().__init__()
-        self.sign = sign
+    def score(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return sign * images.mean(dim=(1, 2, 3))
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return self.sign * images.mean(dim=(1, 2, 3))
+    return score
 
 
 def _brightness_trainer(out, sign: float = 1.0, **settings):
@@ -197,11 +197,7 @@ def _brightness_trainer(out, sign: float = 1.0, **settings):
         "learning_rate": 1e-2, "max_steps": 8, "num_heldout_prompts": 4,
         "heldout_samples_per_prompt": 4, "eval_every": 8, "save_every": 8, "log_with": "none",
         "progress": False, **settings})  # fmt: skip
-
-    def brightness(images, prompts):  # a plain function is a reward too
-        return sign * images.mean(dim=(1, 2, 3))
-
-    return AWMTrainer(config, out, reward=brightness)
+    return AWMTrainer(config, out, reward=brightness(sign))
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
@@ -258,15 +254,11 @@ def _brightening_trainer(out, monkeypatch, **settings):
     """AWM that makes images brighter, evaluated every round with a check reward (``darkness``)
     that prefers them darker, so a guard on it trips."""
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    registry.register_reward("darkness", lambda **kwargs: Brightness(-1.0), "the check")
+    darkness = load_reward(brightness(-1.0))
+    registry.register_reward("darkness", lambda **kwargs: darkness, "the check")
     checked = {"heldout_extra_rewards": ["darkness"], "eval_every": 1, "save_every": 1,
                "samples_per_prompt": 4, "num_train_timesteps": 2}  # fmt: skip
     return _brightness_trainer(out, 1.0, **{**checked, **settings})
-
-
-def _logged(trainer) -> list[dict]:
-    lines = trainer.metrics_path.read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
 
 
 @pytest.mark.parametrize("ema_decay", [0.0, 0.9])

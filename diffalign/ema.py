@@ -8,6 +8,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from diffalign.sharding import copy_into
+
 
 class EMA:
     """Keeps ``shadow = decay * shadow + (1 - decay) * param`` for every trainable parameter.
@@ -64,5 +66,5 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` returned."""
         for shadow, saved in zip(self.shadow, state["shadow"], strict=True):
-            shadow.copy_(saved)
+            copy_into(shadow, saved)  # saved whole; the shadow may be a shard (FSDP2)
         self.updates, self.decay = int(state["updates"]), float(state["decay"])

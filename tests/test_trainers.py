@@ -4,7 +4,6 @@ import dataclasses
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from diffalign.train.ddpo import DDPOTrainer
 from diffalign.train.launch import check_launch
 from diffalign.world import recorded_guidance_scale, shipped_model_path
 
-from .conftest import requires_cuda
+from .conftest import launch_two_processes, requires_cuda
 
 # --set takes several KEY=VALUE pairs and repeats; both forms are used here
 TINY = ["--set", "max_steps=2", "prompts_per_step=2", "samples_per_prompt=2",
@@ -532,13 +531,21 @@ def test_a_setting_whose_package_is_missing_names_the_install(package, setting, 
         _trainer(DDPOTrainer, DDPOConfig(**{**SMALL, **setting}), tmp_path)
 
 
-@pytest.mark.parametrize("strategy", ["FSDP", "DEEPSPEED"])
-def test_sharded_accelerate_strategies_are_refused_with_the_alternative(strategy, tmp_path):
-    # accelerate builds an FSDP or DeepSpeed accelerator only on a GPU: a stand-in carries the type
-    sharded = SimpleNamespace(distributed_type=DistributedType(strategy), num_processes=2)
-    with pytest.raises(ConfigError, match=f"{strategy} strategy.*--multi_gpu"):
-        DDPOTrainer(DDPOConfig(log_with="none"), tmp_path, accelerator=sharded)
+@pytest.mark.parametrize(
+    ("strategy", "fsdp2", "error"),
+    [("DEEPSPEED", False, "DEEPSPEED strategy.*fsdp_version: 2.*--multi_gpu"),
+     ("MEGATRON_LM", False, "MEGATRON_LM strategy"),
+     ("FSDP", False, "need FSDP version 2.*fsdp_version 2")],
+)  # fmt: skip
+def test_strategies_the_rollouts_cannot_sample_with_are_refused(strategy, fsdp2, error, tmp_path):
+    # accelerate builds these accelerators only on a GPU: a stand-in carries the type
+    wrapped = SimpleNamespace(distributed_type=DistributedType(strategy), num_processes=2,
+                              is_fsdp2=fsdp2)  # fmt: skip
+    with pytest.raises(ConfigError, match=error):
+        DDPOTrainer(DDPOConfig(log_with="none"), tmp_path, accelerator=wrapped)
     assert not any(tmp_path.iterdir())
+    check_launch(SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2,
+                                 is_fsdp2=True))  # fmt: skip
 
 
 def test_processes_that_would_each_train_alone_are_refused(monkeypatch):
@@ -552,19 +559,11 @@ def test_processes_that_would_each_train_alone_are_refused(monkeypatch):
     check_launch(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_take_the_same_step_as_one_on_the_same_global_batch(tmp_path):
     script = Path(__file__).with_name("distributed_step.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, env=env)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                    f"--master_port={_free_port()}", str(script), str(tmp_path)],
-                   check=True, env=env, timeout=600)  # fmt: skip
+    launch_two_processes(script, tmp_path)
     single, double = (torch.load(tmp_path / f"result-{n}.pt") for n in (1, 2))
     torch.testing.assert_close(double["rewards"], single["rewards"])  # gathered: all 8 samples
     torch.testing.assert_close(double["advantages"], single["advantages"])

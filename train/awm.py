@@ -43,10 +43,15 @@ class AWMTrainer(Trainer):
 
     def __init__(self, config: AWMConfig, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
-        self.reference_unet = None
-        if config.beta_kl > 0 and not config.use_lora:
-            self.reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        if self.reference_unet is not None:
+            self.reference_unet.to(self.accelerator.device)
         self.kl_ema = EMA(self.trainable, decay=0.0, warmup=False) if config.beta_ema > 0 else None
+
+    def _setup_model(self) -> None:
+        self.reference_unet = None
+        if self.config.beta_kl > 0 and not self.config.use_lora:  # copied before any sharding
+            self.reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        super()._setup_model()
 
     def compute_advantages(self, prompts: list[str], rewards: Tensor) -> Tensor:
         return group_advantages(rewards, prompts, global_std=self.config.global_std)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from diffalign.sharding import copy_into, whole
+
 
 def relative_drop(start: float, now: float) -> float:
     """How far ``now`` fell below ``start``, as a share of ``|start|`` (negative when it rose).
@@ -55,7 +57,7 @@ class GuardTrip:
 class HackingGuard:
     """Watches the held-out check rewards (``heldout_<name>_mean``) of a run.
 
-    ``start`` holds their round-0 values; ``weights`` a CPU copy of the weights that were
+    ``start`` holds their round-0 values; ``weights`` a whole CPU copy of the weights that were
     evaluated last without tripping the guard, taken at round ``passed_step``.
     """
 
@@ -78,8 +80,9 @@ class HackingGuard:
                          step, self.passed_step)  # fmt: skip
 
     def keep(self, step: int, weights: list[Tensor]) -> None:
-        """Remember ``weights`` (copied to the CPU) as the last that passed, at round ``step``."""
-        self.weights = [w.detach().to("cpu", copy=True) for w in weights]
+        """Remember ``weights`` (whole, copied to the CPU) as the last that passed, at round
+        ``step``; with sharded weights a collective, called by every process."""
+        self.weights = [whole(w.detach()).to("cpu", copy=True) for w in weights]
         self.passed_step = step
 
     @torch.no_grad()
@@ -89,7 +92,7 @@ class HackingGuard:
             raise RuntimeError("The guard has no passing weights to restore.")
         for target in targets:
             for tensor, kept in zip(target, self.weights, strict=True):
-                tensor.copy_(kept)
+                copy_into(tensor, kept)
 
     def state_dict(self) -> dict:
         """Start values and kept weights, for checkpoints."""

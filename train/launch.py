@@ -1,8 +1,9 @@
 """Checks that a training launch will run as it is configured, made before any work.
 
-accelerate accepts launches the trainers would run wrongly (a strategy that shards the model, or
-processes that each run alone) and only warns about a tracker it cannot load; these turn each into
-a :class:`~diffalign.config.ConfigError` that names the fix.
+accelerate accepts launches the trainers would run wrongly (a strategy that shards the model in a
+way the rollouts cannot sample with, or processes that each run alone) and only warns about a
+tracker it cannot load; these turn each into a :class:`~diffalign.config.ConfigError` that names
+the fix.
 """
 
 from __future__ import annotations
@@ -12,26 +13,36 @@ import os
 
 from diffalign.config import ConfigError
 
-SHARDED_STRATEGIES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
-"""accelerate strategies that shard the model, which the trainers do not support yet."""
+UNSUPPORTED_STRATEGIES = ("DEEPSPEED", "MEGATRON_LM")
+"""accelerate strategies that wrap the model in an engine the rollouts cannot sample with."""
 
 
 def check_launch(accelerator) -> None:
-    """Refuse a launch the trainers would run wrongly: a strategy that shards the model (FSDP,
-    DeepSpeed, Megatron-LM), or several launched processes that accelerate runs each on its own.
+    """Refuse a launch the trainers would run wrongly: DeepSpeed, Megatron-LM or FSDP version 1
+    (FSDP version 2 is supported), or several launched processes that accelerate runs each on
+    its own.
 
-    Between optimizer steps the trainers sample rollouts with the whole UNet, outside the wrapped
-    model's forward, and checkpoint its parameters by name: a sharded model has neither. Processes
-    that do not know of each other would each train their own copy into the same run folder.
+    Between optimizer steps the trainers sample rollouts by calling the UNet module itself. FSDP2
+    shards it in place and gathers each block's weights inside its forward, so that works; FSDP1
+    and DeepSpeed put the weights into a wrapper (flattened, or partitioned by an engine) that
+    only the wrapper's own forward can run. Processes that do not know of each other would each
+    train their own copy into the same run folder.
     """
     kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
-    if kind in SHARDED_STRATEGIES:
+    if kind in UNSUPPORTED_STRATEGIES:
         raise ConfigError(
-            f"diffalign's trainers do not support accelerate's {kind} strategy yet (it shards the "
-            "UNet, which the rollouts sample with between optimizer steps). Run on one device, "
-            "or with DDP over several (`accelerate launch --multi_gpu --num_processes N ...`, or "
-            "distributed_type: MULTI_GPU in the accelerate config); with LoRA, the default, each "
-            "process holds only a few MB of trainable state beyond the frozen model."
+            f"diffalign's trainers do not support accelerate's {kind} strategy (it wraps the "
+            "UNet, which the rollouts sample with between optimizer steps, in its own engine). "
+            "Use FSDP version 2 to shard the model (distributed_type: FSDP with "
+            "fsdp_config: {fsdp_version: 2} in the accelerate config), or DDP "
+            "(`accelerate launch --multi_gpu --num_processes N ...`); with LoRA, the default, "
+            "each process holds only a few MB of trainable state beyond the frozen model."
+        )
+    if kind == "FSDP" and not accelerator.is_fsdp2:
+        raise ConfigError(
+            "diffalign's trainers need FSDP version 2 (FSDP1 flattens the UNet's weights into "
+            "a wrapper the rollouts cannot sample with): set fsdp_version: 2 under fsdp_config "
+            "in the accelerate config, or `accelerate launch --use_fsdp --fsdp_version 2 ...`."
         )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:

@@ -33,6 +33,14 @@ from diffalign.pipelines.rollout import Rollout, RolloutPipeline
 from diffalign.rewards import AsyncRewardScorer, Reward, load_reward
 from diffalign.rewards.function import reward_label
 from diffalign.sampling import load_schedule
+from diffalign.sharding import (
+    copy_into,
+    gathered,
+    is_fsdp,
+    reshard_after_every_forward,
+    reshard_optimizer_state,
+    unsharded_class,
+)
 from diffalign.train.config import TrainConfig
 from diffalign.train.guard import GuardTrip, HackingGuard
 from diffalign.train.launch import check_launch, check_tracker
@@ -133,11 +141,12 @@ class Trainer:
             mixed_precision=config.mixed_precision, log_with=tracker, project_dir=str(self.out)
         )
         check_launch(self.accelerator)
-        if config.prompts_per_step % self.accelerator.num_processes:
-            raise ValueError(
-                f"prompts_per_step ({config.prompts_per_step}) must be a multiple of the number "
-                f"of processes ({self.accelerator.num_processes})."
-            )
+        for key in ("prompts_per_step", "num_heldout_prompts"):  # each process takes a share
+            if getattr(config, key) % self.accelerator.num_processes:
+                raise ValueError(
+                    f"{key} ({getattr(config, key)}) must be a multiple of the number of "
+                    f"processes ({self.accelerator.num_processes})."
+                )
         set_seed(config.seed)
         self.pipeline = pipeline or load_training_pipeline(config.model)
         self.pipeline.set_progress_bar_config(disable=True)
@@ -179,11 +188,20 @@ class Trainer:
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.unet.train()
-        self.trainable = [p for p in self.unet.parameters() if p.requires_grad]
-        self.trainable_names = [n for n, p in self.unet.named_parameters() if p.requires_grad]
+        self._collect_trainable()
         optimizer = self._build_optimizer()
         self.model, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
+        self._collect_trainable()  # FSDP2 replaces the parameters with sharded ones, in place
+        reshard_after_every_forward(self.model)
         self.ema = EMA(self.trainable, config.ema_decay) if config.ema_decay > 0 else None
+
+    def _collect_trainable(self) -> None:
+        self.trainable = [p for p in self.unet.parameters() if p.requires_grad]
+        self.trainable_names = [n for n, p in self.unet.named_parameters() if p.requires_grad]
+
+    def named_trainable(self) -> dict[str, Tensor]:
+        """The trained parameters by name (shards of them under FSDP2)."""
+        return dict(zip(self.trainable_names, self.trainable, strict=True))
 
     def _build_optimizer(self):
         config = self.config
@@ -336,11 +354,10 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def state(self) -> dict:
-        """Everything a resumed run needs (the model's trainable weights, not the frozen ones)."""
-        unet = self.accelerator.unwrap_model(self.model)
-        weights = dict(unet.named_parameters())
+        """Everything a resumed run needs (the model's trainable weights, not the frozen ones),
+        as whole tensors; with a sharded model a collective, called by every process."""
         states = {
-            "trainable": {name: weights[name].detach() for name in self.trainable_names},
+            "trainable": {name: p.detach() for name, p in self.named_trainable().items()},
             "optimizer": self.optimizer.state_dict(),
             "progress": {"step": self.step, "samples_seen": self.samples_seen},
         }
@@ -348,7 +365,7 @@ class Trainer:
             states["ema"] = self.ema.state_dict()
         if self.guard is not None:
             states["guard"] = self.guard.state_dict()
-        return {**states, **self.extra_states()}
+        return gathered({**states, **self.extra_states()})
 
     def extra_states(self) -> dict:
         """A method's own state for checkpoints (advantage trackers, KL-EMA weights)."""
@@ -359,12 +376,11 @@ class Trainer:
 
     def load_state(self, states: dict) -> None:
         """Restore what :meth:`state` returned."""
-        unet = self.accelerator.unwrap_model(self.model)
-        weights = dict(unet.named_parameters())
-        with torch.no_grad():
-            for name, value in states["trainable"].items():
-                weights[name].copy_(value)
+        weights = self.named_trainable()
+        for name, value in states["trainable"].items():
+            copy_into(weights[name], value)
         self.optimizer.load_state_dict(states["optimizer"])
+        reshard_optimizer_state(self.optimizer.optimizer)
         if self.ema is not None and "ema" in states:
             self.ema.load_state_dict(states["ema"])
         self.load_extra_states(states)
@@ -385,9 +401,9 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Write ``checkpoints/checkpoint-<step>`` atomically (main process)."""
-        path = None
+        path, states = None, self.state()
         if self.accelerator.is_main_process:
-            path = save_checkpoint(self.out / "checkpoints", self.step, self.state(),
+            path = save_checkpoint(self.out / "checkpoints", self.step, states,
                                    self.config.to_dict(), self.config.keep_checkpoints)  # fmt: skip
         self.accelerator.wait_for_everyone()
         return path
@@ -521,10 +537,10 @@ class Trainer:
         from diffalign.plots import plot_reward_curve
 
         final = self.out / "final"
+        if self.ema is not None:
+            self.ema.copy_to_model()
+        unet = self._whole_unet()
         if self.accelerator.is_main_process:
-            unet = self.accelerator.unwrap_model(self.model)
-            if self.ema is not None:
-                self.ema.copy_to_model()
             components = {**self.pipeline.components, "unet": unet}
             plain = StableDiffusionPipeline(**components, requires_safety_checker=False)
             if has_lora(unet):
@@ -540,6 +556,24 @@ class Trainer:
             atomic_write_text(final / "README.md", card)
         self.accelerator.wait_for_everyone()
         return final
+
+    def _whole_unet(self):
+        """The trained UNet with whole weights: itself, or under FSDP2 (on the main process;
+        None elsewhere) an unsharded copy built from its gathered state dict."""
+        unet = self.accelerator.unwrap_model(self.model)
+        if not is_fsdp(unet):
+            return unet
+        state = self.accelerator.get_state_dict(self.model)  # a collective
+        if not self.accelerator.is_main_process:
+            return None
+        copy = unsharded_class(unet).from_config(unet.config)
+        if self.config.use_lora:
+            from diffalign.models import add_lora
+
+            add_lora(copy, rank=self.config.lora_rank, alpha=self.config.lora_alpha,
+                     target_modules=self.config.lora_target_modules)  # fmt: skip
+        copy.load_state_dict(state)
+        return copy.to(next(iter(state.values())).dtype)
 
     def _record_sampling(self, final: Path) -> None:
         """Write ``final/training.json`` with the run's config and the sampling settings it

@@ -1,0 +1,65 @@
+"""A whole AWM run on the built tiny pipeline, launched by ``test_trainers`` in 2 processes under
+DDP or FSDP2: sampling, evaluation, the guard, EMA and KL-EMA, checkpoints, resume and ``final/``.
+
+Usage: ``distributed_run.py OUT ddp|fsdp lora|full|guard MAX_STEPS [resume]``; ``guard`` is LoRA
+with a guard that trips at the first change (it watches the JPEG size and its negative, and one of
+them falls).
+
+accelerate turns FSDP on only on GPU-like devices; :func:`make_accelerator` sets its state to FSDP2
+by hand on CPU, so that ``prepare`` shards the UNet with ``fully_shard`` over gloo: the code path a
+GPU launch with ``fsdp_version: 2`` takes over nccl.
+"""
+
+import sys
+
+from diffalign.models import build_tiny_pipeline
+from diffalign.pipelines.rollout import RolloutPipeline
+from diffalign.rewards import load_reward
+from diffalign.sharding import is_fsdp
+from diffalign.train.awm import AWMTrainer
+from diffalign.train.config import AWMConfig
+
+
+def make_accelerator(strategy: str):
+    """A CPU accelerator for ``ddp``, or one set to FSDP2 for ``fsdp``."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if strategy == "ddp":
+        return Accelerator(cpu=True)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
+    # both shared states, as accelerate does itself: AcceleratorState() copies PartialState's
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    assert accelerator.is_fsdp2
+    return accelerator
+
+
+def jpeg_size(images, prompts):
+    """A check reward that falls when the JPEG reward rises (kB instead of minus kB)."""
+    return -load_reward("jpeg_compressibility")(images, prompts)
+
+
+def main(out: str, strategy: str, weights: str, max_steps: int, resume: bool) -> None:
+    accelerator = make_accelerator(strategy)
+    guard = weights == "guard"
+    pipeline = RolloutPipeline(**build_tiny_pipeline(seed=0).components,
+                               requires_safety_checker=False)  # fmt: skip
+    config = AWMConfig(
+        prompts_per_step=2, samples_per_prompt=2, sample_batch_size=2, num_inference_steps=3,
+        guidance_scale=3.0, train_batch_size=2, num_heldout_prompts=2,
+        heldout_samples_per_prompt=1, eval_every=1, save_every=1, log_with="none",
+        progress=False, reward="jpeg_compressibility", learning_rate=1e-2, max_steps=max_steps,
+        use_lora=weights != "full", ema_decay=0.5, beta_ema=0.1, beta_kl=0.1,
+        heldout_extra_rewards=["jpeg_compressibility", f"{__file__}:jpeg_size"],
+        max_heldout_drop=1e-7 if guard else 0.9,
+    )  # fmt: skip
+    trainer = AWMTrainer(config, out, pipeline=pipeline, accelerator=accelerator)
+    assert is_fsdp(trainer.model) == (strategy == "fsdp")
+    trainer.train(resume=resume)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), "resume" in sys.argv[5:])

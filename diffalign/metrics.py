@@ -41,23 +41,36 @@ class MetricRequest:
     """One requested metric: a distance on a feature network, or a reward's scores."""
 
     kind: str  # "fid", "kid" or "reward"
-    name: str  # the feature network or the reward
+    name: str  # the feature network, or the reward (a name or a FILE.py:NAME reference)
+
+    @property
+    def label(self) -> str:
+        """The name results are keyed by: a reward reference's ``NAME``, else ``name``."""
+        from diffalign.rewards.function import reward_label
+
+        return reward_label(self.name) if self.kind == "reward" else self.name
 
     @property
     def key(self) -> str:
         """The result key: ``fid``, ``fid_tiny_clip``, ``kid``, ``shapes_mean``, ..."""
         if self.kind == "reward":
-            return f"{self.name}_mean"
+            return f"{self.label}_mean"
         return self.kind if self.name == "inception" else f"{self.kind}_{self.name}"
 
 
 def parse_metrics(spec: str | Sequence[str]) -> list[MetricRequest]:
     """``"fid:tiny-clip,shapes"`` (or a list of names) as metric requests, in order, no repeats.
 
+    A reward of one's own is named by reference, ``FILE.py:NAME`` or ``package.module:NAME``
+    (see :mod:`diffalign.rewards.function`); it is loaded here, so that a wrong one fails before
+    any sampling.
+
     Raises:
-        ValueError: no metric, or a name that is neither a distance nor a registered reward.
+        ValueError: no metric, a name that is neither a distance nor a registered reward, or a
+            reward reference that does not load.
     """
     from diffalign.rewards import list_rewards
+    from diffalign.rewards.function import load_reward_reference
 
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     requests: list[MetricRequest] = []
@@ -70,14 +83,24 @@ def parse_metrics(spec: str | Sequence[str]) -> list[MetricRequest]:
             request = MetricRequest(head, canonical_feature_name(feature or "inception"))
         elif head in list_rewards() and not feature:
             request = MetricRequest("reward", head)
+        elif _names_a_reference(head, feature):
+            load_reward_reference(raw)
+            request = MetricRequest("reward", raw)
         else:
-            known = ", ".join(["fid", "fid:NET", "kid", "kid:NET", *list_rewards()])
+            known = ", ".join(["fid", "fid:NET", "kid", "kid:NET", *list_rewards(),
+                               "FILE.py:NAME", "package.module:NAME"])  # fmt: skip
             raise ValueError(f"Unknown metric {raw!r}; known metrics: {known}.")
         if request not in requests:
             requests.append(request)
     if not requests:
         raise ValueError("No metric requested; pass e.g. --metrics fid:tiny-clip,shapes.")
     return requests
+
+
+def _names_a_reference(location: str, name: str) -> bool:
+    """Whether ``LOCATION:NAME`` reads as a reward reference (a ``.py`` file or a dotted module,
+    and an identifier), not a misspelt ``fid:NET``."""
+    return name.isidentifier() and (location.endswith(".py") or "." in location)
 
 
 def bootstrap_interval(
@@ -235,8 +258,8 @@ def _reward_metrics(request, images, prompts, baseline, device, seed) -> dict[st
         with torch.no_grad():
             base_scores = reward(baseline.to(device), list(prompts)).double().cpu()
         wins = win_outcomes(scores, base_scores)
-        out[f"{request.name}_win_rate"] = float(wins.mean())
-        out[f"{request.name}_win_rate_ci"] = bootstrap_interval(wins, seed=seed)
+        out[f"{request.label}_win_rate"] = float(wins.mean())
+        out[f"{request.label}_win_rate_ci"] = bootstrap_interval(wins, seed=seed)
     return out
 
 

@@ -39,6 +39,20 @@ def test_eval_against_a_baseline_writes_metrics_report_grid_and_reference(tmp_pa
     assert second["fid_tiny_clip"] == pytest.approx(results["fid_tiny_clip"])
 
 
+def test_eval_scores_a_reward_of_ones_own_with_win_rates(tmp_path):
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text("def redness(images, prompts):\n    return images[:, 0].mean((1, 2))\n")
+    out = tmp_path / "eval"
+    args = eval_args(out, "--baseline", "diffalign:tiny-shapes", "--metrics",
+                     f"shapes,{rewards}:redness")  # fmt: skip
+    assert main(args) == 0
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    assert 0.0 < results["redness_mean"] < 1.0
+    assert results["redness_mean"] == results["baseline"]["redness_mean"]
+    assert results["redness_win_rate"] == 0.5  # the same model and seeds: all ties
+    assert "redness_win_rate" in (out / "report.md").read_text()
+
+
 def test_eval_without_fid_creates_its_output_folder(tmp_path):
     out = tmp_path / "new" / "eval"
     assert main(eval_args(out, "--metrics", "shapes")) == 0

@@ -106,6 +106,19 @@ def test_parse_metrics_names_keys_and_rejects_unknown_names():
         parse_metrics("shapes,sharpness")
     with pytest.raises(ValueError, match="No metric"):
         parse_metrics(" , ")
+    with pytest.raises(ValueError, match="Unknown metric 'fdi:tiny-clip'"):  # not a reference
+        parse_metrics("fdi:tiny-clip")
+
+
+def test_parse_metrics_loads_reward_references_before_any_sampling(tmp_path):
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text("def redness(images, prompts):\n    return images[:, 0].mean((1, 2))\n")
+    (request,) = parse_metrics(f"{rewards}:redness")
+    assert (request.kind, request.key, request.label) == ("reward", "redness_mean", "redness")
+    with pytest.raises(ValueError, match="defines no 'blueness'.*redness"):
+        parse_metrics(f"{rewards}:blueness")
+    with pytest.raises(ValueError, match="No reward file .*missing.py"):
+        parse_metrics(f"{tmp_path / 'missing.py'}:redness")
 
 
 @pytest.fixture(scope="module")

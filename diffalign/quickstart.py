@@ -206,6 +206,7 @@ def train_awm(settings: QuickstartSettings, out: Path, progress: bool = True) ->
     from diffalign.commands.train import recipe_path
     from diffalign.train.awm import AWMTrainer
     from diffalign.train.config import AWMConfig
+    from diffalign.train.trainer import describe_changes
 
     overrides = [f"model={settings.model}", f"max_steps={settings.awm_rounds}",
                  f"guidance_scale={settings.resolved_guidance_scale()}",
@@ -213,11 +214,13 @@ def train_awm(settings: QuickstartSettings, out: Path, progress: bool = True) ->
                  *settings.awm_overrides]  # fmt: skip
     config = AWMConfig.from_yaml(recipe_path("awm", "tiny-shapes"), overrides)
     existing = out / "config.yaml"
-    same = existing.is_file() and _same_run(AWMConfig.from_yaml(existing), config)
-    if existing.is_file() and not same:
+    changed = _run_changes(AWMConfig.from_yaml(existing), config) if existing.is_file() else {}
+    if changed:
         raise FileExistsError(
-            f"{out} holds an AWM run with other settings; pass another --out or delete {out}."
+            f"{out} holds an AWM run with other settings ({describe_changes(changed)}); pass "
+            f"another --out or delete {out}."
         )
+    same = existing.is_file()
     if same and _rounds_done(out) > config.max_steps:
         raise FileExistsError(
             f"{out} holds a longer AWM run than --awm-rounds {config.max_steps}; pass another "
@@ -234,11 +237,13 @@ def _rounds_done(out: Path) -> int:
     return max((json.loads(row)["step"] for row in rows if row.strip()), default=0)
 
 
-def _same_run(recorded, config) -> bool:
-    """Whether two configs make the same run (its length and display settings aside)."""
+def _run_changes(recorded, config) -> dict[str, tuple]:
+    """The settings that make two configs different runs, ``{key: (recorded, now)}`` (the
+    run's length and display settings aside)."""
     from diffalign.train.trainer import changed_settings
 
-    return not set(changed_settings(recorded.to_dict(), config.to_dict())) - {"max_steps"}
+    changes = changed_settings(recorded.to_dict(), config.to_dict())
+    return {key: values for key, values in changes.items() if key != "max_steps"}
 
 
 def write_quickstart_outputs(out: Path, metrics: dict, images: dict, curves: dict,

@@ -129,5 +129,5 @@ def test_quickstart_continues_its_own_run_and_refuses_another(tmp_path):
     assert longer["base"] == first["base"]
     with pytest.raises(FileExistsError, match="longer AWM run"):
         run_quickstart(tmp_path, tiny_quickstart(awm_rounds=1), progress=False)
-    with pytest.raises(FileExistsError, match="other settings"):
+    with pytest.raises(FileExistsError, match=r"other settings \(seed: 0 -> 1\)"):
         run_quickstart(tmp_path, tiny_quickstart(awm_rounds=2, seed=1), progress=False)

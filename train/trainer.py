@@ -101,6 +101,11 @@ def changed_settings(before: dict, after: dict) -> dict[str, tuple]:
     return {k: (before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)}
 
 
+def describe_changes(changes: dict[str, tuple]) -> str:
+    """``changed_settings``' result as text: ``key: old -> new, ...``."""
+    return ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+
+
 def mean_diagnostics(rows: list[dict[str, float]]) -> dict[str, float]:
     """The mean of each diagnostic over the micro-steps that reported it."""
     keys = {key for row in rows for key in row}
@@ -417,9 +422,8 @@ class Trainer:
         self.load_state(checkpoint.states)
         changed = changed_settings(checkpoint.config, self.config.to_dict())
         if changed and self.accelerator.is_main_process:
-            listed = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
             logger.warning("Resuming %s at round %d with changed settings: %s", self.out,
-                           self.step, listed)  # fmt: skip
+                           self.step, describe_changes(changed))  # fmt: skip
         if self.accelerator.is_main_process and self.metrics_path.exists():
             kept = [line for line in self.metrics_path.read_text().splitlines()
                     if (step := _logged_step(line)) is not None and step <= self.step]  # fmt: skip

@@ -1,4 +1,5 @@
-"""One DDPO round on a fixed global batch, run by ``test_trainers`` in 1 and in 2 processes.
+"""One DDPO round on a fixed global batch, run by ``test_trainers`` in 1 and in 2 processes
+(``distributed_step.py OUT [fsdp]``: DDP, or FSDP2 as ``distributed_run.make_accelerator`` sets it).
 
 Every process builds the same tiny pipeline and the same global rollout (fixed seed), keeps its
 share, and takes one optimizer step; rank 0 saves the gradient that step used (after DDP's
@@ -10,18 +11,18 @@ independent of the gradient's scale and would hide a batch-size error.
 import sys
 
 import torch
+from distributed_run import make_accelerator  # a sibling: this file runs as a script
 
 from diffalign.models import build_tiny_pipeline
 from diffalign.pipelines.rollout import RolloutPipeline
+from diffalign.sharding import whole
 from diffalign.train.config import DDPOConfig
 from diffalign.train.ddpo import DDPOTrainer
 from diffalign.train.trainer import RoundBatch
 
 
-def main(out: str) -> None:
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=True)
+def main(out: str, strategy: str) -> None:
+    accelerator = make_accelerator(strategy)
     world, rank = accelerator.num_processes, accelerator.process_index
     pipeline = RolloutPipeline(**build_tiny_pipeline(seed=0).components,
                                requires_safety_checker=False)  # fmt: skip
@@ -46,20 +47,19 @@ def main(out: str) -> None:
     step = trainer.optimizer_step
 
     def record_then_step() -> None:  # the averaged gradient, before clipping and AdamW
-        names = trainer.trainable_names
-        gradients.update({n: p.grad.clone() for n, p in zip(names, trainer.trainable, strict=True)})
+        gradients.update({n: whole(p.grad).clone() for n, p in trainer.named_trainable().items()})
         step()
 
     trainer.optimizer_step = record_then_step
     trainer.train_on(RoundBatch(local, rewards, share, all_rewards), step=0)
+    weights = {n: whole(p.detach()) for n, p in trainer.named_trainable().items()}
     if accelerator.is_main_process:
-        unet = accelerator.unwrap_model(trainer.model)
-        weights = {n: p.detach() for n, p in unet.named_parameters() if p.requires_grad}
         result = {"weights": weights, "gradients": gradients, "rewards": all_rewards,
                   "advantages": advantages}  # fmt: skip
-        torch.save(result, f"{out}/result-{world}.pt")
+        suffix = "-fsdp" if strategy == "fsdp" else ""
+        torch.save(result, f"{out}/result-{world}{suffix}.pt")
     accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "ddp")

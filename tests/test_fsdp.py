@@ -5,6 +5,9 @@ to the reference, held-out evaluations, the guard, a checkpoint every round and 
 """
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from diffusers import UNet2DConditionModel
 from diffalign.models import build_tiny_pipeline
 from diffalign.sharding import copy_into, gathered, reshard_optimizer_state, shard_like
 
-from .conftest import launch_two_processes
+from .conftest import launch_two_processes, requires_cuda
 
 RUN = Path(__file__).with_name("distributed_run.py")
 
@@ -74,3 +77,23 @@ def test_whole_tensors_pass_through_the_sharding_helpers_unchanged():
     reshard_optimizer_state(optimizer)
     for key, value in optimizer.state[parameter].items():
         assert torch.equal(value, before[key])
+
+
+@requires_cuda
+def test_fsdp2_through_accelerate_on_a_cuda_device_in_bf16(tmp_path):
+    # the real path, no state set by hand: accelerate reads FSDP from the environment as
+    # `accelerate launch --use_fsdp --fsdp_version 2 --mixed_precision bf16` sets it (nccl)
+    env = {**os.environ, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+           "ACCELERATE_MIXED_PRECISION": "bf16"}  # fmt: skip
+    settings = ["max_steps=2", "prompts_per_step=2", "samples_per_prompt=2",
+                "num_inference_steps=3", "train_batch_size=2", "num_heldout_prompts=2",
+                "heldout_samples_per_prompt=1", "eval_every=1", "save_every=1",
+                "log_with=none", "progress=false", "use_lora=false"]  # fmt: skip
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+                    "--standalone", "-m", "diffalign", "train", "awm", "--recipe",
+                    "tiny-shapes", "--set", *settings, "--out", str(tmp_path)],
+                   check=True, env=env, timeout=600)  # fmt: skip
+    assert [row["step"] for row in _rows(tmp_path)] == [0, 1, 2]
+    trained = _final_unet(tmp_path)
+    assert all(value.isfinite().all() for value in trained.values())
+    assert (tmp_path / "checkpoints").is_dir() and (tmp_path / "final" / "README.md").exists()

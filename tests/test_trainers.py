@@ -559,12 +559,14 @@ def test_processes_that_would_each_train_alone_are_refused(monkeypatch):
     check_launch(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2))
 
 
-def test_two_processes_take_the_same_step_as_one_on_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_take_the_same_step_as_one_on_the_same_global_batch(strategy, tmp_path):
     script = Path(__file__).with_name("distributed_step.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, env=env)
-    launch_two_processes(script, tmp_path)
-    single, double = (torch.load(tmp_path / f"result-{n}.pt") for n in (1, 2))
+    launch_two_processes(script, tmp_path, strategy)
+    double = torch.load(tmp_path / ("result-2-fsdp.pt" if strategy == "fsdp" else "result-2.pt"))
+    single = torch.load(tmp_path / "result-1.pt")
     torch.testing.assert_close(double["rewards"], single["rewards"])  # gathered: all 8 samples
     torch.testing.assert_close(double["advantages"], single["advantages"])
     assert len(double["rewards"]) == 8

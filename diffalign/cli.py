@@ -51,10 +51,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from diffalign.config import ConfigError
     from diffalign.models import LoraTargetError, ModelNotAvailableError, UnsupportedModelError
     from diffalign.rewards import UnknownRewardError
+    from diffalign.train.hub import HubUploadError
 
     return (
         ModelNotAvailableError, ConfigError, CheckpointError, FileNotFoundError, FileExistsError,
-        UnknownRewardError, UnsupportedModelError, LoraTargetError,
+        UnknownRewardError, UnsupportedModelError, LoraTargetError, HubUploadError,
     )  # fmt: skip
 
 

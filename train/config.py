@@ -87,6 +87,13 @@ class TrainConfig(BaseConfig):
     keep_checkpoints: int = 2
     log_with: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, none"})
     progress: bool = True
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "upload final/ (and lora/) to the Hub at the end"}
+    )
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "the Hub repository (default: the --out folder's name)"}
+    )
+    hub_private_repo: bool = field(default=False, metadata={"help": "create it private"})
 
     def validate(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:

@@ -27,9 +27,10 @@ def heldout_changes(rows: list[dict], upto_step: int) -> list[tuple[str, float, 
 
 
 def model_card(method: str, config: TrainConfig, rows: list[dict], trip: GuardTrip | None,
-               flow: bool = False) -> str:  # fmt: skip
+               flow: bool = False, repo_id: str | None = None) -> str:  # fmt: skip
     """The card's markdown for a run of ``method`` with ``config`` that logged ``rows`` (stopped
-    by the guard's ``trip``, if any; ``flow``: the UNet was trained by flow matching)."""
+    by the guard's ``trip``, if any; ``flow``: the UNet was trained by flow matching;
+    ``repo_id``: the Hub repository it is pushed to, which the loading example then names)."""
     last = rows[-1] if rows else {"step": 0, "samples_seen": 0}
     kept_step = trip.passed_step if trip is not None else last["step"]
     adapter = f"LoRA rank {config.lora_rank}, merged" if config.use_lora else "full fine-tuning"
@@ -63,7 +64,7 @@ def model_card(method: str, config: TrainConfig, rows: list[dict], trip: GuardTr
             *(f"| {key} | {first:.4g} | {final:.4g} |" for key, first, final in changes),
             "",
         ]
-    folder = '"path/to/this/folder"'
+    folder = f'"{repo_id}"' if repo_id else '"path/to/this/folder"'
     if flow:
         load = ["from diffalign.pipelines.rollout import RolloutPipeline", "",
                 f"pipe = RolloutPipeline.from_pretrained({folder})",
@@ -73,5 +74,6 @@ def model_card(method: str, config: TrainConfig, rows: list[dict], trip: GuardTr
                 f"pipe = StableDiffusionPipeline.from_pretrained({folder})"]  # fmt: skip
     lines += ["```python", *load, "```", "",
               "The run's settings are in `training.json`; the LoRA adapter alone, when trained "
-              "with LoRA, in the run folder's `lora/`.", ""]  # fmt: skip
+              f"with LoRA, in {'this repository' if repo_id else 'the run folder'}'s `lora/`.",
+              ""]  # fmt: skip
     return "\n".join(lines)

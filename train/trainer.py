@@ -43,6 +43,7 @@ from diffalign.sharding import (
 )
 from diffalign.train.config import TrainConfig
 from diffalign.train.guard import GuardTrip, HackingGuard
+from diffalign.train.hub import check_hub_access, hub_repo_id, push_run
 from diffalign.train.launch import check_launch, check_tracker
 from diffalign.train.model_card import model_card
 from diffalign.train.prompts import PromptSource
@@ -88,8 +89,9 @@ def _logged_step(line: str) -> int | None:
         return None
 
 
-DISPLAY_SETTINGS = frozenset({"progress"})
-"""Settings that change what a run shows, not what it computes: not reported as changed."""
+DISPLAY_SETTINGS = frozenset({"progress", "push_to_hub", "hub_model_id", "hub_private_repo"})
+"""Settings that change what a run shows or where it goes, not what it computes: not reported
+as changed."""
 
 
 def changed_settings(before: dict, after: dict) -> dict[str, tuple]:
@@ -141,6 +143,9 @@ class Trainer:
 
         self.config, self.out = config, Path(out)
         check_tracker(config.log_with)
+        if config.push_to_hub:
+            check_hub_access()
+        self.hub_url: str | None = None
         tracker = None if config.log_with == "none" else config.log_with
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision, log_with=tracker, project_dir=str(self.out)
@@ -504,6 +509,9 @@ class Trainer:
         bar.close()
         final = self.save_final()
         self.accelerator.end_training()
+        if config.push_to_hub and self.accelerator.is_main_process:
+            repo_id = hub_repo_id(self.out, config.hub_model_id)
+            self.hub_url = push_run(self.out, repo_id, private=config.hub_private_repo)
         return final
 
     def _evaluated_weights(self) -> list[Tensor]:
@@ -555,11 +563,16 @@ class Trainer:
             rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
             plot_reward_curve(rows, self.out / "reward_curve.png",
                               title=f"{self.method}: {self.config.reward}")  # fmt: skip
-            card = model_card(self.method, self.config, rows, self.guard_trip,
-                              flow=is_flow_scheduler(self.pipeline.scheduler))  # fmt: skip
-            atomic_write_text(final / "README.md", card)
+            self._write_model_card(final, rows)
         self.accelerator.wait_for_everyone()
         return final
+
+    def _write_model_card(self, final: Path, rows: list[dict]) -> None:
+        config = self.config
+        repo_id = hub_repo_id(self.out, config.hub_model_id) if config.push_to_hub else None
+        card = model_card(self.method, config, rows, self.guard_trip, repo_id=repo_id,
+                          flow=is_flow_scheduler(self.pipeline.scheduler))  # fmt: skip
+        atomic_write_text(final / "README.md", card)
 
     def _whole_unet(self):
         """The trained UNet with whole weights: itself, or under FSDP2 (on the main process;

@@ -88,4 +88,6 @@ def run(args: argparse.Namespace) -> int:
     trainer = trainer_cls(config, args.out)
     final = trainer.train(resume=args.resume)
     print(f"final pipeline: {final}\nmetrics: {trainer.metrics_path}")
+    if trainer.hub_url:
+        print(f"on the Hub: {trainer.hub_url}")
     return 0

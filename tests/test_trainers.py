@@ -124,7 +124,9 @@ def _weights(trainer):
 @pytest.mark.parametrize(
     "cls, config_cls, extra",
     [(DDPOTrainer, DDPOConfig, {"stat_min_count": 2, "clip_range": 0.2}),
-     (AWMTrainer, AWMConfig, {"beta_kl": 0.1, "beta_ema": 0.1, "num_train_timesteps": 2})],
+     (AWMTrainer, AWMConfig, {"beta_kl": 0.1, "beta_ema": 0.1, "num_train_timesteps": 2}),
+     # rounds at 0, 1/2 and all of the learning rate: a fresh schedule would redo round 2 at 0
+     (AWMTrainer, AWMConfig, {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 2})],
 )  # fmt: skip
 def test_resumed_runs_match_uninterrupted_ones(cls, config_cls, extra, tmp_path, monkeypatch):
     monkeypatch.setattr(DDPOTrainer, "save_final", lambda self: None)
@@ -140,6 +142,18 @@ def test_resumed_runs_match_uninterrupted_ones(cls, config_cls, extra, tmp_path,
         torch.testing.assert_close(_weights(resumed)[name], value, atol=0, rtol=0)
 
     assert _logged(resumed) == _logged(straight) and len(_logged(straight)) == 4
+
+
+def test_the_learning_rate_follows_its_schedule_round_by_round(tmp_path):
+    config = AWMConfig(max_steps=4, learning_rate=1e-2, lr_scheduler="linear", lr_warmup_steps=2,
+                       **{**SMALL, "eval_every": 4, "save_every": 4})  # fmt: skip
+    trainer = _trainer(AWMTrainer, config, tmp_path)
+    trainer.train()
+    rates = [row["learning_rate"] for row in _logged(trainer) if "learning_rate" in row]
+    # diffusers' linear schedule: warmup s / 2, then (4 - s) / (4 - 2), for rounds s = 0..3
+    assert rates == pytest.approx([0.0, 5e-3, 1e-2, 5e-3])
+    with pytest.raises(ConfigError, match="lr_scheduler must be one of"):
+        AWMConfig(lr_scheduler="exponential")
 
 
 def test_tensorboard_gets_the_metrics_and_the_sample_grids(tmp_path, monkeypatch):

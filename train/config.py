@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from diffalign.config import BaseConfig, ConfigError
 from diffalign.models import DEFAULT_LORA_TARGETS
+from diffalign.train.lr_schedule import LR_SCHEDULES
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "wandb", "none")
@@ -65,6 +66,12 @@ class TrainConfig(BaseConfig):
         default=1, metadata={"help": "micro-batches per optimizer step"}
     )
     learning_rate: float = 3e-4
+    lr_scheduler: str = field(
+        default="constant",
+        metadata={"help": "constant, constant_with_warmup, linear, cosine, cosine_with_restarts "
+                          "or polynomial (diffusers'), stepped once per round"},
+    )  # fmt: skip
+    lr_warmup_steps: int = field(default=0, metadata={"help": "rounds of linear warmup from 0"})
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-4
@@ -107,6 +114,10 @@ class TrainConfig(BaseConfig):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.lr_scheduler not in LR_SCHEDULES:
+            raise ConfigError(f"lr_scheduler must be one of {LR_SCHEDULES}: {self.lr_scheduler!r}")
+        if self.lr_warmup_steps < 0:
+            raise ConfigError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}.")
         if self.max_heldout_drop < 0:
             raise ConfigError(f"max_heldout_drop must be >= 0 (0: off): {self.max_heldout_drop}")
         if self.max_heldout_drop > 0 and not self.heldout_extra_rewards:

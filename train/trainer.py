@@ -45,6 +45,7 @@ from diffalign.train.config import TrainConfig
 from diffalign.train.guard import GuardTrip, HackingGuard
 from diffalign.train.hub import check_hub_access, hub_repo_id, push_run
 from diffalign.train.launch import check_launch, check_tracker
+from diffalign.train.lr_schedule import build_lr_scheduler, current_lr
 from diffalign.train.model_card import model_card
 from diffalign.train.prompts import PromptSource
 
@@ -204,6 +205,9 @@ class Trainer:
         self._collect_trainable()  # FSDP2 replaces the parameters with sharded ones, in place
         reshard_after_every_forward(self.model)
         self.ema = EMA(self.trainable, config.ema_decay) if config.ema_decay > 0 else None
+        self.lr_scheduler = build_lr_scheduler(
+            self.optimizer.optimizer, config.lr_scheduler, config.lr_warmup_steps, config.max_steps
+        )
 
     def _collect_trainable(self) -> None:
         self.trainable = [p for p in self.unet.parameters() if p.requires_grad]
@@ -369,6 +373,7 @@ class Trainer:
         states = {
             "trainable": {name: p.detach() for name, p in self.named_trainable().items()},
             "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
             "progress": {"step": self.step, "samples_seen": self.samples_seen},
         }
         if self.ema is not None:
@@ -391,6 +396,8 @@ class Trainer:
             copy_into(weights[name], value)
         self.optimizer.load_state_dict(states["optimizer"])
         reshard_optimizer_state(self.optimizer.optimizer)
+        if "lr_scheduler" in states:  # checkpoints from before schedules resume at a constant lr
+            self.lr_scheduler.load_state_dict(states["lr_scheduler"])
         if self.ema is not None and "ema" in states:
             self.ema.load_state_dict(states["ema"])
         self.load_extra_states(states)
@@ -486,14 +493,17 @@ class Trainer:
                    disable=not (config.progress and self.accelerator.is_main_process))  # fmt: skip
         while self.step < config.max_steps:
             started = time.perf_counter()
+            learning_rate = current_lr(self.lr_scheduler)
             batch = self.sample_round(self.step)
             diagnostics = self.train_on(batch, self.step)
+            self.lr_scheduler.step()
             self.step += 1
             self.samples_seen += config.samples_per_step
             row = {"step": self.step, "samples_seen": self.samples_seen,
                    "reward_mean": batch.all_rewards.float().mean().item(),
                    "reward_std": batch.all_rewards.float().std(unbiased=False).item(),
-                   **diagnostics, "seconds": time.perf_counter() - started}  # fmt: skip
+                   **diagnostics, "learning_rate": learning_rate,
+                   "seconds": time.perf_counter() - started}  # fmt: skip
             if self.step % config.eval_every == 0 or self.step == config.max_steps:
                 row.update(self.evaluate(self.step))
                 self.guard_trip = self._watch(row)

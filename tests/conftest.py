@@ -20,12 +20,13 @@ def cuda_available() -> bool:
 requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device")
 
 
-def launch_two_processes(script: Path, *args) -> None:
-    """Run ``script ARGS`` in 2 CPU processes (torch.distributed.run, gloo), 1 thread each."""
+def launch_two_processes(script: Path, *args, env: dict[str, str] | None = None) -> None:
+    """Run ``script ARGS`` in 2 CPU processes (torch.distributed.run, gloo), 1 thread each,
+    with ``env`` added to the environment."""
     with socket.socket() as sock:  # a free port, so that tests never meet a stale rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                     f"--master_port={port}", str(script), *map(str, args)],
                    check=True, env=env, timeout=600)  # fmt: skip

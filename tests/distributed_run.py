@@ -7,9 +7,11 @@ them falls).
 
 accelerate turns FSDP on only on GPU-like devices; :func:`make_accelerator` sets its state to FSDP2
 by hand on CPU, so that ``prepare`` shards the UNet with ``fully_shard`` over gloo: the code path a
-GPU launch with ``fsdp_version: 2`` takes over nccl.
+GPU launch with ``fsdp_version: 2`` takes over nccl. The plugin reads the rest of its settings
+(wrapping, resharding) from the ``FSDP_*`` variables that ``accelerate launch`` sets from a config.
 """
 
+import os
 import sys
 
 from diffalign.models import build_tiny_pipeline
@@ -58,6 +60,9 @@ def main(out: str, strategy: str, weights: str, max_steps: int, resume: bool) ->
     )  # fmt: skip
     trainer = AWMTrainer(config, out, pipeline=pipeline, accelerator=accelerator)
     assert is_fsdp(trainer.model) == (strategy == "fsdp")
+    sharded = {type(module).__name__ for module in trainer.unet.modules() if is_fsdp(module)}
+    by_blocks = "FSDP_AUTO_WRAP_POLICY" in os.environ  # each block a unit, as the config asks
+    assert ("FSDPBasicTransformerBlock" in sharded) == by_blocks, sharded
     trainer.train(resume=resume)
 
 

@@ -156,6 +156,23 @@ def test_the_learning_rate_follows_its_schedule_round_by_round(tmp_path):
         AWMConfig(lr_scheduler="exponential")
 
 
+@pytest.mark.parametrize("max_grad_norm", [1e-3, 0.0])  # clipped, and not clipped at all
+def test_the_logged_gradient_norm_is_the_norm_before_clipping(max_grad_norm, tmp_path):
+    config = AWMConfig(max_steps=1, max_grad_norm=max_grad_norm, **SMALL)
+    trainer = _trainer(AWMTrainer, config, tmp_path)
+    step, norms = trainer.optimizer_step, []
+
+    def measure_then_step() -> None:
+        norms.append(torch.cat([p.grad.flatten() for p in trainer.trainable]).norm().item())
+        step()
+
+    trainer.optimizer_step = measure_then_step
+    trainer.train()
+    (row,) = [row for row in _logged(trainer) if row["step"] == 1]
+    assert norms and min(norms) > 0
+    assert row["grad_norm"] == pytest.approx(sum(norms) / len(norms), rel=1e-5)
+
+
 def test_tensorboard_gets_the_metrics_and_the_sample_grids(tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -178,6 +179,7 @@ class Trainer:
         self.guard_trip: GuardTrip | None = None
         self.step = 0
         self.samples_seen = 0
+        self.grad_norms: list[float] = []  # this round's, one per optimizer step
 
     # ------------------------------------------------------------------ setup
 
@@ -293,9 +295,12 @@ class Trainer:
             self.accelerator.backward(loss)
 
     def optimizer_step(self) -> None:
-        """Clip, step, zero the gradients and update the EMA."""
-        if self.config.max_grad_norm > 0:
-            self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+        """Clip (when ``max_grad_norm`` > 0), step, zero the gradients and update the EMA; the
+        gradient's norm before clipping goes into the round's ``grad_norm``."""
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
+        norm = self.accelerator.clip_grad_norm_(self.trainable, max_norm)  # inf: measures only
+        if norm is not None:
+            self.grad_norms.append(float(norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -493,7 +498,7 @@ class Trainer:
                    disable=not (config.progress and self.accelerator.is_main_process))  # fmt: skip
         while self.step < config.max_steps:
             started = time.perf_counter()
-            learning_rate = current_lr(self.lr_scheduler)
+            learning_rate, self.grad_norms = current_lr(self.lr_scheduler), []
             batch = self.sample_round(self.step)
             diagnostics = self.train_on(batch, self.step)
             self.lr_scheduler.step()
@@ -504,6 +509,8 @@ class Trainer:
                    "reward_std": batch.all_rewards.float().std(unbiased=False).item(),
                    **diagnostics, "learning_rate": learning_rate,
                    "seconds": time.perf_counter() - started}  # fmt: skip
+            if self.grad_norms:
+                row["grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
             if self.step % config.eval_every == 0 or self.step == config.max_steps:
                 row.update(self.evaluate(self.step))
                 self.guard_trip = self._watch(row)

@@ -298,6 +298,10 @@ def _check_unet_pipeline(model_index: dict[str, Any], pipeline_cls, name: str) -
 
 
 def _load_local(path: Path, pipeline_cls, **kwargs):
+    from diffalign.train.export import is_training_checkpoint, pipeline_from_checkpoint
+
+    if is_training_checkpoint(path):
+        return pipeline_from_checkpoint(path, pipeline_cls, **kwargs)
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise FileNotFoundError(
@@ -349,7 +353,9 @@ def load_pipeline(
     """Load a Stable-Diffusion-family pipeline from a local folder or a hub id, offline first.
 
     Args:
-        name_or_path: a folder written by ``save_pretrained`` or a hub id such as
+        name_or_path: a folder written by ``save_pretrained``, a trainer's checkpoint folder
+            (``RUN/checkpoints/checkpoint-<step>``: the run's base model with the checkpoint's
+            weights, see :mod:`diffalign.train.export`) or a hub id such as
             ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``.
         pipeline_cls: the pipeline class to build (default ``diffusers.DiffusionPipeline``, which
             picks the class named in ``model_index.json``); diffalign's own pipelines subclass

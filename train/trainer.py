@@ -50,8 +50,6 @@ from diffalign.train.lr_schedule import build_lr_scheduler, current_lr
 from diffalign.train.model_card import model_card
 from diffalign.train.prompts import PromptSource
 
-SHIPPED_PREFIX = "diffalign:"
-
 logger = logging.getLogger(__name__)
 
 
@@ -64,12 +62,9 @@ def derive_seed(seed: int, *parts: object) -> int:
 def load_training_pipeline(model: str) -> RolloutPipeline:
     """A :class:`RolloutPipeline` from a folder, a hub id or ``diffalign:<shipped model>``."""
     from diffalign.models import load_pipeline
+    from diffalign.world import resolve_shipped
 
-    if model.startswith(SHIPPED_PREFIX):
-        from diffalign.world import shipped_model_path
-
-        model = str(shipped_model_path(model.removeprefix(SHIPPED_PREFIX)))
-    return load_pipeline(model, pipeline_cls=RolloutPipeline)
+    return load_pipeline(resolve_shipped(model), pipeline_cls=RolloutPipeline)
 
 
 @dataclass

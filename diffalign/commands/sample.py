@@ -30,7 +30,6 @@ from diffalign.files import atomic_write_text
 NAME = "sample"
 HELP = "generate images (DDIM, best-of-n, smc, dts, dts-star); writes images and samples.json"
 TINY_RANDOM = "diffalign:tiny-random"
-SHIPPED_PREFIX = "diffalign:"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,11 +104,10 @@ def load_sampling_pipeline(model: str, device, dtype):
         if dtype != torch.float32:
             pipeline.to(dtype=dtype)
     else:
-        if model.startswith(SHIPPED_PREFIX):
-            from diffalign.world import shipped_model_path
+        from diffalign.world import resolve_shipped
 
-            model = str(shipped_model_path(model.removeprefix(SHIPPED_PREFIX)))
-        pipeline = load_pipeline(model, StableDiffusionPipeline, torch_dtype=dtype, device=device)
+        pipeline = load_pipeline(resolve_shipped(model), StableDiffusionPipeline,
+                                 torch_dtype=dtype, device=device)  # fmt: skip
     pipeline.scheduler = as_ddim_scheduler(pipeline.scheduler)
     return plain_sampling_pipeline(pipeline)
 

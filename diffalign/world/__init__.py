@@ -23,10 +23,24 @@ def shipped_model_path(name: str = TINY_SHAPES) -> Path:
     return path
 
 
+SHIPPED_PREFIX = "diffalign:"
+"""How a model name refers to a shipped model (``diffalign:tiny-shapes``)."""
+
+
+def resolve_shipped(model: str) -> str:
+    """``diffalign:<name>`` as the shipped model's folder; any other name as it is."""
+    if model.startswith(SHIPPED_PREFIX):
+        return str(shipped_model_path(model.removeprefix(SHIPPED_PREFIX)))
+    return model
+
+
 def recorded_guidance_scale(path: str | Path, default: float = 3.0) -> float:
     """The CFG scale recorded with a world model: ``training.json``'s ``sampling`` entry (chosen on
     the validation split), else the pretraining config's, else ``default``."""
     record = Path(path) / "training.json"
+    manifest = Path(path) / "manifest.json"  # a training checkpoint: its run's setting
+    if not record.is_file() and manifest.is_file():
+        return float(json.loads(manifest.read_text())["config"].get("guidance_scale", default))
     if not record.is_file():
         return default
     data = json.loads(record.read_text())

@@ -1,0 +1,70 @@
+"""A training checkpoint as a pipeline: any ``checkpoints/checkpoint-<step>`` of a run loads where a
+model folder does (``--model``, :func:`diffalign.models.load_pipeline`).
+
+A checkpoint holds only what training changed (the LoRA adapter, or the UNet when fine-tuned
+fully), the EMA of it when the run kept one, and the run's config. The pipeline is the run's base
+model (its ``model`` setting) with those weights put in, the EMA's by default as in ``final/``,
+and the LoRA merged: the same pipeline ``final/`` would have held, had the run ended there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffalign.checkpoint import CheckpointError, load_checkpoint
+
+
+def is_training_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a trainer's checkpoint folder (a manifest and trainable weights)."""
+    path = Path(path)
+    return (path / "manifest.json").is_file() and (path / "trainable.safetensors").is_file()
+
+
+def pipeline_from_checkpoint(path: str | Path, pipeline_cls: type | None = None,
+                             use_ema: bool = True, **kwargs: Any):  # fmt: skip
+    """Load the checkpoint at ``path`` as a pipeline of ``pipeline_cls`` (default: the base
+    model's own class); ``use_ema=False`` takes the live weights instead of the EMA's.
+
+    Raises:
+        CheckpointError: the checkpoint is damaged, or its weights do not fit the base model.
+        ModelNotAvailableError: the run's base model cannot be found.
+    """
+    from diffalign.models import add_lora, has_lora, load_pipeline, merge_lora
+    from diffalign.world import resolve_shipped
+
+    checkpoint = load_checkpoint(path)
+    config = checkpoint.config
+    pipeline = load_pipeline(resolve_shipped(config["model"]), pipeline_cls, **kwargs)
+    unet = pipeline.unet
+    if config.get("use_lora", True):
+        add_lora(unet, rank=config["lora_rank"], alpha=config["lora_alpha"],
+                 target_modules=config["lora_target_modules"])  # fmt: skip
+    else:
+        unet.requires_grad_(True)
+    trained = {name: p for name, p in unet.named_parameters() if p.requires_grad}
+    weights = _trained_weights(checkpoint.states, list(trained), use_ema, Path(path))
+    with torch.no_grad():
+        for name, value in weights.items():
+            trained[name].copy_(value)
+    if has_lora(unet):
+        merge_lora(unet)
+    unet.requires_grad_(False).eval()
+    return pipeline
+
+
+def _trained_weights(states: dict, names: list[str], use_ema: bool, path: Path) -> dict:
+    """The checkpoint's weights by parameter name: the EMA's (kept in the trainer's parameter
+    order) when asked for and present, else the live ones."""
+    live = states["trainable"]
+    if set(live) != set(names):
+        raise CheckpointError(
+            f"{path} holds weights for {len(live)} parameters that do not match the "
+            f"{len(names)} its run's settings give the base model; was the base model "
+            "replaced since?"
+        )
+    if use_ema and "ema" in states:
+        return dict(zip(names, states["ema"]["shadow"], strict=True))
+    return live

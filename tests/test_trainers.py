@@ -110,10 +110,10 @@ def _logged(trainer) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
 
 
-def _trainer(cls, config, out, flow_shift=None):
+def _trainer(cls, config, out, flow_shift=None, **kwargs):
     pipeline = RolloutPipeline(**build_tiny_pipeline(seed=0, flow_shift=flow_shift).components,
                                requires_safety_checker=False)  # fmt: skip
-    return cls(config, out, pipeline=pipeline)
+    return cls(config, out, pipeline=pipeline, **kwargs)
 
 
 def _weights(trainer):

@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,7 @@ from diffalign.sharding import (
     reshard_optimizer_state,
     unsharded_class,
 )
+from diffalign.train.callbacks import TrainerCallback, any_asks_to_stop, as_callbacks
 from diffalign.train.config import TrainConfig
 from diffalign.train.guard import GuardTrip, HackingGuard
 from diffalign.train.hub import check_hub_access, hub_repo_id, push_run
@@ -123,6 +124,8 @@ class Trainer:
         reward: a ready reward, or a function ``(images, prompts) -> scores`` (default:
             ``load_reward(config.reward)``).
         accelerator: a ready ``accelerate.Accelerator`` (default: built from the config).
+        callbacks: :class:`~diffalign.train.callbacks.TrainerCallback` objects, or functions
+            ``(trainer, row)`` called after every round (return True to stop the run).
     """
 
     method = "base"
@@ -134,11 +137,13 @@ class Trainer:
         pipeline: RolloutPipeline | None = None,
         reward: Reward | Callable | None = None,
         accelerator=None,
+        callbacks: Sequence[TrainerCallback | Callable] = (),
     ) -> None:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.config, self.out = config, Path(out)
+        self.callbacks = as_callbacks(callbacks)
         check_tracker(config.log_with)
         if config.push_to_hub:
             check_hub_access()
@@ -492,23 +497,7 @@ class Trainer:
         bar = tqdm(total=config.max_steps, initial=self.step, desc=f"{self.method}",
                    disable=not (config.progress and self.accelerator.is_main_process))  # fmt: skip
         while self.step < config.max_steps:
-            started = time.perf_counter()
-            learning_rate, self.grad_norms = current_lr(self.lr_scheduler), []
-            batch = self.sample_round(self.step)
-            diagnostics = self.train_on(batch, self.step)
-            self.lr_scheduler.step()
-            self.step += 1
-            self.samples_seen += config.samples_per_step
-            row = {"step": self.step, "samples_seen": self.samples_seen,
-                   "reward_mean": batch.all_rewards.float().mean().item(),
-                   "reward_std": batch.all_rewards.float().std(unbiased=False).item(),
-                   **diagnostics, "learning_rate": learning_rate,
-                   "seconds": time.perf_counter() - started}  # fmt: skip
-            if self.grad_norms:
-                row["grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
-            if self.step % config.eval_every == 0 or self.step == config.max_steps:
-                row.update(self.evaluate(self.step))
-                self.guard_trip = self._watch(row)
+            row = self.run_round()
             self._log(row)
             bar.update(1)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("reward_mean", "heldout_reward_mean")
@@ -516,15 +505,44 @@ class Trainer:
             if self.guard_trip is not None:
                 self._stop_on_trip(self.guard_trip)
                 break
-            if self.step % config.save_every == 0 or self.step == config.max_steps:
+            stop = any_asks_to_stop(self.callbacks, self, row)
+            if stop or self.step % config.save_every == 0 or self.step == config.max_steps:
                 self.save()
+            if stop:
+                logger.warning("A callback stopped the run after round %d.", self.step)
+                break
         bar.close()
         final = self.save_final()
         self.accelerator.end_training()
         if config.push_to_hub and self.accelerator.is_main_process:
             repo_id = hub_repo_id(self.out, config.hub_model_id)
             self.hub_url = push_run(self.out, repo_id, private=config.hub_private_repo)
+        for callback in self.callbacks:
+            callback.on_train_end(self, final)
         return final
+
+    def run_round(self) -> dict:
+        """Sample, score and train one round (evaluating and guarding when it is due); returns
+        the round's metrics row."""
+        config = self.config
+        started = time.perf_counter()
+        learning_rate, self.grad_norms = current_lr(self.lr_scheduler), []
+        batch = self.sample_round(self.step)
+        diagnostics = self.train_on(batch, self.step)
+        self.lr_scheduler.step()
+        self.step += 1
+        self.samples_seen += config.samples_per_step
+        row = {"step": self.step, "samples_seen": self.samples_seen,
+               "reward_mean": batch.all_rewards.float().mean().item(),
+               "reward_std": batch.all_rewards.float().std(unbiased=False).item(),
+               **diagnostics, "learning_rate": learning_rate,
+               "seconds": time.perf_counter() - started}  # fmt: skip
+        if self.grad_norms:
+            row["grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
+        if self.step % config.eval_every == 0 or self.step == config.max_steps:
+            row.update(self.evaluate(self.step))
+            self.guard_trip = self._watch(row)
+        return row
 
     def _evaluated_weights(self) -> list[Tensor]:
         """The trainable weights as :meth:`evaluate` uses them (the EMA's when it is on)."""

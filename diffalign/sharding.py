@@ -69,6 +69,21 @@ def copy_into(target: Tensor, value: Tensor) -> None:
     target.copy_(shard_like(value, target))
 
 
+def cpu_snapshot(weights: list[Tensor]) -> list[Tensor]:
+    """Whole CPU copies of ``weights`` (a collective when they are shards: every process must
+    call it), to be put back later with :func:`restore_snapshot`."""
+    return [whole(weight.detach()).to("cpu", copy=True) for weight in weights]
+
+
+@torch.no_grad()
+def restore_snapshot(targets: list[list[Tensor]], snapshot: list[Tensor]) -> None:
+    """Copy ``snapshot`` (from :func:`cpu_snapshot`) into each list of ``targets`` (live
+    weights, EMA averages), shards included."""
+    for target in targets:
+        for tensor, kept in zip(target, snapshot, strict=True):
+            copy_into(tensor, kept)
+
+
 def reshard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """After ``optimizer.load_state_dict`` of whole tensors, cut each per-parameter state tensor
     of a parameter's shape (Adam's moments) into that parameter's shard; counters stay."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from diffalign.config import BaseConfig, ConfigError
 from diffalign.models import DEFAULT_LORA_TARGETS
+from diffalign.rewards.function import reward_label
 from diffalign.train.lr_schedule import LR_SCHEDULES
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -48,6 +49,22 @@ class TrainConfig(BaseConfig):
         metadata={"help": "reward-hacking guard: stop when a heldout_extra_rewards score falls "
                           "by more than this share of its round-0 value, keeping the last "
                           "passing weights (0 = off)"},
+    )  # fmt: skip
+    keep_best: bool = field(
+        default=False,
+        metadata={"help": "final/ holds the weights of the best held-out evaluation (by "
+                          "best_metric), not the last round's"},
+    )  # fmt: skip
+    best_metric: str = field(
+        default="heldout_reward_mean",
+        metadata={"help": "the held-out metric (higher is better) of keep_best and early "
+                          "stopping: heldout_reward_mean, or heldout_<NAME>_mean of an extra "
+                          "reward"},
+    )  # fmt: skip
+    early_stopping_patience: int = field(
+        default=0,
+        metadata={"help": "stop after this many held-out evaluations without a new best "
+                          "best_metric (0 = off)"},
     )  # fmt: skip
     seed: int = 0
     max_steps: int = field(default=100, metadata={"help": "sampling + update rounds"})
@@ -102,6 +119,11 @@ class TrainConfig(BaseConfig):
     )
     hub_private_repo: bool = field(default=False, metadata={"help": "create it private"})
 
+    def heldout_metrics(self) -> list[str]:
+        """The means each held-out evaluation logs: the reward's, then each extra reward's."""
+        extras = [f"heldout_{reward_label(spec)}_mean" for spec in self.heldout_extra_rewards]
+        return ["heldout_reward_mean", *extras]
+
     def validate(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION}.")
@@ -126,6 +148,13 @@ class TrainConfig(BaseConfig):
                 'rewards to watch, e.g. --set "heldout_extra_rewards=[tiny_clip]" (clip_score or '
                 "pickscore on real models), or turn the guard off with max_heldout_drop=0."
             )
+        if self.early_stopping_patience < 0:
+            raise ConfigError("early_stopping_patience must be >= 0 (0: off), got "
+                              f"{self.early_stopping_patience}.")  # fmt: skip
+        if self.best_metric not in self.heldout_metrics():
+            choices = ", ".join(self.heldout_metrics())
+            raise ConfigError(f"best_metric must be a held-out metric of this run, one of "
+                              f"{choices}; got {self.best_metric!r}.")  # fmt: skip
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError("ema_decay must be in [0, 1) (0 turns the EMA off).")
 

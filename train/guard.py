@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
-from diffalign.sharding import copy_into, whole
+from diffalign.sharding import cpu_snapshot, restore_snapshot
 
 
 def relative_drop(start: float, now: float) -> float:
@@ -82,17 +81,14 @@ class HackingGuard:
     def keep(self, step: int, weights: list[Tensor]) -> None:
         """Remember ``weights`` (whole, copied to the CPU) as the last that passed, at round
         ``step``; with sharded weights a collective, called by every process."""
-        self.weights = [whole(w.detach()).to("cpu", copy=True) for w in weights]
+        self.weights = cpu_snapshot(weights)
         self.passed_step = step
 
-    @torch.no_grad()
     def restore(self, targets: list[list[Tensor]]) -> None:
         """Copy the kept weights into each list of ``targets`` (live weights, EMA averages)."""
         if self.weights is None:
             raise RuntimeError("The guard has no passing weights to restore.")
-        for target in targets:
-            for tensor, kept in zip(target, self.weights, strict=True):
-                copy_into(tensor, kept)
+        restore_snapshot(targets, self.weights)
 
     def state_dict(self) -> dict:
         """Start values and kept weights, for checkpoints."""

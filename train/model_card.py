@@ -6,6 +6,7 @@ The front matter follows the Hugging Face Hub's model-card metadata (``library_n
 
 from __future__ import annotations
 
+from diffalign.train.best import BestEvaluation
 from diffalign.train.config import TrainConfig
 from diffalign.train.guard import GuardTrip
 
@@ -27,12 +28,16 @@ def heldout_changes(rows: list[dict], upto_step: int) -> list[tuple[str, float, 
 
 
 def model_card(method: str, config: TrainConfig, rows: list[dict], trip: GuardTrip | None,
-               flow: bool = False, repo_id: str | None = None) -> str:  # fmt: skip
+               flow: bool = False, repo_id: str | None = None,
+               best: BestEvaluation | None = None) -> str:  # fmt: skip
     """The card's markdown for a run of ``method`` with ``config`` that logged ``rows`` (stopped
     by the guard's ``trip``, if any; ``flow``: the UNet was trained by flow matching;
-    ``repo_id``: the Hub repository it is pushed to, which the loading example then names)."""
+    ``repo_id``: the Hub repository it is pushed to, which the loading example then names;
+    ``best``: the best evaluation, when the model holds its weights, ``keep_best``)."""
     last = rows[-1] if rows else {"step": 0, "samples_seen": 0}
     kept_step = trip.passed_step if trip is not None else last["step"]
+    if best is not None:
+        kept_step = best.step
     adapter = f"LoRA rank {config.lora_rank}, merged" if config.use_lora else "full fine-tuning"
     lines = [
         "---",
@@ -53,6 +58,9 @@ def model_card(method: str, config: TrainConfig, rows: list[dict], trip: GuardTr
     ]
     if trip is not None:
         lines += [f"Stopped early by the {trip.message()}.", ""]
+    if best is not None:
+        lines += [f"This model holds the weights of {best.describe()} among the run's held-out "
+                  "evaluations (`keep_best`).", ""]  # fmt: skip
     changes = heldout_changes(rows, kept_step)
     if changes:
         lines += [

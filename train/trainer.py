@@ -42,6 +42,7 @@ from diffalign.sharding import (
     reshard_optimizer_state,
     unsharded_class,
 )
+from diffalign.train.best import BestEvaluation
 from diffalign.train.callbacks import TrainerCallback, any_asks_to_stop, as_callbacks
 from diffalign.train.config import TrainConfig
 from diffalign.train.guard import GuardTrip, HackingGuard
@@ -174,9 +175,11 @@ class Trainer:
         self.schedule = load_schedule(self.pipeline.scheduler)
         self.guard = None
         if config.max_heldout_drop > 0:
-            checks = [f"heldout_{name}_mean" for name in self.extra_rewards]
-            self.guard = HackingGuard(checks, config.max_heldout_drop)
+            self.guard = HackingGuard(config.heldout_metrics()[1:], config.max_heldout_drop)
         self.guard_trip: GuardTrip | None = None
+        self.best = None
+        if config.keep_best or config.early_stopping_patience:
+            self.best = BestEvaluation(config.best_metric, keep_weights=config.keep_best)
         self.step = 0
         self.samples_seen = 0
         self.grad_norms: list[float] = []  # this round's, one per optimizer step
@@ -385,6 +388,8 @@ class Trainer:
             states["ema"] = self.ema.state_dict()
         if self.guard is not None:
             states["guard"] = self.guard.state_dict()
+        if self.best is not None:
+            states["best"] = self.best.state_dict()
         return gathered({**states, **self.extra_states()})
 
     def extra_states(self) -> dict:
@@ -410,6 +415,9 @@ class Trainer:
         self.samples_seen = int(states["progress"]["samples_seen"])
         if self.guard is not None:
             self._load_guard(states.get("guard"))
+        if self.best is not None and not self.best.load_state_dict(states.get("best") or {}):
+            logger.warning("The best %s is tracked from this resumed run's first evaluation: "
+                           "its checkpoint did not track it.", self.best.metric)  # fmt: skip
 
     def _load_guard(self, state: dict | None) -> None:
         if state is not None:
@@ -506,12 +514,15 @@ class Trainer:
                 self._stop_on_trip(self.guard_trip)
                 break
             stop = any_asks_to_stop(self.callbacks, self, row)
+            if stop:
+                logger.warning("A callback stopped the run after round %d.", self.step)
+            stop = stop or self._stalled(row)
             if stop or self.step % config.save_every == 0 or self.step == config.max_steps:
                 self.save()
             if stop:
-                logger.warning("A callback stopped the run after round %d.", self.step)
                 break
         bar.close()
+        self._restore_best()
         final = self.save_final()
         self.accelerator.end_training()
         if config.push_to_hub and self.accelerator.is_main_process:
@@ -544,21 +555,45 @@ class Trainer:
             self.guard_trip = self._watch(row)
         return row
 
+    def _stalled(self, row: dict) -> bool:
+        """Whether early stopping ends the run after this round: an evaluation round, and
+        ``early_stopping_patience`` evaluations in a row without a new best."""
+        patience = self.config.early_stopping_patience
+        if not patience or self.best is None or self.best.metric not in row:
+            return False
+        if self.best.since < patience:
+            return False
+        if self.accelerator.is_main_process:
+            logger.warning("Early stopping after round %d: %d evaluations without beating %s.",
+                           self.step, self.best.since, self.best.describe())  # fmt: skip
+        return True
+
+    def _restore_best(self) -> None:
+        """With ``keep_best``, put back the weights of the best evaluation for ``final/``."""
+        if self.best is None or self.best.weights is None:
+            return
+        targets = [self.trainable] + ([self.ema.shadow] if self.ema is not None else [])
+        self.best.restore(targets)
+        if self.accelerator.is_main_process:
+            logger.warning("final/ holds the weights of %s.", self.best.describe())
+
     def _evaluated_weights(self) -> list[Tensor]:
         """The trainable weights as :meth:`evaluate` uses them (the EMA's when it is on)."""
         return self.ema.shadow if self.ema is not None else self.trainable
 
     def _watch(self, row: dict) -> GuardTrip | None:
-        """Run the reward-hacking guard on an evaluation's ``row``; keep the weights if they
-        pass, and return the trip (also noted in ``row``) if they do not."""
-        if self.guard is None:
-            return None
-        trip = self.guard.check(row["step"], row)
-        if trip is None:
-            self.guard.keep(row["step"], self._evaluated_weights())
-        else:
+        """Run the reward-hacking guard on an evaluation's ``row``, then (if it passed) follow
+        the best evaluation; keep the weights as each asks, and return the guard's trip (also
+        noted in ``row``) if there is one."""
+        trip = None if self.guard is None else self.guard.check(row["step"], row)
+        if trip is not None:
             row["stopped_by_guard"] = trip.key
-        return trip
+            return trip
+        if self.guard is not None:
+            self.guard.keep(row["step"], self._evaluated_weights())
+        if self.best is not None:
+            self.best.observe(row["step"], row, self._evaluated_weights())
+        return None
 
     def _stop_on_trip(self, trip: GuardTrip) -> None:
         """Put back the weights of the last evaluation that passed, for ``final/``. The tripping
@@ -601,8 +636,13 @@ class Trainer:
         config = self.config
         repo_id = hub_repo_id(self.out, config.hub_model_id) if config.push_to_hub else None
         card = model_card(self.method, config, rows, self.guard_trip, repo_id=repo_id,
-                          flow=is_flow_scheduler(self.pipeline.scheduler))  # fmt: skip
+                          flow=is_flow_scheduler(self.pipeline.scheduler),
+                          best=self._kept_best())  # fmt: skip
         atomic_write_text(final / "README.md", card)
+
+    def _kept_best(self) -> BestEvaluation | None:
+        """The best evaluation when ``final/`` holds its weights (``keep_best``), else None."""
+        return self.best if self.best is not None and self.best.weights is not None else None
 
     def _whole_unet(self):
         """The trained UNet with whole weights: itself, or under FSDP2 (on the main process;
@@ -632,4 +672,6 @@ class Trainer:
         record = {"config": self.config.to_dict(), "sampling": sampling}
         if self.guard_trip is not None:
             record["stopped_by_guard"] = self.guard_trip.to_dict()
+        if (best := self._kept_best()) is not None:
+            record["kept_best"] = {"step": best.step, "metric": best.metric, "value": best.value}
         atomic_write_text(final / "training.json", json.dumps(record, indent=1))

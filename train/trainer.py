@@ -558,10 +558,8 @@ class Trainer:
     def _stalled(self, row: dict) -> bool:
         """Whether early stopping ends the run after this round: an evaluation round, and
         ``early_stopping_patience`` evaluations in a row without a new best."""
-        patience = self.config.early_stopping_patience
-        if not patience or self.best is None or self.best.metric not in row:
-            return False
-        if self.best.since < patience:
+        patience = self.config.early_stopping_patience  # when set, self.best follows
+        if not patience or self.best.metric not in row or self.best.since < patience:
             return False
         if self.accelerator.is_main_process:
             logger.warning("Early stopping after round %d: %d evaluations without beating %s.",
@@ -570,12 +568,15 @@ class Trainer:
 
     def _restore_best(self) -> None:
         """With ``keep_best``, put back the weights of the best evaluation for ``final/``."""
-        if self.best is None or self.best.weights is None:
+        if self._kept_best() is None:
             return
-        targets = [self.trainable] + ([self.ema.shadow] if self.ema is not None else [])
-        self.best.restore(targets)
+        self.best.restore(self._weight_copies())
         if self.accelerator.is_main_process:
             logger.warning("final/ holds the weights of %s.", self.best.describe())
+
+    def _weight_copies(self) -> list[list[Tensor]]:
+        """Every copy of the trainable weights that a restore must set: live, and the EMA's."""
+        return [self.trainable] + ([self.ema.shadow] if self.ema is not None else [])
 
     def _evaluated_weights(self) -> list[Tensor]:
         """The trainable weights as :meth:`evaluate` uses them (the EMA's when it is on)."""
@@ -599,8 +600,7 @@ class Trainer:
         """Put back the weights of the last evaluation that passed, for ``final/``. The tripping
         round is not checkpointed: a resume (with a looser guard) replays it from the last
         checkpoint, exactly, so a run that tripped in its last round cannot end on its weights."""
-        targets = [self.trainable] + ([self.ema.shadow] if self.ema is not None else [])
-        self.guard.restore(targets)
+        self.guard.restore(self._weight_copies())
         if self.accelerator.is_main_process:
             logger.warning(trip.message())
 

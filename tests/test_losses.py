@@ -111,3 +111,15 @@ def test_group_advantages_center_per_prompt_and_scale_by_the_global_std():
     torch.testing.assert_close(advantages, expected, atol=1e-5, rtol=0)
     own = group_advantages(torch.tensor([1.0, 3.0, 5.0, 9.0]), ["a", "a", "b", "b"], False)
     torch.testing.assert_close(own, torch.tensor([-1.0, 1.0, -1.0, 1.0]), atol=1e-3, rtol=0)
+
+
+def test_group_advantages_divide_by_the_std_floor_when_the_std_is_below_it():
+    rewards, prompts = torch.tensor([1.0, 3.0, 5.0, 9.0]), ["a", "a", "b", "b"]
+    floored = group_advantages(rewards, prompts, std_floor=4.0)  # batch std 2.958 < 4
+    expected = torch.tensor([-1.0, 1.0, -2.0, 2.0]) / (4.0 + 1e-4)
+    torch.testing.assert_close(floored, expected, atol=1e-6, rtol=0)
+    below = group_advantages(rewards, prompts, std_floor=1.0)  # the std itself is larger
+    torch.testing.assert_close(below, group_advantages(rewards, prompts), atol=0, rtol=0)
+    # per-group stds are 1 and 2: the floor 1.5 lifts only the first group's
+    own = group_advantages(rewards, prompts, global_std=False, std_floor=1.5)
+    torch.testing.assert_close(own, torch.tensor([-1 / 1.5, 1 / 1.5, -1.0, 1.0]), atol=1e-3, rtol=0)

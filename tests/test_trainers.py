@@ -538,6 +538,21 @@ def test_shared_noise_draws_once_per_prompt_and_cancels_the_noise_only_gradient(
     assert _noise_only_gradient(trainer, rollout, advantages, shared=False) > 1e-4
 
 
+def test_awm_advantages_follow_the_configured_std_floor():
+    rewards, prompts = torch.tensor([1.0, 3.0, 5.0, 9.0]), ["a", "a", "b", "b"]
+    floored = SimpleNamespace(config=AWMConfig(advantage_std_floor=4.0))
+    plain = SimpleNamespace(config=AWMConfig())
+    # batch std 2.958 < floor 4: deviations from the group means (-1, 1, -2, 2) over 4
+    expected = torch.tensor([-0.25, 0.25, -0.5, 0.5])
+    torch.testing.assert_close(
+        AWMTrainer.compute_advantages(floored, prompts, rewards), expected, atol=1e-4, rtol=0
+    )
+    expected = torch.tensor([-1.0, 1.0, -2.0, 2.0]) / 2.958
+    torch.testing.assert_close(
+        AWMTrainer.compute_advantages(plain, prompts, rewards), expected, atol=1e-3, rtol=0
+    )
+
+
 def test_bad_configs_fail_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match="eta > 0"):
         DDPOConfig(eta=0.0)
@@ -545,6 +560,8 @@ def test_bad_configs_fail_with_the_fix(tmp_path):
         AWMConfig(prompts_per_step=0)
     with pytest.raises(ValueError, match="min_timestep_fraction must be in"):
         AWMConfig(min_timestep_fraction=0.9, timestep_fraction=0.9)
+    with pytest.raises(ValueError, match="advantage_std_floor must be >= 0"):
+        AWMConfig(advantage_std_floor=-0.1)
     with pytest.raises(ValueError, match=r"none are set: .*heldout_extra_rewards=\[tiny_clip\]"):
         AWMConfig(max_heldout_drop=0.05)
     with pytest.raises(ValueError, match="max_heldout_drop must be >= 0"):

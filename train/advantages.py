@@ -62,12 +62,18 @@ class PerPromptStatTracker:
 
 
 def group_advantages(
-    rewards: Tensor, prompts: Sequence[str], global_std: bool = True, eps: float = 1e-4
+    rewards: Tensor,
+    prompts: Sequence[str],
+    global_std: bool = True,
+    eps: float = 1e-4,
+    std_floor: float = 0.0,
 ) -> Tensor:
     """Reward minus its prompt group's mean, over the global (or the group's) std + ``eps``.
 
     This is the Flow-GRPO / AWM normalisation: every prompt is sampled as a group in the same
-    batch; with ``global_std`` the scale is the whole batch's std.
+    batch; with ``global_std`` the scale is the whole batch's std. A ``std_floor`` (in reward
+    units) divides by ``max(std, std_floor)`` instead: once the samples' rewards grow alike, their
+    differences are mostly noise, and the floor stops it from being magnified to unit scale.
     """
     if len(prompts) != rewards.shape[0]:
         raise ValueError(f"Got {len(prompts)} prompts for {rewards.shape[0]} rewards.")
@@ -76,5 +82,5 @@ def group_advantages(
     for index in prompt_groups(prompts).values():
         group = values[index]
         std = values.std(unbiased=False) if global_std else group.std(unbiased=False)
-        advantages[index] = (group - group.mean()) / (std + eps)
+        advantages[index] = (group - group.mean()) / (max(float(std), std_floor) + eps)
     return advantages.to(rewards.device, torch.float32)

@@ -54,7 +54,12 @@ class AWMTrainer(Trainer):
         super()._setup_model()
 
     def compute_advantages(self, prompts: list[str], rewards: Tensor) -> Tensor:
-        return group_advantages(rewards, prompts, global_std=self.config.global_std)
+        return group_advantages(
+            rewards,
+            prompts,
+            global_std=self.config.global_std,
+            std_floor=self.config.advantage_std_floor,
+        )
 
     def extra_states(self) -> dict:
         return {"kl_ema": self.kl_ema.state_dict()} if self.kl_ema is not None else {}

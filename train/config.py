@@ -215,6 +215,10 @@ class AWMConfig(TrainConfig):
     adv_clip_max: float = 5.0
     weighting: str = field(default="uniform", metadata={"help": "uniform or ghuber"})
     global_std: bool = field(default=True, metadata={"help": "advantages over the batch std"})
+    advantage_std_floor: float = field(
+        default=0.0,
+        metadata={"help": "divide advantages by max(std, this), in reward units (0: plain std)"},
+    )
     shared_noise: bool = field(
         default=False, metadata={"help": "one noise and timestep draw per prompt group"}
     )
@@ -235,3 +239,7 @@ class AWMConfig(TrainConfig):
             )
         if self.weighting not in ("uniform", "ghuber"):
             raise ConfigError("weighting must be 'uniform' or 'ghuber'.")
+        if self.advantage_std_floor < 0:
+            raise ConfigError(
+                f"advantage_std_floor must be >= 0 (reward units), got {self.advantage_std_floor}."
+            )

@@ -41,6 +41,8 @@ def test_a_best_state_loads_only_into_a_tracker_of_the_same_metric_that_it_can_s
     same = BestEvaluation("heldout_reward_mean")
     assert same.load_state_dict(state) and (same.step, same.value) == (3, 2.0)
     assert not BestEvaluation("heldout_tiny_clip_mean").load_state_dict(state)
+    assert not same.load_state_dict({})  # a checkpoint from a run that tracked no best
+    assert (same.step, same.value) == (3, 2.0)
     keeping = BestEvaluation("heldout_reward_mean", keep_weights=True)
     assert not keeping.load_state_dict(state) and keeping.step is None  # no weights to go back to
     with pytest.raises(RuntimeError, match="No weights were kept"):

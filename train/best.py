@@ -65,9 +65,9 @@ class BestEvaluation:
 
     def load_state_dict(self, state: dict) -> bool:
         """Restore what :meth:`state_dict` returned; returns whether it could. A best of another
-        metric, or one without the weights this tracker must keep, is left out, and tracking
-        starts afresh."""
-        if state["metric"] != self.metric or (self.keep_weights and state["weights"] is None):
+        metric, one without the weights this tracker must keep, or none (``{}``: the checkpoint
+        did not track a best) is left out, and tracking starts afresh."""
+        if state.get("metric") != self.metric or (self.keep_weights and state["weights"] is None):
             return False
         self.value, self.step, self.since = float(state["value"]), state["step"], state["since"]
         self.weights = state["weights"] if self.keep_weights else None

@@ -79,8 +79,9 @@ def group_advantages(
         raise ValueError(f"Got {len(prompts)} prompts for {rewards.shape[0]} rewards.")
     values = rewards.detach().double().cpu()
     advantages = torch.empty_like(values)
+    batch_std = float(values.std(unbiased=False))
     for index in prompt_groups(prompts).values():
         group = values[index]
-        std = values.std(unbiased=False) if global_std else group.std(unbiased=False)
-        advantages[index] = (group - group.mean()) / (max(float(std), std_floor) + eps)
+        std = batch_std if global_std else float(group.std(unbiased=False))
+        advantages[index] = (group - group.mean()) / (max(std, std_floor) + eps)
     return advantages.to(rewards.device, torch.float32)

@@ -237,7 +237,7 @@ def test_awm_moves_the_held_out_reward_the_way_the_reward_points(sign, tmp_path,
     trainer.train()
     rows = [json.loads(line) for line in trainer.metrics_path.read_text().splitlines()]
     first, last = rows[0]["heldout_reward_mean"], rows[-1]["heldout_reward_mean"]
-    assert rows[-1]["step"] == 8 and last - first > 0.1  # measured: +0.28 brighter, +0.44 darker
+    assert rows[-1]["step"] == 8 and last - first > 0.1  # measured: +0.32 brighter, +0.39 darker
 
 
 def test_a_ddpo_update_moves_log_probs_the_way_of_the_advantages(tmp_path):

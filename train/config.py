@@ -213,7 +213,11 @@ class AWMConfig(TrainConfig):
     beta_ema: float = field(default=0.0, metadata={"help": "KL to a slow EMA of the weights"})
     kl_ema_decay: float = field(default=0.3, metadata={"help": "cap of the KL-EMA decay"})
     adv_clip_max: float = 5.0
-    weighting: str = field(default="uniform", metadata={"help": "uniform or ghuber"})
+    weighting: str = field(
+        default="ghuber",
+        metadata={"help": "ghuber (the paper's: the push on a badly denoised sample fades) or "
+                          "uniform (plain mean squared error)"},
+    )  # fmt: skip
     global_std: bool = field(default=True, metadata={"help": "advantages over the batch std"})
     advantage_std_floor: float = field(
         default=0.0,

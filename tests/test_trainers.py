@@ -286,8 +286,10 @@ def _brightening_trainer(out, monkeypatch, **settings):
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     darkness = load_reward(brightness(-1.0))
     registry.register_reward("darkness", lambda **kwargs: darkness, "the check")
+    # uniform weighting brightens fastest in the first rounds, so the guard trips mid-run
     checked = {"heldout_extra_rewards": ["darkness"], "eval_every": 1, "save_every": 1,
-               "samples_per_prompt": 4, "num_train_timesteps": 2}  # fmt: skip
+               "samples_per_prompt": 4, "num_train_timesteps": 2,
+               "weighting": "uniform"}  # fmt: skip
     return _brightness_trainer(out, 1.0, **{**checked, **settings})
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from diffalign.config import BaseConfig, ConfigError
 from diffalign.models import DEFAULT_LORA_TARGETS
 from diffalign.rewards.function import reward_label
+from diffalign.train.losses import AWM_WEIGHTINGS
 from diffalign.train.lr_schedule import LR_SCHEDULES
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -241,8 +242,8 @@ class AWMConfig(TrainConfig):
                 f"min_timestep_fraction must be in [0, timestep_fraction = "
                 f"{self.timestep_fraction}), got {self.min_timestep_fraction}."
             )
-        if self.weighting not in ("uniform", "ghuber"):
-            raise ConfigError("weighting must be 'uniform' or 'ghuber'.")
+        if self.weighting not in AWM_WEIGHTINGS:
+            raise ConfigError(f"weighting must be one of {AWM_WEIGHTINGS}, got {self.weighting!r}.")
         if self.advantage_std_floor < 0:
             raise ConfigError(
                 f"advantage_std_floor must be >= 0 (reward units), got {self.advantage_std_floor}."

@@ -41,7 +41,8 @@ def main(out: str, strategy: str) -> None:
     all_rewards = accelerator.gather(rewards)
     from accelerate.utils import gather_object
 
-    advantages = trainer.compute_advantages(gather_object(local.prompts), all_rewards)
+    all_prompts = gather_object(local.prompts)
+    advantages = trainer.compute_advantages(all_prompts, all_rewards)
     share = advantages[rank * len(local) : (rank + 1) * len(local)]
     gradients = {}
     step = trainer.optimizer_step
@@ -51,7 +52,7 @@ def main(out: str, strategy: str) -> None:
         step()
 
     trainer.optimizer_step = record_then_step
-    trainer.train_on(RoundBatch(local, rewards, share, all_rewards), step=0)
+    trainer.train_on(RoundBatch(local, rewards, share, all_rewards, all_prompts), step=0)
     weights = {n: whole(p.detach()) for n, p in trainer.named_trainable().items()}
     if accelerator.is_main_process:
         result = {"weights": weights, "gradients": gradients, "rewards": all_rewards,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from diffalign.train.advantages import PerPromptStatTracker, group_advantages
+from diffalign.train.advantages import PerPromptStatTracker, group_advantages, mean_group_std
 from diffalign.train.losses import awm_loss, ddpo_loss
 
 
@@ -111,6 +111,14 @@ def test_group_advantages_center_per_prompt_and_scale_by_the_global_std():
     torch.testing.assert_close(advantages, expected, atol=1e-5, rtol=0)
     own = group_advantages(torch.tensor([1.0, 3.0, 5.0, 9.0]), ["a", "a", "b", "b"], False)
     torch.testing.assert_close(own, torch.tensor([-1.0, 1.0, -1.0, 1.0]), atol=1e-3, rtol=0)
+
+
+def test_mean_group_std_averages_each_prompts_own_spread():
+    # prompt a: 1 and 3 (std 1); prompt b: 5 and 5 (std 0, a reward that no longer tells them apart)
+    rewards = torch.tensor([1.0, 5.0, 3.0, 5.0])
+    assert mean_group_std(rewards, ["a", "b", "a", "b"]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="3 prompts for 4 rewards"):
+        mean_group_std(rewards, ["a", "b", "a"])
 
 
 def test_group_advantages_divide_by_the_std_floor_when_the_std_is_below_it():

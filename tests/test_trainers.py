@@ -45,8 +45,11 @@ def test_train_command_on_the_shipped_tiny_model_writes_a_loadable_run(method, t
     assert main(["train", method, "--recipe", "tiny-shapes", *TINY, "--out", str(tmp_path)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 1, 2]
-    for key in ("reward_mean", "heldout_reward_mean", "loss", "heldout_tiny_clip_mean"):
+    keys = ("reward_mean", "reward_group_std", "heldout_reward_mean", "loss",
+            "heldout_tiny_clip_mean")  # fmt: skip
+    for key in keys:
         assert key in rows[-1] and rows[-1][key] == rows[-1][key]  # present and not NaN
+    assert 0 <= rows[-1]["reward_group_std"] <= rows[-1]["reward_std"]  # within-prompt <= all
     assert (tmp_path / "reward_curve.png").stat().st_size > 1000
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
     card = (tmp_path / "final" / "README.md").read_text()
@@ -278,6 +281,12 @@ def test_ddpo_noise_weighting_evens_out_the_steps_by_their_noise_level(tmp_path)
     assert torch.equal(uniform.chain_step_weights(rollout), torch.ones(len(weights)))
     with pytest.raises(ConfigError, match="step_weighting"):
         DDPOConfig(step_weighting="snr")
+
+
+def test_awm_weighting_defaults_to_the_papers_and_refuses_unknown_names():
+    assert AWMConfig().weighting == "ghuber"
+    with pytest.raises(ConfigError, match=r"one of \('uniform', 'ghuber'\), got 'huber'"):
+        AWMConfig(weighting="huber")
 
 
 def _brightening_trainer(out, monkeypatch, **settings):

@@ -17,6 +17,19 @@ def prompt_groups(prompts: Sequence[str]) -> dict[str, Tensor]:
     return {prompt: torch.tensor(indices) for prompt, indices in groups.items()}
 
 
+def mean_group_std(rewards: Tensor, prompts: Sequence[str]) -> float:
+    """The mean over prompts of the std of each prompt's rewards (population std).
+
+    It falls towards 0 when the reward stops telling a prompt's samples apart (a collapsed
+    policy, or a saturated reward): the advantages are then mostly noise.
+    """
+    if len(prompts) != rewards.shape[0]:
+        raise ValueError(f"Got {len(prompts)} prompts for {rewards.shape[0]} rewards.")
+    values = rewards.detach().double().cpu()
+    spreads = [values[index].std(unbiased=False) for index in prompt_groups(prompts).values()]
+    return float(torch.stack(spreads).mean())
+
+
 class PerPromptStatTracker:
     """Normalise each reward by the running statistics of its own prompt (DDPO).
 

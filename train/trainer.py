@@ -42,6 +42,7 @@ from diffalign.sharding import (
     reshard_optimizer_state,
     unsharded_class,
 )
+from diffalign.train.advantages import mean_group_std
 from diffalign.train.best import BestEvaluation
 from diffalign.train.callbacks import TrainerCallback, any_asks_to_stop, as_callbacks
 from diffalign.train.config import TrainConfig
@@ -71,12 +72,14 @@ def load_training_pipeline(model: str) -> RolloutPipeline:
 
 @dataclass
 class RoundBatch:
-    """One round's local samples with their rewards and advantages."""
+    """One round's local samples with their rewards and advantages, and every process's
+    rewards and prompts (for the round's metrics)."""
 
     rollout: Rollout
     rewards: Tensor
     advantages: Tensor
     all_rewards: Tensor
+    all_prompts: list[str]
 
 
 def _logged_step(line: str) -> int | None:
@@ -278,7 +281,9 @@ class Trainer:
         advantages = self.compute_advantages(all_prompts, all_rewards)
         size = len(rollout)
         local_advantages = advantages[self.rank * size : (self.rank + 1) * size]
-        return RoundBatch(rollout, rewards, local_advantages.to(rewards.device), all_rewards)
+        return RoundBatch(
+            rollout, rewards, local_advantages.to(rewards.device), all_rewards, all_prompts
+        )
 
     def compute_advantages(self, prompts: list[str], rewards: Tensor) -> Tensor:
         """Advantages of all processes' samples (same on every process)."""
@@ -546,6 +551,7 @@ class Trainer:
         row = {"step": self.step, "samples_seen": self.samples_seen,
                "reward_mean": batch.all_rewards.float().mean().item(),
                "reward_std": batch.all_rewards.float().std(unbiased=False).item(),
+               "reward_group_std": mean_group_std(batch.all_rewards, batch.all_prompts),
                **diagnostics, "learning_rate": learning_rate,
                "seconds": time.perf_counter() - started}  # fmt: skip
         if self.grad_norms:

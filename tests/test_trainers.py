@@ -76,6 +76,7 @@ def test_a_reward_of_your_own_trains_and_checks_from_a_file(tmp_path):
     assert main(argv) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["reward_mean"] for row in rows[1:]] == [0.25, 0.25]
+    assert [row["reward_group_std"] for row in rows[1:]] == [0.0, 0.0]  # tells no sample apart
     assert rows[-1]["heldout_reward_mean"] == rows[-1]["heldout_quarter_mean"] == 0.25
     assert AWMConfig.from_yaml(run / "config.yaml").reward == reference
 

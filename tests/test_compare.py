@@ -49,8 +49,17 @@ def test_ratio_against_the_reference_final_value():
     assert result["runs"]["awm"]["ratio"] == pytest.approx(4.0)
     assert result["runs"]["other"] == {
         "images_to_reach": None, "ratio": None, "final_smoothed": pytest.approx(0.405),
-        "images_total": 200,
+        "images_total": 200, "best": 0.41, "images_at_best": 200, "fall_after_best": 0.0,
     }  # fmt: skip
+    assert result["reference_peak"]["best"] == 0.46
+
+
+def test_peak_is_the_best_evaluation_and_the_largest_fall_after_it():
+    dip = HeldoutCurve("a", [0, 10, 20, 30, 40], [0.0, 0.6, 0.2, 0.6, 0.3])
+    # the first of the tied bests (10 images); the lowest value after it is 0.2
+    assert dip.peak() == {"best": 0.6, "images_at_best": 10, "fall_after_best": pytest.approx(0.4)}
+    rising = HeldoutCurve("b", [0, 10, 20], [-1.0, -0.8, -0.7])
+    assert rising.peak() == {"best": -0.7, "images_at_best": 20, "fall_after_best": 0.0}
 
 
 def test_read_curve_keeps_the_last_row_of_a_repeated_step(tmp_path):
@@ -80,6 +89,8 @@ def test_compare_command_writes_metrics_and_plot(tmp_path, capsys):
     assert results["runs"][str(awm)]["images_to_reach"] == 50
     assert results["runs"][str(awm)]["ratio"] == pytest.approx(4.0)
     assert (out / "heldout_vs_images.png").stat().st_size > 0
-    assert "4.00x" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "4.00x" in printed and "fall after" in printed
+    assert results["runs"][str(awm)]["best"] == 0.55 and results["reference_peak"]["best"] == 0.5
     with pytest.raises(SystemExit, match="metrics.jsonl"):
         main(["compare", str(ddpo), str(tmp_path / "nope"), "--out", str(out)])

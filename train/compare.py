@@ -42,6 +42,19 @@ class HeldoutCurve:
                 return images
         return None
 
+    def peak(self) -> dict:
+        """The best single evaluation (the first, on a tie), the images sampled by then, and the
+        largest fall below it afterwards (0 when nothing after it scores lower): the numbers that
+        tell a run that peaks and falls back from one that holds."""
+        best_index = max(range(len(self.rewards)), key=lambda i: (self.rewards[i], -i))
+        after = self.rewards[best_index + 1 :]
+        best = self.rewards[best_index]
+        return {
+            "best": best,
+            "images_at_best": self.images[best_index],
+            "fall_after_best": max(0.0, best - min(after)) if after else 0.0,
+        }
+
 
 def read_heldout_curve(run: str | Path) -> HeldoutCurve:
     """The held-out curve of a run folder (or its ``metrics.jsonl``); for a step logged twice
@@ -71,7 +84,8 @@ def compare_sample_efficiency(
     reference: HeldoutCurve, others: list[HeldoutCurve], window: int = 3
 ) -> dict:
     """For each run in ``others``: the images it needs to reach the reference's smoothed final
-    held-out reward, and the ratio (reference images / its images; above 1: more efficient).
+    held-out reward, the ratio (reference images / its images; above 1: more efficient), and its
+    :meth:`HeldoutCurve.peak` (the reference's too).
     The ratio is None when the run never reaches the target, or reaches it before sampling
     anything (its untrained model already scores that much)."""
     target = reference.smoothed(window)[-1]
@@ -84,11 +98,13 @@ def compare_sample_efficiency(
             "ratio": reference_images / reached if reached else None,
             "final_smoothed": curve.smoothed(window)[-1],
             "images_total": curve.images[-1],
+            **curve.peak(),
         }
     return {
         "reference": reference.name,
         "target": target,
         "reference_images": reference_images,
+        "reference_peak": reference.peak(),
         "window": window,
         "runs": runs,
     }

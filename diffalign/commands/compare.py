@@ -26,18 +26,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_out_argument(parser)
 
 
+def _peak_columns(peak: dict) -> str:
+    return (f"{peak['best']:7.3f} {peak['images_at_best']:>9d} "
+            f"{peak['fall_after_best']:>10.3f}")  # fmt: skip
+
+
 def format_comparison(result: dict) -> str:
-    """A plain-text table of the comparison."""
+    """A plain-text table of the comparison (best: the best single evaluation, at the images
+    sampled by then; fall: the largest drop below it afterwards)."""
+    reference = result["reference"]
     lines = [
-        f"target: {result['target']:.3f} = final held-out reward of {result['reference']} "
+        f"target: {result['target']:.3f} = final held-out reward of {reference} "
         f"(mean of its last {result['window']} evaluations) after {result['reference_images']} "
         "images",
-        f"{'run':24s} {'images to reach':>16s} {'ratio':>7s} {'final':>7s}",
+        f"{'run':24s} {'images to reach':>16s} {'ratio':>7s} {'final':>7s} {'best':>7s} "
+        f"{'at images':>9s} {'fall after':>10s}",
+        f"{reference:24s} {'(reference)':>16s} {'':>7s} {result['target']:7.3f} "
+        + _peak_columns(result["reference_peak"]),
     ]
     for name, row in result["runs"].items():
         reached = "never" if row["images_to_reach"] is None else str(row["images_to_reach"])
         ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
-        lines.append(f"{name:24s} {reached:>16s} {ratio:>7s} {row['final_smoothed']:7.3f}")
+        lines.append(f"{name:24s} {reached:>16s} {ratio:>7s} {row['final_smoothed']:7.3f} "
+                     + _peak_columns(row))  # fmt: skip
     return "\n".join(lines)
 
 

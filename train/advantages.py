@@ -17,16 +17,21 @@ def prompt_groups(prompts: Sequence[str]) -> dict[str, Tensor]:
     return {prompt: torch.tensor(indices) for prompt, indices in groups.items()}
 
 
+def _rewards_by_prompt(rewards: Tensor, prompts: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
+    """``rewards`` as float64 on the CPU, with :func:`prompt_groups` of ``prompts`` (one each)."""
+    if len(prompts) != rewards.shape[0]:
+        raise ValueError(f"Got {len(prompts)} prompts for {rewards.shape[0]} rewards.")
+    return rewards.detach().double().cpu(), prompt_groups(prompts)
+
+
 def mean_group_std(rewards: Tensor, prompts: Sequence[str]) -> float:
     """The mean over prompts of the std of each prompt's rewards (population std).
 
     It falls towards 0 when the reward stops telling a prompt's samples apart (a collapsed
     policy, or a saturated reward): the advantages are then mostly noise.
     """
-    if len(prompts) != rewards.shape[0]:
-        raise ValueError(f"Got {len(prompts)} prompts for {rewards.shape[0]} rewards.")
-    values = rewards.detach().double().cpu()
-    spreads = [values[index].std(unbiased=False) for index in prompt_groups(prompts).values()]
+    values, groups = _rewards_by_prompt(rewards, prompts)
+    spreads = [values[index].std(unbiased=False) for index in groups.values()]
     return float(torch.stack(spreads).mean())
 
 
@@ -46,12 +51,10 @@ class PerPromptStatTracker:
 
     def update(self, prompts: Sequence[str], rewards: Tensor) -> Tensor:
         """Add ``rewards`` to their prompts' buffers and return the advantages (same shape)."""
-        if len(prompts) != rewards.shape[0]:
-            raise ValueError(f"Got {len(prompts)} prompts for {rewards.shape[0]} rewards.")
-        values = rewards.detach().double().cpu()
+        values, groups = _rewards_by_prompt(rewards, prompts)
         advantages = torch.empty_like(values)
         batch_mean, batch_std = values.mean(), values.std(unbiased=False)
-        for prompt, index in prompt_groups(prompts).items():
+        for prompt, index in groups.items():
             buffer = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
             buffer.extend(values[index].tolist())
             if len(buffer) < self.min_count:
@@ -88,12 +91,10 @@ def group_advantages(
     units) divides by ``max(std, std_floor)`` instead: once the samples' rewards grow alike, their
     differences are mostly noise, and the floor stops it from being magnified to unit scale.
     """
-    if len(prompts) != rewards.shape[0]:
-        raise ValueError(f"Got {len(prompts)} prompts for {rewards.shape[0]} rewards.")
-    values = rewards.detach().double().cpu()
+    values, groups = _rewards_by_prompt(rewards, prompts)
     advantages = torch.empty_like(values)
     batch_std = float(values.std(unbiased=False))
-    for index in prompt_groups(prompts).values():
+    for index in groups.values():
         group = values[index]
         std = batch_std if global_std else float(group.std(unbiased=False))
         advantages[index] = (group - group.mean()) / (max(std, std_floor) + eps)

@@ -47,12 +47,11 @@ class HeldoutCurve:
         largest fall below it afterwards (0 when nothing after it scores lower): the numbers that
         tell a run that peaks and falls back from one that holds."""
         best_index = max(range(len(self.rewards)), key=lambda i: (self.rewards[i], -i))
-        after = self.rewards[best_index + 1 :]
-        best = self.rewards[best_index]
+        best, after = self.rewards[best_index], self.rewards[best_index + 1 :]
         return {
             "best": best,
             "images_at_best": self.images[best_index],
-            "fall_after_best": max(0.0, best - min(after)) if after else 0.0,
+            "fall_after_best": best - min(after) if after else 0.0,
         }
 
 

@@ -194,7 +194,11 @@ class TreeSettings:
     samples for the same NFEs). ``storage_device`` holds the nodes' latents (default: the
     chain's device; ``"cpu"`` when GPU memory is short, at the price of a copy per step, into
     page-locked memory when the chain runs on CUDA);
-    ``max_nodes`` caps the tree's size.
+    ``max_nodes`` caps the tree's size. ``branch_step`` (default None: anywhere) lets the tree
+    grow only at the root (fresh chains, under the widening cap) and at the nodes at that chain
+    position, which take any number of children: each chain's state there is an arm, and the
+    selection rule (UCT for DTS*) spends continuations on the arms, a two-level search for
+    rewards that the chain's state fixes only late (``diffalign bench branching`` tells where).
     """
 
     mode: str = "sample"
@@ -207,6 +211,7 @@ class TreeSettings:
     rollouts_per_batch: int = 8
     max_nodes: int = 100_000
     storage_device: str | None = None
+    branch_step: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in TREE_MODES:
@@ -221,6 +226,8 @@ class TreeSettings:
             raise ValueError("uniform_selection is a probability: it must lie in [0, 1].")
         if self.widening_c <= 0 or not 0 <= self.widening_alpha <= 1:
             raise ValueError("Progressive widening needs widening_c > 0 and 0 <= alpha <= 1.")
+        if self.branch_step is not None and self.branch_step < 0:
+            raise ValueError(f"branch_step is a chain position >= 0, got {self.branch_step}.")
 
 
 @dataclass
@@ -253,6 +260,11 @@ class TreeSampler:
         self.chain, self.settings = chain, settings
         default_expansion = "random" if settings.mode == "search" else "shallowest"
         self.expansion = settings.expansion or default_expansion
+        if settings.branch_step is not None and settings.branch_step >= chain.num_steps:
+            raise ValueError(
+                f"branch_step={settings.branch_step} lies outside the chain: it must be below "
+                f"its {chain.num_steps} steps (0 branches from the starting noise)."
+            )
         self.device = getattr(chain, "device", torch.device("cpu"))
         self.tree = DiffusionTree(settings.storage_device or self.device, settings.max_nodes)
         # Each rollout draws from its own noise stream: the k-th fresh chain from the root from
@@ -286,14 +298,20 @@ class TreeSampler:
 
         Nodes with fewer children than the widening cap may be expanded. ``expansion="shallowest"``
         stops at the first one; ``"random"`` descends on to the end and picks one of them
-        uniformly, so branches also start deep in the chain, where rollouts are cheap.
+        uniformly, so branches also start deep in the chain, where rollouts are cheap. With
+        ``branch_step`` set only the root and the node at that position may grow, the latter
+        without a cap; the descent ends there.
         """
         tree, settings, last = self.tree, self.settings, self.chain.num_steps
         node, open_nodes = 0, []
         while tree.position[node] < last:
+            if tree.position[node] == settings.branch_step:  # an arm: always open, last on the path
+                open_nodes.append(node)
+                break
             cap = widening_cap(tree.visits[node] + tree.pending[node], settings.widening_c,
                                settings.widening_alpha)  # fmt: skip
-            if len(tree.children[node]) < cap or not tree.valued_children(node):
+            may_grow = settings.branch_step is None or node == 0
+            if (may_grow and len(tree.children[node]) < cap) or not tree.valued_children(node):
                 open_nodes.append(node)
                 if self.expansion == "shallowest" or not tree.valued_children(node):
                     break

@@ -177,6 +177,34 @@ def test_random_expansion_branches_deeper_so_rollouts_are_cheaper():
     assert samples("random") > 1.1 * samples("shallowest")  # measured 258 vs 227
 
 
+def test_branch_step_grows_the_tree_only_at_the_root_and_at_that_step():
+    chain = _chain(peak_at_two, steps=10, exact=False)
+    sampler = TreeSampler(chain, TreeSettings(mode="search", branch_step=6), seed=0)
+    stats = sampler.run(800)
+    tree = sampler.tree
+    branching = {tree.position[n] for n in range(len(tree)) if len(tree.children[n]) > 1}
+    assert branching == {-1, 6}  # the root (fresh chains) and the arms
+    arms = [n for n in range(len(tree)) if tree.position[n] == 6]
+    assert max(len(tree.children[n]) for n in arms) > 2  # arms are not held by the widening cap
+    assert stats.nfe <= 800 and stats.samples > 800 // 10  # continuations cost 4 steps, not 10
+    best = sampler.results(1)[0]
+    assert abs(best[0, 0].item() - 2.0) < 0.15  # still finds the maximiser x = 2
+
+
+def test_a_fixed_root_width_makes_branch_step_a_bandit_over_that_many_chains():
+    settings = TreeSettings(mode="search", branch_step=6, widening_c=8, widening_alpha=0,
+                            expansion="shallowest", inverse_temperature=0,
+                            rollouts_per_batch=1)  # fmt: skip
+    sampler = TreeSampler(_chain(peak_at_two, steps=10, exact=False), settings, seed=0)
+    stats = sampler.run(800)
+    tree = sampler.tree
+    assert len(tree.children[0]) == 8  # the arms: 8 chains, drawn before any continuation
+    assert stats.nfe_at[:8] == [10 * i for i in range(1, 9)]
+    assert stats.samples > 8 + (800 - 80) // 4 - 1  # then only 4-step continuations
+    arm_visits = [tree.visits[c] for c in tree.children[0]]
+    assert max(arm_visits) > 3 * min(arm_visits)  # UCB spends unevenly on the arms
+
+
 def test_soft_value_and_widening_by_hand():
     assert soft_value([0.0, 2.0], 0.0) == 1.0
     assert soft_value([0.0, 2.0], 1.0) == pytest.approx(math.log((1 + math.e**2) / 2))
@@ -201,6 +229,10 @@ def test_bad_inputs_raise_clear_errors():
         TreeSettings(mode="greedy")
     with pytest.raises(ValueError, match="expansion must be one of"):
         TreeSettings(expansion="deepest")
+    with pytest.raises(ValueError, match="branch_step is a chain position"):
+        TreeSettings(branch_step=-1)
+    with pytest.raises(ValueError, match="outside the chain"):
+        TreeSampler(_chain(steps=5), TreeSettings(branch_step=5))
     with pytest.raises(ValueError, match="uniform_selection"):
         TreeSettings(uniform_selection=2.0)
     with pytest.raises(ValueError, match="potential must be one of"):

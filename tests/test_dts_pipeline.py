@@ -165,7 +165,7 @@ def test_bench_dts_passes_the_tree_settings_and_can_skip_the_curves(tmp_path, mo
     monkeypatch.setattr(dts_module, "run_search", recording_search)
     args = ["bench", "dts", "--num-prompts", "1", "--steps", "3", "--n", "4", "--no-curves",
             "--exploration", "0.25", "--widening-alpha", "0.7", "--eta", "0.5", "--quiet",
-            "--out", str(tmp_path)]  # fmt: skip
+            "--branch-step", "1", "--out", str(tmp_path)]  # fmt: skip
     assert main(args) == 0
     results = json.loads((tmp_path / "metrics.json").read_text())["results"]
     assert set(results["curves"]) == {"best-of-n", "dts-star"}
@@ -174,6 +174,9 @@ def test_bench_dts_passes_the_tree_settings_and_can_skip_the_curves(tmp_path, mo
     assert etas == {0.5} and results["settings"]["eta"] == 0.5
     tree = seen[1].tree_settings()
     assert (tree.mode, tree.exploration, tree.widening_alpha) == ("search", 0.25, 0.7)
+    assert tree.branch_step == 1 and results["settings"]["branch_step"] == 1
+    with pytest.raises(SystemExit, match="--branch-step must lie below --steps"):
+        main([*args[:-4], "--branch-step", "3", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="widening"):
         main([*args[:-2], "--widening-alpha", "2", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--eta must be > 0"):

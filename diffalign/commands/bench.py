@@ -186,6 +186,10 @@ def _add_dts(subparsers) -> None:
     tree.add_argument("--expansion", choices=("shallowest", "random"), default=None,
                       help="node to grow on the path (default: random for DTS*, shallowest "
                            "for DTS)")  # fmt: skip
+    tree.add_argument("--branch-step", type=int, default=None,
+                      help="grow the tree only at the root and at this chain position (a "
+                           "two-level search over the chains' states there; default: "
+                           "anywhere)")  # fmt: skip
     parser.add_argument("--no-curves", action="store_true",
                         help="best-of-N and DTS* only (the ratio), no SMC / DTS curves: about "
                              "a third of the time")  # fmt: skip
@@ -286,11 +290,14 @@ def _run_dts(args: argparse.Namespace) -> int:
     budgets = tuple(int(b) for b in args.budgets.split(",") if b.strip())
     if args.n < 1 or not budgets or min(budgets) < 1:
         raise SystemExit("error: --n and every --budgets entry must be positive integers.")
+    if args.branch_step is not None and args.branch_step >= args.steps:
+        raise SystemExit(f"error: --branch-step must lie below --steps ({args.steps}), got "
+                         f"{args.branch_step} (0 branches from the starting noise).")  # fmt: skip
+    in_flight = args.batch_size if args.tree_batch_size is None else args.tree_batch_size
     try:
         tree = TreeSettings(exploration=args.exploration, widening_c=args.widening_c,
                             widening_alpha=args.widening_alpha, expansion=args.expansion,
-                            rollouts_per_batch=args.batch_size if args.tree_batch_size is None
-                            else args.tree_batch_size)  # fmt: skip
+                            branch_step=args.branch_step, rollouts_per_batch=in_flight)  # fmt: skip
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     device, dtype, pipeline, guidance, prompts = _chain_setup(args)
@@ -301,6 +308,7 @@ def _run_dts(args: argparse.Namespace) -> int:
                 "tree_batch_size": tree.rollouts_per_batch,
                 "exploration": args.exploration, "widening_c": args.widening_c,
                 "widening_alpha": args.widening_alpha, "expansion": args.expansion,
+                "branch_step": args.branch_step,
                 "curves": not args.no_curves,
                 "dtype": str(dtype).removeprefix("torch."), "seed": args.seed,
                 "resolution": args.resolution}  # fmt: skip

@@ -130,6 +130,24 @@ def test_sample_command_searches_and_writes_samples_json(tmp_path):
     assert (out / "grid.png").is_file() and len(list((out / "images").glob("*.png"))) == 4
 
 
+def test_sample_command_passes_the_tree_settings(tmp_path):
+    out = tmp_path / "dts"
+    args = ["sample", "--model", "diffalign:tiny-random", "--prompt", "a red circle", "--sampler",
+            "dts-star", "--reward", "shapes", "--budget-nfe", "36", "--steps", "3",
+            "--guidance-scale", "2", "--quiet", "--branch-step", "1", "--widening-c", "2",
+            "--widening-alpha", "0", "--expansion", "shallowest", "--tree-batch-size", "1",
+            "--exploration", "0.5", "--inverse-temperature", "0", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    tree = results["tree_settings"]
+    assert (tree["mode"], tree["branch_step"], tree["exploration"]) == ("search", 1, 0.5)
+    assert (tree["rollouts_per_batch"], tree["inverse_temperature"]) == (1, 0.0)
+    # 2 chains of 6 NFEs (CFG doubles the rows), then 6 continuations from step 1 of 4 NFEs each
+    assert results["search"][0]["nfe_at"] == [6, 12, 16, 20, 24, 28, 32, 36]
+    with pytest.raises(SystemExit, match="--branch-step must lie below --steps"):
+        main([*args[:-2], "--branch-step", "3", "--out", str(out)])
+
+
 def test_sample_command_rejects_search_without_reward_or_budget(tmp_path, capsys):
     args = ["sample", "--model", "diffalign:tiny-random", "--prompt", "x", "--sampler", "dts",
             "--out", str(tmp_path)]  # fmt: skip

@@ -120,3 +120,40 @@ def quiet_libraries() -> None:
     diffusers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
+
+
+def add_tree_arguments(parser: argparse.ArgumentParser, title: str, in_flight_help: str) -> None:
+    """The knobs of DTS and DTS* (:class:`~diffalign.pipelines.tree.TreeSettings`) as flags."""
+    tree = parser.add_argument_group(title)
+    tree.add_argument("--tree-batch-size", type=int, default=None,
+                      help=f"rollouts in flight per UNet batch ({in_flight_help}); fewer let the "
+                           "tree branch on more finished rollouts, at a lower NFE/s")  # fmt: skip
+    tree.add_argument("--exploration", type=float, default=1.0, help="DTS*'s UCT constant")
+    tree.add_argument("--widening-c", type=float, default=1.0,
+                      help="children allowed: ceil(c * visits ** alpha)")  # fmt: skip
+    tree.add_argument("--widening-alpha", type=float, default=0.5)
+    tree.add_argument("--expansion", choices=("shallowest", "random"), default=None,
+                      help="node to grow on the path (default: random for DTS*, shallowest "
+                           "for DTS)")  # fmt: skip
+    tree.add_argument("--branch-step", type=int, default=None,
+                      help="grow the tree only at the root and at this chain position (a "
+                           "two-level search over the chains' states there; default: "
+                           "anywhere)")  # fmt: skip
+
+
+def tree_settings_from_arguments(args: argparse.Namespace, default_in_flight: int):
+    """The :class:`~diffalign.pipelines.tree.TreeSettings` of :func:`add_tree_arguments`'s
+    flags (``default_in_flight`` rollouts per UNet batch unless ``--tree-batch-size``); exits
+    with the problem named when they are invalid."""
+    from diffalign.pipelines.tree import TreeSettings
+
+    if args.branch_step is not None and args.branch_step >= args.steps:
+        raise SystemExit(f"error: --branch-step must lie below --steps ({args.steps}), got "
+                         f"{args.branch_step} (0 branches from the starting noise).")  # fmt: skip
+    in_flight = default_in_flight if args.tree_batch_size is None else args.tree_batch_size
+    try:
+        return TreeSettings(exploration=args.exploration, widening_c=args.widening_c,
+                            widening_alpha=args.widening_alpha, expansion=args.expansion,
+                            branch_step=args.branch_step, rollouts_per_batch=in_flight)  # fmt: skip
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None

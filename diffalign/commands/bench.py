@@ -8,9 +8,11 @@ import json
 from diffalign.commands._common import (
     add_device_arguments,
     add_out_argument,
+    add_tree_arguments,
     quiet_libraries,
     resolve_device,
     resolve_dtype,
+    tree_settings_from_arguments,
     write_metrics,
 )
 
@@ -173,23 +175,8 @@ def _add_dts(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=8,
                         help="chains per UNet batch (best-of-N; the tree too unless "
                              "--tree-batch-size)")  # fmt: skip
-    tree = parser.add_argument_group("tree settings (DTS and DTS*; choose them on --split "
-                                     "validation, report held-out)")  # fmt: skip
-    tree.add_argument("--tree-batch-size", type=int, default=None,
-                      help="rollouts in flight per UNet batch (default: --batch-size); "
-                           "fewer let the tree branch on more finished rollouts, at a lower "
-                           "NFE/s")  # fmt: skip
-    tree.add_argument("--exploration", type=float, default=1.0, help="DTS*'s UCT constant")
-    tree.add_argument("--widening-c", type=float, default=1.0,
-                      help="children allowed: ceil(c * visits ** alpha)")  # fmt: skip
-    tree.add_argument("--widening-alpha", type=float, default=0.5)
-    tree.add_argument("--expansion", choices=("shallowest", "random"), default=None,
-                      help="node to grow on the path (default: random for DTS*, shallowest "
-                           "for DTS)")  # fmt: skip
-    tree.add_argument("--branch-step", type=int, default=None,
-                      help="grow the tree only at the root and at this chain position (a "
-                           "two-level search over the chains' states there; default: "
-                           "anywhere)")  # fmt: skip
+    add_tree_arguments(parser, "tree settings (DTS and DTS*; choose them on --split validation, "
+                       "report held-out)", "default: --batch-size")  # fmt: skip
     parser.add_argument("--no-curves", action="store_true",
                         help="best-of-N and DTS* only (the ratio), no SMC / DTS curves: about "
                              "a third of the time")  # fmt: skip
@@ -284,22 +271,12 @@ def _chain_setup(args: argparse.Namespace):
 def _run_dts(args: argparse.Namespace) -> int:
     from diffalign.benchmarks import dts
     from diffalign.benchmarks.rollout import SD15_RANDOM
-    from diffalign.pipelines.tree import TreeSettings
 
     quiet_libraries()
     budgets = tuple(int(b) for b in args.budgets.split(",") if b.strip())
     if args.n < 1 or not budgets or min(budgets) < 1:
         raise SystemExit("error: --n and every --budgets entry must be positive integers.")
-    if args.branch_step is not None and args.branch_step >= args.steps:
-        raise SystemExit(f"error: --branch-step must lie below --steps ({args.steps}), got "
-                         f"{args.branch_step} (0 branches from the starting noise).")  # fmt: skip
-    in_flight = args.batch_size if args.tree_batch_size is None else args.tree_batch_size
-    try:
-        tree = TreeSettings(exploration=args.exploration, widening_c=args.widening_c,
-                            widening_alpha=args.widening_alpha, expansion=args.expansion,
-                            branch_step=args.branch_step, rollouts_per_batch=in_flight)  # fmt: skip
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    tree = tree_settings_from_arguments(args, default_in_flight=args.batch_size)
     device, dtype, pipeline, guidance, prompts = _chain_setup(args)
     settings = {"model": args.model, "reward": args.reward, "split": args.split,
                 "steps": args.steps, "eta": args.eta, "guidance_scale": guidance, "n": args.n,

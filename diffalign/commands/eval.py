@@ -24,6 +24,7 @@ from typing import Any
 from diffalign.commands._common import (
     add_device_arguments,
     add_out_argument,
+    add_tree_arguments,
     quiet_libraries,
     resolve_device,
     resolve_dtype,
@@ -65,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_tree_arguments(parser, "tree settings (--sampler dts and dts-star)", "default: 8")
     add_device_arguments(parser)
     add_out_argument(parser)
 

@@ -12,6 +12,7 @@ each image) and ``OUT/metrics.json`` (compute counted, wall time, rewards, searc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -20,9 +21,11 @@ from pathlib import Path
 from diffalign.commands._common import (
     add_device_arguments,
     add_out_argument,
+    add_tree_arguments,
     quiet_libraries,
     resolve_device,
     resolve_dtype,
+    tree_settings_from_arguments,
     write_metrics,
 )
 from diffalign.files import atomic_write_text
@@ -63,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--attention", default="auto", choices=("auto", "xformers", "sdpa", "classic")
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_tree_arguments(parser, "tree settings (--sampler dts and dts-star)", "default: 8")
     add_device_arguments(parser)
     add_out_argument(parser)
 
@@ -87,6 +91,7 @@ def check_search_arguments(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --sampler {args.sampler} needs --reward and --budget-nfe.")
     if args.eta is not None and args.eta <= 0:
         raise SystemExit("error: search samplers branch the chain and need --eta > 0 (1 is DDPM).")
+    tree_settings_from_arguments(args, default_in_flight=8)  # exits on invalid tree flags
 
 
 def load_sampling_pipeline(model: str, device, dtype):
@@ -146,8 +151,9 @@ def _sample_ddim(pipeline, prompts, args, size, reward):
 
 def _sample_search(pipeline, prompts, args, size, reward):
     """Search-sampled images, their rewards, prompts and the statistics of each prompt."""
-    from diffalign.pipelines.dts import DTSPipeline
+    from diffalign.pipelines.dts import DTSPipeline, SearchOptions
 
+    tree = tree_settings_from_arguments(args, default_in_flight=8)
     searcher = DTSPipeline(**pipeline.components, requires_safety_checker=False)
     searcher.set_progress_bar_config(disable=args.quiet)
     output = searcher(
@@ -155,9 +161,13 @@ def _sample_search(pipeline, prompts, args, size, reward):
         num_images_per_prompt=args.num_images_per_prompt, num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale, eta=1.0 if args.eta is None else args.eta,
         inverse_temperature=args.inverse_temperature, height=size, width=size, seed=args.seed,
-        output_type="pt",
+        output_type="pt", tree_settings=tree,
     )  # fmt: skip
-    return output.images, output.rewards, output.prompts, {"search": output.stats}
+    extra = {"search": output.stats}
+    if args.sampler in ("dts", "dts-star"):  # as the search ran them (mode and lambda set)
+        options = SearchOptions(args.sampler, args.budget_nfe, args.inverse_temperature, tree)
+        extra["tree_settings"] = dataclasses.asdict(options.tree_settings())
+    return output.images, output.rewards, output.prompts, extra
 
 
 def sample_prompts(pipeline, prompts, args: argparse.Namespace, size: int, reward):

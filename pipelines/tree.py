@@ -311,9 +311,10 @@ class TreeSampler:
             cap = widening_cap(tree.visits[node] + tree.pending[node], settings.widening_c,
                                settings.widening_alpha)  # fmt: skip
             may_grow = settings.branch_step is None or node == 0
-            if (may_grow and len(tree.children[node]) < cap) or not tree.valued_children(node):
+            valued = bool(tree.valued_children(node))
+            if (may_grow and len(tree.children[node]) < cap) or not valued:
                 open_nodes.append(node)
-                if self.expansion == "shallowest" or not tree.valued_children(node):
+                if self.expansion == "shallowest" or not valued:
                     break
             node = self._choose_child(node)
         if open_nodes:

@@ -24,7 +24,9 @@ class EMA:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}.")
         self.parameters = [p for p in parameters if p.requires_grad]
-        self.shadow = [p.detach().clone() for p in self.parameters]
+        # float32 averages even of bf16 weights (DeepSpeed's bf16 mode), whose rounding would
+        # swallow updates of (1 - decay) * difference
+        self.shadow = [p.detach().to(torch.float32, copy=True) for p in self.parameters]
         self.decay, self.warmup, self.updates = decay, warmup, 0
 
     def current_decay(self) -> float:
@@ -38,7 +40,7 @@ class EMA:
         """Move the averages one step toward the current parameters."""
         decay = self.current_decay()
         for shadow, parameter in zip(self.shadow, self.parameters, strict=True):
-            shadow.lerp_(parameter.detach(), 1 - decay)
+            shadow.lerp_(parameter.detach().to(shadow.dtype), 1 - decay)
         self.updates += 1
 
     @torch.no_grad()

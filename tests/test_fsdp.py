@@ -46,6 +46,22 @@ def _largest_difference(first: dict, second: dict) -> float:
     return max((first[key] - second[key]).abs().max().item() for key in first)
 
 
+def assert_run_ends_like(run: Path, ddp: Path, weights: str) -> None:
+    """``run`` trained to the DDP run's weights (up to float summation order, which moves them
+    by up to ~2e-5, where a lost optimizer, EMA or KL-EMA state moves them by 1e-3 or more),
+    with the same evaluations and grad norms, and wrote ``lora/`` only with LoRA."""
+    base = build_tiny_pipeline(seed=0).unet.state_dict()
+    assert _largest_difference(_final_unet(ddp), base) > 1e-3  # the runs did train
+    assert _largest_difference(_final_unet(run), _final_unet(ddp)) < 3e-5
+    for ours, theirs in zip(_rows(run), _rows(ddp), strict=True):
+        assert ours["step"] == theirs["step"] and ours["samples_seen"] == theirs["samples_seen"]
+        assert ours["heldout_reward_mean"] == pytest.approx(theirs["heldout_reward_mean"], abs=1e-4)
+        if "grad_norm" in theirs:
+            assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-3)
+    assert (run / "lora").exists() == (weights == "lora")
+    assert (run / "final" / "README.md").exists()
+
+
 # LoRA with the whole UNet sharded as one unit; full fine-tuning with the shipped accelerate
 # config's settings (each attention and ResNet block its own unit), in fp32 on CPU
 @pytest.mark.parametrize("weights", ["lora", "full"])
@@ -55,16 +71,7 @@ def test_an_fsdp_run_resumed_halfway_ends_where_a_ddp_run_does(weights, tmp_path
     launch_two_processes(RUN, ddp, "ddp", weights, 2)
     launch_two_processes(RUN, fsdp, "fsdp", weights, 1, env=settings)
     launch_two_processes(RUN, fsdp, "fsdp", weights, 2, "resume", env=settings)
-    base = build_tiny_pipeline(seed=0).unet.state_dict()
-    assert _largest_difference(_final_unet(ddp), base) > 1e-3  # the runs did train
-    # a lost optimizer, EMA or KL-EMA state would move the second round's weights by ~1e-3;
-    # float summation order alone moves them by up to ~1.5e-5
-    assert _largest_difference(_final_unet(fsdp), _final_unet(ddp)) < 3e-5
-    for ours, theirs in zip(_rows(fsdp), _rows(ddp), strict=True):
-        assert ours["step"] == theirs["step"] and ours["samples_seen"] == theirs["samples_seen"]
-        assert ours["heldout_reward_mean"] == pytest.approx(theirs["heldout_reward_mean"], abs=1e-4)
-    assert (fsdp / "lora").exists() == (weights == "lora")
-    assert (fsdp / "final" / "README.md").exists()
+    assert_run_ends_like(fsdp, ddp, weights)
 
 
 def test_the_guard_under_fsdp_restores_the_weights_it_kept(tmp_path):
@@ -101,21 +108,29 @@ def test_whole_tensors_pass_through_the_sharding_helpers_unchanged():
         assert torch.equal(value, before[key])
 
 
+def train_tiny_fully_on_cuda(out: Path, variables: dict[str, str], *settings: str) -> dict:
+    """Run ``diffalign train awm --recipe tiny-shapes`` fully fine-tuned for 2 rounds in one
+    process launched as ``accelerate launch`` would with ``variables``; check its rounds and
+    files, and return the final UNet's weights."""
+    env = {**os.environ, **variables}
+    settings = ["max_steps=2", "prompts_per_step=2", "samples_per_prompt=2",
+                "num_inference_steps=3", "train_batch_size=2", "num_heldout_prompts=2",
+                "heldout_samples_per_prompt=1", "eval_every=1", "save_every=1",
+                "log_with=none", "progress=false", "use_lora=false", *settings]  # fmt: skip
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+                    "--standalone", "-m", "diffalign", "train", "awm", "--recipe",
+                    "tiny-shapes", "--set", *settings, "--out", str(out)],
+                   check=True, env=env, timeout=600)  # fmt: skip
+    assert [row["step"] for row in _rows(out)] == [0, 1, 2]
+    trained = _final_unet(out)
+    assert all(value.isfinite().all() for value in trained.values())
+    assert (out / "checkpoints").is_dir() and (out / "final" / "README.md").exists()
+    return trained
+
+
 @requires_cuda
 def test_fsdp2_through_accelerate_on_a_cuda_device_in_bf16(tmp_path):
     # the real path, no state set by hand: accelerate reads FSDP from the environment as
     # `accelerate launch --use_fsdp --fsdp_version 2 --mixed_precision bf16` sets it (nccl)
-    env = {**os.environ, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
-           "ACCELERATE_MIXED_PRECISION": "bf16"}  # fmt: skip
-    settings = ["max_steps=2", "prompts_per_step=2", "samples_per_prompt=2",
-                "num_inference_steps=3", "train_batch_size=2", "num_heldout_prompts=2",
-                "heldout_samples_per_prompt=1", "eval_every=1", "save_every=1",
-                "log_with=none", "progress=false", "use_lora=false"]  # fmt: skip
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
-                    "--standalone", "-m", "diffalign", "train", "awm", "--recipe",
-                    "tiny-shapes", "--set", *settings, "--out", str(tmp_path)],
-                   check=True, env=env, timeout=600)  # fmt: skip
-    assert [row["step"] for row in _rows(tmp_path)] == [0, 1, 2]
-    trained = _final_unet(tmp_path)
-    assert all(value.isfinite().all() for value in trained.values())
-    assert (tmp_path / "checkpoints").is_dir() and (tmp_path / "final" / "README.md").exists()
+    train_tiny_fully_on_cuda(tmp_path, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+                                        "ACCELERATE_MIXED_PRECISION": "bf16"})  # fmt: skip

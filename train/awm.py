@@ -89,14 +89,14 @@ class AWMTrainer(Trainer):
                                            guidance_scale)  # fmt: skip
 
         reference = ema_prediction = None
-        with torch.no_grad(), self.accelerator.autocast():  # before the policy's forward: the
+        with torch.no_grad(), self.autocast():  # before the policy's forward: the
             if config.beta_kl > 0:  # EMA swap writes the weights in place
                 with self._reference() as unet:
                     reference = predict(unet)
             if self.kl_ema is not None:
                 with self.kl_ema.swapped():
                     ema_prediction = predict(self.unet)
-        with self.accelerator.autocast():
+        with self.autocast():
             prediction = predict(self.model)
         return awm_loss(
             prediction.float(), point.target.float(), advantages, point.noise_level, reference,

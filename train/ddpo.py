@@ -51,7 +51,7 @@ class DDPOTrainer(Trainer):
         timesteps = rollout.timesteps.to(latents.device)[steps.to(latents.device)]
         negative = rollout.negative_prompt_embeds
         use_cfg = self.config.train_cfg and negative is not None
-        with self.accelerator.autocast():
+        with self.autocast():
             noise_pred = guided_noise_prediction(
                 self.model, latents, timesteps, rollout.prompt_embeds[index],
                 negative[index] if use_cfg else None, rollout.guidance_scale,

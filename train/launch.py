@@ -12,21 +12,24 @@ import importlib.util
 import os
 
 from diffalign.config import ConfigError
+from diffalign.train.deepspeed import check_deepspeed_config
 
-UNSUPPORTED_STRATEGIES = ("DEEPSPEED", "MEGATRON_LM")
+UNSUPPORTED_STRATEGIES = ("MEGATRON_LM",)
 """accelerate strategies that wrap the model in an engine the rollouts cannot sample with."""
 
 
 def check_launch(accelerator) -> None:
-    """Refuse a launch the trainers would run wrongly: DeepSpeed, Megatron-LM or FSDP version 1
-    (FSDP version 2 is supported), or several launched processes that accelerate runs each on
-    its own.
+    """Refuse a launch the trainers would run wrongly: Megatron-LM, FSDP version 1 (FSDP
+    version 2 is supported), DeepSpeed other than ZeRO stage 1 or 2 or with settings the
+    trainers own (see :func:`~diffalign.train.deepspeed.check_deepspeed_config`), or several
+    launched processes that accelerate runs each on its own.
 
     Between optimizer steps the trainers sample rollouts by calling the UNet module itself. FSDP2
-    shards it in place and gathers each block's weights inside its forward, so that works; FSDP1
-    and DeepSpeed put the weights into a wrapper (flattened, or partitioned by an engine) that
-    only the wrapper's own forward can run. Processes that do not know of each other would each
-    train their own copy into the same run folder.
+    shards it in place and gathers each block's weights inside its forward, and ZeRO-1/2 leave
+    every process the whole weights, so those work; FSDP1 and Megatron-LM put the weights into a
+    wrapper (flattened, or partitioned by an engine) that only the wrapper's own forward can run.
+    Processes that do not know of each other would each train their own copy into the same run
+    folder.
     """
     kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
     if kind in UNSUPPORTED_STRATEGIES:
@@ -34,10 +37,13 @@ def check_launch(accelerator) -> None:
             f"diffalign's trainers do not support accelerate's {kind} strategy (it wraps the "
             "UNet, which the rollouts sample with between optimizer steps, in its own engine). "
             "Use FSDP version 2 to shard the model (distributed_type: FSDP with "
-            "fsdp_config: {fsdp_version: 2} in the accelerate config), or DDP "
+            "fsdp_config: {fsdp_version: 2} in the accelerate config), DeepSpeed ZeRO stage 1 "
+            "or 2 (`accelerate launch --use_deepspeed --zero_stage 2`), or DDP "
             "(`accelerate launch --multi_gpu --num_processes N ...`); with LoRA, the default, "
             "each process holds only a few MB of trainable state beyond the frozen model."
         )
+    if kind == "DEEPSPEED":
+        check_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config)
     if kind == "FSDP" and not accelerator.is_fsdp2:
         raise ConfigError(
             "diffalign's trainers need FSDP version 2 (FSDP1 flattens the UNet's weights into "

@@ -3,8 +3,9 @@
 One round: sample prompts, roll the policy out with the :class:`RolloutPipeline`, score the
 images (asynchronously, while the next chunk samples), turn rewards into advantages over all
 processes, and update the UNet with the method's loss. The loop owns accelerate (devices, mixed
-precision, DDP), LoRA or full fine-tuning, AdamW, EMA, gradient clipping and checkpointing,
-trackers, ``metrics.jsonl``, sample grids, held-out evaluation, checkpoints and ``resume``.
+precision, DDP, FSDP2 and DeepSpeed ZeRO-1/2), LoRA or full fine-tuning, AdamW, EMA, gradient
+clipping and checkpointing, trackers, ``metrics.jsonl``, sample grids, held-out evaluation,
+checkpoints and ``resume``.
 
 Randomness is derived from ``(seed, round, process)`` for every round (prompts, noise, shuffles),
 so a resumed run continues exactly as an uninterrupted one would.
@@ -46,6 +47,17 @@ from diffalign.train.advantages import mean_group_std
 from diffalign.train.best import BestEvaluation
 from diffalign.train.callbacks import TrainerCallback, any_asks_to_stop, as_callbacks
 from diffalign.train.config import TrainConfig
+from diffalign.train.deepspeed import (
+    deepspeed_backward,
+    deepspeed_bf16,
+    fill_deepspeed_config,
+    inner_optimizer,
+    load_whole_optimizer_state,
+    load_whole_weights,
+    process_group_kwargs,
+    whole_optimizer_state,
+    whole_weights,
+)
 from diffalign.train.guard import GuardTrip, HackingGuard
 from diffalign.train.hub import check_hub_access, hub_repo_id, push_run
 from diffalign.train.launch import check_launch, check_tracker
@@ -154,7 +166,10 @@ class Trainer:
         self.hub_url: str | None = None
         tracker = None if config.log_with == "none" else config.log_with
         self.accelerator = accelerator or Accelerator(
-            mixed_precision=config.mixed_precision, log_with=tracker, project_dir=str(self.out)
+            mixed_precision=config.mixed_precision,
+            log_with=tracker,
+            project_dir=str(self.out),
+            kwargs_handlers=process_group_kwargs(),
         )
         check_launch(self.accelerator)
         for key in ("prompts_per_step", "num_heldout_prompts"):  # each process takes a share
@@ -209,13 +224,37 @@ class Trainer:
         self.unet.train()
         self._collect_trainable()
         optimizer = self._build_optimizer()
+        if self.uses_deepspeed:
+            fill_deepspeed_config(self.accelerator.state.deepspeed_plugin.deepspeed_config,
+                                  config.train_batch_size, self.accelerator.num_processes,
+                                  config.max_grad_norm)  # fmt: skip
         self.model, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
         self._collect_trainable()  # FSDP2 replaces the parameters with sharded ones, in place
         reshard_after_every_forward(self.model)
         self.ema = EMA(self.trainable, config.ema_decay) if config.ema_decay > 0 else None
         self.lr_scheduler = build_lr_scheduler(
-            self.optimizer.optimizer, config.lr_scheduler, config.lr_warmup_steps, config.max_steps
+            inner_optimizer(self.optimizer),
+            config.lr_scheduler,
+            config.lr_warmup_steps,
+            config.max_steps,
         )
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        """Whether accelerate runs DeepSpeed (ZeRO stage 1 or 2)."""
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    def autocast(self):
+        """The mixed-precision context for the UNet's forwards (rollouts and losses).
+
+        accelerate's own is empty under DeepSpeed, whose bf16 mode casts the module's weights to
+        bf16 and leaves the inputs alone; autocast casts the inputs to match.
+        """
+        if self.uses_deepspeed and deepspeed_bf16(self.accelerator):
+            return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16)
+        return self.accelerator.autocast()
 
     def _collect_trainable(self) -> None:
         self.trainable = [p for p in self.unet.parameters() if p.requires_grad]
@@ -269,7 +308,7 @@ class Trainer:
         with AsyncRewardScorer(self.reward, enabled=config.async_reward) as scorer:
             for start in range(0, len(expanded), config.sample_batch_size):
                 chunk = expanded[start : start + config.sample_batch_size]
-                with self.accelerator.autocast():
+                with self.autocast():
                     rollout = self.pipeline(chunk, eta=config.eta, generator=generator,
                                             **self._sampling_kwargs())  # fmt: skip
                 rollouts.append(rollout)
@@ -296,7 +335,11 @@ class Trainer:
     # ------------------------------------------------------------------ optimisation
 
     def backward(self, loss: Tensor, sync: bool) -> None:
-        """Backpropagate, skipping DDP's gradient all-reduce until the last micro-batch."""
+        """Backpropagate, skipping DDP's gradient all-reduce until the last micro-batch (under
+        DeepSpeed, which steps inside its backward, stepping on the last one)."""
+        if self.uses_deepspeed:
+            deepspeed_backward(self.model, loss, sync)
+            return
         skip_sync = not sync and self.accelerator.num_processes > 1
         context = self.accelerator.no_sync(self.model) if skip_sync else contextlib.nullcontext()
         with context:
@@ -341,7 +384,7 @@ class Trainer:
         with self._ema_weights():
             for start in range(0, len(local), per_call):
                 chunk = local[start : start + per_call]
-                with self.accelerator.autocast():
+                with self.autocast():
                     rollout = self.pipeline(
                         chunk, eta=0.0, generator=generator,
                         num_images_per_prompt=config.heldout_samples_per_prompt,
@@ -383,9 +426,15 @@ class Trainer:
     def state(self) -> dict:
         """Everything a resumed run needs (the model's trainable weights, not the frozen ones),
         as whole tensors; with a sharded model a collective, called by every process."""
+        if self.uses_deepspeed:  # the whole master weights and moments from their partitions
+            weights = whole_weights(self.trainable)
+            optimizer = whole_optimizer_state(self.optimizer, self.trainable)
+        else:
+            weights, optimizer = self.trainable, self.optimizer.state_dict()
+        named = zip(self.trainable_names, weights, strict=True)
         states = {
-            "trainable": {name: p.detach() for name, p in self.named_trainable().items()},
-            "optimizer": self.optimizer.state_dict(),
+            "trainable": {name: weight.detach() for name, weight in named},
+            "optimizer": optimizer,
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "progress": {"step": self.step, "samples_seen": self.samples_seen},
         }
@@ -406,11 +455,17 @@ class Trainer:
 
     def load_state(self, states: dict) -> None:
         """Restore what :meth:`state` returned."""
-        weights = self.named_trainable()
-        for name, value in states["trainable"].items():
-            copy_into(weights[name], value)
-        self.optimizer.load_state_dict(states["optimizer"])
-        reshard_optimizer_state(self.optimizer.optimizer)
+        if self.uses_deepspeed:
+            load_whole_weights(
+                self.trainable, [states["trainable"][n] for n in self.trainable_names]
+            )
+            load_whole_optimizer_state(self.optimizer, self.trainable, states["optimizer"])
+        else:
+            weights = self.named_trainable()
+            for name, value in states["trainable"].items():
+                copy_into(weights[name], value)
+            self.optimizer.load_state_dict(states["optimizer"])
+            reshard_optimizer_state(self.optimizer.optimizer)
         if "lr_scheduler" in states:  # checkpoints from before schedules resume at a constant lr
             self.lr_scheduler.load_state_dict(states["lr_scheduler"])
         if self.ema is not None and "ema" in states:
@@ -651,9 +706,11 @@ class Trainer:
         return self.best if self.best is not None and self.best.weights is not None else None
 
     def _whole_unet(self):
-        """The trained UNet with whole weights: itself, or under FSDP2 (on the main process;
-        None elsewhere) an unsharded copy built from its gathered state dict."""
+        """The trained UNet with whole weights: itself (in float32), or under FSDP2 (on the main
+        process; None elsewhere) an unsharded copy built from its gathered state dict."""
         unet = self.accelerator.unwrap_model(self.model)
+        if self.uses_deepspeed:  # in bf16 under DeepSpeed's bf16 mode: saved in float32
+            return unet.to(torch.float32)
         if not is_fsdp(unet):
             return unet
         state = self.accelerator.get_state_dict(self.model)  # a collective

@@ -228,6 +228,14 @@ class TreeSettings:
             raise ValueError("Progressive widening needs widening_c > 0 and 0 <= alpha <= 1.")
         if self.branch_step is not None and self.branch_step < 0:
             raise ValueError(f"branch_step is a chain position >= 0, got {self.branch_step}.")
+        if self.max_nodes < 1:
+            raise ValueError(f"max_nodes must be at least 1, got {self.max_nodes}.")
+        if self.storage_device is not None:
+            try:
+                torch.device(self.storage_device)
+            except RuntimeError:
+                raise ValueError(f"storage_device must name a torch device such as cpu or "
+                                 f"cuda:0, got {self.storage_device!r}.") from None  # fmt: skip
 
 
 @dataclass
@@ -449,8 +457,9 @@ class TreeSampler:
             )
         warnings.warn(
             f"Tree sampling stopped at max_nodes={self.tree.max_nodes} nodes before spending its "
-            "NFE budget; raise max_nodes (memory: one latent per node; use "
-            "storage_device='cpu' to keep them off the GPU) or lower the budget.",
+            "NFE budget; raise max_nodes (--max-nodes; memory: one latent per node; "
+            "storage_device='cpu', --tree-storage-device cpu, keeps them off the GPU) or lower "
+            "the budget.",
             stacklevel=3,
         )
 

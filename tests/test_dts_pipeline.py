@@ -144,8 +144,29 @@ def test_sample_command_passes_the_tree_settings(tmp_path):
     assert (tree["rollouts_per_batch"], tree["inverse_temperature"]) == (1, 0.0)
     # 2 chains of 6 NFEs (CFG doubles the rows), then 6 continuations from step 1 of 4 NFEs each
     assert results["search"][0]["nfe_at"] == [6, 12, 16, 20, 24, 28, 32, 36]
+    assert (tree["max_nodes"], tree["storage_device"]) == (100_000, None)
     with pytest.raises(SystemExit, match="--branch-step must lie below --steps"):
         main([*args[:-2], "--branch-step", "3", "--out", str(out)])
+    with pytest.raises(SystemExit, match="storage_device must name a torch device.*'gpu'"):
+        main([*args[:-2], "--tree-storage-device", "gpu", "--out", str(out)])
+
+
+def test_sample_command_caps_the_tree_and_stores_it_where_asked(tmp_path):
+    out = tmp_path / "capped"
+    args = ["sample", "--model", "diffalign:tiny-random", "--prompt", "a red circle", "--sampler",
+            "dts-star", "--reward", "shapes", "--budget-nfe", "60", "--steps", "3",
+            "--guidance-scale", "2", "--quiet", "--tree-batch-size", "1", "--max-nodes", "7",
+            "--tree-storage-device", "cpu", "--out", str(out)]  # fmt: skip
+    with pytest.warns(UserWarning, match="stopped at max_nodes=7"):
+        assert main(args) == 0
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    assert (results["tree_settings"]["max_nodes"], results["tree_settings"]["storage_device"]) == (
+        7,
+        "cpu",
+    )
+    search = results["search"][0]
+    assert search["stopped"] == "max_nodes" and search["tree_nodes"] <= 7
+    assert search["nfe"] < 60  # short of the budget
 
 
 def test_sample_command_rejects_search_without_reward_or_budget(tmp_path, capsys):

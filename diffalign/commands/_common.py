@@ -139,6 +139,12 @@ def add_tree_arguments(parser: argparse.ArgumentParser, title: str, in_flight_he
                       help="grow the tree only at the root and at this chain position (a "
                            "two-level search over the chains' states there; default: "
                            "anywhere)")  # fmt: skip
+    tree.add_argument("--max-nodes", type=int, default=100_000,
+                      help="cap on the tree's stored nodes (one latent each); the search stops "
+                           "there with a warning")  # fmt: skip
+    tree.add_argument("--tree-storage-device", default=None,
+                      help="where the nodes' latents live (default: the model's device; cpu "
+                           "keeps them in pinned memory when the GPU is short)")  # fmt: skip
 
 
 def tree_settings_from_arguments(args: argparse.Namespace, default_in_flight: int):
@@ -154,6 +160,8 @@ def tree_settings_from_arguments(args: argparse.Namespace, default_in_flight: in
     try:
         return TreeSettings(exploration=args.exploration, widening_c=args.widening_c,
                             widening_alpha=args.widening_alpha, expansion=args.expansion,
-                            branch_step=args.branch_step, rollouts_per_batch=in_flight)  # fmt: skip
+                            branch_step=args.branch_step, rollouts_per_batch=in_flight,
+                            max_nodes=args.max_nodes,
+                            storage_device=args.tree_storage_device)  # fmt: skip
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None

@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries()
     trainer = trainer_cls(config, args.out)
     final = trainer.train(resume=args.resume)
-    print(f"final pipeline: {final}\nmetrics: {trainer.metrics_path}")
-    if trainer.hub_url:
-        print(f"on the Hub: {trainer.hub_url}")
+    if trainer.accelerator.is_main_process:  # once, not once per launched process
+        print(f"final pipeline: {final}\nmetrics: {trainer.metrics_path}")
+        if trainer.hub_url:
+            print(f"on the Hub: {trainer.hub_url}")
     return 0

@@ -20,9 +20,9 @@ def cuda_available() -> bool:
 requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device")
 
 
-def launch_two_processes(script: Path, *args, env: dict[str, str] | None = None) -> None:
-    """Run ``script ARGS`` in 2 CPU processes (torch.distributed.run, gloo), 1 thread each,
-    with ``env`` added to the environment."""
+def launch_two_processes(script: Path | str, *args, env: dict[str, str] | None = None) -> None:
+    """Run ``script ARGS`` (or ``-m MODULE ARGS``) in 2 CPU processes (torch.distributed.run,
+    gloo), 1 thread each, with ``env`` added to the environment."""
     with socket.socket() as sock:  # a free port, so that tests never meet a stale rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -15,7 +15,7 @@ from accelerate.utils import DistributedType
 
 from diffalign.config import ConfigError
 from diffalign.models import build_tiny_pipeline
-from diffalign.train.deepspeed import fill_deepspeed_config, process_group_kwargs
+from diffalign.train.deepspeed import fill_deepspeed_config
 from diffalign.train.launch import check_launch
 
 from .conftest import launch_two_processes, requires_cuda
@@ -154,17 +154,6 @@ def test_the_deepspeed_config_takes_batch_and_clipping_from_the_trainer():
         fill_deepspeed_config(ds_config, train_batch_size=4, num_processes=2, max_grad_norm=0.5)
     with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=4.*--set gradient_acc"):
         fill_deepspeed_config({"gradient_accumulation_steps": 4}, 4, 2, 1.0)
-
-
-def test_a_deepspeed_launch_without_cuda_gets_the_gloo_backend(monkeypatch):
-    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
-    assert process_group_kwargs() == []
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    (handler,) = process_group_kwargs()
-    assert handler.backend == "gloo"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert process_group_kwargs() == []  # nccl, accelerate's own choice
 
 
 @requires_cuda

@@ -19,11 +19,12 @@ from diffalign.config import ConfigError
 from diffalign.models import build_tiny_pipeline, load_lora, load_pipeline, merge_lora
 from diffalign.pipelines.rollout import RolloutPipeline
 from diffalign.rewards import load_reward, registry
+from diffalign.train import launch
 from diffalign.train.advantages import prompt_groups
 from diffalign.train.awm import AWMTrainer, stratified_timesteps
 from diffalign.train.config import AWMConfig, DDPOConfig
 from diffalign.train.ddpo import DDPOTrainer
-from diffalign.train.launch import check_launch
+from diffalign.train.launch import accelerator_options, check_launch
 from diffalign.world import recorded_guidance_scale, shipped_model_path
 
 from .conftest import launch_two_processes, requires_cuda
@@ -616,6 +617,42 @@ def test_processes_that_would_each_train_alone_are_refused(monkeypatch):
     with pytest.raises(ConfigError, match="2 processes were launched.*one DDP job"):
         check_launch(alone)
     check_launch(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2))
+
+
+def test_launches_without_a_gpu_get_a_gloo_process_group(monkeypatch):
+    # accelerate starts one only for GPU-like devices: each process would run alone
+    monkeypatch.setattr(launch, "has_accelerator", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert accelerator_options() == {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert accelerator_options() == {"cpu": True}  # DDP over gloo
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    (handler,) = accelerator_options()["kwargs_handlers"]
+    assert handler.backend == "gloo"
+    monkeypatch.setattr(launch, "has_accelerator", lambda: True)
+    assert accelerator_options() == {}  # accelerate's own choice (nccl on CUDA)
+
+
+def test_train_command_launched_as_accelerate_multi_gpu_runs_ddp_on_cpus(tmp_path):
+    # `accelerate launch --multi_gpu --num_processes 2 $(which diffalign) train ...` on a machine
+    # without a GPU: the processes used to run alone (refused); now they train as one DDP job
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    parsed = launch_command_parser().parse_args(["--multi_gpu", "--num_processes", "2", "x.py"])
+    variables = prepare_multi_gpu_env(_validate_launch_command(parsed)[0])
+    env = {key: value for key, value in variables.items() if key.startswith("ACCELERATE_")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    settings = ["max_steps=1", "prompts_per_step=2", "samples_per_prompt=2",
+                "num_inference_steps=3", "train_batch_size=2", "num_heldout_prompts=2",
+                "heldout_samples_per_prompt=1", "eval_every=1", "log_with=none",
+                "progress=false"]  # fmt: skip
+    launch_two_processes("-m", "diffalign", "train", "awm", "--recipe", "tiny-shapes", "--set",
+                         *settings, "--out", tmp_path, env=env)  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 1] and rows[1]["samples_seen"] == 4
+    assert (tmp_path / "final" / "unet").is_dir()
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

@@ -35,19 +35,6 @@ def deepspeed_launch() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def process_group_kwargs() -> list:
-    """accelerate ``kwargs_handlers`` for a DeepSpeed launch without CUDA: the gloo backend.
-
-    accelerate starts DeepSpeed's process group only with a GPU-like device's backend; without
-    one each process would run as if alone. Elsewhere nothing is added.
-    """
-    if not deepspeed_launch() or torch.cuda.is_available():
-        return []
-    from accelerate.utils import InitProcessGroupKwargs
-
-    return [InitProcessGroupKwargs(backend="gloo")]
-
-
 def check_deepspeed_config(ds_config: dict) -> None:
     """Refuse DeepSpeed settings the trainers cannot run as configured, naming the fix."""
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)

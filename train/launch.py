@@ -11,11 +11,39 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import torch
+
 from diffalign.config import ConfigError
-from diffalign.train.deepspeed import check_deepspeed_config
+from diffalign.train.deepspeed import check_deepspeed_config, deepspeed_launch
 
 UNSUPPORTED_STRATEGIES = ("MEGATRON_LM",)
 """accelerate strategies that wrap the model in an engine the rollouts cannot sample with."""
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU-like device (CUDA, XPU, MPS, ...)."""
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def accelerator_options() -> dict:
+    """Extra ``Accelerator`` arguments that make a launch of several processes on a machine
+    without a GPU train as one job over gloo.
+
+    accelerate starts a process group only with a GPU-like device's backend: on CPUs each
+    process of `accelerate launch --multi_gpu` (or torchrun) would run alone, and DeepSpeed's
+    processes likewise. ``cpu=True`` gives DDP over gloo; DeepSpeed gets the gloo backend.
+    """
+    if has_accelerator():
+        return {}
+    if deepspeed_launch():
+        from accelerate.utils import InitProcessGroupKwargs
+
+        return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return {"cpu": True}
+    return {}
 
 
 def check_launch(accelerator) -> None:
@@ -54,10 +82,10 @@ def check_launch(accelerator) -> None:
     if launched > accelerator.num_processes:
         raise ConfigError(
             f"{launched} processes were launched (WORLD_SIZE={launched}), but accelerate runs "
-            f"this one alone (distributed_type {kind}, e.g. from use_cpu: true with a GPU "
-            "strategy): each would train its own copy into the same run folder. Launch them as "
-            "one DDP job (`accelerate launch --multi_gpu --num_processes N`, or --cpu instead of "
-            "--multi_gpu on CPUs), or launch one."
+            f"this one alone (distributed_type {kind}): each would train its own copy into "
+            "the same run folder. Launch them as one DDP job (`accelerate launch --multi_gpu "
+            "--num_processes N`; on CPUs the trainers then run DDP over gloo, while `--cpu` "
+            "starts one process), or launch one."
         )
 
 

@@ -54,13 +54,12 @@ from diffalign.train.deepspeed import (
     inner_optimizer,
     load_whole_optimizer_state,
     load_whole_weights,
-    process_group_kwargs,
     whole_optimizer_state,
     whole_weights,
 )
 from diffalign.train.guard import GuardTrip, HackingGuard
 from diffalign.train.hub import check_hub_access, hub_repo_id, push_run
-from diffalign.train.launch import check_launch, check_tracker
+from diffalign.train.launch import accelerator_options, check_launch, check_tracker
 from diffalign.train.lr_schedule import build_lr_scheduler, current_lr
 from diffalign.train.model_card import model_card
 from diffalign.train.prompts import PromptSource
@@ -169,7 +168,7 @@ class Trainer:
             mixed_precision=config.mixed_precision,
             log_with=tracker,
             project_dir=str(self.out),
-            kwargs_handlers=process_group_kwargs(),
+            **accelerator_options(),
         )
         check_launch(self.accelerator)
         for key in ("prompts_per_step", "num_heldout_prompts"):  # each process takes a share

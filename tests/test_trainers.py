@@ -634,6 +634,19 @@ def test_launches_without_a_gpu_get_a_gloo_process_group(monkeypatch):
     assert accelerator_options() == {}  # accelerate's own choice (nccl on CUDA)
 
 
+def test_a_launch_precision_the_config_overrides_is_named(monkeypatch, caplog):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    with caplog.at_level("WARNING"):
+        launch.warn_on_launch_precision("no")  # a plain run: nothing asked
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+        launch.warn_on_launch_precision("bf16")
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        launch.warn_on_launch_precision("no")
+    assert "asked for mixed precision 'bf16'" in caplog.text
+    assert "--set mixed_precision=bf16" in caplog.text
+
+
 def test_train_command_launched_as_accelerate_multi_gpu_runs_ddp_on_cpus(tmp_path):
     # `accelerate launch --multi_gpu --num_processes 2 $(which diffalign) train ...` on a machine
     # without a GPU: the processes used to run alone (refused); now they train as one DDP job

@@ -9,6 +9,7 @@ the fix.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 
 import torch
@@ -18,6 +19,21 @@ from diffalign.train.deepspeed import check_deepspeed_config, deepspeed_launch
 
 UNSUPPORTED_STRATEGIES = ("MEGATRON_LM",)
 """accelerate strategies that wrap the model in an engine the rollouts cannot sample with."""
+
+
+logger = logging.getLogger(__name__)
+
+
+def warn_on_launch_precision(mixed_precision: str) -> None:
+    """Warn when ``accelerate launch`` asked for another precision than the trainer's config:
+    the config's ``mixed_precision`` decides (the trainers pass it to ``Accelerator``)."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched != mixed_precision:
+        logger.warning(
+            "accelerate launch asked for mixed precision %r, but this run's mixed_precision "
+            "setting is %r, which decides; pass --set mixed_precision=%s to train in %s.",
+            launched, mixed_precision, launched, launched,
+        )  # fmt: skip
 
 
 def has_accelerator() -> bool:

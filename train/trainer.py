@@ -59,7 +59,12 @@ from diffalign.train.deepspeed import (
 )
 from diffalign.train.guard import GuardTrip, HackingGuard
 from diffalign.train.hub import check_hub_access, hub_repo_id, push_run
-from diffalign.train.launch import accelerator_options, check_launch, check_tracker
+from diffalign.train.launch import (
+    accelerator_options,
+    check_launch,
+    check_tracker,
+    warn_on_launch_precision,
+)
 from diffalign.train.lr_schedule import build_lr_scheduler, current_lr
 from diffalign.train.model_card import model_card
 from diffalign.train.prompts import PromptSource
@@ -171,6 +176,7 @@ class Trainer:
             **accelerator_options(),
         )
         check_launch(self.accelerator)
+        warn_on_launch_precision(config.mixed_precision)
         for key in ("prompts_per_step", "num_heldout_prompts"):  # each process takes a share
             if getattr(config, key) % self.accelerator.num_processes:
                 raise ValueError(

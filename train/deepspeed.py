@@ -9,7 +9,8 @@ The trainers count micro-batches themselves, so DeepSpeed is told to accumulate 
 given each step's boundary (``set_gradient_accumulation_boundary``). Checkpoints hold whole
 tensors, as under DDP and FSDP2: the optimizer state is gathered from its ZeRO partitions
 (DeepSpeed's ``safe_get_full_*`` functions) into the format ``torch.optim.AdamW.state_dict()``
-has, so a run resumes under DeepSpeed, DDP or FSDP2 with any number of processes.
+has, so a checkpoint does not depend on how the state was partitioned (a DDP run resumes under
+ZeRO and back).
 """
 
 from __future__ import annotations

@@ -20,14 +20,15 @@ def cuda_available() -> bool:
 requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device")
 
 
-def launch_two_processes(script: Path | str, *args, env: dict[str, str] | None = None) -> None:
-    """Run ``script ARGS`` (or ``-m MODULE ARGS``) in 2 CPU processes (torch.distributed.run,
-    gloo), 1 thread each, with ``env`` added to the environment."""
+def launch_two_processes(script: Path | str, *args, env: dict[str, str] | None = None,
+                         processes: int = 2) -> None:  # fmt: skip
+    """Run ``script ARGS`` (or ``-m MODULE ARGS``) in 2 (or ``processes``) CPU processes
+    (torch.distributed.run, gloo), 1 thread each, with ``env`` added to the environment."""
     with socket.socket() as sock:  # a free port, so that tests never meet a stale rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                     f"--master_port={port}", str(script), *map(str, args)],
                    check=True, env=env, timeout=600)  # fmt: skip
 

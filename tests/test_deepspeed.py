@@ -6,6 +6,7 @@ variables ``accelerate launch`` sets from the shipped config, and the trainer bu
 accelerator itself, as ``diffalign train`` does; without CUDA it runs DeepSpeed over gloo.
 """
 
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -76,15 +77,25 @@ def test_a_deepspeed_run_resumed_halfway_ends_where_a_ddp_run_does(stage, weight
     assert_run_ends_like(zero, ddp, weights)
 
 
-def test_checkpoints_move_between_ddp_and_deepspeed(ddp_lora, tmp_path):
+def test_checkpoints_move_between_ddp_and_deepspeed_and_process_counts(ddp_lora, tmp_path):
     # both hold whole tensors in AdamW's own format: a DDP run resumes under ZeRO-2 and back
     settings = _deepspeed_variables()
     launch_two_processes(RUN, tmp_path / "there", "ddp", "lora", 1)
+    shutil.copytree(tmp_path / "there", tmp_path / "alone-ddp")
     launch_two_processes(RUN, tmp_path / "there", "deepspeed", "lora", 2, "resume", env=settings)
     launch_two_processes(RUN, tmp_path / "back", "deepspeed", "lora", 1, env=settings)
+    shutil.copytree(tmp_path / "back", tmp_path / "alone-zero")
     launch_two_processes(RUN, tmp_path / "back", "ddp", "lora", 2, "resume")
     for run in ("there", "back"):
         assert _largest_difference(_final_unet(tmp_path / run), _final_unet(ddp_lora)) < 3e-5
+    # and with one process in place of two: ZeRO's partitions of 2 go into a whole state that
+    # a single ZeRO process takes up exactly as a single DDP process does (same round 2)
+    launch_two_processes(RUN, tmp_path / "alone-zero", "deepspeed", "lora", 2, "resume",
+                         env=settings, processes=1)  # fmt: skip
+    launch_two_processes(RUN, tmp_path / "alone-ddp", "ddp", "lora", 2, "resume", processes=1)
+    alone = _final_unet(tmp_path / "alone-zero")
+    assert _largest_difference(alone, _final_unet(tmp_path / "alone-ddp")) < 3e-5
+    assert _largest_difference(alone, _final_unet(ddp_lora)) > 1e-4  # round 2 ran on its own
 
 
 def test_bf16_under_deepspeed_resumes_exactly_and_saves_float32(ddp_lora, tmp_path):

@@ -10,7 +10,7 @@ given each step's boundary (``set_gradient_accumulation_boundary``). Checkpoints
 tensors, as under DDP and FSDP2: the optimizer state is gathered from its ZeRO partitions
 (DeepSpeed's ``safe_get_full_*`` functions) into the format ``torch.optim.AdamW.state_dict()``
 has, so a checkpoint does not depend on how the state was partitioned (a DDP run resumes under
-ZeRO and back).
+ZeRO and back, and with another number of processes).
 """
 
 from __future__ import annotations

@@ -147,7 +147,7 @@ def whole_optimizer_state(optimizer, parameters: list[Tensor]) -> dict:
     for index, parameter in enumerate(parameters if flat else []):
         state[index] = {
             key: safe_get_full_optimizer_state(parameter, key)
-            if _is_partition(value, group) else value.clone()
+            if _shaped_like(value, group["params"][0]) else value.clone()
             for key, value in flat.items()
         }  # fmt: skip
     settings = {key: value for key, value in group.items() if key != "params"}
@@ -169,7 +169,7 @@ def load_whole_optimizer_state(optimizer, parameters: list[Tensor], saved: dict)
     # DeepSpeed creates the partition's state at its first step and then links each
     # parameter's fragment of it; a resumed run needs both before that step
     base.state[partition] = {
-        key: torch.zeros_like(partition) if _is_moment(value, parameters[0])
+        key: torch.zeros_like(partition) if _shaped_like(value, parameters[0])
         else value.clone()
         for key, value in first.items()
     }  # fmt: skip
@@ -177,13 +177,10 @@ def load_whole_optimizer_state(optimizer, parameters: list[Tensor], saved: dict)
     zero_optimizer._lazy_init_hp_params_optimizer_state()
     for index, parameter in enumerate(parameters):
         for key, value in saved["state"][index].items():
-            if _is_moment(value, parameter):
+            if _shaped_like(value, parameter):
                 safe_set_full_optimizer_state(parameter, value.to(partition), key)
 
 
-def _is_partition(value, group: dict) -> bool:
-    return isinstance(value, Tensor) and value.shape == group["params"][0].shape
-
-
-def _is_moment(value, parameter: Tensor) -> bool:
-    return isinstance(value, Tensor) and value.shape == parameter.shape
+def _shaped_like(value, like: Tensor) -> bool:
+    """Whether ``value`` is a per-element state tensor of ``like`` (a moment, not a counter)."""
+    return isinstance(value, Tensor) and value.shape == like.shape

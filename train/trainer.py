@@ -14,6 +14,7 @@ so a resumed run continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -244,9 +245,10 @@ class Trainer:
             config.max_steps,
         )
 
-    @property
+    @functools.cached_property
     def uses_deepspeed(self) -> bool:
-        """Whether accelerate runs DeepSpeed (ZeRO stage 1 or 2)."""
+        """Whether accelerate runs DeepSpeed (ZeRO stage 1 or 2); asked on every backward, so
+        computed once."""
         from accelerate.utils import DistributedType
 
         return self.accelerator.distributed_type == DistributedType.DEEPSPEED

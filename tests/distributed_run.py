@@ -25,6 +25,7 @@ from diffalign.sharding import is_fsdp
 from diffalign.train.awm import AWMTrainer
 from diffalign.train.config import AWMConfig, DDPOConfig
 from diffalign.train.ddpo import DDPOTrainer
+from diffalign.train.deepspeed import inner_optimizer
 
 
 def make_accelerator(strategy: str):
@@ -62,7 +63,7 @@ def main(out: str, strategy: str, weights: str, max_steps: int, options: list[st
         guidance_scale=3.0, train_batch_size=2, num_heldout_prompts=2,
         heldout_samples_per_prompt=1, eval_every=1, save_every=1, log_with="none",
         progress=False, mixed_precision="bf16" if "bf16" in options else "no",
-        reward="jpeg_compressibility", learning_rate=1e-2, max_steps=max_steps,
+        reward="jpeg_compressibility", learning_rate=1e-2, adam_beta2=0.99, max_steps=max_steps,
         use_lora=weights != "full", ema_decay=0.5,
         heldout_extra_rewards=["jpeg_compressibility", f"{__file__}:jpeg_size"],
         max_heldout_drop=1e-7 if guard else 0.9,
@@ -78,6 +79,10 @@ def main(out: str, strategy: str, weights: str, max_steps: int, options: list[st
     sharded = {type(module).__name__ for module in trainer.unet.modules() if is_fsdp(module)}
     by_blocks = "FSDP_AUTO_WRAP_POLICY" in os.environ  # each block a unit, as the config asks
     assert ("FSDPBasicTransformerBlock" in sharded) == by_blocks, sharded
+    offload = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") == "cpu"
+    optimizer = inner_optimizer(trainer.optimizer)
+    assert type(optimizer).__name__ == ("DeepSpeedCPUAdam" if offload else "AdamW"), optimizer
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.99)  # the config's, not a default
     trainer.train(resume="resume" in options)
 
 

@@ -6,6 +6,7 @@ variables ``accelerate launch`` sets from the shipped config, and the trainer bu
 accelerator itself, as ``diffalign train`` does; without CUDA it runs DeepSpeed over gloo.
 """
 
+import itertools
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,8 +17,10 @@ from accelerate.utils import DistributedType
 
 from diffalign.config import ConfigError
 from diffalign.models import build_tiny_pipeline
+from diffalign.train.config import AWMConfig
 from diffalign.train.deepspeed import fill_deepspeed_config
 from diffalign.train.launch import check_launch
+from diffalign.train.trainer import Trainer
 
 from .conftest import launch_two_processes, requires_cuda
 from .test_fsdp import (
@@ -61,15 +64,20 @@ def ddp_lora(tmp_path_factory) -> Path:
     return _ddp_run(tmp_path_factory.mktemp("ddp-lora"), "lora")
 
 
-# AWM with LoRA under ZeRO-2 (gradients sharded too), DDPO fully fine-tuned under ZeRO-1, fp32
-@pytest.mark.parametrize(("stage", "weights", "method"), [("2", "lora", "awm"),
-                                                          ("1", "full", "ddpo")])  # fmt: skip
+# AWM with LoRA under ZeRO-2 (gradients sharded too), the same with the optimizer offloaded
+# (DeepSpeed's compiled CPU AdamW steps it), DDPO fully fine-tuned under ZeRO-1; fp32
+@pytest.mark.parametrize(
+    ("stage", "weights", "method", "offload"),
+    [("2", "lora", "awm", "none"), ("2", "lora", "awm", "cpu"), ("1", "full", "ddpo", "none")],
+)
 def test_a_deepspeed_run_resumed_halfway_ends_where_a_ddp_run_does(stage, weights, method,
-                                                                   ddp_lora, tmp_path):  # fmt: skip
+                                                                   offload, ddp_lora,
+                                                                   tmp_path):  # fmt: skip
     ddp = ddp_lora if method == "awm" else _ddp_run(tmp_path / "ddp", weights, method)
     zero = tmp_path / "zero"
-    settings = _deepspeed_variables("--zero_stage", stage)
+    settings = _deepspeed_variables("--zero_stage", stage, "--offload_optimizer_device", offload)
     assert settings["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == stage
+    assert settings["ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"] == offload
     launch_two_processes(RUN, zero, "deepspeed", weights, 1, method, env=settings)
     launch_two_processes(RUN, zero, "deepspeed", weights, 2, "resume", method, env=settings)
     # the optimizer's moments, gathered from their partitions into the checkpoint and put back
@@ -78,12 +86,14 @@ def test_a_deepspeed_run_resumed_halfway_ends_where_a_ddp_run_does(stage, weight
 
 
 def test_checkpoints_move_between_ddp_and_deepspeed_and_process_counts(ddp_lora, tmp_path):
-    # both hold whole tensors in AdamW's own format: a DDP run resumes under ZeRO-2 and back
+    # both hold whole tensors in AdamW's own format: a DDP run resumes under ZeRO-2 and back,
+    # here with the optimizer offloaded (DeepSpeed's CPU AdamW counts its steps in an int)
     settings = _deepspeed_variables()
+    offloaded = _deepspeed_variables("--offload_optimizer_device", "cpu")
     launch_two_processes(RUN, tmp_path / "there", "ddp", "lora", 1)
     shutil.copytree(tmp_path / "there", tmp_path / "alone-ddp")
-    launch_two_processes(RUN, tmp_path / "there", "deepspeed", "lora", 2, "resume", env=settings)
-    launch_two_processes(RUN, tmp_path / "back", "deepspeed", "lora", 1, env=settings)
+    launch_two_processes(RUN, tmp_path / "there", "deepspeed", "lora", 2, "resume", env=offloaded)
+    launch_two_processes(RUN, tmp_path / "back", "deepspeed", "lora", 1, env=offloaded)
     shutil.copytree(tmp_path / "back", tmp_path / "alone-zero")
     launch_two_processes(RUN, tmp_path / "back", "ddp", "lora", 2, "resume")
     for run in ("there", "back"):
@@ -138,7 +148,9 @@ def _deepspeed_accelerator(ds_config: dict) -> SimpleNamespace:
      ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "Adam"}},
       "'optimizer' section.*Remove"),
      ({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}, "'scheduler'"),
-     ({"zero_optimization": {"stage": 1}, "fp16": {"enabled": True}}, "fp16.*bf16 or no")],
+     ({"zero_optimization": {"stage": 1}, "fp16": {"enabled": True}}, "fp16.*bf16 or no"),
+     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}}},
+      "device 'nvme'.*stage 3 only.*cpu or none")],
 )  # fmt: skip
 def test_deepspeed_settings_the_trainers_cannot_run_are_refused(ds_config, error):
     with pytest.raises(ConfigError, match=error):
@@ -146,9 +158,18 @@ def test_deepspeed_settings_the_trainers_cannot_run_are_refused(ds_config, error
 
 
 def test_supported_deepspeed_settings_pass_the_launch_check():
-    for stage in (1, 2):
-        check_launch(_deepspeed_accelerator({"zero_optimization": {"stage": stage},
-                                             "bf16": {"enabled": True}}))  # fmt: skip
+    for stage, offload in itertools.product((1, 2), ("none", "cpu")):
+        zero = {"stage": stage, "offload_optimizer": {"device": offload}}
+        check_launch(_deepspeed_accelerator({"zero_optimization": zero, "bf16": {"enabled": True}}))
+
+
+def test_8bit_adam_with_the_optimizer_offloaded_is_refused():
+    # accelerate would hand the offload a 32-bit Adam in its place, silently
+    offloaded = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    trainer = SimpleNamespace(config=AWMConfig(use_8bit_adam=True), uses_deepspeed=True,
+                              _deepspeed_config=lambda: offloaded)  # fmt: skip
+    with pytest.raises(ConfigError, match="use_8bit_adam.*offload.*use_8bit_adam=false"):
+        Trainer._build_optimizer(trainer)
 
 
 def test_the_deepspeed_config_takes_batch_and_clipping_from_the_trainer():

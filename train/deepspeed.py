@@ -11,6 +11,10 @@ tensors, as under DDP and FSDP2: the optimizer state is gathered from its ZeRO p
 (DeepSpeed's ``safe_get_full_*`` functions) into the format ``torch.optim.AdamW.state_dict()``
 has, so a checkpoint does not depend on how the state was partitioned (a DDP run resumes under
 ZeRO and back, and with another number of processes).
+
+Optimizer offload (``offload_optimizer: {device: cpu}``) keeps the partitions in CPU memory,
+stepped by DeepSpeed's CPU AdamW, which accelerate puts in place of the trainer's AdamW with the
+same parameter-group settings; it counts steps in an int, saved as AdamW's float tensor.
 """
 
 from __future__ import annotations
@@ -54,6 +58,13 @@ def check_deepspeed_config(ds_config: dict) -> None:
                 "learning-rate schedule from its own config (learning_rate, adam_*, "
                 "lr_scheduler, lr_warmup_steps). Remove the section from the DeepSpeed config."
             )
+    offload = _offload_device(ds_config)
+    if offload not in ("none", "cpu"):
+        raise ConfigError(
+            f"offload_optimizer device {offload!r} is not supported: DeepSpeed offloads the "
+            "optimizer to NVMe under ZeRO stage 3 only, which diffalign does not run. Set "
+            "offload_optimizer_device to cpu or none."
+        )
     if ds_config.get("fp16", {}).get("enabled") is True:
         raise ConfigError(
             "fp16 under DeepSpeed is not supported by diffalign's trainers (untested: its loss "
@@ -86,6 +97,16 @@ def fill_deepspeed_config(ds_config: dict, train_batch_size: int, num_processes:
     for key in BUCKET_KEYS:
         if zero.get(key) == "auto":
             del zero[key]
+
+
+def _offload_device(ds_config: dict) -> str:
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return str(offload.get("device") or "none").lower()
+
+
+def offloads_optimizer(ds_config: dict) -> bool:
+    """Whether ``ds_config`` keeps the optimizer's state and step in CPU memory (ZeRO-Offload)."""
+    return _offload_device(ds_config) == "cpu"
 
 
 def deepspeed_bf16(accelerator) -> bool:
@@ -147,7 +168,7 @@ def whole_optimizer_state(optimizer, parameters: list[Tensor]) -> dict:
     for index, parameter in enumerate(parameters if flat else []):
         state[index] = {
             key: safe_get_full_optimizer_state(parameter, key)
-            if _shaped_like(value, group["params"][0]) else value.clone()
+            if _shaped_like(value, group["params"][0]) else _saved_counter(value)
             for key, value in flat.items()
         }  # fmt: skip
     settings = {key: value for key, value in group.items() if key != "params"}
@@ -170,7 +191,7 @@ def load_whole_optimizer_state(optimizer, parameters: list[Tensor], saved: dict)
     # parameter's fragment of it; a resumed run needs both before that step
     base.state[partition] = {
         key: torch.zeros_like(partition) if _shaped_like(value, parameters[0])
-        else value.clone()
+        else _loaded_counter(base, value)
         for key, value in first.items()
     }  # fmt: skip
     zero_optimizer = optimizer.optimizer
@@ -179,6 +200,19 @@ def load_whole_optimizer_state(optimizer, parameters: list[Tensor], saved: dict)
         for key, value in saved["state"][index].items():
             if _shaped_like(value, parameter):
                 safe_set_full_optimizer_state(parameter, value.to(partition), key)
+
+
+def _saved_counter(value) -> Tensor:
+    """A counter (AdamW's ``step``) as AdamW's ``state_dict`` holds it: a float tensor (DeepSpeed's
+    CPU AdamW counts in an int)."""
+    return value.clone() if isinstance(value, Tensor) else torch.tensor(float(value))
+
+
+def _loaded_counter(optimizer: torch.optim.Optimizer, value):
+    """A saved counter in the type ``optimizer`` counts in."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return int(value) if isinstance(optimizer, DeepSpeedCPUAdam) else _saved_counter(value)
 
 
 def _shaped_like(value, like: Tensor) -> bool:

@@ -55,6 +55,7 @@ from diffalign.train.deepspeed import (
     inner_optimizer,
     load_whole_optimizer_state,
     load_whole_weights,
+    offloads_optimizer,
     whole_optimizer_state,
     whole_weights,
 )
@@ -231,7 +232,7 @@ class Trainer:
         self._collect_trainable()
         optimizer = self._build_optimizer()
         if self.uses_deepspeed:
-            fill_deepspeed_config(self.accelerator.state.deepspeed_plugin.deepspeed_config,
+            fill_deepspeed_config(self._deepspeed_config(),
                                   config.train_batch_size, self.accelerator.num_processes,
                                   config.max_grad_norm)  # fmt: skip
         self.model, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
@@ -252,6 +253,9 @@ class Trainer:
         from accelerate.utils import DistributedType
 
         return self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    def _deepspeed_config(self) -> dict:
+        return self.accelerator.state.deepspeed_plugin.deepspeed_config
 
     def autocast(self):
         """The mixed-precision context for the UNet's forwards (rollouts and losses).
@@ -275,6 +279,12 @@ class Trainer:
         config = self.config
         optimizer_cls = torch.optim.AdamW
         if config.use_8bit_adam:
+            if self.uses_deepspeed and offloads_optimizer(self._deepspeed_config()):
+                raise ConfigError(
+                    "use_8bit_adam and DeepSpeed's optimizer offload exclude each other: the "
+                    "offload runs DeepSpeed's own CPU AdamW, which would replace the 8-bit one by "
+                    "a 32-bit Adam. Set use_8bit_adam=false, or offload_optimizer_device none."
+                )
             try:
                 import bitsandbytes as bnb
             except ImportError as error:

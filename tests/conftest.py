@@ -27,7 +27,9 @@ def launch_two_processes(script: Path | str, *args, env: dict[str, str] | None =
     with socket.socket() as sock:  # a free port, so that tests never meet a stale rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    # a process that aborts in C++ (once seen: "terminate called without an active exception",
+    # rank 1, at start-up) prints every thread's Python stack, to show where
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                     f"--master_port={port}", str(script), *map(str, args)],
                    check=True, env=env, timeout=600)  # fmt: skip

@@ -189,9 +189,14 @@ def test_the_deepspeed_config_takes_batch_and_clipping_from_the_trainer():
 
 
 @requires_cuda
-def test_deepspeed_zero2_through_accelerate_on_a_cuda_device_in_bf16(tmp_path):
+@pytest.mark.parametrize("offload", ["none", "cpu"])
+def test_deepspeed_zero2_through_accelerate_on_a_cuda_device_in_bf16(offload, tmp_path):
     # the real path: accelerate reads DeepSpeed from the environment as `accelerate launch
-    # --use_deepspeed --zero_stage 2` sets it, and runs it over nccl
-    variables = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+    # --use_deepspeed --zero_stage 2 [--offload_optimizer_device cpu]` sets it, over nccl;
+    # offloaded, the optimizer's partitions live in CPU memory (copies the CPU tests lack)
+    if offload == "cpu" and shutil.which("c++") is None:
+        pytest.skip("DeepSpeed's CPU AdamW compiles on first use: needs a C++ compiler")
+    variables = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+                 "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": offload}  # fmt: skip
     trained = train_tiny_fully_on_cuda(tmp_path, variables, "mixed_precision=bf16")
     assert {value.dtype for value in trained.values()} == {torch.float32}

@@ -634,17 +634,31 @@ def test_launches_without_a_gpu_get_a_gloo_process_group(monkeypatch):
     assert accelerator_options() == {}  # accelerate's own choice (nccl on CUDA)
 
 
-def test_a_launch_precision_the_config_overrides_is_named(monkeypatch, caplog):
+def test_the_launch_precision_applies_unless_the_config_sets_one(monkeypatch, caplog):
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     with caplog.at_level("WARNING"):
-        launch.warn_on_launch_precision("no")  # a plain run: nothing asked
+        assert launch.resolve_mixed_precision(None) == "no"  # a plain run: nothing asked
+        assert launch.resolve_mixed_precision("fp16") == "fp16"
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # a launch's default
+        assert launch.resolve_mixed_precision("bf16") == "bf16"
         monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-        launch.warn_on_launch_precision("bf16")
+        assert launch.resolve_mixed_precision(None) == "bf16"  # as accelerate launch asks
+        assert launch.resolve_mixed_precision("bf16") == "bf16"
     assert not caplog.records
     with caplog.at_level("WARNING"):
-        launch.warn_on_launch_precision("no")
+        assert launch.resolve_mixed_precision("no") == "no"  # the config decides, and says so
     assert "asked for mixed precision 'bf16'" in caplog.text
     assert "--set mixed_precision=bf16" in caplog.text
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize(("setting", "trains_in"), [(None, "bf16"), ("no", "no")])
+def test_a_trainer_takes_the_launch_precision_and_records_it(setting, trains_in, monkeypatch,
+                                                              tmp_path):  # fmt: skip
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # `accelerate launch --mixed_...`
+    trainer = _trainer(AWMTrainer, AWMConfig(**SMALL, mixed_precision=setting), tmp_path)
+    assert trainer.accelerator.mixed_precision == trains_in
+    assert trainer.config.mixed_precision == trains_in  # what config.yaml and resumes see
 
 
 def test_train_command_launched_as_accelerate_multi_gpu_runs_ddp_on_cpus(tmp_path):

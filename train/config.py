@@ -96,7 +96,9 @@ class TrainConfig(BaseConfig):
     adam_epsilon: float = 1e-8
     use_8bit_adam: bool = field(default=False, metadata={"help": "needs bitsandbytes"})
     max_grad_norm: float = 1.0
-    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16"})
+    mixed_precision: str | None = field(
+        default=None, metadata={"help": "no, fp16 or bf16; default: accelerate launch's, else no"}
+    )
     use_lora: bool = field(default=True, metadata={"help": "LoRA (peft) or full fine-tuning"})
     lora_rank: int = 4
     lora_alpha: float | None = field(default=None, metadata={"help": "default: lora_rank"})
@@ -126,7 +128,7 @@ class TrainConfig(BaseConfig):
         return ["heldout_reward_mean", *extras]
 
     def validate(self) -> None:
-        if self.mixed_precision not in MIXED_PRECISION:
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION}.")
         if self.log_with not in TRACKERS:
             raise ConfigError(f"log_with must be one of {TRACKERS}.")

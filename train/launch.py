@@ -24,16 +24,20 @@ UNSUPPORTED_STRATEGIES = ("MEGATRON_LM",)
 logger = logging.getLogger(__name__)
 
 
-def warn_on_launch_precision(mixed_precision: str) -> None:
-    """Warn when ``accelerate launch`` asked for another precision than the trainer's config:
-    the config's ``mixed_precision`` decides (the trainers pass it to ``Accelerator``)."""
+def resolve_mixed_precision(setting: str | None) -> str:
+    """The precision a run trains in: the config's ``mixed_precision`` when set (with a warning
+    when ``accelerate launch`` asked for another mixed precision), else the launch's, else
+    ``"no"`` (a launch's ``"no"`` is its default, so a config's precision overrides it quietly)."""
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if launched != mixed_precision:
+    if setting is None:
+        return launched
+    if launched not in ("no", setting):
         logger.warning(
             "accelerate launch asked for mixed precision %r, but this run's mixed_precision "
             "setting is %r, which decides; pass --set mixed_precision=%s to train in %s.",
-            launched, mixed_precision, launched, launched,
+            launched, setting, launched, launched,
         )  # fmt: skip
+    return setting
 
 
 def has_accelerator() -> bool:

@@ -14,6 +14,7 @@ so a resumed run continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -65,7 +66,7 @@ from diffalign.train.launch import (
     accelerator_options,
     check_launch,
     check_tracker,
-    warn_on_launch_precision,
+    resolve_mixed_precision,
 )
 from diffalign.train.lr_schedule import build_lr_scheduler, current_lr
 from diffalign.train.model_card import model_card
@@ -164,6 +165,11 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
+        # the precision resolved, so that config.yaml and a resume's check of changed settings
+        # hold the one the run trains in, also when accelerate launch chose it
+        config = dataclasses.replace(
+            config, mixed_precision=resolve_mixed_precision(config.mixed_precision)
+        )
         self.config, self.out = config, Path(out)
         self.callbacks = as_callbacks(callbacks)
         check_tracker(config.log_with)
@@ -178,7 +184,6 @@ class Trainer:
             **accelerator_options(),
         )
         check_launch(self.accelerator)
-        warn_on_launch_precision(config.mixed_precision)
         for key in ("prompts_per_step", "num_heldout_prompts"):  # each process takes a share
             if getattr(config, key) % self.accelerator.num_processes:
                 raise ValueError(

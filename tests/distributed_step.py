@@ -60,6 +60,10 @@ def main(out: str, strategy: str) -> None:
         suffix = "-fsdp" if strategy == "fsdp" else ""
         torch.save(result, f"{out}/result-{world}{suffix}.pt")
     accelerator.wait_for_everyone()
+    # gloo's worker threads outlive a process group left to the interpreter's exit, which then
+    # aborts now and then ("terminate called without an active exception"); the trainers' own
+    # train() ends this way too
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -242,7 +242,7 @@ def _run_changes(recorded, config) -> dict[str, tuple]:
     run's length and display settings aside)."""
     from diffalign.train.trainer import changed_settings
 
-    changes = changed_settings(recorded.to_dict(), config.to_dict())
+    changes = changed_settings(recorded.to_dict(), config.with_launch_precision().to_dict())
     return {key: values for key, values in changes.items() if key != "max_steps"}
 
 

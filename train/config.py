@@ -7,6 +7,7 @@ tiny model. Every field can be set from YAML or ``--set key=value``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from diffalign.config import BaseConfig, ConfigError
@@ -121,6 +122,15 @@ class TrainConfig(BaseConfig):
         default=None, metadata={"help": "the Hub repository (default: the --out folder's name)"}
     )
     hub_private_repo: bool = field(default=False, metadata={"help": "create it private"})
+
+    def with_launch_precision(self) -> TrainConfig:
+        """A copy whose ``mixed_precision`` is the one a run trains in: this config's when set,
+        else what ``accelerate launch`` asked for, else ``"no"``."""
+        from diffalign.train.launch import resolve_mixed_precision
+
+        return dataclasses.replace(
+            self, mixed_precision=resolve_mixed_precision(self.mixed_precision)
+        )
 
     def heldout_metrics(self) -> list[str]:
         """The means each held-out evaluation logs: the reward's, then each extra reward's."""

@@ -14,7 +14,6 @@ so a resumed run continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import json
@@ -66,7 +65,6 @@ from diffalign.train.launch import (
     accelerator_options,
     check_launch,
     check_tracker,
-    resolve_mixed_precision,
 )
 from diffalign.train.lr_schedule import build_lr_scheduler, current_lr
 from diffalign.train.model_card import model_card
@@ -165,11 +163,9 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        # the precision resolved, so that config.yaml and a resume's check of changed settings
-        # hold the one the run trains in, also when accelerate launch chose it
-        config = dataclasses.replace(
-            config, mixed_precision=resolve_mixed_precision(config.mixed_precision)
-        )
+        # so that config.yaml and a resume's check of changed settings hold the precision the
+        # run trains in, also when accelerate launch chose it
+        config = config.with_launch_precision()
         self.config, self.out = config, Path(out)
         self.callbacks = as_callbacks(callbacks)
         check_tracker(config.log_with)

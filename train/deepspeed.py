@@ -109,9 +109,8 @@ def offloads_optimizer(ds_config: dict) -> bool:
     return _offload_device(ds_config) == "cpu"
 
 
-def deepspeed_bf16(accelerator) -> bool:
-    """Whether DeepSpeed trains in bf16 (its module in bf16, fp32 master weights)."""
-    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+def deepspeed_bf16(ds_config: dict) -> bool:
+    """Whether ``ds_config`` trains in bf16 (the module in bf16, fp32 master weights)."""
     return ds_config.get("bf16", {}).get("enabled") is True
 
 

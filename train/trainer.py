@@ -61,11 +61,7 @@ from diffalign.train.deepspeed import (
 )
 from diffalign.train.guard import GuardTrip, HackingGuard
 from diffalign.train.hub import check_hub_access, hub_repo_id, push_run
-from diffalign.train.launch import (
-    accelerator_options,
-    check_launch,
-    check_tracker,
-)
+from diffalign.train.launch import accelerator_options, check_launch, check_tracker
 from diffalign.train.lr_schedule import build_lr_scheduler, current_lr
 from diffalign.train.model_card import model_card
 from diffalign.train.prompts import PromptSource
@@ -256,6 +252,7 @@ class Trainer:
         return self.accelerator.distributed_type == DistributedType.DEEPSPEED
 
     def _deepspeed_config(self) -> dict:
+        """The DeepSpeed config accelerate runs with (only under DeepSpeed)."""
         return self.accelerator.state.deepspeed_plugin.deepspeed_config
 
     def autocast(self):
@@ -264,7 +261,7 @@ class Trainer:
         accelerate's own is empty under DeepSpeed, whose bf16 mode casts the module's weights to
         bf16 and leaves the inputs alone; autocast casts the inputs to match.
         """
-        if self.uses_deepspeed and deepspeed_bf16(self.accelerator):
+        if self.uses_deepspeed and deepspeed_bf16(self._deepspeed_config()):
             return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16)
         return self.accelerator.autocast()
 

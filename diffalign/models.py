@@ -122,10 +122,24 @@ def sd_ddim_scheduler(
     return DDIMScheduler(**{**settings, **overrides})
 
 
-def build_tiny_unet(seed: int = 0, sample_size: int = 16, cross_attention_dim: int = 32):
-    """A two-level ``UNet2DConditionModel`` (about 1M parameters) with cross-attention."""
+_SDXL_TIME_ID_DIM = 8  # the tiny SDXL UNet's embedding width per time id (SDXL's: 256)
+
+
+def build_tiny_unet(
+    seed: int = 0, sample_size: int = 16, cross_attention_dim: int = 32, pooled_dim: int = 0
+):
+    """A two-level ``UNet2DConditionModel`` (about 1M parameters) with cross-attention; with
+    ``pooled_dim`` it also takes SDXL's added conditioning (a pooled text embedding of that
+    width and six time ids)."""
     from diffusers import UNet2DConditionModel
 
+    sdxl = {}
+    if pooled_dim:
+        sdxl = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": _SDXL_TIME_ID_DIM,
+            "projection_class_embeddings_input_dim": 6 * _SDXL_TIME_ID_DIM + pooled_dim,
+        }
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=sample_size,
@@ -138,6 +152,7 @@ def build_tiny_unet(seed: int = 0, sample_size: int = 16, cross_attention_dim: i
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=4,
         norm_num_groups=8,
+        **sdxl,
     )
 
 
@@ -158,9 +173,10 @@ def build_tiny_vae(seed: int = 0, sample_size: int = 32):
     )
 
 
-def build_tiny_text_encoder(seed: int = 0, hidden_size: int = 32):
-    """A two-layer ``CLIPTextModel`` over the full CLIP vocabulary."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_tiny_text_encoder(seed: int = 0, hidden_size: int = 32, with_projection: bool = False):
+    """A two-layer ``CLIPTextModel`` over the full CLIP vocabulary (``with_projection``: a
+    ``CLIPTextModelWithProjection``, SDXL's second text encoder)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(
@@ -175,7 +191,7 @@ def build_tiny_text_encoder(seed: int = 0, hidden_size: int = 32):
         eos_token_id=49407,
         pad_token_id=49407,
     )
-    return CLIPTextModel(config)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
 def build_tiny_pipeline(
@@ -203,6 +219,26 @@ def build_tiny_pipeline(
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0, image_size: int = 32, hidden_size: int = 32):
+    """A real ``StableDiffusionXLPipeline`` with tiny random components, built offline: two
+    text encoders (the second with a projection, whose output is the pooled embedding), a UNet
+    with SDXL's added conditioning, SD's DDIM scheduler; otherwise as :func:`build_tiny_pipeline`.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    if image_size % 8:
+        raise ValueError(f"image_size must be a multiple of 8, got {image_size}.")
+    return StableDiffusionXLPipeline(
+        vae=build_tiny_vae(seed, image_size),
+        text_encoder=build_tiny_text_encoder(seed, hidden_size),
+        text_encoder_2=build_tiny_text_encoder(seed + 1, hidden_size, with_projection=True),
+        tokenizer=build_clip_tokenizer(),
+        tokenizer_2=build_clip_tokenizer(),
+        unet=build_tiny_unet(seed, image_size // 2, 2 * hidden_size, pooled_dim=hidden_size),
+        scheduler=sd_ddim_scheduler(),
     )
 
 
@@ -292,9 +328,40 @@ def _check_unet_pipeline(model_index: dict[str, Any], pipeline_cls, name: str) -
     raise UnsupportedModelError(
         f"{name} holds {kind} ({denoiser}), but {pipeline_cls.__name__} runs Stable Diffusion "
         "pipelines with a UNet (SD 1.x / 2.x layout: unet, vae, text_encoder, tokenizer, "
-        "scheduler; the scheduler may be DDIM-family or flow matching). Transformer models "
+        "scheduler, the scheduler DDIM-family or flow matching; or SDXL's). Transformer models "
         "(SD3, FLUX) are not supported yet."
     )
+
+
+def _is_sdxl_index(model_index: dict[str, Any]) -> bool:
+    return "text_encoder_2" in model_index and "unet" in model_index
+
+
+def _pipeline_class_for(model_index: dict[str, Any], pipeline_cls, name: str):
+    """The class that loads ``model_index``'s folder for a caller who asked for ``pipeline_cls``:
+    itself, or for an SDXL folder the SDXL counterpart of a Stable Diffusion pipeline class
+    (diffusers' ``StableDiffusionXLPipeline``, or the class named by a diffalign pipeline's
+    ``sdxl_pipeline_class``). Raises :class:`UnsupportedModelError` for SDXL folders that no
+    counterpart runs (the refiner, which has no first text encoder)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if not _is_sdxl_index(model_index) or not issubclass(pipeline_cls, StableDiffusionPipeline):
+        return pipeline_cls
+    if (model_index.get("text_encoder") or [None])[0] is None:
+        raise UnsupportedModelError(
+            f"{name} is an SDXL pipeline without a first text encoder (the SDXL refiner, an "
+            "image-to-image model); diffalign runs the SDXL base model (text_encoder and "
+            "text_encoder_2)."
+        )
+    if pipeline_cls is StableDiffusionPipeline:
+        return StableDiffusionXLPipeline
+    counterpart = getattr(pipeline_cls, "sdxl_pipeline_class", None)
+    if counterpart is None:
+        raise UnsupportedModelError(
+            f"{name} is an SDXL pipeline, which {pipeline_cls.__name__} does not run; it runs "
+            "SD 1.x/2.x folders."
+        )
+    return counterpart
 
 
 def _load_local(path: Path, pipeline_cls, **kwargs):
@@ -310,6 +377,7 @@ def _load_local(path: Path, pipeline_cls, **kwargs):
         )
     model_index = json.loads(index_file.read_text())
     _check_unet_pipeline(model_index, pipeline_cls, str(path))
+    pipeline_cls = _pipeline_class_for(model_index, pipeline_cls, str(path))
     return pipeline_cls.from_pretrained(path, **_safety_checker_overrides(model_index), **kwargs)
 
 
@@ -318,6 +386,7 @@ def _load_hub(name: str, pipeline_cls, **kwargs):
     try:
         model_index = pipeline_cls.load_config(name, local_files_only=True)
         _check_unet_pipeline(model_index, pipeline_cls, name)
+        pipeline_cls = _pipeline_class_for(model_index, pipeline_cls, name)
         return pipeline_cls.from_pretrained(
             name, local_files_only=True, **_safety_checker_overrides(model_index), **kwargs
         )
@@ -331,6 +400,7 @@ def _load_hub(name: str, pipeline_cls, **kwargs):
             raise _not_available(name, reason) from cached_error
     model_index = pipeline_cls.load_config(name)
     _check_unet_pipeline(model_index, pipeline_cls, name)
+    pipeline_cls = _pipeline_class_for(model_index, pipeline_cls, name)
     return pipeline_cls.from_pretrained(name, **_safety_checker_overrides(model_index), **kwargs)
 
 
@@ -359,7 +429,9 @@ def load_pipeline(
             ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``.
         pipeline_cls: the pipeline class to build (default ``diffusers.DiffusionPipeline``, which
             picks the class named in ``model_index.json``); diffalign's own pipelines subclass
-            diffusers' and load the same folders.
+            diffusers' and load the same folders. An SDXL folder asked for as a Stable
+            Diffusion class loads as its SDXL counterpart (``StableDiffusionXLPipeline``,
+            ``SDXLRolloutPipeline``, ``SDXLDTSPipeline``).
         torch_dtype: dtype for the weights (e.g. ``torch.float16`` on GPU).
         device: where to move the pipeline after loading.
         **kwargs: passed on to ``from_pretrained`` (``variant``, ``scheduler``, ...).
@@ -369,7 +441,8 @@ def load_pipeline(
             or ``HF_HUB_OFFLINE=1``; the message says how to supply a local copy.
         FileNotFoundError: a local path that is not a diffusers pipeline folder.
         UnsupportedModelError: ``pipeline_cls`` is a Stable Diffusion pipeline (such as
-            diffalign's rollout and DTS pipelines) and the model has no UNet (SD3, FLUX).
+            diffalign's rollout and DTS pipelines) and the model has no UNet (SD3, FLUX), or is
+            the SDXL refiner.
     """
     from diffusers import DiffusionPipeline
 

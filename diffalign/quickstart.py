@@ -166,9 +166,9 @@ class _Stage:
 
     def search(self, pipeline, sampler: str) -> tuple[torch.Tensor, dict[str, list[float]]]:
         """Images of a search sampler and its mean best reward against NFEs."""
-        from diffalign.pipelines.dts import DTSPipeline
+        from diffalign.pipelines.dts import search_pipeline
 
-        searcher = DTSPipeline(**pipeline.components, requires_safety_checker=False)
+        searcher = search_pipeline(pipeline)
         searcher.set_progress_bar_config(disable=True)  # one bar per prompt is too many
         output = searcher(
             self.prompts, "shapes", budget_nfe=self.budget(), sampler=sampler,

@@ -19,7 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diffalign.pipelines.rollout import draw_noise, guided_noise_prediction
+from diffalign.pipelines.conditioning import encode_conditioning
+from diffalign.pipelines.rollout import decode_latents, draw_noise, guided_noise_prediction
 from diffalign.sampling import NoiseSchedule, load_schedule
 
 Generators = torch.Generator | list[torch.Generator]
@@ -134,8 +135,9 @@ class DenoisingChain(ABC):
 
 
 class PipelineChain(DenoisingChain):
-    """The chain of a Stable Diffusion pipeline for one prompt (DDIM; a flow-matching UNet keeps
-    its Euler schedule and steps by Flow-GRPO's SDE), with CFG as diffusers does it.
+    """The chain of a Stable Diffusion (SD 1.x/2.x or SDXL) pipeline for one prompt (DDIM; a
+    flow-matching UNet keeps its Euler schedule and steps by Flow-GRPO's SDE), with CFG as
+    diffusers does it.
 
     ``reward`` maps (images in [0, 1], prompts) to scores, e.g. a :class:`diffalign.rewards.Reward`.
     """
@@ -160,14 +162,14 @@ class PipelineChain(DenoisingChain):
         self.device = pipeline._execution_device
         self.use_cfg = guidance_scale > 1.0
         self.guidance_scale = guidance_scale
-        embeds, negative = pipeline.encode_prompt(
-            prompt, self.device, 1, self.use_cfg, negative_prompt
-        )
-        self.prompt_embeds, self.negative_embeds = embeds, negative if self.use_cfg else None
-        self.dtype = embeds.dtype
         scale = pipeline.vae_scale_factor
-        sample_size = pipeline.unet.config.sample_size * scale
-        self.latent_size = ((height or sample_size) // scale, (width or sample_size) // scale)
+        height = height or pipeline.unet.config.sample_size * scale
+        width = width or pipeline.unet.config.sample_size * scale
+        self.latent_size = (height // scale, width // scale)
+        self.conditioning, self.negative_conditioning = encode_conditioning(
+            pipeline, prompt, self.device, 1, self.use_cfg, negative_prompt, height, width
+        )
+        self.dtype = self.conditioning.embeds.dtype
         pipeline.scheduler.set_timesteps(num_inference_steps, device=self.device)
         super().__init__(
             load_schedule(pipeline.scheduler), pipeline.scheduler.timesteps, eta,
@@ -178,18 +180,15 @@ class PipelineChain(DenoisingChain):
         return (self.pipeline.unet.config.in_channels, *self.latent_size)
 
     def _predict(self, latents: Tensor, timesteps: Tensor) -> Tensor:
-        rows = len(latents)
-        negative = self.negative_embeds.expand(rows, -1, -1) if self.use_cfg else None
+        rows, negative = len(latents), self.negative_conditioning
         return guided_noise_prediction(
-            self.pipeline.unet, latents, timesteps, self.prompt_embeds.expand(rows, -1, -1),
-            negative, self.guidance_scale,
+            self.pipeline.unet, latents, timesteps, self.conditioning.expand(rows),
+            None if negative is None else negative.expand(rows), self.guidance_scale,
         )  # fmt: skip
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents to images in [0, 1] (float32)."""
-        vae = self.pipeline.vae
-        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)
-        return (decoded[0].float() / 2 + 0.5).clamp(0, 1)
+        return decode_latents(self.pipeline, latents)
 
     def _score(self, latents: Tensor) -> Tensor:
         images = self.decode(latents.to(self.device))

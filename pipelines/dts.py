@@ -1,7 +1,8 @@
 """``DTSPipeline``: reward-aligned sampling at inference time, with every search under one budget.
 
-The pipeline extends diffusers' ``StableDiffusionPipeline`` (it loads the same folders) with
-search samplers that spend an NFE budget per prompt on a stochastic DDIM chain (eta > 0):
+The pipeline extends diffusers' ``StableDiffusionPipeline`` (it loads the same folders;
+``SDXLDTSPipeline`` does the same for ``StableDiffusionXLPipeline``) with search samplers that
+spend an NFE budget per prompt on a stochastic DDIM chain (eta > 0):
 
 - ``"dts"``: Diffusion Tree Sampling; its images sample ``p(x) exp(lambda r(x))``;
 - ``"dts-star"``: DTS*, UCT search for the highest reward (anytime);
@@ -24,12 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import BaseOutput
 from torch import Tensor
 
 from diffalign.pipelines.baselines import SMC_POTENTIALS, best_of_n, smc
 from diffalign.pipelines.chain import DenoisingChain, PipelineChain
+from diffalign.pipelines.rollout import over_components
 from diffalign.pipelines.tree import SearchResult, TreeSettings, tree_search
 
 SEARCH_SAMPLERS = ("best-of-n", "smc", "dts", "dts-star")
@@ -105,8 +107,8 @@ def _resolve_reward(reward: str | Callable, device: torch.device) -> Callable:
     return reward
 
 
-class DTSPipeline(StableDiffusionPipeline):
-    """Stable Diffusion with inference-time alignment: DTS, DTS*, best-of-N and SMC."""
+class _SearchCall:
+    """The search call of the DTS pipelines, mixed in before diffusers' SD or SDXL pipeline."""
 
     @torch.no_grad()
     def __call__(
@@ -158,3 +160,20 @@ class DTSPipeline(StableDiffusionPipeline):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}.")
         repeated = [p for p in prompts for _ in range(num_images_per_prompt)]
         return SearchPipelineOutput(pixels, torch.cat(rewards), repeated, stats)
+
+
+class DTSPipeline(_SearchCall, StableDiffusionPipeline):
+    """Stable Diffusion with inference-time alignment: DTS, DTS*, best-of-N and SMC."""
+
+
+class SDXLDTSPipeline(_SearchCall, StableDiffusionXLPipeline):
+    """SDXL with inference-time alignment: DTS, DTS*, best-of-N and SMC, as
+    :class:`DTSPipeline`."""
+
+
+DTSPipeline.sdxl_pipeline_class = SDXLDTSPipeline  # what load_pipeline picks for SDXL
+
+
+def search_pipeline(pipeline) -> DTSPipeline | SDXLDTSPipeline:
+    """The DTS pipeline (SD or SDXL, whichever ``pipeline`` is) over ``pipeline``'s components."""
+    return over_components(pipeline, DTSPipeline, SDXLDTSPipeline)

@@ -10,6 +10,10 @@ already computed), the prompt embeddings and the decoded images. With ``eta=0`` 
 A UNet trained with flow matching (its scheduler a ``FlowMatchEulerDiscreteScheduler``) keeps its
 scheduler and samples with the flow step of :mod:`diffalign.flow` instead: Euler at ``eta=0``,
 Flow-GRPO's SDE with log-probs at ``eta > 0``.
+
+``SDXLRolloutPipeline`` does the same for SDXL (subclassing ``StableDiffusionXLPipeline``); its
+rollouts also carry SDXL's added conditioning (:mod:`diffalign.pipelines.conditioning`), which the
+trainers pass back to the UNet.
 """
 
 from __future__ import annotations
@@ -18,11 +22,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from torch import Tensor
 
 from diffalign.flow import is_flow_scheduler
 from diffalign.models import as_ddim_scheduler
+from diffalign.pipelines.conditioning import (
+    Conditioning,
+    as_conditioning,
+    encode_conditioning,
+    is_sdxl_pipeline,
+)
 from diffalign.sampling import load_schedule
 
 
@@ -40,6 +50,8 @@ class Rollout:
         prompt_embeds: (B, L, D) text conditioning.
         negative_prompt_embeds: (B, L, D) unconditional embeddings, or None without CFG.
         guidance_scale, eta, num_inference_steps: how the chain was sampled.
+        pooled_prompt_embeds, negative_pooled_prompt_embeds, add_time_ids: SDXL's added
+            conditioning, (B, P), (B, P) or None without CFG, and (B, 6); None for SD 1.x/2.x.
     """
 
     prompts: list[str]
@@ -52,9 +64,28 @@ class Rollout:
     guidance_scale: float
     eta: float
     num_inference_steps: int
+    pooled_prompt_embeds: Tensor | None = None
+    negative_pooled_prompt_embeds: Tensor | None = None
+    add_time_ids: Tensor | None = None
 
     def __len__(self) -> int:
         return self.latents.shape[0]
+
+    def conditioning(self, index: Tensor | Sequence[int] | slice = slice(None)) -> Conditioning:
+        """The UNet conditioning of the samples at ``index`` (all by default)."""
+        whole = Conditioning(self.prompt_embeds, self.pooled_prompt_embeds, self.add_time_ids)
+        return whole.select(index)
+
+    def negative_conditioning(
+        self, index: Tensor | Sequence[int] | slice = slice(None)
+    ) -> Conditioning | None:
+        """The unconditional (CFG) conditioning of the samples at ``index``; None without CFG."""
+        if self.negative_prompt_embeds is None:
+            return None
+        whole = Conditioning(
+            self.negative_prompt_embeds, self.negative_pooled_prompt_embeds, self.add_time_ids
+        )
+        return whole.select(index)
 
     def select(self, index: Tensor | Sequence[int] | slice) -> Rollout:
         """The samples at ``index`` (a slice, indices or a boolean mask), as a new ``Rollout``."""
@@ -101,29 +132,48 @@ def guided_noise_prediction(
     unet,
     latents: Tensor,
     timestep: Tensor | int,
-    prompt_embeds: Tensor,
-    negative_prompt_embeds: Tensor | None,
+    prompt_embeds: Tensor | Conditioning,
+    negative_prompt_embeds: Tensor | Conditioning | None,
     guidance_scale: float,
 ) -> Tensor:
     """The UNet's output with classifier-free guidance as diffusers applies it (one UNet batch).
 
-    ``timestep`` is one value for the batch or one per sample (shape (B,)).
+    ``timestep`` is one value for the batch or one per sample (shape (B,)). The conditioning is
+    text token states (SD 1.x/2.x) or a :class:`Conditioning` (SDXL's added conditioning too).
     """
+    conditioning = as_conditioning(prompt_embeds)
     if negative_prompt_embeds is None:
-        return unet(latents, timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+        return unet(latents, timestep, **conditioning.unet_kwargs(), return_dict=False)[0]
     if isinstance(timestep, Tensor) and timestep.ndim == 1 and timestep.numel() > 1:
         timestep = torch.cat([timestep, timestep])
-    both = unet(
-        torch.cat([latents, latents]), timestep,
-        encoder_hidden_states=torch.cat([negative_prompt_embeds, prompt_embeds]),
-        return_dict=False,
-    )[0]  # fmt: skip
-    uncond, cond = both.chunk(2)
+    both = Conditioning.cat([as_conditioning(negative_prompt_embeds), conditioning])
+    output = unet(torch.cat([latents, latents]), timestep, **both.unet_kwargs(), return_dict=False)
+    uncond, cond = output[0].chunk(2)
     return uncond + guidance_scale * (cond - uncond)
 
 
-class RolloutPipeline(StableDiffusionPipeline):
-    """``StableDiffusionPipeline`` whose call returns a :class:`Rollout` (see the module doc)."""
+def decode_latents(pipeline, latents: Tensor) -> Tensor:
+    """``pipeline``'s VAE decoding of ``latents`` to images in [0, 1] (float32). An SDXL
+    pipeline's float16 VAE that asks for it (``force_upcast``: SDXL's overflows in float16)
+    decodes in float32, as diffusers' SDXL pipeline does."""
+    vae = pipeline.vae
+    upcast = is_sdxl_pipeline(pipeline) and vae.dtype == torch.float16 and vae.config.force_upcast
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        scaled = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+        decoded = vae.decode(scaled, return_dict=False)[0]
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+    return (decoded.float() / 2 + 0.5).clamp(0, 1)
+
+
+class _RolloutSampling:
+    """The sampling loop of the rollout pipelines, mixed in before diffusers' SD or SDXL
+    pipeline class (which supplies the components, ``encode_prompt`` and ``check_inputs``)."""
+
+    default_guidance_scale = 7.5
 
     def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device,
                         generator, latents=None):  # fmt: skip
@@ -140,8 +190,15 @@ class RolloutPipeline(StableDiffusionPipeline):
 
     def decode_to_images(self, latents: Tensor) -> Tensor:
         """Latents → images in [0, 1] (float32), as diffusers' ``output_type="pt"`` gives."""
-        decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
-        return (decoded.float() / 2 + 0.5).clamp(0, 1)
+        return decode_latents(self, latents)
+
+    def _default_size(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    def _check_call(self, prompt, height, width, negative_prompt, prompt_embeds,
+                    negative_prompt_embeds, pooled: dict) -> None:  # fmt: skip
+        """diffusers' input checks for this pipeline's kind (SD or SDXL)."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def __call__(
@@ -150,7 +207,7 @@ class RolloutPipeline(StableDiffusionPipeline):
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         eta: float = 1.0,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
@@ -158,72 +215,150 @@ class RolloutPipeline(StableDiffusionPipeline):
         latents: Tensor | None = None,
         prompt_embeds: Tensor | None = None,
         negative_prompt_embeds: Tensor | None = None,
+        pooled_prompt_embeds: Tensor | None = None,
+        negative_pooled_prompt_embeds: Tensor | None = None,
         decode: bool = True,
     ) -> Rollout:
         """Sample ``num_images_per_prompt`` chains per prompt with the DDIM step at ``eta``.
 
-        Arguments follow ``StableDiffusionPipeline.__call__``; ``eta`` defaults to 1 (DDPO) and
-        ``decode=False`` skips the VAE (``images`` is then None). Another scheduler (SD1.5 ships
-        PNDM) is replaced by a ``DDIMScheduler`` with the same config; a flow-matching one is
-        kept (see the module doc). The progress bar follows the pipeline's
-        ``set_progress_bar_config``.
+        Arguments follow diffusers' ``StableDiffusionPipeline.__call__`` (SDXL: those of
+        ``StableDiffusionXLPipeline``, ``prompt`` feeding both text encoders, with its pooled
+        embeddings); ``guidance_scale`` defaults to diffusers' (7.5, SDXL 5.0), ``eta`` to 1
+        (DDPO), and ``decode=False`` skips the VAE (``images`` is then None). Another scheduler
+        (SD1.5 ships PNDM, SDXL Euler) is replaced by a ``DDIMScheduler`` with the same config;
+        a flow-matching one is kept (see the module doc). The progress bar follows the
+        pipeline's ``set_progress_bar_config``.
         """
-        self.scheduler = as_ddim_scheduler(self.scheduler)  # e.g. SD1.5's PNDM
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
-        self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds,
-                          negative_prompt_embeds)  # fmt: skip
+        height, width = height or self._default_size(), width or self._default_size()
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale
+        pooled = {"pooled_prompt_embeds": pooled_prompt_embeds,
+                  "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds}  # fmt: skip
+        self._check_call(prompt, height, width, negative_prompt, prompt_embeds,
+                         negative_prompt_embeds, pooled)  # fmt: skip
+        self.scheduler = as_ddim_scheduler(self.scheduler)  # e.g. SD1.5's PNDM, SDXL's Euler
         if isinstance(prompt, str):
             prompt = [prompt]
         batch = len(prompt) if prompt is not None else prompt_embeds.shape[0]
         device = self._execution_device
         use_cfg = guidance_scale > 1.0
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, use_cfg, negative_prompt,
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+        conditioning, negative = encode_conditioning(
+            self, prompt, device, num_images_per_prompt, use_cfg, negative_prompt, height, width,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, **pooled,
         )  # fmt: skip
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
-        schedule = load_schedule(self.scheduler)
-        landing = schedule.following_timesteps(timesteps, num_inference_steps)
         sample = self.prepare_latents(
             batch * num_images_per_prompt, self.unet.config.in_channels, height, width,
-            prompt_embeds.dtype, device, generator, latents,
+            conditioning.embeds.dtype, device, generator, latents,
         )  # fmt: skip
+        chain, log_probs = self._denoise(sample, timesteps, conditioning, negative,
+                                         guidance_scale, eta, generator)  # fmt: skip
+        prompts = [p for p in (prompt or [""] * batch) for _ in range(num_images_per_prompt)]
+        return Rollout(
+            prompts=prompts,
+            images=self.decode_to_images(chain[:, -1]) if decode else None,
+            latents=chain,
+            timesteps=timesteps.clone(),
+            log_probs=log_probs,
+            prompt_embeds=conditioning.embeds,
+            negative_prompt_embeds=None if negative is None else negative.embeds,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            num_inference_steps=num_inference_steps,
+            pooled_prompt_embeds=conditioning.pooled,
+            negative_pooled_prompt_embeds=None if negative is None else negative.pooled,
+            add_time_ids=conditioning.time_ids,
+        )
+
+    def _denoise(self, sample: Tensor, timesteps: Tensor, conditioning: Conditioning,
+                 negative: Conditioning | None, guidance_scale: float, eta: float,
+                 generator) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+        """The chain from ``sample`` over ``timesteps``: latents (B, T + 1, ...) and each step's
+        log-prob (B, T), None at eta 0."""
+        schedule = load_schedule(self.scheduler)
+        landing = schedule.following_timesteps(timesteps, len(timesteps))
         chain, log_probs = [sample], []
         for t, t_next in zip(self.progress_bar(timesteps), landing, strict=True):
             noise_pred = guided_noise_prediction(
-                self.unet, sample, t, prompt_embeds,
-                negative_prompt_embeds if use_cfg else None, guidance_scale,
-            )  # fmt: skip
-            noise = draw_noise(sample.shape, generator, device, sample.dtype) if eta > 0 else None
+                self.unet, sample, t, conditioning, negative, guidance_scale
+            )
+            noise = None
+            if eta > 0:
+                noise = draw_noise(sample.shape, generator, sample.device, sample.dtype)
             step = schedule.step(noise_pred, t, sample, t_next, eta=eta, noise=noise)
             sample = step.prev_sample
             chain.append(sample)
             if step.log_prob is not None:
                 log_probs.append(step.log_prob.float())
-        prompts = [p for p in (prompt or [""] * batch) for _ in range(num_images_per_prompt)]
-        return Rollout(
-            prompts=prompts,
-            images=self.decode_to_images(sample) if decode else None,
-            latents=torch.stack(chain, dim=1),
-            timesteps=timesteps.clone(),
-            log_probs=torch.stack(log_probs, dim=1) if log_probs else None,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds if use_cfg else None,
-            guidance_scale=guidance_scale,
-            eta=eta,
-            num_inference_steps=num_inference_steps,
-        )
+        return torch.stack(chain, dim=1), torch.stack(log_probs, dim=1) if log_probs else None
+
+
+class RolloutPipeline(_RolloutSampling, StableDiffusionPipeline):
+    """``StableDiffusionPipeline`` whose call returns a :class:`Rollout` (see the module doc)."""
+
+    def _check_call(self, prompt, height, width, negative_prompt, prompt_embeds,
+                    negative_prompt_embeds, pooled: dict) -> None:  # fmt: skip
+        if any(value is not None for value in pooled.values()):
+            raise ValueError(
+                "pooled_prompt_embeds are SDXL's added conditioning; this is an SD 1.x/2.x "
+                "pipeline, whose UNet takes the text states (prompt_embeds) alone."
+            )
+        self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds,
+                          negative_prompt_embeds)  # fmt: skip
+
+
+class SDXLRolloutPipeline(_RolloutSampling, StableDiffusionXLPipeline):
+    """``StableDiffusionXLPipeline`` whose call returns a :class:`Rollout` with SDXL's added
+    conditioning (pooled embeddings and time ids); otherwise as :class:`RolloutPipeline`. A
+    float16 VAE decodes in float32, as diffusers' SDXL pipeline does."""
+
+    default_guidance_scale = 5.0
+
+    def _check_call(self, prompt, height, width, negative_prompt, prompt_embeds,
+                    negative_prompt_embeds, pooled: dict) -> None:  # fmt: skip
+        self.check_inputs(prompt, None, height, width, None, negative_prompt, None, prompt_embeds,
+                          negative_prompt_embeds, pooled["pooled_prompt_embeds"],
+                          pooled["negative_pooled_prompt_embeds"])  # fmt: skip
+
+
+RolloutPipeline.sdxl_pipeline_class = SDXLRolloutPipeline  # what load_pipeline picks for SDXL
+
+
+def over_components(pipeline, sd_class, sdxl_class, **components):
+    """A ``sd_class`` pipeline (``sdxl_class`` when ``pipeline`` is SDXL) over ``pipeline``'s
+    components, any of them replaced by ``components``."""
+    components = {**pipeline.components, **components}
+    if is_sdxl_pipeline(pipeline):
+        zeros = pipeline.config.force_zeros_for_empty_prompt
+        return sdxl_class(**components, force_zeros_for_empty_prompt=zeros)
+    return sd_class(**components, requires_safety_checker=False)
+
+
+def plain_pipeline(pipeline, **components) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """diffusers' own ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (whichever
+    ``pipeline`` is, or extends) over ``pipeline``'s components, any of them replaced by
+    ``components``: what ``final/`` folders are saved as, so that diffusers loads them without
+    diffalign."""
+    return over_components(pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                            **components)  # fmt: skip
+
+
+def rollout_pipeline(pipeline) -> RolloutPipeline | SDXLRolloutPipeline:
+    """``pipeline`` itself when it is a rollout pipeline, else the rollout pipeline (SD or SDXL)
+    over its components."""
+    if isinstance(pipeline, _RolloutSampling):
+        return pipeline
+    return over_components(pipeline, RolloutPipeline, SDXLRolloutPipeline)
 
 
 def plain_sampling_pipeline(pipeline: StableDiffusionPipeline) -> StableDiffusionPipeline:
-    """``pipeline`` itself, or for a flow-matching model a :class:`RolloutPipeline` over the same
+    """``pipeline`` itself, or for a flow-matching model a rollout pipeline over the same
     components: diffusers' ``StableDiffusionPipeline`` cannot step a flow scheduler (it lacks
     ``scale_model_input``), the rollout pipeline can. Set its progress bar after this call."""
-    if not is_flow_scheduler(pipeline.scheduler) or isinstance(pipeline, RolloutPipeline):
+    if not is_flow_scheduler(pipeline.scheduler):
         return pipeline
-    return RolloutPipeline(**pipeline.components, requires_safety_checker=False)
+    return rollout_pipeline(pipeline)
 
 
 def sample_images(pipeline: StableDiffusionPipeline, prompt: str | list[str], *,
@@ -231,6 +366,6 @@ def sample_images(pipeline: StableDiffusionPipeline, prompt: str | list[str], *,
     """Images (N, 3, H, W) in [0, 1] from a ``StableDiffusionPipeline`` or a
     :class:`RolloutPipeline` (flow models), called with ``call_kwargs`` (steps, guidance scale,
     generator, ...) and DDIM's ``eta`` (on a flow model: Euler at 0, else the SDE's noise level)."""
-    if isinstance(pipeline, RolloutPipeline):
+    if isinstance(pipeline, _RolloutSampling):
         return pipeline(prompt, eta=eta, **call_kwargs).images
     return pipeline(prompt, eta=eta, output_type="pt", **call_kwargs).images

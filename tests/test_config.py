@@ -119,3 +119,16 @@ def test_parse_override_reads_yaml_values():
     assert parse_override("x=[1, 2]") == ("x", [1, 2])
     assert parse_override("name=a=b") == ("name", "a=b")
     assert ToyConfig.field_help()["model"] == "Model folder or hub id."
+
+
+@pytest.mark.parametrize("method", ["awm", "ddpo"])
+def test_every_shipped_recipe_is_a_valid_config_of_its_method(method):
+    from diffalign.commands.train import recipe_names, recipe_path
+    from diffalign.train.config import AWMConfig, DDPOConfig
+
+    config_cls = {"awm": AWMConfig, "ddpo": DDPOConfig}[method]
+    names = recipe_names(method)
+    assert {"tiny-shapes", "tiny-jpeg", "sd15-pickscore", "sdxl-pickscore"} <= set(names)
+    for name in names:
+        config = config_cls.from_yaml(recipe_path(method, name))
+        assert config.samples_per_step % config.train_batch_size == 0, name

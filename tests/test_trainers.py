@@ -221,8 +221,9 @@ def brightness(sign: float):
     return score
 
 
-def _brightness_trainer(out, sign: float = 1.0, **settings):
-    """AWM with the brightness reward on four prompts that it trains and evaluates on."""
+def _brightness_trainer(out, sign: float = 1.0, pipeline=None, **settings):
+    """AWM with the brightness reward on four prompts that it trains and evaluates on (the
+    shipped model unless ``pipeline`` is given)."""
     prompts = out.parent / "prompts.txt"
     prompts.write_text("a red circle\na white square\na blue triangle\na green circle\n")
     config = AWMConfig(**{
@@ -232,7 +233,7 @@ def _brightness_trainer(out, sign: float = 1.0, **settings):
         "learning_rate": 1e-2, "max_steps": 8, "num_heldout_prompts": 4,
         "heldout_samples_per_prompt": 4, "eval_every": 8, "save_every": 8, "log_with": "none",
         "progress": False, **settings})  # fmt: skip
-    return AWMTrainer(config, out, reward=brightness(sign))
+    return AWMTrainer(config, out, pipeline=pipeline, reward=brightness(sign))
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])

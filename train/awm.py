@@ -19,6 +19,7 @@ from torch import Tensor
 
 from diffalign.ema import EMA
 from diffalign.models import adapters_disabled
+from diffalign.pipelines.conditioning import Conditioning
 from diffalign.pipelines.rollout import guided_noise_prediction
 from diffalign.train.advantages import group_advantages, prompt_groups
 from diffalign.train.config import AWMConfig
@@ -73,10 +74,11 @@ class AWMTrainer(Trainer):
             return contextlib.nullcontext(self.reference_unet)
         return adapters_disabled(self.unet)
 
-    def sample_loss(self, x0: Tensor, embeds: Tensor, advantages: Tensor, timesteps: Tensor,
-                    noise: Tensor, negative: Tensor | None = None,
+    def sample_loss(self, x0: Tensor, embeds: Tensor | Conditioning, advantages: Tensor,
+                    timesteps: Tensor, noise: Tensor, negative: Tensor | Conditioning | None = None,
                     guidance_scale: float = 1.0):  # fmt: skip
-        """AWM loss of clean latents ``x0`` noised with ``noise`` to ``timesteps`` (one each).
+        """AWM loss of clean latents ``x0`` noised with ``noise`` to ``timesteps`` (one each),
+        conditioned on ``embeds`` (text token states, or a :class:`Conditioning` for SDXL).
 
         With ``negative`` embeddings every prediction (policy, reference, EMA) is the guided one,
         ``uncond + guidance_scale * (cond - uncond)``: the network that sampled the rollouts.
@@ -130,7 +132,6 @@ class AWMTrainer(Trainer):
         config, rollout = self.config, batch.rollout
         generator = torch.Generator().manual_seed(derive_seed(config.seed, step, self.rank, "awm"))
         x0 = rollout.latents[:, -1]
-        negative = rollout.negative_prompt_embeds if config.train_cfg else None
         strata = config.num_train_timesteps
         timesteps, noise = self.noise_plan(rollout, step, generator)
         diagnostics = []
@@ -138,10 +139,11 @@ class AWMTrainer(Trainer):
             parts = len(group) * strata
             for position, index in enumerate(group):
                 for k in range(strata):
+                    negative = rollout.negative_conditioning(index) if config.train_cfg else None
                     out = self.sample_loss(
-                        x0[index], rollout.prompt_embeds[index], batch.advantages[index],
-                        timesteps[index, k].to(x0.device), noise[index, k],
-                        None if negative is None else negative[index], rollout.guidance_scale,
+                        x0[index], rollout.conditioning(index), batch.advantages[index],
+                        timesteps[index, k].to(x0.device), noise[index, k], negative,
+                        rollout.guidance_scale,
                     )  # fmt: skip
                     last = position == len(group) - 1 and k == strata - 1
                     self.backward(out.loss / parts, sync=last)

@@ -49,13 +49,11 @@ class DDPOTrainer(Trainer):
         latents, next_latents = chain[rows, steps], chain[rows, steps + 1]
         # the UNet embeds (B,) timesteps on their own device: keep them with the latents
         timesteps = rollout.timesteps.to(latents.device)[steps.to(latents.device)]
-        negative = rollout.negative_prompt_embeds
-        use_cfg = self.config.train_cfg and negative is not None
+        negative = rollout.negative_conditioning(index) if self.config.train_cfg else None
         with self.autocast():
-            noise_pred = guided_noise_prediction(
-                self.model, latents, timesteps, rollout.prompt_embeds[index],
-                negative[index] if use_cfg else None, rollout.guidance_scale,
-            )  # fmt: skip
+            noise_pred = guided_noise_prediction(self.model, latents, timesteps,
+                                                 rollout.conditioning(index), negative,
+                                                 rollout.guidance_scale)  # fmt: skip
         landing = self.schedule.following_timesteps(rollout.timesteps, rollout.num_inference_steps)
         next_timesteps = landing.to(latents.device)[steps.to(latents.device)]
         return self.schedule.step(noise_pred, timesteps, latents, next_timesteps, rollout.eta,

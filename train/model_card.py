@@ -29,11 +29,13 @@ def heldout_changes(rows: list[dict], upto_step: int) -> list[tuple[str, float, 
 
 def model_card(method: str, config: TrainConfig, rows: list[dict], trip: GuardTrip | None,
                flow: bool = False, repo_id: str | None = None,
-               best: BestEvaluation | None = None) -> str:  # fmt: skip
+               best: BestEvaluation | None = None,
+               pipeline_class: str = "StableDiffusionPipeline") -> str:  # fmt: skip
     """The card's markdown for a run of ``method`` with ``config`` that logged ``rows`` (stopped
     by the guard's ``trip``, if any; ``flow``: the UNet was trained by flow matching;
     ``repo_id``: the Hub repository it is pushed to, which the loading example then names;
-    ``best``: the best evaluation, when the model holds its weights, ``keep_best``)."""
+    ``best``: the best evaluation, when the model holds its weights, ``keep_best``;
+    ``pipeline_class``: the diffusers class that loads the folder)."""
     last = rows[-1] if rows else {"step": 0, "samples_seen": 0}
     kept_step = trip.passed_step if trip is not None else last["step"]
     if best is not None:
@@ -78,8 +80,8 @@ def model_card(method: str, config: TrainConfig, rows: list[dict], trip: GuardTr
                 f"pipe = RolloutPipeline.from_pretrained({folder})",
                 "images = pipe(prompts, eta=0.0).images  # Euler steps"]  # fmt: skip
     else:
-        load = ["from diffusers import StableDiffusionPipeline", "",
-                f"pipe = StableDiffusionPipeline.from_pretrained({folder})"]  # fmt: skip
+        load = [f"from diffusers import {pipeline_class}", "",
+                f"pipe = {pipeline_class}.from_pretrained({folder})"]  # fmt: skip
     lines += ["```python", *load, "```", "",
               "The run's settings are in `training.json`; the LoRA adapter alone, when trained "
               f"with LoRA, in {'this repository' if repo_id else 'the run folder'}'s `lora/`.",

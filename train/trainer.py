@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -32,7 +33,14 @@ from diffalign.config import ConfigError
 from diffalign.ema import EMA
 from diffalign.files import atomic_write_text
 from diffalign.flow import is_flow_scheduler
-from diffalign.pipelines.rollout import Rollout, RolloutPipeline
+from diffalign.pipelines.conditioning import is_sdxl_pipeline
+from diffalign.pipelines.rollout import (
+    Rollout,
+    RolloutPipeline,
+    SDXLRolloutPipeline,
+    plain_pipeline,
+    rollout_pipeline,
+)
 from diffalign.rewards import AsyncRewardScorer, Reward, load_reward
 from diffalign.rewards.function import reward_label
 from diffalign.sampling import load_schedule
@@ -66,6 +74,9 @@ from diffalign.train.lr_schedule import build_lr_scheduler, current_lr
 from diffalign.train.model_card import model_card
 from diffalign.train.prompts import PromptSource
 
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
 logger = logging.getLogger(__name__)
 
 
@@ -75,8 +86,9 @@ def derive_seed(seed: int, *parts: object) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
-def load_training_pipeline(model: str) -> RolloutPipeline:
-    """A :class:`RolloutPipeline` from a folder, a hub id or ``diffalign:<shipped model>``."""
+def load_training_pipeline(model: str) -> RolloutPipeline | SDXLRolloutPipeline:
+    """A :class:`RolloutPipeline` (an :class:`SDXLRolloutPipeline` for SDXL) from a folder, a hub
+    id or ``diffalign:<shipped model>``."""
     from diffalign.models import load_pipeline
     from diffalign.world import resolve_shipped
 
@@ -137,7 +149,8 @@ class Trainer:
     Args:
         config: the method's config.
         out: the run folder (``metrics.jsonl``, ``checkpoints/``, ``samples/``, ``final/``).
-        pipeline: a ready ``RolloutPipeline`` (default: loaded from ``config.model``).
+        pipeline: a ready pipeline, SD or SDXL (default: loaded from ``config.model``); any
+            other than a rollout pipeline is wrapped in one over the same components.
         reward: a ready reward, or a function ``(images, prompts) -> scores`` (default:
             ``load_reward(config.reward)``).
         accelerator: a ready ``accelerate.Accelerator`` (default: built from the config).
@@ -151,7 +164,7 @@ class Trainer:
         self,
         config: TrainConfig,
         out: str | Path,
-        pipeline: RolloutPipeline | None = None,
+        pipeline: StableDiffusionPipeline | StableDiffusionXLPipeline | None = None,
         reward: Reward | Callable | None = None,
         accelerator=None,
         callbacks: Sequence[TrainerCallback | Callable] = (),
@@ -183,7 +196,7 @@ class Trainer:
                     f"processes ({self.accelerator.num_processes})."
                 )
         set_seed(config.seed)
-        self.pipeline = pipeline or load_training_pipeline(config.model)
+        self.pipeline = rollout_pipeline(pipeline or load_training_pipeline(config.model))
         self.pipeline.set_progress_bar_config(disable=True)
         self.unet = self.pipeline.unet
         self._setup_model()
@@ -212,8 +225,9 @@ class Trainer:
         from diffalign.models import add_lora
 
         config = self.config
-        self.pipeline.vae.requires_grad_(False)
-        self.pipeline.text_encoder.requires_grad_(False)
+        for name in ("vae", "text_encoder", "text_encoder_2"):
+            if (frozen := getattr(self.pipeline, name, None)) is not None:
+                frozen.requires_grad_(False)
         if config.use_lora:
             add_lora(
                 self.unet,
@@ -681,11 +695,9 @@ class Trainer:
             logger.warning(trip.message())
 
     def save_final(self) -> Path:
-        """Save ``final/`` (a standard StableDiffusionPipeline folder, LoRA merged, EMA weights
-        when on, with a model card ``README.md``), ``lora/`` (the adapter alone) and
-        ``reward_curve.png``."""
-        from diffusers import StableDiffusionPipeline
-
+        """Save ``final/`` (a standard StableDiffusionPipeline or StableDiffusionXLPipeline
+        folder, LoRA merged, EMA weights when on, with a model card ``README.md``), ``lora/``
+        (the adapter alone) and ``reward_curve.png``."""
         from diffalign.models import has_lora, merge_lora, save_lora
         from diffalign.plots import plot_reward_curve
 
@@ -694,8 +706,7 @@ class Trainer:
             self.ema.copy_to_model()
         unet = self._whole_unet()
         if self.accelerator.is_main_process:
-            components = {**self.pipeline.components, "unet": unet}
-            plain = StableDiffusionPipeline(**components, requires_safety_checker=False)
+            plain = plain_pipeline(self.pipeline, unet=unet)
             if has_lora(unet):
                 save_lora(plain, self.out / "lora")
                 merge_lora(unet)
@@ -711,9 +722,10 @@ class Trainer:
     def _write_model_card(self, final: Path, rows: list[dict]) -> None:
         config = self.config
         repo_id = hub_repo_id(self.out, config.hub_model_id) if config.push_to_hub else None
+        loader = f"StableDiffusion{'XL' if is_sdxl_pipeline(self.pipeline) else ''}Pipeline"
         card = model_card(self.method, config, rows, self.guard_trip, repo_id=repo_id,
-                          flow=is_flow_scheduler(self.pipeline.scheduler),
-                          best=self._kept_best())  # fmt: skip
+                          flow=is_flow_scheduler(self.pipeline.scheduler), best=self._kept_best(),
+                          pipeline_class=loader)  # fmt: skip
         atomic_write_text(final / "README.md", card)
 
     def _kept_best(self) -> BestEvaluation | None:

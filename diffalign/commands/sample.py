@@ -95,9 +95,9 @@ def check_search_arguments(args: argparse.Namespace) -> None:
 
 
 def load_sampling_pipeline(model: str, device, dtype):
-    """A DDIM-scheduled Stable Diffusion pipeline for ``--model`` (folder, hub id, shipped); a
-    flow-matching model keeps its scheduler and comes as a ``RolloutPipeline``, which steps it
-    (the search samplers use the same components either way)."""
+    """A DDIM-scheduled Stable Diffusion (or SDXL) pipeline for ``--model`` (folder, hub id,
+    shipped); a flow-matching model keeps its scheduler and comes as a ``RolloutPipeline``,
+    which steps it (the search samplers use the same components either way)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -151,10 +151,10 @@ def _sample_ddim(pipeline, prompts, args, size, reward):
 
 def _sample_search(pipeline, prompts, args, size, reward):
     """Search-sampled images, their rewards, prompts and the statistics of each prompt."""
-    from diffalign.pipelines.dts import DTSPipeline, SearchOptions
+    from diffalign.pipelines.dts import SearchOptions, search_pipeline
 
     tree = tree_settings_from_arguments(args, default_in_flight=8)
-    searcher = DTSPipeline(**pipeline.components, requires_safety_checker=False)
+    searcher = search_pipeline(pipeline)
     searcher.set_progress_bar_config(disable=args.quiet)
     output = searcher(
         prompts, reward, budget_nfe=args.budget_nfe, sampler=args.sampler,

@@ -1,0 +1,128 @@
+"""What a Stable Diffusion UNet sees besides the latent and the timestep, for SD 1.x/2.x and SDXL.
+
+SD 1.x/2.x UNets read the text encoder's token states (``encoder_hidden_states``). SDXL's also
+read the second text encoder's pooled embedding and six "time ids" (original size, crop corner,
+target size), passed as ``added_cond_kwargs``. :class:`Conditioning` holds both kinds for a batch
+so that rollouts, trainers and tree search call either UNet the same way, and
+:func:`encode_conditioning` builds it from prompts with the pipeline's own ``encode_prompt``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def is_sdxl_pipeline(pipeline) -> bool:
+    """Whether ``pipeline`` is (a subclass of) diffusers' ``StableDiffusionXLPipeline``."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return isinstance(pipeline, StableDiffusionXLPipeline)
+
+
+@dataclass
+class Conditioning:
+    """A batch's UNet conditioning.
+
+    Attributes:
+        embeds: (B, L, D) text token states (``encoder_hidden_states``).
+        pooled: (B, P) SDXL's pooled text embedding, or None for SD 1.x/2.x.
+        time_ids: (B, 6) SDXL's size and crop ids, or None for SD 1.x/2.x.
+    """
+
+    embeds: Tensor
+    pooled: Tensor | None = None
+    time_ids: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.pooled is None) != (self.time_ids is None):
+            raise ValueError("SDXL conditioning needs both pooled embeddings and time ids.")
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def unet_kwargs(self) -> dict:
+        """Keyword arguments for ``UNet2DConditionModel.forward``."""
+        kwargs = {"encoder_hidden_states": self.embeds}
+        if self.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kwargs
+
+    def _map(self, change) -> Conditioning:
+        pooled = None if self.pooled is None else change(self.pooled)
+        time_ids = None if self.time_ids is None else change(self.time_ids)
+        return Conditioning(change(self.embeds), pooled, time_ids)
+
+    def select(self, index: Tensor | Sequence[int] | slice) -> Conditioning:
+        """The rows at ``index``."""
+        return self._map(lambda tensor: tensor[index])
+
+    def expand(self, rows: int) -> Conditioning:
+        """A one-row conditioning repeated (as a view) for ``rows`` rows."""
+        return self._map(lambda tensor: tensor.expand(rows, *tensor.shape[1:]))
+
+    @staticmethod
+    def cat(parts: Sequence[Conditioning]) -> Conditioning:
+        """Join along the batch (all SD-style or all SDXL-style)."""
+
+        def joined(name: str) -> Tensor | None:
+            values = [getattr(part, name) for part in parts]
+            return None if values[0] is None else torch.cat(values)
+
+        return Conditioning(joined("embeds"), joined("pooled"), joined("time_ids"))
+
+
+def as_conditioning(value: Tensor | Conditioning) -> Conditioning:
+    """``value`` itself, or text token states alone wrapped as SD 1.x/2.x conditioning."""
+    return value if isinstance(value, Conditioning) else Conditioning(value)
+
+
+def sdxl_time_ids(pipeline, height: int, width: int, rows: int, dtype, device) -> Tensor:
+    """SDXL's time ids for images generated at ``height`` x ``width`` without cropping, as
+    diffusers' ``StableDiffusionXLPipeline`` makes them by default, one row per sample."""
+    encoder_2 = getattr(pipeline, "text_encoder_2", None)
+    projection = encoder_2.config.projection_dim if encoder_2 is not None else None
+    size = (height, width)
+    ids = pipeline._get_add_time_ids(
+        size, (0, 0), size, dtype, text_encoder_projection_dim=projection
+    )
+    return ids.to(device).expand(rows, -1)
+
+
+def encode_conditioning(
+    pipeline,
+    prompt: str | list[str] | None,
+    device: torch.device,
+    num_images_per_prompt: int,
+    use_cfg: bool,
+    negative_prompt: str | list[str] | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    **precomputed: Tensor | None,
+) -> tuple[Conditioning, Conditioning | None]:
+    """The conditioning for ``prompt`` and, with ``use_cfg``, for the negative prompt (None
+    without), from the pipeline's own ``encode_prompt`` (SD 1.x/2.x or SDXL).
+
+    ``precomputed`` passes ``encode_prompt``'s embedding arguments on (``prompt_embeds``,
+    ``negative_prompt_embeds``, and for SDXL ``pooled_prompt_embeds`` and
+    ``negative_pooled_prompt_embeds``). ``height`` and ``width`` (SDXL's time ids) default to
+    the UNet's sample size in pixels.
+    """
+    precomputed = {key: value for key, value in precomputed.items() if value is not None}
+    if not is_sdxl_pipeline(pipeline):
+        embeds, negative = pipeline.encode_prompt(
+            prompt, device, num_images_per_prompt, use_cfg, negative_prompt, **precomputed
+        )
+        return Conditioning(embeds), Conditioning(negative) if use_cfg else None
+    embeds, negative, pooled, negative_pooled = pipeline.encode_prompt(
+        prompt=prompt, device=device, num_images_per_prompt=num_images_per_prompt,
+        do_classifier_free_guidance=use_cfg, negative_prompt=negative_prompt, **precomputed,
+    )  # fmt: skip
+    size = pipeline.default_sample_size * pipeline.vae_scale_factor
+    time_ids = sdxl_time_ids(pipeline, height or size, width or size, len(embeds), embeds.dtype,
+                             device)  # fmt: skip
+    positive = Conditioning(embeds, pooled, time_ids)
+    return positive, Conditioning(negative, negative_pooled, time_ids) if use_cfg else None

@@ -192,3 +192,33 @@ def test_a_float16_sdxl_vae_decodes_in_float32_and_stays_float16(sdxl):
     sdxl.vae.to(torch.float32)  # the same (float16-rounded) weights, decoding in float32
     expected = decode_latents(sdxl, latents)
     torch.testing.assert_close(images, expected, atol=0, rtol=0)
+
+
+def test_the_sdxl_random_benchmark_model_has_sdxl_base_sizes_and_its_parts_fit():
+    from diffalign.benchmarks.rollout import build_sdxl_random_pipeline
+    from diffalign.pipelines.conditioning import encode_conditioning
+    from diffalign.pipelines.rollout import guided_noise_prediction
+
+    meta = torch.device("meta")  # shapes only: no memory, no arithmetic
+    pipeline = build_sdxl_random_pipeline(meta)
+    sizes = {name: sum(p.numel() for p in getattr(pipeline, name).parameters())
+             for name in ("unet", "text_encoder", "text_encoder_2")}  # fmt: skip
+    assert sizes["unet"] == 2_567_463_684 and sizes["text_encoder_2"] == 694_659_840
+    conditioning, negative = encode_conditioning(pipeline, PROMPTS, meta, 1, True, None, 1024, 1024)
+    assert conditioning.embeds.shape == (2, 77, 2048) and conditioning.pooled.shape == (2, 1280)
+    latents = torch.zeros(2, 4, 128, 128, device=meta)
+    timestep = torch.tensor(999, device=meta)
+    prediction = guided_noise_prediction(
+        pipeline.unet, latents, timestep, conditioning, negative, 5.0
+    )
+    assert prediction.shape == latents.shape
+
+
+def test_bench_rollout_times_an_sdxl_folder_against_diffusers_sdxl(sdxl_folder, tmp_path):
+    argv = ["bench", "rollout", "--model", str(sdxl_folder), "--batch-size", "2", "--steps", "2",
+            "--repeats", "1", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    results = metrics["results"]
+    assert results["throughput_ratio_vs_diffusers"] > 0
+    assert results["ddpo_step_images_per_s"] > 0 and results["awm_step_images_per_s"] > 0

@@ -6,8 +6,10 @@
   ``throughput_ratio_vs_diffusers`` (1.0 = no overhead).
 - Training: one DDPO and one AWM optimizer step on a freshly sampled round, in images/s.
 
-Models: ``diffalign:tiny-shapes`` (the shipped tiny model) or ``sd15-random``: the Stable
-Diffusion 1.5 architecture (UNet, VAE, CLIP ViT-L text encoder) with random weights, for GPUs.
+Models: ``diffalign:tiny-shapes`` (the shipped tiny model), a pipeline folder (SD or SDXL), or
+one of the :data:`RANDOM_ARCHITECTURES` with random weights, for GPUs: ``sd15-random`` (Stable
+Diffusion 1.5: UNet, VAE, CLIP ViT-L text encoder) and ``sdxl-random`` (SDXL base 1.0: its UNet,
+VAE, CLIP ViT-L and OpenCLIP ViT-bigG text encoders).
 """
 
 from __future__ import annotations
@@ -19,48 +21,107 @@ import time
 import torch
 
 SD15_RANDOM = "sd15-random"
+SDXL_RANDOM = "sdxl-random"
+SDXL_UNET_CONFIG = {  # SDXL base 1.0's UNet (2.6B parameters)
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,  # 6 time ids x 256 + the pooled 1280
+    "norm_num_groups": 32,
+}
 
 
-def build_sd15_random_pipeline():
-    """A StableDiffusionPipeline with SD1.5's architecture and random weights (speed only)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _sd_vae(sample_size: int, scaling_factor: float):
+    """Stable Diffusion's VAE architecture (SD1.5 and SDXL share it), random weights."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=sample_size, scaling_factor=scaling_factor,
+    )  # fmt: skip
+
+
+def _clip_text_encoder(hidden: int, layers: int, heads: int, act: str, projection: bool = False):
+    """A CLIP text tower of the given size over CLIP's vocabulary, random weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, projection_dim=hidden, hidden_act=act,
+    )  # fmt: skip
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def build_sd15_random_pipeline(device: str | torch.device = "cpu"):
+    """A StableDiffusionPipeline with SD1.5's architecture and random weights (speed only),
+    built on ``device``."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     from diffalign.benchmarks.attention import SD15_UNET_CONFIG
     from diffalign.models import build_clip_tokenizer, sd_ddim_scheduler
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        sample_size=512,
-    )  # fmt: skip
-    text_config = CLIPTextConfig(
-        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        projection_dim=768, hidden_act="quick_gelu",
-    )  # fmt: skip
-    text_encoder = CLIPTextModel(text_config)
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(),
-        unet=UNet2DConditionModel(**SD15_UNET_CONFIG), scheduler=sd_ddim_scheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+    with torch.device(device):
+        return StableDiffusionPipeline(
+            vae=_sd_vae(512, 0.18215),
+            text_encoder=_clip_text_encoder(768, 12, 12, "quick_gelu"),
+            tokenizer=build_clip_tokenizer(), unet=UNet2DConditionModel(**SD15_UNET_CONFIG),
+            scheduler=sd_ddim_scheduler(), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )  # fmt: skip
+
+
+def build_sdxl_random_pipeline(device: str | torch.device = "cpu"):
+    """A StableDiffusionXLPipeline with SDXL base 1.0's architecture and random weights (speed
+    only; 3.5B parameters, about 14 GB in float32), built on ``device``."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from diffalign.models import build_clip_tokenizer, sd_ddim_scheduler
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        return StableDiffusionXLPipeline(
+            vae=_sd_vae(1024, 0.13025),
+            text_encoder=_clip_text_encoder(768, 12, 12, "quick_gelu"),
+            text_encoder_2=_clip_text_encoder(1280, 32, 20, "gelu", projection=True),
+            tokenizer=build_clip_tokenizer(), tokenizer_2=build_clip_tokenizer(),
+            unet=UNet2DConditionModel(**SDXL_UNET_CONFIG), scheduler=sd_ddim_scheduler(),
+        )  # fmt: skip
+
+
+RANDOM_ARCHITECTURES = {SD15_RANDOM: build_sd15_random_pipeline,
+                        SDXL_RANDOM: build_sdxl_random_pipeline}  # fmt: skip
+"""The ``--model`` names of the random-weight architectures, and their builders."""
 
 
 def load_benchmark_pipeline(
     model: str, device: torch.device, dtype: torch.dtype, pipeline_cls: type | None = None
 ):
-    """``model`` (a folder, ``diffalign:<shipped>`` or ``sd15-random``) as ``pipeline_cls``
-    (default: :class:`~diffalign.pipelines.rollout.RolloutPipeline`) on ``device``."""
-    from diffalign.pipelines.rollout import RolloutPipeline
+    """``model`` (a folder, ``diffalign:<shipped>`` or a random architecture) as
+    ``pipeline_cls`` (default: :class:`~diffalign.pipelines.rollout.RolloutPipeline`; its
+    ``sdxl_pipeline_class`` for an SDXL model) on ``device``."""
+    from diffalign.pipelines.rollout import RolloutPipeline, over_components
     from diffalign.train.trainer import load_training_pipeline
 
-    if model == SD15_RANDOM:
-        components = build_sd15_random_pipeline().components
+    if model in RANDOM_ARCHITECTURES:
+        pipeline = RANDOM_ARCHITECTURES[model](device)  # built in place: SDXL is 14 GB
     else:
-        components = load_training_pipeline(model).components
+        pipeline = load_training_pipeline(model)
     pipeline_cls = pipeline_cls or RolloutPipeline
-    return pipeline_cls(**components, requires_safety_checker=False).to(device, dtype)
+    return over_components(pipeline, pipeline_cls, pipeline_cls.sdxl_pipeline_class).to(
+        device, dtype
+    )
 
 
 def seconds_of(fn, device: torch.device) -> float:
@@ -79,10 +140,9 @@ def time_sampling(pipeline, prompts: list[str], steps: int, guidance: float, eta
                   repeats: int, device: torch.device,
                   resolution: int | None = None) -> dict:  # fmt: skip
     """Alternate diffusers and rollout sampling; median seconds of each and the ratio."""
-    from diffusers import StableDiffusionPipeline
-
     from diffalign.flow import is_flow_scheduler
     from diffalign.models import UnsupportedModelError
+    from diffalign.pipelines.rollout import plain_pipeline
 
     if is_flow_scheduler(pipeline.scheduler):
         raise UnsupportedModelError(
@@ -90,7 +150,7 @@ def time_sampling(pipeline, prompts: list[str], steps: int, guidance: float, eta
             "which cannot step a flow-matching scheduler; bench a DDPM-family model (e.g. "
             "diffalign:tiny-shapes or sd15-random)."
         )
-    reference = StableDiffusionPipeline(**pipeline.components, requires_safety_checker=False)
+    reference = plain_pipeline(pipeline)
     reference.set_progress_bar_config(disable=True)
     pipeline.set_progress_bar_config(disable=True)
     kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "eta": eta,
@@ -120,6 +180,7 @@ def time_training_steps(pipeline, model: str, batch: int, steps: int, guidance: 
                         resolution: int | None = None) -> dict:  # fmt: skip
     """Images/s of one DDPO and one AWM update (LoRA) on a freshly sampled round, timed after
     one warm-up update on the same round; on CUDA also the peak memory of the timed update."""
+    from diffalign.pipelines.rollout import plain_pipeline, rollout_pipeline
     from diffalign.train.awm import AWMTrainer
     from diffalign.train.config import AWMConfig, DDPOConfig
     from diffalign.train.ddpo import DDPOTrainer
@@ -134,8 +195,7 @@ def time_training_steps(pipeline, model: str, batch: int, steps: int, guidance: 
         ("ddpo", DDPOTrainer, DDPOConfig(**shared, timestep_fraction=1.0)),
         ("awm", AWMTrainer, AWMConfig(**shared, num_train_timesteps=6, beta_kl=1e-4)),
     ):
-        components = {**pipeline.components, "unet": copy.deepcopy(pipeline.unet)}
-        fresh = type(pipeline)(**components, requires_safety_checker=False)
+        fresh = rollout_pipeline(plain_pipeline(pipeline, unet=copy.deepcopy(pipeline.unet)))
         trainer = trainer_cls(config, out, pipeline=fresh)
         device = trainer.model.device
         round_batch = trainer.sample_round(0)
@@ -165,7 +225,7 @@ def run_rollout_benchmark(model: str, device: torch.device, dtype: torch.dtype, 
         precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
         if precision != "no":
             pipeline.to(dtype=torch.float32)  # mixed precision keeps float32 master weights
-        results.update(time_training_steps(pipeline, model if model != SD15_RANDOM else "-",
-                                           batch, steps, guidance, precision, out,
-                                           resolution))  # fmt: skip
+        named = "-" if model in RANDOM_ARCHITECTURES else model
+        results.update(time_training_steps(pipeline, named, batch, steps, guidance, precision,
+                                           out, resolution))  # fmt: skip
     return results

@@ -131,7 +131,8 @@ def _add_rollout(subparsers) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--model", default="diffalign:tiny-shapes",
-        help="a pipeline folder, diffalign:tiny-shapes, or sd15-random (GPU)",
+        help="a pipeline folder (SD or SDXL), diffalign:tiny-shapes, or sd15-random / "
+             "sdxl-random (random weights, GPU)",
     )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
@@ -167,7 +168,8 @@ def _add_dts(subparsers) -> None:
         "metrics.json (nfe_ratio_dts_star_vs_best_of_n, curves) and reward_vs_nfe.png.",
         _run_dts,
     )  # fmt: skip
-    _add_chain_arguments(parser, num_prompts=16, model_help=" or sd15-random (with --speed-only)")
+    random_models = " or sd15-random / sdxl-random (with --speed-only)"
+    _add_chain_arguments(parser, num_prompts=16, model_help=random_models)
     parser.add_argument("--n", type=int, default=32, help="best-of-N's N (the budget)")
     parser.add_argument("--budgets", default="2,4,8,16,32",
                         help="SMC and DTS budgets in chain-equivalents")  # fmt: skip
@@ -223,12 +225,12 @@ def _add_branching(subparsers) -> None:
 
 def _run_branching(args: argparse.Namespace) -> int:
     from diffalign.benchmarks.branching import format_branching_table, run_branching_benchmark
-    from diffalign.benchmarks.rollout import SD15_RANDOM
+    from diffalign.benchmarks.rollout import RANDOM_ARCHITECTURES
     from diffalign.rewards import load_reward
 
     quiet_libraries()
-    if args.model == SD15_RANDOM:
-        raise SystemExit("error: sd15-random has random weights: its rewards mean nothing.")
+    if args.model in RANDOM_ARCHITECTURES:
+        raise SystemExit(f"error: {args.model} has random weights: its rewards mean nothing.")
     try:
         branch_steps = [int(b) for b in args.branch_steps.split(",") if b.strip()]
     except ValueError:
@@ -270,7 +272,7 @@ def _chain_setup(args: argparse.Namespace):
 
 def _run_dts(args: argparse.Namespace) -> int:
     from diffalign.benchmarks import dts
-    from diffalign.benchmarks.rollout import SD15_RANDOM
+    from diffalign.benchmarks.rollout import RANDOM_ARCHITECTURES
 
     quiet_libraries()
     budgets = tuple(int(b) for b in args.budgets.split(",") if b.strip())
@@ -295,8 +297,8 @@ def _run_dts(args: argparse.Namespace) -> int:
         results["settings"] = settings
         shown = {k: v for k, v in results.items() if k != "settings"}
         return _report(args, results, device, json.dumps(shown, indent=1))
-    if args.model == SD15_RANDOM:
-        raise SystemExit("error: sd15-random has random weights; use it with --speed-only.")
+    if args.model in RANDOM_ARCHITECTURES:
+        raise SystemExit(f"error: {args.model} has random weights; use it with --speed-only.")
     from diffalign.rewards import load_reward
 
     reward = load_reward(args.reward).to(device)

@@ -174,6 +174,9 @@ class _RolloutSampling:
     pipeline class (which supplies the components, ``encode_prompt`` and ``check_inputs``)."""
 
     default_guidance_scale = 7.5
+    latents_dtype: torch.dtype | None = None
+    """The dtype of the sampled chain; None: the text embeddings' (diffusers' choice). A trainer
+    whose text encoders run in half precision sets float32, which its log-probs need."""
 
     def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device,
                         generator, latents=None):  # fmt: skip
@@ -250,7 +253,7 @@ class _RolloutSampling:
         timesteps = self.scheduler.timesteps
         sample = self.prepare_latents(
             batch * num_images_per_prompt, self.unet.config.in_channels, height, width,
-            conditioning.embeds.dtype, device, generator, latents,
+            self.latents_dtype or conditioning.embeds.dtype, device, generator, latents,
         )  # fmt: skip
         chain, log_probs = self._denoise(sample, timesteps, conditioning, negative,
                                          guidance_scale, eta, generator)  # fmt: skip

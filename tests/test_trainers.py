@@ -131,8 +131,11 @@ def _weights(trainer):
     [(DDPOTrainer, DDPOConfig, {"stat_min_count": 2, "clip_range": 0.2}),
      (AWMTrainer, AWMConfig, {"beta_kl": 0.1, "beta_ema": 0.1, "num_train_timesteps": 2}),
      # rounds at 0, 1/2 and all of the learning rate: a fresh schedule would redo round 2 at 0
-     (AWMTrainer, AWMConfig, {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 2})],
+     (AWMTrainer, AWMConfig, {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 2}),
+     # bf16 autocast with the frozen weights cast to bf16 (cast_frozen_weights, the default)
+     (DDPOTrainer, DDPOConfig, {"stat_min_count": 2, "mixed_precision": "bf16"})],
 )  # fmt: skip
+@pytest.mark.usefixtures("fresh_accelerate_state")
 def test_resumed_runs_match_uninterrupted_ones(cls, config_cls, extra, tmp_path, monkeypatch):
     monkeypatch.setattr(DDPOTrainer, "save_final", lambda self: None)
     monkeypatch.setattr(AWMTrainer, "save_final", lambda self: None)
@@ -702,3 +705,55 @@ def test_two_processes_take_the_same_step_as_one_on_the_same_global_batch(strate
     # float noise in the gradient moves that weight by up to a few 1e-4
     for name, value in single["weights"].items():
         torch.testing.assert_close(double["weights"][name], value, atol=1e-3, rtol=0)
+
+
+def _frozen_bytes(trainer) -> int:
+    modules = [trainer.unet, trainer.pipeline.vae, trainer.pipeline.text_encoder]
+    return sum(p.nbytes for m in modules for p in m.parameters() if not p.requires_grad)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_frozen_weights_in_half_precision_and_final_saved_from_float32(tmp_path):
+    original = build_tiny_pipeline(seed=0)
+    settings = {**SMALL, "stat_min_count": 2, "mixed_precision": "bf16", "ema_decay": 0.0}
+    halved = _trainer(DDPOTrainer, DDPOConfig(max_steps=1, **settings), tmp_path / "cast")
+    kept = _trainer(DDPOTrainer, DDPOConfig(max_steps=1, cast_frozen_weights=False, **settings),
+                    tmp_path / "kept")  # fmt: skip
+    assert _frozen_bytes(halved) * 2 == _frozen_bytes(kept)
+    assert {p.dtype for p in halved.trainable} == {torch.float32}
+    batch = halved.sample_round(0)
+    assert batch.rollout.latents.dtype == torch.float32  # the chain and its log-probs stay float32
+    count, steps = len(batch.rollout), len(batch.rollout.timesteps)
+    with torch.no_grad():  # training sees the network that sampled
+        recomputed = sum(halved.transition_log_probs(batch.rollout, torch.arange(count),
+                                                     torch.full((count,), k))
+                         for k in range(steps))  # fmt: skip
+    torch.testing.assert_close(recomputed, batch.rollout.log_probs.sum(1))
+    halved.train_on(batch, 0)
+    lora = {name: value.detach().clone() for name, value in halved.named_trainable().items()}
+    halved.out.mkdir(parents=True, exist_ok=True)
+    row = {"step": 0, "samples_seen": 0, "reward_mean": 0.0}
+    halved.metrics_path.write_text(json.dumps(row) + "\n")
+    final = load_pipeline(halved.save_final())
+    # final/ holds the untrained weights as they were (float32), with the float32 LoRA merged
+    for name in ("vae", "text_encoder"):
+        for key, value in getattr(original, name).state_dict().items():
+            assert torch.equal(getattr(final, name).state_dict()[key], value), key
+    from diffalign.models import add_lora
+
+    expected = original.unet
+    add_lora(expected, rank=halved.config.lora_rank, alpha=halved.config.lora_alpha,
+             target_modules=halved.config.lora_target_modules)  # fmt: skip
+    expected.load_state_dict(lora, strict=False)
+    merge_lora(expected)
+    for key, value in expected.state_dict().items():
+        torch.testing.assert_close(final.unet.state_dict()[key], value, atol=1e-6, rtol=0)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_frozen_weights_stay_float32_where_autocast_does_not_run(tmp_path):
+    # accelerate runs fp16 without autocast on a CPU: half weights would meet float32 inputs
+    config = DDPOConfig(max_steps=1, **{**SMALL, "mixed_precision": "fp16"})
+    trainer = _trainer(DDPOTrainer, config, tmp_path)
+    assert trainer.frozen_weights_dtype() is None
+    assert {p.dtype for p in trainer.unet.parameters()} == {torch.float32}

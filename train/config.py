@@ -108,6 +108,11 @@ class TrainConfig(BaseConfig):
         metadata={"help": "UNet layer-name suffixes that get LoRA (default: attention)"},
     )
     gradient_checkpointing: bool = False
+    cast_frozen_weights: bool = field(
+        default=True,
+        metadata={"help": "under fp16/bf16, keep untrained weights (VAE, text encoders, the "
+                          "UNet's base under LoRA) in that dtype: half their memory"},
+    )  # fmt: skip
     ema_decay: float = field(default=0.0, metadata={"help": "EMA of trained weights; 0 = off"})
     async_reward: bool = field(default=True, metadata={"help": "score while sampling"})
     eval_every: int = field(default=10, metadata={"help": "held-out evaluation and grid"})

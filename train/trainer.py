@@ -225,9 +225,8 @@ class Trainer:
         from diffalign.models import add_lora
 
         config = self.config
-        for name in ("vae", "text_encoder", "text_encoder_2"):
-            if (frozen := getattr(self.pipeline, name, None)) is not None:
-                frozen.requires_grad_(False)
+        for frozen in self._frozen_components().values():
+            frozen.requires_grad_(False)
         if config.use_lora:
             add_lora(
                 self.unet,
@@ -240,6 +239,7 @@ class Trainer:
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.unet.train()
+        self._cast_frozen_weights()
         self._collect_trainable()
         optimizer = self._build_optimizer()
         if self.uses_deepspeed:
@@ -256,6 +256,58 @@ class Trainer:
             config.lr_warmup_steps,
             config.max_steps,
         )
+
+    def _frozen_components(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's components that are never trained, by name."""
+        names = ("vae", "text_encoder", "text_encoder_2")
+        return {name: getattr(self.pipeline, name) for name in names
+                if getattr(self.pipeline, name, None) is not None}  # fmt: skip
+
+    def frozen_weights_dtype(self) -> torch.dtype | None:
+        """The dtype the untrained weights are kept in (``cast_frozen_weights`` under fp16 or
+        bf16 mixed precision, where autocast runs), or None when they stay float32. DeepSpeed
+        (its bf16 mode stores the whole module in bf16) and FSDP2 (its policy casts for
+        compute) set dtypes their own way."""
+        from accelerate.utils import DistributedType
+
+        precision = self.accelerator.mixed_precision
+        if not self.config.cast_frozen_weights or precision not in ("fp16", "bf16"):
+            return None
+        if not self.accelerator.native_amp:  # no autocast (fp16 on a CPU): weights meet float32
+            return None
+        if self.uses_deepspeed or self.accelerator.distributed_type == DistributedType.FSDP:
+            return None
+        return torch.float16 if precision == "fp16" else torch.bfloat16
+
+    def _frozen_modules(self) -> dict[str, torch.nn.Module]:
+        return {**self._frozen_components(), "unet": self.unet}
+
+    def _cast_frozen_weights(self) -> None:
+        """Cast the untrained weights to :meth:`frozen_weights_dtype`, as diffusers' training
+        scripts do (autocast computes in that dtype anyway); the trained ones stay float32.
+        Their float32 values are kept on the CPU so that ``final/`` is saved from them."""
+        self._float32_frozen: dict[str, dict[str, Tensor]] = {}
+        dtype = self.frozen_weights_dtype()
+        if dtype is None:
+            return
+        for name, module in self._frozen_modules().items():
+            tensors = [*module.named_parameters(), *module.named_buffers()]
+            frozen = {key: tensor for key, tensor in tensors
+                      if tensor.is_floating_point() and not tensor.requires_grad}  # fmt: skip
+            self._float32_frozen[name] = {k: t.detach().cpu().clone() for k, t in frozen.items()}
+            for tensor in frozen.values():
+                tensor.data = tensor.data.to(dtype)
+        self.pipeline.latents_dtype = torch.float32  # the chain stays float32 (log-probs)
+
+    def _restore_float32_frozen(self) -> None:
+        """Put the untrained weights' float32 values back (before saving ``final/``)."""
+        for name, state in self._float32_frozen.items():
+            module = self._frozen_modules()[name]
+            for key, value in state.items():
+                owner, _, attribute = key.rpartition(".")
+                tensor = getattr(module.get_submodule(owner), attribute)
+                tensor.data = value.to(tensor.device)
+        self._float32_frozen = {}
 
     @functools.cached_property
     def uses_deepspeed(self) -> bool:
@@ -704,6 +756,7 @@ class Trainer:
         final = self.out / "final"
         if self.ema is not None:
             self.ema.copy_to_model()
+        self._restore_float32_frozen()
         unet = self._whole_unet()
         if self.accelerator.is_main_process:
             plain = plain_pipeline(self.pipeline, unet=unet)

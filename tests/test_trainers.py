@@ -757,3 +757,14 @@ def test_frozen_weights_stay_float32_where_autocast_does_not_run(tmp_path):
     trainer = _trainer(DDPOTrainer, config, tmp_path)
     assert trainer.frozen_weights_dtype() is None
     assert {p.dtype for p in trainer.unet.parameters()} == {torch.float32}
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_a_full_fine_tuning_kl_reference_is_kept_in_half_precision(tmp_path):
+    config = AWMConfig(max_steps=1, use_lora=False, beta_kl=0.1, num_train_timesteps=1,
+                       **{**SMALL, "mixed_precision": "bf16"})  # fmt: skip
+    trainer = _trainer(AWMTrainer, config, tmp_path)
+    assert {p.dtype for p in trainer.reference_unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.trainable} == {torch.float32}  # the whole UNet trains
+    metrics = trainer.train_on(trainer.sample_round(0), 0)
+    assert metrics["kl"] > 0 and metrics["loss"] == metrics["loss"]

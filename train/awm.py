@@ -54,6 +54,11 @@ class AWMTrainer(Trainer):
             self.reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
         super()._setup_model()
 
+    def _cast_frozen_weights(self) -> None:
+        super()._cast_frozen_weights()
+        if self.reference_unet is not None and (dtype := self.frozen_weights_dtype()) is not None:
+            self.reference_unet.to(dtype)  # never trained nor saved: no float32 copy is kept
+
     def compute_advantages(self, prompts: list[str], rewards: Tensor) -> Tensor:
         return group_advantages(
             rewards,

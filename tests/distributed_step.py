@@ -1,5 +1,6 @@
 """One DDPO round on a fixed global batch, run by ``test_trainers`` in 1 and in 2 processes
-(``distributed_step.py OUT [fsdp]``: DDP, or FSDP2 as ``distributed_run.make_accelerator`` sets it).
+(``distributed_step.py OUT ddp|fsdp sd|sdxl``: DDP, or FSDP2 as
+``distributed_run.make_accelerator`` sets it; the tiny SD or the tiny SDXL pipeline).
 
 Every process builds the same tiny pipeline and the same global rollout (fixed seed), keeps its
 share, and takes one optimizer step; rank 0 saves the gradient that step used (after DDP's
@@ -13,19 +14,19 @@ import sys
 import torch
 from distributed_run import make_accelerator  # a sibling: this file runs as a script
 
-from diffalign.models import build_tiny_pipeline
-from diffalign.pipelines.rollout import RolloutPipeline
+from diffalign.models import build_tiny_pipeline, build_tiny_sdxl_pipeline
+from diffalign.pipelines.rollout import rollout_pipeline
 from diffalign.sharding import whole
 from diffalign.train.config import DDPOConfig
 from diffalign.train.ddpo import DDPOTrainer
 from diffalign.train.trainer import RoundBatch
 
 
-def main(out: str, strategy: str) -> None:
+def main(out: str, strategy: str, model: str) -> None:
     accelerator = make_accelerator(strategy)
     world, rank = accelerator.num_processes, accelerator.process_index
-    pipeline = RolloutPipeline(**build_tiny_pipeline(seed=0).components,
-                               requires_safety_checker=False)  # fmt: skip
+    build = build_tiny_sdxl_pipeline if model == "sdxl" else build_tiny_pipeline
+    pipeline = rollout_pipeline(build(seed=0))
     config = DDPOConfig(
         prompts_per_step=2, samples_per_prompt=4, num_inference_steps=3, guidance_scale=3.0,
         train_batch_size=8 // world, timestep_fraction=1.0, clip_range=0.2, stat_min_count=2,
@@ -57,7 +58,7 @@ def main(out: str, strategy: str) -> None:
     if accelerator.is_main_process:
         result = {"weights": weights, "gradients": gradients, "rewards": all_rewards,
                   "advantages": advantages}  # fmt: skip
-        suffix = "-fsdp" if strategy == "fsdp" else ""
+        suffix = ("-fsdp" if strategy == "fsdp" else "") + ("-sdxl" if model == "sdxl" else "")
         torch.save(result, f"{out}/result-{world}{suffix}.pt")
     accelerator.wait_for_everyone()
     # gloo's worker threads outlive a process group left to the interpreter's exit, which then
@@ -67,4 +68,4 @@ def main(out: str, strategy: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "ddp")
+    main(*sys.argv[1:4])  # OUT ddp|fsdp sd|sdxl

@@ -8,7 +8,13 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from diffalign.cli import main
-from diffalign.models import UnsupportedModelError, build_tiny_sdxl_pipeline, load_pipeline
+from diffalign.models import (
+    UnsupportedModelError,
+    build_tiny_sdxl_pipeline,
+    load_lora,
+    load_pipeline,
+    merge_lora,
+)
 from diffalign.pipelines.chain import PipelineChain
 from diffalign.pipelines.conditioning import Conditioning
 from diffalign.pipelines.dts import DTSPipeline, SDXLDTSPipeline, search_pipeline
@@ -123,6 +129,10 @@ def test_a_trained_sdxl_run_saves_a_diffusers_sdxl_folder_and_checkpoints(sdxl_f
     changed = [n for n, w in final.unet.state_dict().items()
                if not torch.equal(w, base.unet.state_dict()[n])]  # fmt: skip
     assert changed  # the LoRA was merged into the saved UNet
+    load_lora(base, run / "lora")  # lora/ holds the adapter alone, in diffusers' format
+    merge_lora(base.unet)
+    for name, weight in final.unet.state_dict().items():
+        torch.testing.assert_close(base.unet.state_dict()[name], weight, atol=1e-6, rtol=0)
     resumed = load_pipeline(run / "checkpoints" / "checkpoint-00000002", RolloutPipeline)
     assert isinstance(resumed, SDXLRolloutPipeline)
     for name, weight in final.unet.state_dict().items():

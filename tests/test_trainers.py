@@ -686,14 +686,16 @@ def test_train_command_launched_as_accelerate_multi_gpu_runs_ddp_on_cpus(tmp_pat
     assert (tmp_path / "final" / "unet").is_dir()
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_take_the_same_step_as_one_on_the_same_global_batch(strategy, tmp_path):
+@pytest.mark.parametrize("strategy, model", [("ddp", "sd"), ("fsdp", "sd"), ("ddp", "sdxl")])
+def test_two_processes_take_the_same_step_as_one_on_the_same_global_batch(strategy, model,
+                                                                          tmp_path):  # fmt: skip
     script = Path(__file__).with_name("distributed_step.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, env=env)
-    launch_two_processes(script, tmp_path, strategy)
-    double = torch.load(tmp_path / ("result-2-fsdp.pt" if strategy == "fsdp" else "result-2.pt"))
-    single = torch.load(tmp_path / "result-1.pt")
+    subprocess.run([sys.executable, str(script), str(tmp_path), "ddp", model], check=True, env=env)
+    launch_two_processes(script, tmp_path, strategy, model)
+    xl = "-sdxl" if model == "sdxl" else ""
+    double = torch.load(tmp_path / f"result-2{'-fsdp' if strategy == 'fsdp' else ''}{xl}.pt")
+    single = torch.load(tmp_path / f"result-1{xl}.pt")
     torch.testing.assert_close(double["rewards"], single["rewards"])  # gathered: all 8 samples
     torch.testing.assert_close(double["advantages"], single["advantages"])
     assert len(double["rewards"]) == 8

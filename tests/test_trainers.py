@@ -686,7 +686,9 @@ def test_train_command_launched_as_accelerate_multi_gpu_runs_ddp_on_cpus(tmp_pat
     assert (tmp_path / "final" / "unet").is_dir()
 
 
-@pytest.mark.parametrize("strategy, model", [("ddp", "sd"), ("fsdp", "sd"), ("ddp", "sdxl")])
+@pytest.mark.parametrize(
+    "strategy, model", [("ddp", "sd"), ("fsdp", "sd"), ("ddp", "sdxl"), ("fsdp", "sdxl")]
+)
 def test_two_processes_take_the_same_step_as_one_on_the_same_global_batch(strategy, model,
                                                                           tmp_path):  # fmt: skip
     script = Path(__file__).with_name("distributed_step.py")

@@ -16,8 +16,14 @@ from PIL import Image
 
 from diffalign.cli import main
 from diffalign.config import ConfigError
-from diffalign.models import build_tiny_pipeline, load_lora, load_pipeline, merge_lora
-from diffalign.pipelines.rollout import RolloutPipeline
+from diffalign.models import (
+    build_tiny_pipeline,
+    build_tiny_sdxl_pipeline,
+    load_lora,
+    load_pipeline,
+    merge_lora,
+)
+from diffalign.pipelines.rollout import rollout_pipeline
 from diffalign.rewards import load_reward, registry
 from diffalign.train import launch
 from diffalign.train.advantages import prompt_groups
@@ -115,10 +121,14 @@ def _logged(trainer) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
 
 
-def _trainer(cls, config, out, flow_shift=None, **kwargs):
-    pipeline = RolloutPipeline(**build_tiny_pipeline(seed=0, flow_shift=flow_shift).components,
-                               requires_safety_checker=False)  # fmt: skip
-    return cls(config, out, pipeline=pipeline, **kwargs)
+def _trainer(cls, config, out, flow_shift=None, sdxl=False, **kwargs):
+    """A trainer on the tiny SD pipeline (a flow-matching one with ``flow_shift``; with
+    ``sdxl``, the tiny SDXL pipeline)."""
+    if sdxl:
+        pipeline = build_tiny_sdxl_pipeline(seed=0)
+    else:
+        pipeline = build_tiny_pipeline(seed=0, flow_shift=flow_shift)
+    return cls(config, out, pipeline=rollout_pipeline(pipeline), **kwargs)
 
 
 def _weights(trainer):
@@ -507,16 +517,21 @@ def fresh_accelerate_state():
 
 @requires_cuda
 @pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("cls, config_cls", [(DDPOTrainer, DDPOConfig), (AWMTrainer, AWMConfig)])
 def test_mixed_precision_step_on_cuda_updates_float32_lora_weights(cls, config_cls, precision,
-                                                                    tmp_path):  # fmt: skip
+                                                                    sdxl, tmp_path):  # fmt: skip
     config = config_cls(max_steps=1, **{**SMALL, "mixed_precision": precision})
-    trainer = _trainer(cls, config, tmp_path)
+    trainer = _trainer(cls, config, tmp_path, sdxl=sdxl)
     assert trainer.accelerator.device.type == "cuda"
+    half = torch.float16 if precision == "fp16" else torch.bfloat16
+    assert trainer.frozen_weights_dtype() == half  # cast_frozen_weights, the default
+    assert {p.dtype for p in trainer.unet.parameters() if not p.requires_grad} == {half}
     before = _weights(trainer)
     round_batch = trainer.sample_round(0)
     assert torch.isfinite(round_batch.rewards).all()
+    assert round_batch.rollout.latents.dtype == torch.float32
     trainer.train_on(round_batch, 0)
     after = _weights(trainer)
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in after.values())

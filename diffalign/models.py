@@ -337,13 +337,24 @@ def _is_sdxl_index(model_index: dict[str, Any]) -> bool:
     return "text_encoder_2" in model_index and "unet" in model_index
 
 
+def sdxl_counterpart(pipeline_cls):
+    """The SDXL pipeline class that does for SDXL what ``pipeline_cls`` (a Stable Diffusion
+    pipeline class) does: diffusers' ``StableDiffusionXLPipeline`` for its
+    ``StableDiffusionPipeline``, else the class a diffalign pipeline names as its
+    ``sdxl_pipeline_class``; None when there is none."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if pipeline_cls is StableDiffusionPipeline:
+        return StableDiffusionXLPipeline
+    return getattr(pipeline_cls, "sdxl_pipeline_class", None)
+
+
 def _pipeline_class_for(model_index: dict[str, Any], pipeline_cls, name: str):
     """The class that loads ``model_index``'s folder for a caller who asked for ``pipeline_cls``:
     itself, or for an SDXL folder the SDXL counterpart of a Stable Diffusion pipeline class
-    (diffusers' ``StableDiffusionXLPipeline``, or the class named by a diffalign pipeline's
-    ``sdxl_pipeline_class``). Raises :class:`UnsupportedModelError` for SDXL folders that no
+    (:func:`sdxl_counterpart`). Raises :class:`UnsupportedModelError` for SDXL folders that no
     counterpart runs (the refiner, which has no first text encoder)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline
 
     if not _is_sdxl_index(model_index) or not issubclass(pipeline_cls, StableDiffusionPipeline):
         return pipeline_cls
@@ -353,9 +364,7 @@ def _pipeline_class_for(model_index: dict[str, Any], pipeline_cls, name: str):
             "image-to-image model); diffalign runs the SDXL base model (text_encoder and "
             "text_encoder_2)."
         )
-    if pipeline_cls is StableDiffusionPipeline:
-        return StableDiffusionXLPipeline
-    counterpart = getattr(pipeline_cls, "sdxl_pipeline_class", None)
+    counterpart = sdxl_counterpart(pipeline_cls)
     if counterpart is None:
         raise UnsupportedModelError(
             f"{name} is an SDXL pipeline, which {pipeline_cls.__name__} does not run; it runs "

@@ -171,9 +171,9 @@ class SDXLDTSPipeline(_SearchCall, StableDiffusionXLPipeline):
     :class:`DTSPipeline`."""
 
 
-DTSPipeline.sdxl_pipeline_class = SDXLDTSPipeline  # what load_pipeline picks for SDXL
+DTSPipeline.sdxl_pipeline_class = SDXLDTSPipeline  # its SDXL counterpart (sdxl_counterpart)
 
 
 def search_pipeline(pipeline) -> DTSPipeline | SDXLDTSPipeline:
     """The DTS pipeline (SD or SDXL, whichever ``pipeline`` is) over ``pipeline``'s components."""
-    return over_components(pipeline, DTSPipeline, SDXLDTSPipeline)
+    return over_components(pipeline, DTSPipeline)

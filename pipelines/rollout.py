@@ -26,7 +26,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from torch import Tensor
 
 from diffalign.flow import is_flow_scheduler
-from diffalign.models import as_ddim_scheduler
+from diffalign.models import as_ddim_scheduler, sdxl_counterpart
 from diffalign.pipelines.conditioning import (
     Conditioning,
     as_conditioning,
@@ -325,16 +325,17 @@ class SDXLRolloutPipeline(_RolloutSampling, StableDiffusionXLPipeline):
                           pooled["negative_pooled_prompt_embeds"])  # fmt: skip
 
 
-RolloutPipeline.sdxl_pipeline_class = SDXLRolloutPipeline  # what load_pipeline picks for SDXL
+RolloutPipeline.sdxl_pipeline_class = SDXLRolloutPipeline  # its SDXL counterpart (sdxl_counterpart)
 
 
-def over_components(pipeline, sd_class, sdxl_class, **components):
-    """A ``sd_class`` pipeline (``sdxl_class`` when ``pipeline`` is SDXL) over ``pipeline``'s
-    components, any of them replaced by ``components``."""
+def over_components(pipeline, sd_class, **components):
+    """A ``sd_class`` pipeline (its SDXL counterpart, :func:`diffalign.models.sdxl_counterpart`,
+    when ``pipeline`` is SDXL) over ``pipeline``'s components, any of them replaced by
+    ``components``."""
     components = {**pipeline.components, **components}
     if is_sdxl_pipeline(pipeline):
         zeros = pipeline.config.force_zeros_for_empty_prompt
-        return sdxl_class(**components, force_zeros_for_empty_prompt=zeros)
+        return sdxl_counterpart(sd_class)(**components, force_zeros_for_empty_prompt=zeros)
     return sd_class(**components, requires_safety_checker=False)
 
 
@@ -343,8 +344,7 @@ def plain_pipeline(pipeline, **components) -> StableDiffusionPipeline | StableDi
     ``pipeline`` is, or extends) over ``pipeline``'s components, any of them replaced by
     ``components``: what ``final/`` folders are saved as, so that diffusers loads them without
     diffalign."""
-    return over_components(pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                            **components)  # fmt: skip
+    return over_components(pipeline, StableDiffusionPipeline, **components)
 
 
 def rollout_pipeline(pipeline) -> RolloutPipeline | SDXLRolloutPipeline:
@@ -352,7 +352,7 @@ def rollout_pipeline(pipeline) -> RolloutPipeline | SDXLRolloutPipeline:
     over its components."""
     if isinstance(pipeline, _RolloutSampling):
         return pipeline
-    return over_components(pipeline, RolloutPipeline, SDXLRolloutPipeline)
+    return over_components(pipeline, RolloutPipeline)
 
 
 def plain_sampling_pipeline(pipeline: StableDiffusionPipeline) -> StableDiffusionPipeline:

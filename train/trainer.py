@@ -33,7 +33,6 @@ from diffalign.config import ConfigError
 from diffalign.ema import EMA
 from diffalign.files import atomic_write_text
 from diffalign.flow import is_flow_scheduler
-from diffalign.pipelines.conditioning import is_sdxl_pipeline
 from diffalign.pipelines.rollout import (
     Rollout,
     RolloutPipeline,
@@ -279,35 +278,27 @@ class Trainer:
             return None
         return torch.float16 if precision == "fp16" else torch.bfloat16
 
-    def _frozen_modules(self) -> dict[str, torch.nn.Module]:
-        return {**self._frozen_components(), "unet": self.unet}
-
     def _cast_frozen_weights(self) -> None:
         """Cast the untrained weights to :meth:`frozen_weights_dtype`, as diffusers' training
         scripts do (autocast computes in that dtype anyway); the trained ones stay float32.
-        Their float32 values are kept on the CPU so that ``final/`` is saved from them."""
-        self._float32_frozen: dict[str, dict[str, Tensor]] = {}
+        Their float32 values are kept on the CPU, each with its tensor, so that ``final/`` is
+        saved from them."""
+        self._float32_frozen: list[tuple[Tensor, Tensor]] = []
         dtype = self.frozen_weights_dtype()
         if dtype is None:
             return
-        for name, module in self._frozen_modules().items():
-            tensors = [*module.named_parameters(), *module.named_buffers()]
-            frozen = {key: tensor for key, tensor in tensors
-                      if tensor.is_floating_point() and not tensor.requires_grad}  # fmt: skip
-            self._float32_frozen[name] = {k: t.detach().cpu().clone() for k, t in frozen.items()}
-            for tensor in frozen.values():
-                tensor.data = tensor.data.to(dtype)
+        for module in [*self._frozen_components().values(), self.unet]:
+            for tensor in [*module.parameters(), *module.buffers()]:
+                if tensor.is_floating_point() and not tensor.requires_grad:
+                    self._float32_frozen.append((tensor, tensor.detach().cpu().clone()))
+                    tensor.data = tensor.data.to(dtype)
         self.pipeline.latents_dtype = torch.float32  # the chain stays float32 (log-probs)
 
     def _restore_float32_frozen(self) -> None:
         """Put the untrained weights' float32 values back (before saving ``final/``)."""
-        for name, state in self._float32_frozen.items():
-            module = self._frozen_modules()[name]
-            for key, value in state.items():
-                owner, _, attribute = key.rpartition(".")
-                tensor = getattr(module.get_submodule(owner), attribute)
-                tensor.data = value.to(tensor.device)
-        self._float32_frozen = {}
+        for tensor, value in self._float32_frozen:
+            tensor.data = value.to(tensor.device)
+        self._float32_frozen = []
 
     @functools.cached_property
     def uses_deepspeed(self) -> bool:
@@ -768,14 +759,13 @@ class Trainer:
             rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
             plot_reward_curve(rows, self.out / "reward_curve.png",
                               title=f"{self.method}: {self.config.reward}")  # fmt: skip
-            self._write_model_card(final, rows)
+            self._write_model_card(final, rows, type(plain).__name__)
         self.accelerator.wait_for_everyone()
         return final
 
-    def _write_model_card(self, final: Path, rows: list[dict]) -> None:
+    def _write_model_card(self, final: Path, rows: list[dict], loader: str) -> None:
         config = self.config
         repo_id = hub_repo_id(self.out, config.hub_model_id) if config.push_to_hub else None
-        loader = f"StableDiffusion{'XL' if is_sdxl_pipeline(self.pipeline) else ''}Pipeline"
         card = model_card(self.method, config, rows, self.guard_trip, repo_id=repo_id,
                           flow=is_flow_scheduler(self.pipeline.scheduler), best=self._kept_best(),
                           pipeline_class=loader)  # fmt: skip

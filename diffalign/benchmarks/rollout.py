@@ -110,7 +110,7 @@ def load_benchmark_pipeline(
 ):
     """``model`` (a folder, ``diffalign:<shipped>`` or a random architecture) as
     ``pipeline_cls`` (default: :class:`~diffalign.pipelines.rollout.RolloutPipeline`; its
-    ``sdxl_pipeline_class`` for an SDXL model) on ``device``."""
+    SDXL counterpart for an SDXL model) on ``device``."""
     from diffalign.pipelines.rollout import RolloutPipeline, over_components
     from diffalign.train.trainer import load_training_pipeline
 
@@ -119,9 +119,7 @@ def load_benchmark_pipeline(
     else:
         pipeline = load_training_pipeline(model)
     pipeline_cls = pipeline_cls or RolloutPipeline
-    return over_components(pipeline, pipeline_cls, pipeline_cls.sdxl_pipeline_class).to(
-        device, dtype
-    )
+    return over_components(pipeline, pipeline_cls).to(device, dtype)
 
 
 def seconds_of(fn, device: torch.device) -> float:
@@ -180,7 +178,7 @@ def time_training_steps(pipeline, model: str, batch: int, steps: int, guidance: 
                         resolution: int | None = None) -> dict:  # fmt: skip
     """Images/s of one DDPO and one AWM update (LoRA) on a freshly sampled round, timed after
     one warm-up update on the same round; on CUDA also the peak memory of the timed update."""
-    from diffalign.pipelines.rollout import plain_pipeline, rollout_pipeline
+    from diffalign.pipelines.rollout import RolloutPipeline, over_components
     from diffalign.train.awm import AWMTrainer
     from diffalign.train.config import AWMConfig, DDPOConfig
     from diffalign.train.ddpo import DDPOTrainer
@@ -195,7 +193,7 @@ def time_training_steps(pipeline, model: str, batch: int, steps: int, guidance: 
         ("ddpo", DDPOTrainer, DDPOConfig(**shared, timestep_fraction=1.0)),
         ("awm", AWMTrainer, AWMConfig(**shared, num_train_timesteps=6, beta_kl=1e-4)),
     ):
-        fresh = rollout_pipeline(plain_pipeline(pipeline, unet=copy.deepcopy(pipeline.unet)))
+        fresh = over_components(pipeline, RolloutPipeline, unet=copy.deepcopy(pipeline.unet))
         trainer = trainer_cls(config, out, pipeline=fresh)
         device = trainer.model.device
         round_batch = trainer.sample_round(0)

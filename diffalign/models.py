@@ -156,8 +156,9 @@ def build_tiny_unet(
     )
 
 
-def build_tiny_vae(seed: int = 0, sample_size: int = 32):
-    """A two-level ``AutoencoderKL`` (4 latent channels, downsampling by 2) with mid attention."""
+def build_tiny_vae(seed: int = 0, sample_size: int = 32, shift_factor: float | None = None):
+    """A two-level ``AutoencoderKL`` (4 latent channels, downsampling by 2) with mid attention;
+    ``shift_factor`` shifts its latent space as SD3's VAE does."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -170,6 +171,7 @@ def build_tiny_vae(seed: int = 0, sample_size: int = 32):
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         latent_channels=4,
         norm_num_groups=8,
+        shift_factor=shift_factor,
     )
 
 
@@ -242,6 +244,54 @@ def build_tiny_sdxl_pipeline(seed: int = 0, image_size: int = 32, hidden_size: i
     )
 
 
+def build_tiny_sd3_transformer(
+    seed: int = 0, sample_size: int = 16, joint_attention_dim: int = 64, pooled_dim: int = 64
+):
+    """A two-block ``SD3Transformer2DModel`` (MMDiT, patch size 2, 4 latent channels) reading
+    text states of width ``joint_attention_dim`` and a pooled embedding of width ``pooled_dim``."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=joint_attention_dim,
+        caption_projection_dim=32,
+        pooled_projection_dim=pooled_dim,
+        pos_embed_max_size=sample_size,
+    )
+
+
+def build_tiny_sd3_pipeline(seed: int = 0, image_size: int = 32, hidden_size: int = 32):
+    """A real ``StableDiffusion3Pipeline`` with tiny random components, built offline: two CLIP
+    text encoders with projections (their token states side by side and their pooled
+    embeddings joined, as SD3 reads them), no T5 encoder (diffusers then feeds zeros in its
+    place, as it does for SD3 loaded with ``text_encoder_3=None``), an MMDiT transformer, a VAE
+    with a shifted latent space, and SD3's flow-matching scheduler (shift 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    if image_size % 16:
+        raise ValueError(f"image_size must be a multiple of 16 (VAE x patch), got {image_size}.")
+    return StableDiffusion3Pipeline(
+        transformer=build_tiny_sd3_transformer(
+            seed, image_size // 2, 2 * hidden_size, pooled_dim=2 * hidden_size
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=build_tiny_vae(seed, image_size, shift_factor=0.0609),
+        text_encoder=build_tiny_text_encoder(seed, hidden_size, with_projection=True),
+        tokenizer=build_clip_tokenizer(),
+        text_encoder_2=build_tiny_text_encoder(seed + 1, hidden_size, with_projection=True),
+        tokenizer_2=build_clip_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
 def as_ddim_scheduler(scheduler):
     """``scheduler`` as a ``DDIMScheduler`` with the same config (SD1.5 ships PNDM), for features
     that sample with DDIM steps; a flow-matching scheduler is returned as it is (those features
@@ -309,66 +359,98 @@ def _not_available(name: str, reason: str) -> ModelNotAvailableError:
     )
 
 
-def _safety_checker_overrides(model_index: dict[str, Any]) -> dict[str, Any]:
-    """Drop the safety checker (research training never needs it) where the pipeline has one."""
-    if "safety_checker" not in model_index:
-        return {}
-    return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+def _component_overrides(model_index: dict[str, Any]) -> dict[str, Any]:
+    """``from_pretrained`` arguments for a folder: no safety checker where the pipeline has one
+    (research training never needs it), and None for every component the folder was saved
+    without (``[null, null]``, such as SD3 saved with ``text_encoder_3=None``), which diffusers
+    would otherwise refuse to load unless the component is optional."""
+    overrides = {name: None for name, entry in model_index.items()
+                 if isinstance(entry, list) and entry == [None, None]}  # fmt: skip
+    if "safety_checker" in model_index:
+        overrides.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return overrides
 
 
-def _check_unet_pipeline(model_index: dict[str, Any], pipeline_cls, name: str) -> None:
-    """Raise :class:`UnsupportedModelError` when a Stable Diffusion (UNet) pipeline class is asked
-    to load a folder without a UNet, such as SD3 or FLUX (transformers)."""
-    from diffusers import StableDiffusionPipeline
+FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "Stable Diffusion 3"}
+"""The model families diffalign runs, keyed as :func:`pipeline_family` names them."""
 
-    if not issubclass(pipeline_cls, StableDiffusionPipeline) or "unet" in model_index:
-        return
-    kind = model_index.get("_class_name", "a pipeline")
-    denoiser = "transformer" if "transformer" in model_index else "no unet"
-    raise UnsupportedModelError(
-        f"{name} holds {kind} ({denoiser}), but {pipeline_cls.__name__} runs Stable Diffusion "
-        "pipelines with a UNet (SD 1.x / 2.x layout: unet, vae, text_encoder, tokenizer, "
-        "scheduler, the scheduler DDIM-family or flow matching; or SDXL's). Transformer models "
-        "(SD3, FLUX) are not supported yet."
+
+def pipeline_family(pipeline) -> str:
+    """``"sd"``, ``"sdxl"`` or ``"sd3"``: which diffusers pipeline ``pipeline`` is (or extends)."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+
+    if isinstance(pipeline, StableDiffusionXLPipeline):
+        return "sdxl"
+    if isinstance(pipeline, StableDiffusion3Pipeline):
+        return "sd3"
+    return "sd"
+
+
+def denoiser_name(pipeline) -> str:
+    """The component that denoises: ``"transformer"`` for SD3, ``"unet"`` otherwise."""
+    return "transformer" if pipeline_family(pipeline) == "sd3" else "unet"
+
+
+def denoiser_of(pipeline) -> nn.Module:
+    """``pipeline``'s denoising network: its UNet, or SD3's transformer."""
+    return getattr(pipeline, denoiser_name(pipeline))
+
+
+def _index_family(model_index: dict[str, Any]) -> str | None:
+    """The family of a ``model_index.json``, or None for pipelines diffalign does not run."""
+    if "unet" in model_index:
+        return "sdxl" if "text_encoder_2" in model_index else "sd"
+    if str(model_index.get("_class_name", "")).startswith("StableDiffusion3"):
+        return "sd3"
+    return None
+
+
+def family_counterpart(pipeline_cls, family: str):
+    """The pipeline class that does for ``family`` (``"sdxl"``, ``"sd3"``) what
+    ``pipeline_cls`` (a Stable Diffusion pipeline class) does: diffusers' SDXL or SD3 pipeline
+    for its ``StableDiffusionPipeline``, else the class a diffalign pipeline names as its
+    ``sdxl_pipeline_class`` / ``sd3_pipeline_class``; None when there is none."""
+    from diffusers import (
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
     )
 
-
-def _is_sdxl_index(model_index: dict[str, Any]) -> bool:
-    return "text_encoder_2" in model_index and "unet" in model_index
-
-
-def sdxl_counterpart(pipeline_cls):
-    """The SDXL pipeline class that does for SDXL what ``pipeline_cls`` (a Stable Diffusion
-    pipeline class) does: diffusers' ``StableDiffusionXLPipeline`` for its
-    ``StableDiffusionPipeline``, else the class a diffalign pipeline names as its
-    ``sdxl_pipeline_class``; None when there is none."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
+    if family == "sd":
+        return pipeline_cls
     if pipeline_cls is StableDiffusionPipeline:
-        return StableDiffusionXLPipeline
-    return getattr(pipeline_cls, "sdxl_pipeline_class", None)
+        return {"sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}[family]
+    return getattr(pipeline_cls, f"{family}_pipeline_class", None)
 
 
 def _pipeline_class_for(model_index: dict[str, Any], pipeline_cls, name: str):
     """The class that loads ``model_index``'s folder for a caller who asked for ``pipeline_cls``:
-    itself, or for an SDXL folder the SDXL counterpart of a Stable Diffusion pipeline class
-    (:func:`sdxl_counterpart`). Raises :class:`UnsupportedModelError` for SDXL folders that no
-    counterpart runs (the refiner, which has no first text encoder)."""
+    itself, or for an SDXL or SD3 folder the counterpart of a Stable Diffusion pipeline class
+    (:func:`family_counterpart`). Raises :class:`UnsupportedModelError` for folders that no
+    counterpart runs: other transformer models (FLUX), the SDXL refiner."""
     from diffusers import StableDiffusionPipeline
 
-    if not _is_sdxl_index(model_index) or not issubclass(pipeline_cls, StableDiffusionPipeline):
+    if not issubclass(pipeline_cls, StableDiffusionPipeline):
         return pipeline_cls
-    if (model_index.get("text_encoder") or [None])[0] is None:
+    family = _index_family(model_index)
+    kind = model_index.get("_class_name", "a pipeline")
+    if family is None:
+        raise UnsupportedModelError(
+            f"{name} holds {kind}, but {pipeline_cls.__name__} runs Stable Diffusion 1.x/2.x, "
+            "SDXL (UNet) and Stable Diffusion 3 / 3.5 (MMDiT transformer) pipelines; other "
+            "transformer models (FLUX, ...) are not supported yet."
+        )
+    if family == "sdxl" and (model_index.get("text_encoder") or [None])[0] is None:
         raise UnsupportedModelError(
             f"{name} is an SDXL pipeline without a first text encoder (the SDXL refiner, an "
             "image-to-image model); diffalign runs the SDXL base model (text_encoder and "
             "text_encoder_2)."
         )
-    counterpart = sdxl_counterpart(pipeline_cls)
+    counterpart = family_counterpart(pipeline_cls, family)
     if counterpart is None:
         raise UnsupportedModelError(
-            f"{name} is an SDXL pipeline, which {pipeline_cls.__name__} does not run; it runs "
-            "SD 1.x/2.x folders."
+            f"{name} is {FAMILY_NAMES[family]} ({kind}), which "
+            f"{pipeline_cls.__name__} does not run; it runs Stable Diffusion 1.x/2.x folders."
         )
     return counterpart
 
@@ -385,19 +467,17 @@ def _load_local(path: Path, pipeline_cls, **kwargs):
             "`pipeline.save_pretrained(DIR)` or download a complete model folder."
         )
     model_index = json.loads(index_file.read_text())
-    _check_unet_pipeline(model_index, pipeline_cls, str(path))
     pipeline_cls = _pipeline_class_for(model_index, pipeline_cls, str(path))
-    return pipeline_cls.from_pretrained(path, **_safety_checker_overrides(model_index), **kwargs)
+    return pipeline_cls.from_pretrained(path, **_component_overrides(model_index), **kwargs)
 
 
 def _load_hub(name: str, pipeline_cls, **kwargs):
     offline = hub_is_offline_by_setting() or not hub_is_reachable()
     try:
         model_index = pipeline_cls.load_config(name, local_files_only=True)
-        _check_unet_pipeline(model_index, pipeline_cls, name)
         pipeline_cls = _pipeline_class_for(model_index, pipeline_cls, name)
         return pipeline_cls.from_pretrained(
-            name, local_files_only=True, **_safety_checker_overrides(model_index), **kwargs
+            name, local_files_only=True, **_component_overrides(model_index), **kwargs
         )
     except (OSError, ValueError) as cached_error:
         if offline:
@@ -408,9 +488,8 @@ def _load_hub(name: str, pipeline_cls, **kwargs):
             )
             raise _not_available(name, reason) from cached_error
     model_index = pipeline_cls.load_config(name)
-    _check_unet_pipeline(model_index, pipeline_cls, name)
     pipeline_cls = _pipeline_class_for(model_index, pipeline_cls, name)
-    return pipeline_cls.from_pretrained(name, **_safety_checker_overrides(model_index), **kwargs)
+    return pipeline_cls.from_pretrained(name, **_component_overrides(model_index), **kwargs)
 
 
 def _dtype_keyword() -> str:
@@ -438,9 +517,10 @@ def load_pipeline(
             ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``.
         pipeline_cls: the pipeline class to build (default ``diffusers.DiffusionPipeline``, which
             picks the class named in ``model_index.json``); diffalign's own pipelines subclass
-            diffusers' and load the same folders. An SDXL folder asked for as a Stable
-            Diffusion class loads as its SDXL counterpart (``StableDiffusionXLPipeline``,
-            ``SDXLRolloutPipeline``, ``SDXLDTSPipeline``).
+            diffusers' and load the same folders. An SDXL or SD3 folder asked for as a Stable
+            Diffusion class loads as its counterpart (``StableDiffusionXLPipeline``,
+            ``SDXLRolloutPipeline``, ``SDXLDTSPipeline``; ``StableDiffusion3Pipeline``,
+            ``SD3RolloutPipeline``).
         torch_dtype: dtype for the weights (e.g. ``torch.float16`` on GPU).
         device: where to move the pipeline after loading.
         **kwargs: passed on to ``from_pretrained`` (``variant``, ``scheduler``, ...).
@@ -450,8 +530,8 @@ def load_pipeline(
             or ``HF_HUB_OFFLINE=1``; the message says how to supply a local copy.
         FileNotFoundError: a local path that is not a diffusers pipeline folder.
         UnsupportedModelError: ``pipeline_cls`` is a Stable Diffusion pipeline (such as
-            diffalign's rollout and DTS pipelines) and the model has no UNet (SD3, FLUX), or is
-            the SDXL refiner.
+            diffalign's rollout and DTS pipelines) and the model is one it has no counterpart
+            for (FLUX; SD3 for the DTS pipeline), or is the SDXL refiner.
     """
     from diffusers import DiffusionPipeline
 
@@ -560,17 +640,21 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def save_lora(pipeline, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
-    """Save the UNet's LoRA adapter in diffusers' format (``pytorch_lora_weights.safetensors``
-    with its rank/alpha metadata), loadable with ``pipeline.load_lora_weights(directory)``."""
+    """Save the denoiser's LoRA adapter (the UNet's; SD3's transformer's) in diffusers' format
+    (``pytorch_lora_weights.safetensors`` with its rank/alpha metadata), loadable with
+    ``pipeline.load_lora_weights(directory)``."""
     from peft.utils import get_peft_model_state_dict
 
-    unet = pipeline.unet
-    if adapter_name not in getattr(unet, "peft_config", {}):
-        raise ValueError(f"The UNet has no LoRA adapter named {adapter_name!r}.")
+    name = denoiser_name(pipeline)
+    denoiser = getattr(pipeline, name)
+    if adapter_name not in getattr(denoiser, "peft_config", {}):
+        raise ValueError(f"The {name} has no LoRA adapter named {adapter_name!r}.")
     type(pipeline).save_lora_weights(
         save_directory=directory,
-        unet_lora_layers=get_peft_model_state_dict(unet, adapter_name=adapter_name),
-        unet_lora_adapter_metadata=unet.peft_config[adapter_name].to_dict(),
+        **{
+            f"{name}_lora_layers": get_peft_model_state_dict(denoiser, adapter_name=adapter_name),
+            f"{name}_lora_adapter_metadata": denoiser.peft_config[adapter_name].to_dict(),
+        },
     )
     return Path(directory)
 

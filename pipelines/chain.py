@@ -154,7 +154,7 @@ class PipelineChain(DenoisingChain):
         height: int | None = None,
         width: int | None = None,
     ) -> None:
-        from diffalign.models import as_ddim_scheduler
+        from diffalign.models import as_ddim_scheduler, denoiser_of
 
         # flow models keep their Euler schedule (stepped by Flow-GRPO's SDE)
         pipeline.scheduler = as_ddim_scheduler(pipeline.scheduler)
@@ -163,8 +163,9 @@ class PipelineChain(DenoisingChain):
         self.use_cfg = guidance_scale > 1.0
         self.guidance_scale = guidance_scale
         scale = pipeline.vae_scale_factor
-        height = height or pipeline.unet.config.sample_size * scale
-        width = width or pipeline.unet.config.sample_size * scale
+        self.denoiser = denoiser_of(pipeline)  # the UNet, or SD3's transformer
+        height = height or self.denoiser.config.sample_size * scale
+        width = width or self.denoiser.config.sample_size * scale
         self.latent_size = (height // scale, width // scale)
         self.conditioning, self.negative_conditioning = encode_conditioning(
             pipeline, prompt, self.device, 1, self.use_cfg, negative_prompt, height, width
@@ -177,12 +178,12 @@ class PipelineChain(DenoisingChain):
         )  # fmt: skip
 
     def noise_shape(self) -> tuple[int, ...]:
-        return (self.pipeline.unet.config.in_channels, *self.latent_size)
+        return (self.denoiser.config.in_channels, *self.latent_size)
 
     def _predict(self, latents: Tensor, timesteps: Tensor) -> Tensor:
         rows, negative = len(latents), self.negative_conditioning
         return guided_noise_prediction(
-            self.pipeline.unet, latents, timesteps, self.conditioning.expand(rows),
+            self.denoiser, latents, timesteps, self.conditioning.expand(rows),
             None if negative is None else negative.expand(rows), self.guidance_scale,
         )  # fmt: skip
 

@@ -1,10 +1,13 @@
-"""What a Stable Diffusion UNet sees besides the latent and the timestep, for SD 1.x/2.x and SDXL.
+"""What a Stable Diffusion denoiser sees besides the latent and the timestep: SD 1.x/2.x, SDXL
+and SD3.
 
 SD 1.x/2.x UNets read the text encoder's token states (``encoder_hidden_states``). SDXL's also
 read the second text encoder's pooled embedding and six "time ids" (original size, crop corner,
-target size), passed as ``added_cond_kwargs``. :class:`Conditioning` holds both kinds for a batch
-so that rollouts, trainers and tree search call either UNet the same way, and
-:func:`encode_conditioning` builds it from prompts with the pipeline's own ``encode_prompt``.
+target size), passed as ``added_cond_kwargs``. SD3's transformer reads token states and a pooled
+embedding (``pooled_projections``), no time ids. :class:`Conditioning` holds any of them for a
+batch and calls the denoiser with them (:meth:`Conditioning.predict`), so that rollouts, trainers
+and tree search call every model the same way; :func:`encode_conditioning` builds it from prompts
+with the pipeline's own ``encode_prompt``.
 """
 
 from __future__ import annotations
@@ -15,22 +18,25 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from diffalign.models import pipeline_family
+
 
 def is_sdxl_pipeline(pipeline) -> bool:
     """Whether ``pipeline`` is (a subclass of) diffusers' ``StableDiffusionXLPipeline``."""
-    from diffusers import StableDiffusionXLPipeline
-
-    return isinstance(pipeline, StableDiffusionXLPipeline)
+    return pipeline_family(pipeline) == "sdxl"
 
 
 @dataclass
 class Conditioning:
-    """A batch's UNet conditioning.
+    """A batch's denoiser conditioning.
 
     Attributes:
         embeds: (B, L, D) text token states (``encoder_hidden_states``).
-        pooled: (B, P) SDXL's pooled text embedding, or None for SD 1.x/2.x.
-        time_ids: (B, 6) SDXL's size and crop ids, or None for SD 1.x/2.x.
+        pooled: (B, P) the pooled text embedding of SDXL and SD3, or None for SD 1.x/2.x.
+        time_ids: (B, 6) SDXL's size and crop ids; None for SD 1.x/2.x and SD3.
+
+    Which fields are set says which model reads it: SD 1.x/2.x (``embeds`` alone), SDXL (all
+    three) or SD3 (``embeds`` and ``pooled``).
     """
 
     embeds: Tensor
@@ -38,18 +44,37 @@ class Conditioning:
     time_ids: Tensor | None = None
 
     def __post_init__(self) -> None:
-        if (self.pooled is None) != (self.time_ids is None):
-            raise ValueError("SDXL conditioning needs both pooled embeddings and time ids.")
+        if self.time_ids is not None and self.pooled is None:
+            raise ValueError("SDXL conditioning needs pooled embeddings with its time ids.")
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
+    @property
+    def for_transformer(self) -> bool:
+        """Whether this is SD3's conditioning (a pooled embedding without time ids)."""
+        return self.pooled is not None and self.time_ids is None
+
     def unet_kwargs(self) -> dict:
-        """Keyword arguments for ``UNet2DConditionModel.forward``."""
+        """Keyword arguments for ``UNet2DConditionModel.forward`` (SD 1.x/2.x and SDXL)."""
+        if self.for_transformer:
+            raise ValueError("This is SD3's conditioning; a UNet reads SD or SDXL conditioning.")
         kwargs = {"encoder_hidden_states": self.embeds}
         if self.pooled is not None:
             kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
         return kwargs
+
+    def predict(self, model, latents: Tensor, timestep: Tensor | float) -> Tensor:
+        """``model``'s output at ``latents`` and ``timestep`` (one value or one per row) under
+        this conditioning: a UNet called as diffusers' SD / SDXL pipelines call it, or SD3's
+        transformer as ``StableDiffusion3Pipeline`` calls it (keywords, a timestep per row)."""
+        if not self.for_transformer:
+            return model(latents, timestep, **self.unet_kwargs(), return_dict=False)[0]
+        timestep = torch.as_tensor(timestep, device=latents.device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(len(latents))
+        return model(hidden_states=latents, timestep=timestep, encoder_hidden_states=self.embeds,
+                     pooled_projections=self.pooled, return_dict=False)[0]  # fmt: skip
 
     def _map(self, change) -> Conditioning:
         pooled = None if self.pooled is None else change(self.pooled)
@@ -104,23 +129,30 @@ def encode_conditioning(
     **precomputed: Tensor | None,
 ) -> tuple[Conditioning, Conditioning | None]:
     """The conditioning for ``prompt`` and, with ``use_cfg``, for the negative prompt (None
-    without), from the pipeline's own ``encode_prompt`` (SD 1.x/2.x or SDXL).
+    without), from the pipeline's own ``encode_prompt`` (SD 1.x/2.x, SDXL or SD3; SDXL's and
+    SD3's ``prompt`` feeds all their text encoders).
 
     ``precomputed`` passes ``encode_prompt``'s embedding arguments on (``prompt_embeds``,
-    ``negative_prompt_embeds``, and for SDXL ``pooled_prompt_embeds`` and
+    ``negative_prompt_embeds``, and for SDXL and SD3 ``pooled_prompt_embeds`` and
     ``negative_pooled_prompt_embeds``). ``height`` and ``width`` (SDXL's time ids) default to
     the UNet's sample size in pixels.
     """
     precomputed = {key: value for key, value in precomputed.items() if value is not None}
-    if not is_sdxl_pipeline(pipeline):
+    family = pipeline_family(pipeline)
+    if family == "sd":
         embeds, negative = pipeline.encode_prompt(
             prompt, device, num_images_per_prompt, use_cfg, negative_prompt, **precomputed
         )
         return Conditioning(embeds), Conditioning(negative) if use_cfg else None
+    second_prompts = {"prompt_2": None, "prompt_3": None} if family == "sd3" else {}
     embeds, negative, pooled, negative_pooled = pipeline.encode_prompt(
-        prompt=prompt, device=device, num_images_per_prompt=num_images_per_prompt,
-        do_classifier_free_guidance=use_cfg, negative_prompt=negative_prompt, **precomputed,
+        prompt=prompt, **second_prompts, device=device,
+        num_images_per_prompt=num_images_per_prompt, do_classifier_free_guidance=use_cfg,
+        negative_prompt=negative_prompt, **precomputed,
     )  # fmt: skip
+    if family == "sd3":
+        positive = Conditioning(embeds, pooled)
+        return positive, Conditioning(negative, negative_pooled) if use_cfg else None
     size = pipeline.default_sample_size * pipeline.vae_scale_factor
     time_ids = sdxl_time_ids(pipeline, height or size, width or size, len(embeds), embeds.dtype,
                              device)  # fmt: skip

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import BaseOutput
 from torch import Tensor
 
@@ -108,7 +108,8 @@ def _resolve_reward(reward: str | Callable, device: torch.device) -> Callable:
 
 
 class _SearchCall:
-    """The search call of the DTS pipelines, mixed in before diffusers' SD or SDXL pipeline."""
+    """The search call of the DTS pipelines, mixed in before diffusers' SD, SDXL or SD3
+    pipeline."""
 
     @torch.no_grad()
     def __call__(
@@ -171,9 +172,17 @@ class SDXLDTSPipeline(_SearchCall, StableDiffusionXLPipeline):
     :class:`DTSPipeline`."""
 
 
-DTSPipeline.sdxl_pipeline_class = SDXLDTSPipeline  # its SDXL counterpart (sdxl_counterpart)
+class SD3DTSPipeline(_SearchCall, StableDiffusion3Pipeline):
+    """Stable Diffusion 3 with inference-time alignment: DTS, DTS*, best-of-N and SMC, as
+    :class:`DTSPipeline`, on the flow-matching chain of Flow-GRPO's SDE step."""
 
 
-def search_pipeline(pipeline) -> DTSPipeline | SDXLDTSPipeline:
-    """The DTS pipeline (SD or SDXL, whichever ``pipeline`` is) over ``pipeline``'s components."""
+# their counterparts for SDXL and SD3 folders (models.family_counterpart, load_pipeline)
+DTSPipeline.sdxl_pipeline_class = SDXLDTSPipeline
+DTSPipeline.sd3_pipeline_class = SD3DTSPipeline
+
+
+def search_pipeline(pipeline) -> DTSPipeline | SDXLDTSPipeline | SD3DTSPipeline:
+    """The DTS pipeline (SD, SDXL or SD3, whichever ``pipeline`` is) over ``pipeline``'s
+    components."""
     return over_components(pipeline, DTSPipeline)

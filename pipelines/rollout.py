@@ -13,7 +13,9 @@ Flow-GRPO's SDE with log-probs at ``eta > 0``.
 
 ``SDXLRolloutPipeline`` does the same for SDXL (subclassing ``StableDiffusionXLPipeline``); its
 rollouts also carry SDXL's added conditioning (:mod:`diffalign.pipelines.conditioning`), which the
-trainers pass back to the UNet.
+trainers pass back to the UNet. ``SD3RolloutPipeline`` does it for Stable Diffusion 3 / 3.5
+(subclassing ``StableDiffusion3Pipeline``): a flow-matching MMDiT transformer, sampled with the
+flow step like a flow-matching UNet, its rollouts carrying SD3's pooled embeddings.
 """
 
 from __future__ import annotations
@@ -22,16 +24,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from torch import Tensor
 
 from diffalign.flow import is_flow_scheduler
-from diffalign.models import as_ddim_scheduler, sdxl_counterpart
+from diffalign.models import as_ddim_scheduler, denoiser_of, family_counterpart, pipeline_family
 from diffalign.pipelines.conditioning import (
     Conditioning,
     as_conditioning,
     encode_conditioning,
-    is_sdxl_pipeline,
 )
 from diffalign.sampling import load_schedule
 
@@ -52,6 +53,7 @@ class Rollout:
         guidance_scale, eta, num_inference_steps: how the chain was sampled.
         pooled_prompt_embeds, negative_pooled_prompt_embeds, add_time_ids: SDXL's added
             conditioning, (B, P), (B, P) or None without CFG, and (B, 6); None for SD 1.x/2.x.
+            SD3's rollouts carry the pooled embeddings without time ids.
     """
 
     prompts: list[str]
@@ -72,7 +74,7 @@ class Rollout:
         return self.latents.shape[0]
 
     def conditioning(self, index: Tensor | Sequence[int] | slice = slice(None)) -> Conditioning:
-        """The UNet conditioning of the samples at ``index`` (all by default)."""
+        """The denoiser's conditioning of the samples at ``index`` (all by default)."""
         whole = Conditioning(self.prompt_embeds, self.pooled_prompt_embeds, self.add_time_ids)
         return whole.select(index)
 
@@ -136,32 +138,35 @@ def guided_noise_prediction(
     negative_prompt_embeds: Tensor | Conditioning | None,
     guidance_scale: float,
 ) -> Tensor:
-    """The UNet's output with classifier-free guidance as diffusers applies it (one UNet batch).
+    """The denoiser's output with classifier-free guidance as diffusers applies it (one batch).
 
-    ``timestep`` is one value for the batch or one per sample (shape (B,)). The conditioning is
-    text token states (SD 1.x/2.x) or a :class:`Conditioning` (SDXL's added conditioning too).
+    ``unet`` is the UNet, or SD3's transformer. ``timestep`` is one value for the batch or one
+    per sample (shape (B,)). The conditioning is text token states (SD 1.x/2.x) or a
+    :class:`Conditioning` (SDXL's and SD3's added conditioning too).
     """
     conditioning = as_conditioning(prompt_embeds)
     if negative_prompt_embeds is None:
-        return unet(latents, timestep, **conditioning.unet_kwargs(), return_dict=False)[0]
+        return conditioning.predict(unet, latents, timestep)
     if isinstance(timestep, Tensor) and timestep.ndim == 1 and timestep.numel() > 1:
         timestep = torch.cat([timestep, timestep])
     both = Conditioning.cat([as_conditioning(negative_prompt_embeds), conditioning])
-    output = unet(torch.cat([latents, latents]), timestep, **both.unet_kwargs(), return_dict=False)
-    uncond, cond = output[0].chunk(2)
+    uncond, cond = both.predict(unet, torch.cat([latents, latents]), timestep).chunk(2)
     return uncond + guidance_scale * (cond - uncond)
 
 
 def decode_latents(pipeline, latents: Tensor) -> Tensor:
-    """``pipeline``'s VAE decoding of ``latents`` to images in [0, 1] (float32). An SDXL
-    pipeline's float16 VAE that asks for it (``force_upcast``: SDXL's overflows in float16)
-    decodes in float32, as diffusers' SDXL pipeline does."""
+    """``pipeline``'s VAE decoding of ``latents`` to images in [0, 1] (float32), undoing the
+    latent space's scaling and (SD3) shift. An SDXL pipeline's float16 VAE that asks for it
+    (``force_upcast``: SDXL's overflows in float16) decodes in float32, as diffusers' SDXL
+    pipeline does."""
     vae = pipeline.vae
-    upcast = is_sdxl_pipeline(pipeline) and vae.dtype == torch.float16 and vae.config.force_upcast
+    upcast = (pipeline_family(pipeline) == "sdxl" and vae.dtype == torch.float16
+              and vae.config.force_upcast)  # fmt: skip
     if upcast:
         vae.to(torch.float32)
     try:
         scaled = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+        scaled = scaled + (vae.config.get("shift_factor") or 0.0)
         decoded = vae.decode(scaled, return_dict=False)[0]
     finally:
         if upcast:
@@ -170,7 +175,7 @@ def decode_latents(pipeline, latents: Tensor) -> Tensor:
 
 
 class _RolloutSampling:
-    """The sampling loop of the rollout pipelines, mixed in before diffusers' SD or SDXL
+    """The sampling loop of the rollout pipelines, mixed in before diffusers' SD, SDXL or SD3
     pipeline class (which supplies the components, ``encode_prompt`` and ``check_inputs``)."""
 
     default_guidance_scale = 7.5
@@ -196,11 +201,11 @@ class _RolloutSampling:
         return decode_latents(self, latents)
 
     def _default_size(self) -> int:
-        return self.unet.config.sample_size * self.vae_scale_factor
+        return denoiser_of(self).config.sample_size * self.vae_scale_factor
 
     def _check_call(self, prompt, height, width, negative_prompt, prompt_embeds,
                     negative_prompt_embeds, pooled: dict) -> None:  # fmt: skip
-        """diffusers' input checks for this pipeline's kind (SD or SDXL)."""
+        """diffusers' input checks for this pipeline's kind (SD, SDXL or SD3)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -224,9 +229,9 @@ class _RolloutSampling:
     ) -> Rollout:
         """Sample ``num_images_per_prompt`` chains per prompt with the DDIM step at ``eta``.
 
-        Arguments follow diffusers' ``StableDiffusionPipeline.__call__`` (SDXL: those of
-        ``StableDiffusionXLPipeline``, ``prompt`` feeding both text encoders, with its pooled
-        embeddings); ``guidance_scale`` defaults to diffusers' (7.5, SDXL 5.0), ``eta`` to 1
+        Arguments follow diffusers' ``StableDiffusionPipeline.__call__`` (SDXL and SD3: those
+        of their pipelines, ``prompt`` feeding every text encoder, with the pooled embeddings);
+        ``guidance_scale`` defaults to diffusers' (7.5, SDXL 5.0, SD3 7.0), ``eta`` to 1
         (DDPO), and ``decode=False`` skips the VAE (``images`` is then None). Another scheduler
         (SD1.5 ships PNDM, SDXL Euler) is replaced by a ``DDIMScheduler`` with the same config;
         a flow-matching one is kept (see the module doc). The progress bar follows the
@@ -252,7 +257,7 @@ class _RolloutSampling:
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         sample = self.prepare_latents(
-            batch * num_images_per_prompt, self.unet.config.in_channels, height, width,
+            batch * num_images_per_prompt, denoiser_of(self).config.in_channels, height, width,
             self.latents_dtype or conditioning.embeds.dtype, device, generator, latents,
         )  # fmt: skip
         chain, log_probs = self._denoise(sample, timesteps, conditioning, negative,
@@ -282,9 +287,10 @@ class _RolloutSampling:
         schedule = load_schedule(self.scheduler)
         landing = schedule.following_timesteps(timesteps, len(timesteps))
         chain, log_probs = [sample], []
+        denoiser = denoiser_of(self)
         for t, t_next in zip(self.progress_bar(timesteps), landing, strict=True):
             noise_pred = guided_noise_prediction(
-                self.unet, sample, t, conditioning, negative, guidance_scale
+                denoiser, sample, t, conditioning, negative, guidance_scale
             )
             noise = None
             if eta > 0:
@@ -325,31 +331,56 @@ class SDXLRolloutPipeline(_RolloutSampling, StableDiffusionXLPipeline):
                           pooled["negative_pooled_prompt_embeds"])  # fmt: skip
 
 
-RolloutPipeline.sdxl_pipeline_class = SDXLRolloutPipeline  # its SDXL counterpart (sdxl_counterpart)
+class SD3RolloutPipeline(_RolloutSampling, StableDiffusion3Pipeline):
+    """``StableDiffusion3Pipeline`` whose call returns a :class:`Rollout` with SD3's pooled
+    embeddings; otherwise as :class:`RolloutPipeline`, its flow-matching scheduler stepped by
+    :mod:`diffalign.flow` (Euler at ``eta=0``, as diffusers samples SD3; Flow-GRPO's SDE with
+    log-probs at ``eta > 0``). A T5 encoder is optional, as in diffusers (zeros in its place)."""
+
+    default_guidance_scale = 7.0
+
+    def _check_call(self, prompt, height, width, negative_prompt, prompt_embeds,
+                    negative_prompt_embeds, pooled: dict) -> None:  # fmt: skip
+        self.check_inputs(prompt, None, None, height, width, negative_prompt, None, None,
+                          prompt_embeds, negative_prompt_embeds, pooled["pooled_prompt_embeds"],
+                          pooled["negative_pooled_prompt_embeds"])  # fmt: skip
+
+
+# their counterparts for SDXL and SD3 folders (models.family_counterpart, load_pipeline)
+RolloutPipeline.sdxl_pipeline_class = SDXLRolloutPipeline
+RolloutPipeline.sd3_pipeline_class = SD3RolloutPipeline
 
 
 def over_components(pipeline, sd_class, **components):
-    """A ``sd_class`` pipeline (its SDXL counterpart, :func:`diffalign.models.sdxl_counterpart`,
-    when ``pipeline`` is SDXL) over ``pipeline``'s components, any of them replaced by
-    ``components``."""
+    """A ``sd_class`` pipeline (its SDXL or SD3 counterpart,
+    :func:`diffalign.models.family_counterpart`, when ``pipeline`` is SDXL or SD3) over
+    ``pipeline``'s components, any of them replaced by ``components``."""
     components = {**pipeline.components, **components}
-    if is_sdxl_pipeline(pipeline):
+    family = pipeline_family(pipeline)
+    counterpart = family_counterpart(sd_class, family)
+    if counterpart is None:
+        raise ValueError(f"{sd_class.__name__} has no counterpart for {family} pipelines.")
+    if family == "sdxl":
         zeros = pipeline.config.force_zeros_for_empty_prompt
-        return sdxl_counterpart(sd_class)(**components, force_zeros_for_empty_prompt=zeros)
+        return counterpart(**components, force_zeros_for_empty_prompt=zeros)
+    if family == "sd3":
+        return counterpart(**components)
     return sd_class(**components, requires_safety_checker=False)
 
 
-def plain_pipeline(pipeline, **components) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
-    """diffusers' own ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (whichever
-    ``pipeline`` is, or extends) over ``pipeline``'s components, any of them replaced by
-    ``components``: what ``final/`` folders are saved as, so that diffusers loads them without
-    diffalign."""
+def plain_pipeline(
+    pipeline, **components
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline | StableDiffusion3Pipeline:
+    """diffusers' own ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or
+    ``StableDiffusion3Pipeline`` (whichever ``pipeline`` is, or extends) over ``pipeline``'s
+    components, any of them replaced by ``components``: what ``final/`` folders are saved as, so
+    that diffusers loads them without diffalign."""
     return over_components(pipeline, StableDiffusionPipeline, **components)
 
 
-def rollout_pipeline(pipeline) -> RolloutPipeline | SDXLRolloutPipeline:
-    """``pipeline`` itself when it is a rollout pipeline, else the rollout pipeline (SD or SDXL)
-    over its components."""
+def rollout_pipeline(pipeline) -> RolloutPipeline | SDXLRolloutPipeline | SD3RolloutPipeline:
+    """``pipeline`` itself when it is a rollout pipeline, else the rollout pipeline (SD, SDXL or
+    SD3) over its components."""
     if isinstance(pipeline, _RolloutSampling):
         return pipeline
     return over_components(pipeline, RolloutPipeline)

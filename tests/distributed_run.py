@@ -76,7 +76,7 @@ def main(out: str, strategy: str, weights: str, max_steps: int, options: list[st
         trainer = AWMTrainer(config, out, pipeline=pipeline, accelerator=accelerator)
     assert is_fsdp(trainer.model) == (strategy == "fsdp")
     assert trainer.uses_deepspeed == (strategy == "deepspeed")
-    sharded = {type(module).__name__ for module in trainer.unet.modules() if is_fsdp(module)}
+    sharded = {type(module).__name__ for module in trainer.denoiser.modules() if is_fsdp(module)}
     by_blocks = "FSDP_AUTO_WRAP_POLICY" in os.environ  # each block a unit, as the config asks
     assert ("FSDPBasicTransformerBlock" in sharded) == by_blocks, sharded
     offload = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") == "cpu"

@@ -1,6 +1,6 @@
 """One DDPO round on a fixed global batch, run by ``test_trainers`` in 1 and in 2 processes
-(``distributed_step.py OUT ddp|fsdp sd|sdxl``: DDP, or FSDP2 as
-``distributed_run.make_accelerator`` sets it; the tiny SD or the tiny SDXL pipeline).
+(``distributed_step.py OUT ddp|fsdp sd|sdxl|sd3``: DDP, or FSDP2 as
+``distributed_run.make_accelerator`` sets it; the tiny SD, SDXL or SD3 pipeline).
 
 Every process builds the same tiny pipeline and the same global rollout (fixed seed), keeps its
 share, and takes one optimizer step; rank 0 saves the gradient that step used (after DDP's
@@ -14,7 +14,7 @@ import sys
 import torch
 from distributed_run import make_accelerator  # a sibling: this file runs as a script
 
-from diffalign.models import build_tiny_pipeline, build_tiny_sdxl_pipeline
+from diffalign.models import build_tiny_pipeline, build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline
 from diffalign.pipelines.rollout import rollout_pipeline
 from diffalign.sharding import whole
 from diffalign.train.config import DDPOConfig
@@ -25,7 +25,9 @@ from diffalign.train.trainer import RoundBatch
 def main(out: str, strategy: str, model: str) -> None:
     accelerator = make_accelerator(strategy)
     world, rank = accelerator.num_processes, accelerator.process_index
-    build = build_tiny_sdxl_pipeline if model == "sdxl" else build_tiny_pipeline
+    builders = {"sd": build_tiny_pipeline, "sdxl": build_tiny_sdxl_pipeline,
+                "sd3": build_tiny_sd3_pipeline}  # fmt: skip
+    build = builders[model]
     pipeline = rollout_pipeline(build(seed=0))
     config = DDPOConfig(
         prompts_per_step=2, samples_per_prompt=4, num_inference_steps=3, guidance_scale=3.0,
@@ -58,7 +60,7 @@ def main(out: str, strategy: str, model: str) -> None:
     if accelerator.is_main_process:
         result = {"weights": weights, "gradients": gradients, "rewards": all_rewards,
                   "advantages": advantages}  # fmt: skip
-        suffix = ("-fsdp" if strategy == "fsdp" else "") + ("-sdxl" if model == "sdxl" else "")
+        suffix = ("-fsdp" if strategy == "fsdp" else "") + ("" if model == "sd" else f"-{model}")
         torch.save(result, f"{out}/result-{world}{suffix}.pt")
     accelerator.wait_for_everyone()
     # gloo's worker threads outlive a process group left to the interpreter's exit, which then
@@ -68,4 +70,4 @@ def main(out: str, strategy: str, model: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])  # OUT ddp|fsdp sd|sdxl
+    main(*sys.argv[1:4])  # OUT ddp|fsdp sd|sdxl|sd3

@@ -94,10 +94,12 @@ def test_local_folder_errors(tmp_path):
         models.load_pipeline(tmp_path / "missing" / "deeper")
 
 
-def write_sd3_like_folder(folder):
+def write_flux_like_folder(folder):
     index = {
-        "_class_name": "StableDiffusion3Pipeline",
-        "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "_class_name": "FluxPipeline",
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
     }
@@ -107,12 +109,12 @@ def write_sd3_like_folder(folder):
 def test_a_transformer_model_is_refused_by_unet_pipelines_with_the_reason(tmp_path):
     from diffalign.pipelines.rollout import RolloutPipeline
 
-    write_sd3_like_folder(tmp_path)
+    write_flux_like_folder(tmp_path)
     with pytest.raises(models.UnsupportedModelError) as info:
         models.load_pipeline(tmp_path, pipeline_cls=RolloutPipeline)
     message = str(info.value)
-    assert "StableDiffusion3Pipeline" in message and "transformer" in message
-    assert "RolloutPipeline" in message and "not supported yet" in message
+    assert "FluxPipeline" in message and "Stable Diffusion 3 / 3.5" in message
+    assert "RolloutPipeline" in message and "FLUX, ...) are not supported yet" in message
 
 
 @pytest.mark.parametrize(
@@ -126,11 +128,11 @@ def test_a_transformer_model_is_refused_by_unet_pipelines_with_the_reason(tmp_pa
 def test_cli_reports_an_unsupported_model_in_one_line(tmp_path, capsys, command):
     from diffalign.cli import main
 
-    write_sd3_like_folder(tmp_path)
+    write_flux_like_folder(tmp_path)
     argv = [part.format(model=tmp_path, out=tmp_path / "run") for part in command]
     assert main(argv) == 2
     error = capsys.readouterr().err
-    assert "error:" in error and "SD3, FLUX" in error and "Traceback" not in error
+    assert "error:" in error and "FLUX" in error and "Traceback" not in error
 
 
 def perturb_lora(unet, seed=0):

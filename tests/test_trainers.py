@@ -18,6 +18,7 @@ from diffalign.cli import main
 from diffalign.config import ConfigError
 from diffalign.models import (
     build_tiny_pipeline,
+    build_tiny_sd3_pipeline,
     build_tiny_sdxl_pipeline,
     load_lora,
     load_pipeline,
@@ -121,11 +122,13 @@ def _logged(trainer) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
 
 
-def _trainer(cls, config, out, flow_shift=None, sdxl=False, **kwargs):
+def _trainer(cls, config, out, flow_shift=None, model="sd", **kwargs):
     """A trainer on the tiny SD pipeline (a flow-matching one with ``flow_shift``; with
-    ``sdxl``, the tiny SDXL pipeline)."""
-    if sdxl:
+    ``model="sdxl"`` or ``"sd3"``, the tiny SDXL or SD3 pipeline)."""
+    if model == "sdxl":
         pipeline = build_tiny_sdxl_pipeline(seed=0)
+    elif model == "sd3":
+        pipeline = build_tiny_sd3_pipeline(seed=0)
     else:
         pipeline = build_tiny_pipeline(seed=0, flow_shift=flow_shift)
     return cls(config, out, pipeline=rollout_pipeline(pipeline), **kwargs)
@@ -439,8 +442,8 @@ def test_awm_train_cfg_matches_the_guided_prediction_the_rollouts_used(tmp_path)
     alpha_bar = trainer.schedule.alpha_bar(timesteps, x0)
     noisy = add_noise(x0, noise, alpha_bar)
     with torch.no_grad():
-        uncond = trainer.unet(noisy, timesteps, encoder_hidden_states=negative).sample
-        cond = trainer.unet(noisy, timesteps, encoder_hidden_states=embeds).sample
+        uncond = trainer.denoiser(noisy, timesteps, encoder_hidden_states=negative).sample
+        cond = trainer.denoiser(noisy, timesteps, encoder_hidden_states=embeds).sample
     target = prediction_target(x0, noise, alpha_bar, trainer.schedule.prediction_type)
     fraction = timesteps.float() / 1000
 
@@ -479,7 +482,7 @@ def test_awm_on_a_flow_model_regresses_the_velocity_at_shifted_times(tmp_path):
     sigma = 3 * (index + 1) / 1000 / (1 + 2 * (index + 1) / 1000)  # SD3's shift
     noisy = (1 - sigma.view(2, 1, 1, 1)) * x0 + sigma.view(2, 1, 1, 1) * noise
     with torch.no_grad():
-        velocity = trainer.unet(noisy, sigma * 1000, encoder_hidden_states=embeds).sample
+        velocity = trainer.denoiser(noisy, sigma * 1000, encoder_hidden_states=embeds).sample
     expected = awm_loss(velocity, noise - x0, advantages, sigma).diagnostics["mse"]
     out = trainer.sample_loss(x0, embeds, advantages, index, noise)
     assert out.diagnostics["mse"] == pytest.approx(expected, rel=1e-5)
@@ -517,17 +520,18 @@ def fresh_accelerate_state():
 
 @requires_cuda
 @pytest.mark.usefixtures("fresh_accelerate_state")
-@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+@pytest.mark.parametrize("model", ["sd", "sdxl", "sd3"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("cls, config_cls", [(DDPOTrainer, DDPOConfig), (AWMTrainer, AWMConfig)])
 def test_mixed_precision_step_on_cuda_updates_float32_lora_weights(cls, config_cls, precision,
-                                                                    sdxl, tmp_path):  # fmt: skip
-    config = config_cls(max_steps=1, **{**SMALL, "mixed_precision": precision})
-    trainer = _trainer(cls, config, tmp_path, sdxl=sdxl)
+                                                                    model, tmp_path):  # fmt: skip
+    eta = {"eta": 0.7} if cls is DDPOTrainer and model == "sd3" else {}  # Flow-GRPO's SDE
+    config = config_cls(max_steps=1, **{**SMALL, "mixed_precision": precision, **eta})
+    trainer = _trainer(cls, config, tmp_path, model=model)
     assert trainer.accelerator.device.type == "cuda"
     half = torch.float16 if precision == "fp16" else torch.bfloat16
     assert trainer.frozen_weights_dtype() == half  # cast_frozen_weights, the default
-    assert {p.dtype for p in trainer.unet.parameters() if not p.requires_grad} == {half}
+    assert {p.dtype for p in trainer.denoiser.parameters() if not p.requires_grad} == {half}
     before = _weights(trainer)
     round_batch = trainer.sample_round(0)
     assert torch.isfinite(round_batch.rewards).all()
@@ -702,15 +706,17 @@ def test_train_command_launched_as_accelerate_multi_gpu_runs_ddp_on_cpus(tmp_pat
 
 
 @pytest.mark.parametrize(
-    "strategy, model", [("ddp", "sd"), ("fsdp", "sd"), ("ddp", "sdxl"), ("fsdp", "sdxl")]
-)
+    "strategy, model",
+    [("ddp", "sd"), ("fsdp", "sd"), ("ddp", "sdxl"), ("fsdp", "sdxl"), ("ddp", "sd3"),
+     ("fsdp", "sd3")],
+)  # fmt: skip
 def test_two_processes_take_the_same_step_as_one_on_the_same_global_batch(strategy, model,
                                                                           tmp_path):  # fmt: skip
     script = Path(__file__).with_name("distributed_step.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), str(tmp_path), "ddp", model], check=True, env=env)
     launch_two_processes(script, tmp_path, strategy, model)
-    xl = "-sdxl" if model == "sdxl" else ""
+    xl = "" if model == "sd" else f"-{model}"
     double = torch.load(tmp_path / f"result-2{'-fsdp' if strategy == 'fsdp' else ''}{xl}.pt")
     single = torch.load(tmp_path / f"result-1{xl}.pt")
     torch.testing.assert_close(double["rewards"], single["rewards"])  # gathered: all 8 samples
@@ -727,7 +733,7 @@ def test_two_processes_take_the_same_step_as_one_on_the_same_global_batch(strate
 
 
 def _frozen_bytes(trainer) -> int:
-    modules = [trainer.unet, trainer.pipeline.vae, trainer.pipeline.text_encoder]
+    modules = [trainer.denoiser, trainer.pipeline.vae, trainer.pipeline.text_encoder]
     return sum(p.nbytes for m in modules for p in m.parameters() if not p.requires_grad)
 
 
@@ -775,7 +781,7 @@ def test_frozen_weights_stay_float32_where_autocast_does_not_run(tmp_path):
     config = DDPOConfig(max_steps=1, **{**SMALL, "mixed_precision": "fp16"})
     trainer = _trainer(DDPOTrainer, config, tmp_path)
     assert trainer.frozen_weights_dtype() is None
-    assert {p.dtype for p in trainer.unet.parameters()} == {torch.float32}
+    assert {p.dtype for p in trainer.denoiser.parameters()} == {torch.float32}
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
@@ -783,7 +789,7 @@ def test_a_full_fine_tuning_kl_reference_is_kept_in_half_precision(tmp_path):
     config = AWMConfig(max_steps=1, use_lora=False, beta_kl=0.1, num_train_timesteps=1,
                        **{**SMALL, "mixed_precision": "bf16"})  # fmt: skip
     trainer = _trainer(AWMTrainer, config, tmp_path)
-    assert {p.dtype for p in trainer.reference_unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.reference_denoiser.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in trainer.trainable} == {torch.float32}  # the whole UNet trains
     metrics = trainer.train_on(trainer.sample_round(0), 0)
     assert metrics["kl"] > 0 and metrics["loss"] == metrics["loss"]

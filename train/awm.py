@@ -44,20 +44,21 @@ class AWMTrainer(Trainer):
 
     def __init__(self, config: AWMConfig, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
-        if self.reference_unet is not None:
-            self.reference_unet.to(self.accelerator.device)
+        if self.reference_denoiser is not None:
+            self.reference_denoiser.to(self.accelerator.device)
         self.kl_ema = EMA(self.trainable, decay=0.0, warmup=False) if config.beta_ema > 0 else None
 
     def _setup_model(self) -> None:
-        self.reference_unet = None
+        self.reference_denoiser = None
         if self.config.beta_kl > 0 and not self.config.use_lora:  # copied before any sharding
-            self.reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+            self.reference_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
         super()._setup_model()
 
     def _cast_frozen_weights(self) -> None:
         super()._cast_frozen_weights()
-        if self.reference_unet is not None and (dtype := self.frozen_weights_dtype()) is not None:
-            self.reference_unet.to(dtype)  # never trained nor saved: no float32 copy is kept
+        dtype = self.frozen_weights_dtype()
+        if self.reference_denoiser is not None and dtype is not None:
+            self.reference_denoiser.to(dtype)  # never trained nor saved: no float32 copy is kept
 
     def compute_advantages(self, prompts: list[str], rewards: Tensor) -> Tensor:
         return group_advantages(
@@ -75,15 +76,15 @@ class AWMTrainer(Trainer):
             self.kl_ema.load_state_dict(states["kl_ema"])
 
     def _reference(self):
-        if self.reference_unet is not None:
-            return contextlib.nullcontext(self.reference_unet)
-        return adapters_disabled(self.unet)
+        if self.reference_denoiser is not None:
+            return contextlib.nullcontext(self.reference_denoiser)
+        return adapters_disabled(self.denoiser)
 
     def sample_loss(self, x0: Tensor, embeds: Tensor | Conditioning, advantages: Tensor,
                     timesteps: Tensor, noise: Tensor, negative: Tensor | Conditioning | None = None,
                     guidance_scale: float = 1.0):  # fmt: skip
         """AWM loss of clean latents ``x0`` noised with ``noise`` to ``timesteps`` (one each),
-        conditioned on ``embeds`` (text token states, or a :class:`Conditioning` for SDXL).
+        conditioned on ``embeds`` (text token states, or a :class:`Conditioning` for SDXL / SD3).
 
         With ``negative`` embeddings every prediction (policy, reference, EMA) is the guided one,
         ``uncond + guidance_scale * (cond - uncond)``: the network that sampled the rollouts.
@@ -102,7 +103,7 @@ class AWMTrainer(Trainer):
                     reference = predict(unet)
             if self.kl_ema is not None:
                 with self.kl_ema.swapped():
-                    ema_prediction = predict(self.unet)
+                    ema_prediction = predict(self.denoiser)
         with self.autocast():
             prediction = predict(self.model)
         return awm_loss(

@@ -32,13 +32,13 @@ def pipeline_from_checkpoint(path: str | Path, pipeline_cls: type | None = None,
         CheckpointError: the checkpoint is damaged, or its weights do not fit the base model.
         ModelNotAvailableError: the run's base model cannot be found.
     """
-    from diffalign.models import add_lora, has_lora, load_pipeline, merge_lora
+    from diffalign.models import add_lora, denoiser_of, has_lora, load_pipeline, merge_lora
     from diffalign.world import resolve_shipped
 
     checkpoint = load_checkpoint(path)
     config = checkpoint.config
     pipeline = load_pipeline(resolve_shipped(config["model"]), pipeline_cls, **kwargs)
-    unet = pipeline.unet
+    unet = denoiser_of(pipeline)  # the UNet, or SD3's transformer
     if config.get("use_lora", True):
         add_lora(unet, rank=config["lora_rank"], alpha=config["lora_alpha"],
                  target_modules=config["lora_target_modules"])  # fmt: skip

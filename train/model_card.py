@@ -30,12 +30,14 @@ def heldout_changes(rows: list[dict], upto_step: int) -> list[tuple[str, float, 
 def model_card(method: str, config: TrainConfig, rows: list[dict], trip: GuardTrip | None,
                flow: bool = False, repo_id: str | None = None,
                best: BestEvaluation | None = None,
-               pipeline_class: str = "StableDiffusionPipeline") -> str:  # fmt: skip
+               pipeline_class: str = "StableDiffusionPipeline",
+               load_kwargs: str = "") -> str:  # fmt: skip
     """The card's markdown for a run of ``method`` with ``config`` that logged ``rows`` (stopped
-    by the guard's ``trip``, if any; ``flow``: the UNet was trained by flow matching;
-    ``repo_id``: the Hub repository it is pushed to, which the loading example then names;
-    ``best``: the best evaluation, when the model holds its weights, ``keep_best``;
-    ``pipeline_class``: the diffusers class that loads the folder)."""
+    by the guard's ``trip``, if any; ``flow``: a UNet trained by flow matching, which diffusers'
+    own SD pipeline cannot sample; ``repo_id``: the Hub repository it is pushed to, which the
+    loading example then names; ``best``: the best evaluation, when the model holds its weights,
+    ``keep_best``; ``pipeline_class``: the diffusers class that loads the folder, with
+    ``load_kwargs`` after the folder, such as ``", text_encoder_3=None"``)."""
     last = rows[-1] if rows else {"step": 0, "samples_seen": 0}
     kept_step = trip.passed_step if trip is not None else last["step"]
     if best is not None:
@@ -81,7 +83,7 @@ def model_card(method: str, config: TrainConfig, rows: list[dict], trip: GuardTr
                 "images = pipe(prompts, eta=0.0).images  # Euler steps"]  # fmt: skip
     else:
         load = [f"from diffusers import {pipeline_class}", "",
-                f"pipe = {pipeline_class}.from_pretrained({folder})"]  # fmt: skip
+                f"pipe = {pipeline_class}.from_pretrained({folder}{load_kwargs})"]  # fmt: skip
     lines += ["```python", *load, "```", "",
               "The run's settings are in `training.json`; the LoRA adapter alone, when trained "
               f"with LoRA, in {'this repository' if repo_id else 'the run folder'}'s `lora/`.",

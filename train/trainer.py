@@ -33,6 +33,7 @@ from diffalign.config import ConfigError
 from diffalign.ema import EMA
 from diffalign.files import atomic_write_text
 from diffalign.flow import is_flow_scheduler
+from diffalign.models import denoiser_name, denoiser_of
 from diffalign.pipelines.rollout import (
     Rollout,
     RolloutPipeline,
@@ -74,7 +75,11 @@ from diffalign.train.model_card import model_card
 from diffalign.train.prompts import PromptSource
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +168,10 @@ class Trainer:
         self,
         config: TrainConfig,
         out: str | Path,
-        pipeline: StableDiffusionPipeline | StableDiffusionXLPipeline | None = None,
+        pipeline: StableDiffusionPipeline
+        | StableDiffusionXLPipeline
+        | StableDiffusion3Pipeline
+        | None = None,
         reward: Reward | Callable | None = None,
         accelerator=None,
         callbacks: Sequence[TrainerCallback | Callable] = (),
@@ -197,7 +205,7 @@ class Trainer:
         set_seed(config.seed)
         self.pipeline = rollout_pipeline(pipeline or load_training_pipeline(config.model))
         self.pipeline.set_progress_bar_config(disable=True)
-        self.unet = self.pipeline.unet
+        self.denoiser = denoiser_of(self.pipeline)  # the UNet, or SD3's transformer
         self._setup_model()
         self.pipeline.to(self.accelerator.device)
         self.reward = load_reward(config.reward if reward is None else reward)
@@ -228,16 +236,16 @@ class Trainer:
             frozen.requires_grad_(False)
         if config.use_lora:
             add_lora(
-                self.unet,
+                self.denoiser,
                 rank=config.lora_rank,
                 alpha=config.lora_alpha,
                 target_modules=config.lora_target_modules,
             )
         else:
-            self.unet.requires_grad_(True)
+            self.denoiser.requires_grad_(True)
         if config.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        self.unet.train()
+            self.denoiser.enable_gradient_checkpointing()
+        self.denoiser.train()
         self._cast_frozen_weights()
         self._collect_trainable()
         optimizer = self._build_optimizer()
@@ -245,7 +253,7 @@ class Trainer:
             fill_deepspeed_config(self._deepspeed_config(),
                                   config.train_batch_size, self.accelerator.num_processes,
                                   config.max_grad_norm)  # fmt: skip
-        self.model, self.optimizer = self.accelerator.prepare(self.unet, optimizer)
+        self.model, self.optimizer = self.accelerator.prepare(self.denoiser, optimizer)
         self._collect_trainable()  # FSDP2 replaces the parameters with sharded ones, in place
         reshard_after_every_forward(self.model)
         self.ema = EMA(self.trainable, config.ema_decay) if config.ema_decay > 0 else None
@@ -258,7 +266,7 @@ class Trainer:
 
     def _frozen_components(self) -> dict[str, torch.nn.Module]:
         """The pipeline's components that are never trained, by name."""
-        names = ("vae", "text_encoder", "text_encoder_2")
+        names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
         return {name: getattr(self.pipeline, name) for name in names
                 if getattr(self.pipeline, name, None) is not None}  # fmt: skip
 
@@ -287,7 +295,7 @@ class Trainer:
         dtype = self.frozen_weights_dtype()
         if dtype is None:
             return
-        for module in [*self._frozen_components().values(), self.unet]:
+        for module in [*self._frozen_components().values(), self.denoiser]:
             for tensor in [*module.parameters(), *module.buffers()]:
                 if tensor.is_floating_point() and not tensor.requires_grad:
                     self._float32_frozen.append((tensor, tensor.detach().cpu().clone()))
@@ -323,8 +331,8 @@ class Trainer:
         return self.accelerator.autocast()
 
     def _collect_trainable(self) -> None:
-        self.trainable = [p for p in self.unet.parameters() if p.requires_grad]
-        self.trainable_names = [n for n, p in self.unet.named_parameters() if p.requires_grad]
+        self.trainable = [p for p in self.denoiser.parameters() if p.requires_grad]
+        self.trainable_names = [n for n, p in self.denoiser.named_parameters() if p.requires_grad]
 
     def named_trainable(self) -> dict[str, Tensor]:
         """The trained parameters by name (shards of them under FSDP2)."""
@@ -451,7 +459,7 @@ class Trainer:
         local = self.heldout[self.rank :: self.accelerator.num_processes]
         generator = torch.Generator().manual_seed(derive_seed(config.seed, "heldout", self.rank))
         images, prompts = [], []
-        self.unet.eval()
+        self.denoiser.eval()
         per_call = max(1, config.sample_batch_size // 2)  # prompts per call; each gives samples
         with self._ema_weights():
             for start in range(0, len(local), per_call):
@@ -464,7 +472,7 @@ class Trainer:
                     )  # fmt: skip
                 images.append(rollout.images)
                 prompts += rollout.prompts
-        self.unet.train()
+        self.denoiser.train()
         images = torch.cat(images)
         results = {"heldout_reward_mean": self.reward(images, prompts)}
         for name, reward in self.extra_rewards.items():
@@ -738,9 +746,9 @@ class Trainer:
             logger.warning(trip.message())
 
     def save_final(self) -> Path:
-        """Save ``final/`` (a standard StableDiffusionPipeline or StableDiffusionXLPipeline
-        folder, LoRA merged, EMA weights when on, with a model card ``README.md``), ``lora/``
-        (the adapter alone) and ``reward_curve.png``."""
+        """Save ``final/`` (a standard StableDiffusionPipeline, StableDiffusionXLPipeline or
+        StableDiffusion3Pipeline folder, LoRA merged, EMA weights when on, with a model card
+        ``README.md``), ``lora/`` (the adapter alone) and ``reward_curve.png``."""
         from diffalign.models import has_lora, merge_lora, save_lora
         from diffalign.plots import plot_reward_curve
 
@@ -748,45 +756,52 @@ class Trainer:
         if self.ema is not None:
             self.ema.copy_to_model()
         self._restore_float32_frozen()
-        unet = self._whole_unet()
+        denoiser = self._whole_denoiser()
         if self.accelerator.is_main_process:
-            plain = plain_pipeline(self.pipeline, unet=unet)
-            if has_lora(unet):
+            plain = plain_pipeline(self.pipeline, **{denoiser_name(self.pipeline): denoiser})
+            if has_lora(denoiser):
                 save_lora(plain, self.out / "lora")
-                merge_lora(unet)
+                merge_lora(denoiser)
             plain.save_pretrained(final)
             self._record_sampling(final)
             rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
             plot_reward_curve(rows, self.out / "reward_curve.png",
                               title=f"{self.method}: {self.config.reward}")  # fmt: skip
-            self._write_model_card(final, rows, type(plain).__name__)
+            self._write_model_card(final, rows, plain)
         self.accelerator.wait_for_everyone()
         return final
 
-    def _write_model_card(self, final: Path, rows: list[dict], loader: str) -> None:
+    def _write_model_card(self, final: Path, rows: list[dict], plain) -> None:
         config = self.config
         repo_id = hub_repo_id(self.out, config.hub_model_id) if config.push_to_hub else None
+        # diffusers' SD and SDXL pipelines cannot step a flow-matching UNet (SD3's can); a
+        # folder saved without some components loads with them passed as None
+        flow_unet = is_flow_scheduler(self.pipeline.scheduler) and denoiser_name(plain) == "unet"
+        missing = [name for name, part in plain.components.items()
+                   if part is None and name not in type(plain)._optional_components]  # fmt: skip
         card = model_card(self.method, config, rows, self.guard_trip, repo_id=repo_id,
-                          flow=is_flow_scheduler(self.pipeline.scheduler), best=self._kept_best(),
-                          pipeline_class=loader)  # fmt: skip
+                          flow=flow_unet, best=self._kept_best(),
+                          pipeline_class=type(plain).__name__,
+                          load_kwargs="".join(f", {name}=None" for name in missing))  # fmt: skip
         atomic_write_text(final / "README.md", card)
 
     def _kept_best(self) -> BestEvaluation | None:
         """The best evaluation when ``final/`` holds its weights (``keep_best``), else None."""
         return self.best if self.best is not None and self.best.weights is not None else None
 
-    def _whole_unet(self):
-        """The trained UNet with whole weights: itself (in float32), or under FSDP2 (on the main
-        process; None elsewhere) an unsharded copy built from its gathered state dict."""
-        unet = self.accelerator.unwrap_model(self.model)
+    def _whole_denoiser(self):
+        """The trained UNet (or transformer) with whole weights: itself (in float32), or under
+        FSDP2 (on the main process; None elsewhere) an unsharded copy built from its gathered
+        state dict."""
+        denoiser = self.accelerator.unwrap_model(self.model)
         if self.uses_deepspeed:  # in bf16 under DeepSpeed's bf16 mode: saved in float32
-            return unet.to(torch.float32)
-        if not is_fsdp(unet):
-            return unet
+            return denoiser.to(torch.float32)
+        if not is_fsdp(denoiser):
+            return denoiser
         state = self.accelerator.get_state_dict(self.model)  # a collective
         if not self.accelerator.is_main_process:
             return None
-        copy = unsharded_class(unet).from_config(unet.config)
+        copy = unsharded_class(denoiser).from_config(denoiser.config)
         if self.config.use_lora:
             from diffalign.models import add_lora
 

@@ -1,12 +1,13 @@
 """Rollout and training-step throughput, side by side in one run.
 
 - Sampling: diffalign's ``RolloutPipeline`` (which also records the chain and the log-probs)
-  against diffusers' ``StableDiffusionPipeline`` + ``DDIMScheduler`` at the same eta, on the same
+  against diffusers' ``StableDiffusionPipeline`` + ``DDIMScheduler`` at the same eta (SD3: against
+  ``StableDiffusion3Pipeline``'s Euler steps, its only sampler), on the same
   weights, prompts and seeds, timed alternately; the ratio of their throughputs is
   ``throughput_ratio_vs_diffusers`` (1.0 = no overhead).
 - Training: one DDPO and one AWM optimizer step on a freshly sampled round, in images/s.
 
-Models: ``diffalign:tiny-shapes`` (the shipped tiny model), a pipeline folder (SD or SDXL), or
+Models: ``diffalign:tiny-shapes`` (the shipped tiny model), a pipeline folder (SD, SDXL or SD3), or
 one of the :data:`RANDOM_ARCHITECTURES` with random weights, for GPUs: ``sd15-random`` (Stable
 Diffusion 1.5: UNet, VAE, CLIP ViT-L text encoder) and ``sdxl-random`` (SDXL base 1.0: its UNet,
 VAE, CLIP ViT-L and OpenCLIP ViT-bigG text encoders).
@@ -137,25 +138,30 @@ def seconds_of(fn, device: torch.device) -> float:
 def time_sampling(pipeline, prompts: list[str], steps: int, guidance: float, eta: float,
                   repeats: int, device: torch.device,
                   resolution: int | None = None) -> dict:  # fmt: skip
-    """Alternate diffusers and rollout sampling; median seconds of each and the ratio."""
+    """Alternate diffusers and rollout sampling; median seconds of each and the ratio. An SD3
+    model is timed against ``StableDiffusion3Pipeline``, which samples with Euler steps only
+    (no ``eta``); the rollout pipeline samples at ``eta`` as asked."""
     from diffalign.flow import is_flow_scheduler
-    from diffalign.models import UnsupportedModelError
+    from diffalign.models import UnsupportedModelError, pipeline_family
     from diffalign.pipelines.rollout import plain_pipeline
 
-    if is_flow_scheduler(pipeline.scheduler):
+    sd3 = pipeline_family(pipeline) == "sd3"
+    if is_flow_scheduler(pipeline.scheduler) and not sd3:
         raise UnsupportedModelError(
             "bench rollout times the rollout pipeline against diffusers' StableDiffusionPipeline, "
             "which cannot step a flow-matching scheduler; bench a DDPM-family model (e.g. "
-            "diffalign:tiny-shapes or sd15-random)."
+            "diffalign:tiny-shapes or sd15-random) or an SD3 model."
         )
     reference = plain_pipeline(pipeline)
     reference.set_progress_bar_config(disable=True)
     pipeline.set_progress_bar_config(disable=True)
     kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "eta": eta,
               "height": resolution, "width": resolution}  # fmt: skip
+    reference_kwargs = {k: v for k, v in kwargs.items() if not (sd3 and k == "eta")}
 
     def run_diffusers():
-        reference(prompts, generator=torch.Generator().manual_seed(0), output_type="pt", **kwargs)
+        reference(prompts, generator=torch.Generator().manual_seed(0), output_type="pt",
+                  **reference_kwargs)  # fmt: skip
 
     def run_rollout():
         pipeline(prompts, generator=torch.Generator().manual_seed(0), **kwargs)
@@ -178,6 +184,7 @@ def time_training_steps(pipeline, model: str, batch: int, steps: int, guidance: 
                         resolution: int | None = None) -> dict:  # fmt: skip
     """Images/s of one DDPO and one AWM update (LoRA) on a freshly sampled round, timed after
     one warm-up update on the same round; on CUDA also the peak memory of the timed update."""
+    from diffalign.models import denoiser_name, denoiser_of
     from diffalign.pipelines.rollout import RolloutPipeline, over_components
     from diffalign.train.awm import AWMTrainer
     from diffalign.train.config import AWMConfig, DDPOConfig
@@ -193,7 +200,8 @@ def time_training_steps(pipeline, model: str, batch: int, steps: int, guidance: 
         ("ddpo", DDPOTrainer, DDPOConfig(**shared, timestep_fraction=1.0)),
         ("awm", AWMTrainer, AWMConfig(**shared, num_train_timesteps=6, beta_kl=1e-4)),
     ):
-        fresh = over_components(pipeline, RolloutPipeline, unet=copy.deepcopy(pipeline.unet))
+        trained_copy = {denoiser_name(pipeline): copy.deepcopy(denoiser_of(pipeline))}
+        fresh = over_components(pipeline, RolloutPipeline, **trained_copy)
         trainer = trainer_cls(config, out, pipeline=fresh)
         device = trainer.model.device
         round_batch = trainer.sample_round(0)

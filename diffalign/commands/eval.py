@@ -131,10 +131,11 @@ def _sample(model: str, prompts: list[str], args: argparse.Namespace, device, dt
         load_sampling_pipeline,
         sample_prompts,
     )
+    from diffalign.models import denoiser_of
 
     pipeline = load_sampling_pipeline(model, device, dtype)
     pipeline.set_progress_bar_config(disable=args.quiet, desc=f"sampling {model}")
-    size = args.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    size = args.resolution or denoiser_of(pipeline).config.sample_size * pipeline.vae_scale_factor
     reward = load_optional_reward(args.reward, device)
     images, _, _, _ = sample_prompts(pipeline, prompts, args, size, reward)
     return images[: args.num_images].float().cpu()

@@ -96,7 +96,7 @@ def check_search_arguments(args: argparse.Namespace) -> None:
 
 def load_sampling_pipeline(model: str, device, dtype):
     """A DDIM-scheduled Stable Diffusion (or SDXL) pipeline for ``--model`` (folder, hub id,
-    shipped); a flow-matching model keeps its scheduler and comes as a ``RolloutPipeline``,
+    shipped); a flow-matching model (SD3 too) keeps its scheduler and comes as a rollout pipeline,
     which steps it (the search samplers use the same components either way)."""
     import torch
     from diffusers import StableDiffusionPipeline
@@ -118,12 +118,12 @@ def load_sampling_pipeline(model: str, device, dtype):
 
 
 def count_calls(module) -> list[int]:
-    """Count forward calls of ``module`` (one per UNet batch evaluation) and the rows they
-    evaluated (NFEs): returns ``[calls, rows]``, updated as the module runs."""
+    """Count forward calls of ``module`` (one per UNet or transformer batch evaluation) and the
+    rows they evaluated (NFEs): returns ``[calls, rows]``, updated as the module runs."""
     counter = [0, 0]
 
     def hook(_module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         counter[0] += 1
         counter[1] += sample.shape[0]
 
@@ -193,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
     """Sample (or search), save the images, the grid, samples.json and metrics.json."""
     from diffalign.attention import enable_fused_attention
     from diffalign.imaging import make_grid, save_images
+    from diffalign.models import denoiser_of
     from diffalign.world import model_guidance_scale
 
     prompts = _prompts(args)
@@ -207,8 +208,8 @@ def run(args: argparse.Namespace) -> int:
     pipeline.set_progress_bar_config(disable=args.quiet)
     reports = enable_fused_attention(pipeline, args.attention)
     reward = load_optional_reward(args.reward, device)
-    nfe = count_calls(pipeline.unet)
-    size = args.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    nfe = count_calls(denoiser_of(pipeline))
+    size = args.resolution or denoiser_of(pipeline).config.sample_size * pipeline.vae_scale_factor
     start = time.perf_counter()
     images, rewards, repeated, extra = sample_prompts(pipeline, prompts, args, size, reward)
     seconds = time.perf_counter() - start

@@ -1,14 +1,17 @@
 """One switch for fused attention in every model diffalign runs.
 
 ``enable_fused_attention(model, backend="auto")`` works on diffusers models (UNets and VAEs with
-the legacy ``Attention`` class; transformers such as FLUX whose attention goes through diffusers'
-attention dispatcher), on transformers models (CLIP text and vision towers) and on whole
-pipelines (each component in turn). Backends:
+the legacy ``Attention`` class; SD3's MMDiT, whose joint attention over image and text tokens has
+its own processors; transformers such as FLUX whose attention goes through diffusers' attention
+dispatcher), on transformers models (CLIP text and vision towers) and on whole pipelines (each
+component in turn). Backends:
 
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention`` (CUDA only; diffusers models only).
 - ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient /
   math kernels chosen by torch).
-- ``"classic"``: the explicit ``softmax(QK^T / sqrt(d)) V`` with the full attention matrix.
+- ``"classic"``: the explicit ``softmax(QK^T / sqrt(d)) V`` with the full attention matrix
+  (diffusers has no classic joint-attention processor: SD3's joint attention stays on SDPA and
+  is reported as left as it was).
 - ``"auto"``: xformers when the model sits on CUDA and xformers runs there (an xformers built for
   another torch imports but has no kernels: then SDPA), else SDPA, else classic.
 
@@ -152,16 +155,32 @@ def _standard_processor_types() -> tuple[type, ...]:
     )
 
 
+def _joint_processor_types() -> tuple[type, ...]:
+    """Processors of joint (image + text token) attention, SD3's MMDiT."""
+    from diffusers.models import attention_processor as ap
+
+    return (ap.JointAttnProcessor2_0, ap.XFormersJointAttnProcessor, ap.FusedJointAttnProcessor2_0)
+
+
+def _is_joint(module: nn.Module) -> bool:
+    return isinstance(module.processor, _joint_processor_types())
+
+
 def _lora_on_projections(module: nn.Module) -> bool:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    projections = [getattr(module, name, None) for name in ("to_q", "to_k", "to_v")]
+    names = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+    projections = [getattr(module, name, None) for name in names]
     return any(isinstance(layer, BaseTunerLayer) for layer in projections)
 
 
-def _new_processor(backend: str, fuse_qkv: bool):
+def _new_processor(backend: str, fuse_qkv: bool, joint: bool = False):
     from diffusers.models import attention_processor as ap
 
+    if joint:  # no classic joint processor exists (_switchable keeps those modules as they are)
+        if backend == "xformers":
+            return ap.XFormersJointAttnProcessor()
+        return ap.FusedJointAttnProcessor2_0() if fuse_qkv else ap.JointAttnProcessor2_0()
     if backend == "classic":
         return ap.AttnProcessor()
     if backend == "xformers":
@@ -180,9 +199,12 @@ def _dispatch_backend(backend: str):
 
 def _switchable(module: nn.Module, backend: str) -> bool:
     """A module is switched only when it dispatches by backend or runs a standard processor,
-    and (for the legacy SDPA paths, which ignore ``attn.scale``) uses the default softmax scale."""
+    and (for the legacy SDPA paths, which ignore ``attn.scale``) uses the default softmax scale;
+    joint attention has SDPA and xformers processors, no classic one."""
     if _uses_dispatch(module):
         return True
+    if _is_joint(module):
+        return backend != "classic"
     if not isinstance(module.processor, _standard_processor_types()):
         return False
     return backend == "classic" or getattr(module, "scale_qk", True)
@@ -227,14 +249,17 @@ def unfuse_qkv(model: nn.Module) -> int:
     """Undo QKV fusion: fold the fused weights (trained or not) back into ``to_q/to_k/to_v``,
     delete the fused layers and return to the SDPA processor. Returns the number of modules
     unfused. Safe to call on a model that was never fused (returns 0)."""
-    from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
+    from diffusers.models import attention_processor as ap
 
+    unfused = {ap.FusedAttnProcessor2_0: ap.AttnProcessor2_0,
+               ap.FusedJointAttnProcessor2_0: ap.JointAttnProcessor2_0}  # fmt: skip
     count = 0
     for module in _diffusers_attention_modules(model):
         if _fold_fused_weights(module):
             count += 1
-        if not _uses_dispatch(module) and isinstance(module.processor, FusedAttnProcessor2_0):
-            module.set_processor(AttnProcessor2_0())
+        back = unfused.get(type(module.processor))
+        if not _uses_dispatch(module) and back is not None:
+            module.set_processor(back())
     if hasattr(model, "original_attn_processors"):
         model.original_attn_processors = None
     return count
@@ -262,7 +287,7 @@ def _enable_diffusers(model: nn.Module, backend: str, fuse_qkv: bool) -> Attenti
         if _uses_dispatch(module):
             module.processor._attention_backend = _dispatch_backend(backend)
         else:
-            module.set_processor(_new_processor(backend, fuse_qkv))
+            module.set_processor(_new_processor(backend, fuse_qkv, _is_joint(module)))
         switched += 1
     return AttentionReport(backend, fuse_qkv and switched > 0, switched, skipped, "diffusers")
 

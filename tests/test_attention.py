@@ -194,6 +194,65 @@ def test_dispatching_transformer_backends_match_and_unfuse_cleanly(tmp_path):
     assert set(model.state_dict()) == original_keys
 
 
+def tiny_sd3_transformer():
+    model = models.build_tiny_sd3_transformer(seed=0).eval()
+    with torch.no_grad():  # its output projection starts at zero: give every layer a say
+        for parameter in model.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=torch.Generator()))
+    return model
+
+
+def sd3_output(model, device="cpu"):
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return model(
+            hidden_states=torch.randn(2, 4, 16, 16, generator=gen).to(device),
+            encoder_hidden_states=torch.randn(2, 20, 64, generator=gen).to(device),
+            pooled_projections=torch.randn(2, 64, generator=gen).to(device),
+            timestep=torch.tensor([500.0, 500.0], device=device),
+        ).sample
+
+
+def test_sd3_joint_attention_fuses_and_unfuses_cleanly_and_has_no_classic_path():
+    model = tiny_sd3_transformer()
+    original_keys = set(model.state_dict())
+    reference = sd3_output(model)
+    report = enable_fused_attention(model, "sdpa", fuse_qkv=True)
+    assert report.modules == 2 and report.fused_qkv and has_fused_qkv(model)
+    assert processor_names(model) == {"FusedJointAttnProcessor2_0"}
+    torch.testing.assert_close(sd3_output(model), reference, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the fused text-stream projection is the one in use
+        model.transformer_blocks[0].attn.to_added_qkv.weight.mul_(1.5)
+    assert not torch.allclose(sd3_output(model), reference, atol=1e-4)
+    with torch.no_grad():
+        model.transformer_blocks[0].attn.to_added_qkv.weight.div_(1.5)
+    assert unfuse_qkv(model) == 2 and not has_fused_qkv(model)
+    assert processor_names(model) == {"JointAttnProcessor2_0"}
+    torch.testing.assert_close(sd3_output(model), reference, atol=1e-5, rtol=1e-5)
+    assert set(model.state_dict()) == original_keys
+    classic = enable_fused_attention(model, "classic")
+    assert classic.modules == 0 and classic.skipped == 2  # said, not pretended
+
+
+def test_sd3_fusion_is_refused_while_lora_sits_on_the_text_projections():
+    model = models.add_lora(tiny_sd3_transformer(), rank=2, target_modules=["add_q_proj"])
+    with pytest.raises(ValueError, match="LoRA adapters"):
+        enable_fused_attention(model, "sdpa", fuse_qkv=True)
+
+
+@requires_cuda
+def test_sd3_xformers_matches_sdpa_on_cuda():
+    problem = attention.xformers_problem("cuda")
+    if problem:
+        pytest.skip(problem)
+    model = tiny_sd3_transformer().cuda()
+    enable_fused_attention(model, "sdpa")
+    reference = sd3_output(model, "cuda")
+    assert enable_fused_attention(model, "xformers").modules == 2
+    assert processor_names(model) == {"XFormersJointAttnProcessor"}
+    torch.testing.assert_close(sd3_output(model, "cuda"), reference, atol=1e-4, rtol=1e-4)
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_fused_attention_trains_on_cuda(tiny_unet, dtype):

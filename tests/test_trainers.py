@@ -738,10 +738,18 @@ def _frozen_bytes(trainer) -> int:
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
-def test_frozen_weights_in_half_precision_and_final_saved_from_float32(tmp_path):
+@pytest.mark.parametrize("source", ["pipeline", "folder"])
+def test_frozen_weights_in_half_precision_and_final_saved_from_float32(source, tmp_path):
     original = build_tiny_pipeline(seed=0)
     settings = {**SMALL, "stat_min_count": 2, "mixed_precision": "bf16", "ema_decay": 0.0}
-    halved = _trainer(DDPOTrainer, DDPOConfig(max_steps=1, **settings), tmp_path / "cast")
+    if source == "pipeline":  # the float32 values are kept on the CPU from the start
+        halved = _trainer(DDPOTrainer, DDPOConfig(max_steps=1, **settings), tmp_path / "cast")
+        assert len(halved._float32_frozen) > 0
+    else:  # the run loaded the model itself: no copies; final/ reads it again
+        original.save_pretrained(tmp_path / "model")
+        config = DDPOConfig(max_steps=1, **{**settings, "model": str(tmp_path / "model")})
+        halved = DDPOTrainer(config, tmp_path / "cast")
+        assert halved._float32_frozen == []
     kept = _trainer(DDPOTrainer, DDPOConfig(max_steps=1, cast_frozen_weights=False, **settings),
                     tmp_path / "kept")  # fmt: skip
     assert _frozen_bytes(halved) * 2 == _frozen_bytes(kept)
@@ -773,6 +781,26 @@ def test_frozen_weights_in_half_precision_and_final_saved_from_float32(tmp_path)
     merge_lora(expected)
     for key, value in expected.state_dict().items():
         torch.testing.assert_close(final.unet.state_dict()[key], value, atol=1e-6, rtol=0)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_final_keeps_rounded_frozen_weights_when_the_model_is_gone(tmp_path, caplog):
+    import shutil
+
+    original = build_tiny_pipeline(seed=0)
+    original.save_pretrained(tmp_path / "model")
+    settings = {**SMALL, "stat_min_count": 2, "mixed_precision": "bf16"}
+    trainer = DDPOTrainer(DDPOConfig(max_steps=1, **{**settings, "model": str(tmp_path / "model")}),
+                          tmp_path / "run")  # fmt: skip
+    shutil.rmtree(tmp_path / "model")
+    trainer.out.mkdir(parents=True, exist_ok=True)
+    trainer.metrics_path.write_text(json.dumps({"step": 0, "samples_seen": 0}) + "\n")
+    with caplog.at_level("WARNING", logger="diffalign.train.trainer"):
+        final = load_pipeline(trainer.save_final())
+    assert "reading" in caplog.text and str(tmp_path / "model") in caplog.text
+    for key, value in original.vae.state_dict().items():  # float32, rounded once to bf16
+        saved = final.vae.state_dict()[key]
+        assert saved.dtype == torch.float32 and torch.equal(saved, value.bfloat16().float()), key
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")

@@ -204,6 +204,7 @@ class Trainer:
                 )
         set_seed(config.seed)
         self.pipeline = rollout_pipeline(pipeline or load_training_pipeline(config.model))
+        self._reloadable = pipeline is None  # final/ can read the frozen weights again
         self.pipeline.set_progress_bar_config(disable=True)
         self.denoiser = denoiser_of(self.pipeline)  # the UNet, or SD3's transformer
         self._setup_model()
@@ -289,24 +290,59 @@ class Trainer:
     def _cast_frozen_weights(self) -> None:
         """Cast the untrained weights to :meth:`frozen_weights_dtype`, as diffusers' training
         scripts do (autocast computes in that dtype anyway); the trained ones stay float32.
-        Their float32 values are kept on the CPU, each with its tensor, so that ``final/`` is
-        saved from them."""
+        ``final/`` is saved with their float32 values: read again from ``config.model`` when the
+        run loaded it, else (a pipeline passed in) kept on the CPU from the start, each with its
+        tensor."""
         self._float32_frozen: list[tuple[Tensor, Tensor]] = []
+        self._frozen_cast = False
         dtype = self.frozen_weights_dtype()
         if dtype is None:
             return
-        for module in [*self._frozen_components().values(), self.denoiser]:
-            for tensor in [*module.parameters(), *module.buffers()]:
-                if tensor.is_floating_point() and not tensor.requires_grad:
-                    self._float32_frozen.append((tensor, tensor.detach().cpu().clone()))
-                    tensor.data = tensor.data.to(dtype)
+        for _, tensor in self._frozen_tensors():
+            if not self._reloadable:
+                self._float32_frozen.append((tensor, tensor.detach().cpu().clone()))
+            tensor.data = tensor.data.to(dtype)
+        self._frozen_cast = True
         self.pipeline.latents_dtype = torch.float32  # the chain stays float32 (log-probs)
 
+    def _frozen_tensors(self) -> list[tuple[tuple[str, str], Tensor]]:
+        """The untrained floating-point tensors of the frozen components and the denoiser (its
+        base weights under LoRA), each with (component, name in the plain model)."""
+        parts = {**self._frozen_components(), denoiser_name(self.pipeline): self.denoiser}
+        found = []
+        for component, module in parts.items():
+            for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+                if tensor.is_floating_point() and not tensor.requires_grad:
+                    found.append(((component, name.replace(".base_layer", "")), tensor))
+        return found
+
     def _restore_float32_frozen(self) -> None:
-        """Put the untrained weights' float32 values back (before saving ``final/``)."""
+        """Put the untrained weights' float32 values back (before saving ``final/``; only the
+        main process saves, so only it reads the model again)."""
+        if self._frozen_cast and self._reloadable and self.accelerator.is_main_process:
+            self._float32_frozen = self._reread_frozen()
         for tensor, value in self._float32_frozen:
             tensor.data = value.to(tensor.device)
         self._float32_frozen = []
+        self._frozen_cast = False
+
+    def _reread_frozen(self) -> list[tuple[Tensor, Tensor]]:
+        """Each cast tensor with its float32 value in ``config.model``, read again; if that
+        fails, with its own value in float32 (rounded once), and a warning that says so."""
+        try:
+            original = load_training_pipeline(self.config.model)
+        except (OSError, ValueError) as error:
+            logger.warning("final/ keeps the frozen weights as trained (%s, saved as float32): "
+                           "reading %s again for their original values failed: %s",
+                           self.frozen_weights_dtype(), self.config.model, error)  # fmt: skip
+            return [(tensor, tensor.detach().float()) for _, tensor in self._frozen_tensors()]
+        values = {}
+        for component in {component for (component, _), _ in self._frozen_tensors()}:
+            module = getattr(original, component)
+            values[component] = {**dict(module.named_parameters()),
+                                 **dict(module.named_buffers())}  # fmt: skip
+        return [(tensor, values[component][name].detach())
+                for (component, name), tensor in self._frozen_tensors()]  # fmt: skip
 
     @functools.cached_property
     def uses_deepspeed(self) -> bool:

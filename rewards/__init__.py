@@ -25,6 +25,7 @@ from diffalign.rewards.registry import (
     load_reward,
     parse_reward_spec,
     register_reward,
+    reward_components,
     reward_info,
 )
 from diffalign.rewards.weights import WeightsNotFoundError, WeightsSpec, resolve_weights
@@ -85,6 +86,7 @@ __all__ = [
     "load_reward",
     "parse_reward_spec",
     "register_reward",
+    "reward_components",
     "reward_info",
     "resolve_weights",
 ]

@@ -128,6 +128,13 @@ class WeightedReward(Reward):
         return sum(self.weights[name] * scores for name, scores in parts.items())
 
 
+def reward_components(reward: Reward) -> list[str]:
+    """The component names of a weighted sum of two or more rewards; [] for any other reward."""
+    if isinstance(reward, WeightedReward) and len(reward.weights) > 1:
+        return list(reward.weights)
+    return []
+
+
 def load_reward(spec: str | Mapping[str, float] | Reward | Callable, **kwargs) -> Reward:
     """Build a reward from a name, a weighted-sum string or mapping, a function or a
     ``WHERE:NAME`` reference (see the module docstring).

@@ -32,6 +32,7 @@ from diffalign.train.awm import AWMTrainer, stratified_timesteps
 from diffalign.train.config import AWMConfig, DDPOConfig
 from diffalign.train.ddpo import DDPOTrainer
 from diffalign.train.launch import accelerator_options, check_launch
+from diffalign.train.trainer import Trainer
 from diffalign.world import recorded_guidance_scale, shipped_model_path
 
 from .conftest import launch_two_processes, requires_cuda
@@ -146,21 +147,27 @@ def _weights(trainer):
      # rounds at 0, 1/2 and all of the learning rate: a fresh schedule would redo round 2 at 0
      (AWMTrainer, AWMConfig, {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 2}),
      # bf16 autocast with the frozen weights cast to bf16 (cast_frozen_weights, the default)
-     (DDPOTrainer, DDPOConfig, {"stat_min_count": 2, "mixed_precision": "bf16"})],
+     (DDPOTrainer, DDPOConfig, {"stat_min_count": 2, "mixed_precision": "bf16"}),
+     # a per-prompt stat tracker for each component of a balanced two-part reward
+     (DDPOTrainer, DDPOConfig, {"stat_min_count": 2, "reward_balance": "advantages",
+                                "reward": "jpeg_compressibility+0.1*tiny_clip"})],
 )  # fmt: skip
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_resumed_runs_match_uninterrupted_ones(cls, config_cls, extra, tmp_path, monkeypatch):
     monkeypatch.setattr(DDPOTrainer, "save_final", lambda self: None)
     monkeypatch.setattr(AWMTrainer, "save_final", lambda self: None)
-    straight = _trainer(cls, config_cls(max_steps=3, **SMALL, **extra), tmp_path / "straight")
+    settings = {**SMALL, **extra}
+    straight = _trainer(cls, config_cls(max_steps=3, **settings), tmp_path / "straight")
     straight.train()
-    _trainer(cls, config_cls(max_steps=1, **SMALL, **extra), tmp_path / "split").train()
+    _trainer(cls, config_cls(max_steps=1, **settings), tmp_path / "split").train()
     with (tmp_path / "split" / "metrics.jsonl").open("a") as handle:
         handle.write('{"step": 2, "reward_me')  # a crash in the middle of logging round 2
-    resumed = _trainer(cls, config_cls(max_steps=3, **SMALL, **extra), tmp_path / "split")
+    resumed = _trainer(cls, config_cls(max_steps=3, **settings), tmp_path / "split")
     resumed.train(resume=True)
     for name, value in _weights(straight).items():
         torch.testing.assert_close(_weights(resumed)[name], value, atol=0, rtol=0)
+    # DDPO's stat trackers (every round's rewards), AWM's KL-EMA weights
+    torch.testing.assert_close(resumed.extra_states(), straight.extra_states(), atol=0, rtol=0)
 
     assert _logged(resumed) == _logged(straight) and len(_logged(straight)) == 4
 
@@ -587,6 +594,47 @@ def test_awm_advantages_follow_the_configured_std_floor():
     torch.testing.assert_close(
         AWMTrainer.compute_advantages(plain, prompts, rewards), expected, atol=1e-3, rtol=0
     )
+
+
+def test_balanced_advantages_weigh_each_components_own_advantages():
+    prompts = ["a", "a", "b", "b"]
+    # a wide-spread component and a narrow one (weights 1 and 0.1), each deciding both groups
+    parts = torch.tensor([[1000.0, 0.0], [0.0, 1.0], [3000.0, 1.0], [1000.0, 0.0]])
+    weights = {"wide": 1.0, "narrow": 0.1}
+    rewards = parts[:, 0] + 0.1 * parts[:, 1]
+
+    def trainer(balance: str) -> SimpleNamespace:
+        config = AWMConfig(global_std=False, reward_balance=balance)
+        stub = SimpleNamespace(config=config, reward=SimpleNamespace(weights=weights),
+                               reward_parts=list(weights))  # fmt: skip
+        stub.compute_advantages = lambda p, r, key="reward": AWMTrainer.compute_advantages(
+            stub, p, r, key
+        )
+        return stub
+
+    # each component's group advantages are (1, -1, 1, -1) and (-1, 1, 1, -1); weighted: 1, 0.1
+    balanced = Trainer.round_advantages(trainer("advantages"), prompts, rewards, parts)
+    torch.testing.assert_close(balanced, torch.tensor([0.9, -0.9, 1.1, -1.1]), atol=1e-3, rtol=0)
+    # summed first, the narrow component's say is lost in the wide one's spread
+    summed = Trainer.round_advantages(trainer("sum"), prompts, rewards, parts)
+    torch.testing.assert_close(summed, torch.tensor([1.0, -1.0, 1.0, -1.0]), atol=1e-3, rtol=0)
+
+
+def test_a_weighted_reward_logs_each_component_and_balance_needs_several(tmp_path):
+    reward = "jpeg_compressibility+0.1*tiny_clip"
+    config = DDPOConfig(max_steps=1, **{**SMALL, "stat_min_count": 2, "reward": reward,
+                                        "reward_balance": "advantages"})  # fmt: skip
+    trainer = _trainer(DDPOTrainer, config, tmp_path / "run")
+    row = trainer.run_round()
+    mixed = row["reward_jpeg_compressibility_mean"] + 0.1 * row["reward_tiny_clip_mean"]
+    assert row["reward_mean"] == pytest.approx(mixed, rel=1e-5)
+    assert set(trainer.component_trackers) == {"jpeg_compressibility", "tiny_clip"}
+    assert all(len(b) == 2 for b in trainer.component_trackers["tiny_clip"].buffers.values())
+    single = DDPOConfig(max_steps=1, **{**SMALL, "reward_balance": "advantages"})
+    with pytest.raises(ConfigError, match="has one component"):
+        _trainer(DDPOTrainer, single, tmp_path / "single")
+    with pytest.raises(ConfigError, match="reward_balance must be one of"):
+        DDPOConfig(reward_balance="mean")
 
 
 def test_bad_configs_fail_with_the_fix(tmp_path):

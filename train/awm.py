@@ -60,7 +60,9 @@ class AWMTrainer(Trainer):
         if self.reference_denoiser is not None and dtype is not None:
             self.reference_denoiser.to(dtype)  # never trained nor saved: no float32 copy is kept
 
-    def compute_advantages(self, prompts: list[str], rewards: Tensor) -> Tensor:
+    def compute_advantages(
+        self, prompts: list[str], rewards: Tensor, key: str = "reward"
+    ) -> Tensor:
         return group_advantages(
             rewards,
             prompts,

@@ -18,6 +18,7 @@ from diffalign.train.lr_schedule import LR_SCHEDULES
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "wandb", "none")
+REWARD_BALANCES = ("sum", "advantages")
 DDPO_STEP_WEIGHTINGS = ("uniform", "noise")
 
 
@@ -33,6 +34,11 @@ class TrainConfig(BaseConfig):
         default="shapes",
         metadata={"help": "reward name, weighted sum, or your own FILE.py:NAME / module:NAME"},
     )
+    reward_balance: str = field(
+        default="sum",
+        metadata={"help": "sum: advantages of the weighted sum; advantages: of a weighted sum's "
+                          "components, each normalised on its own, then weighted"},
+    )  # fmt: skip
     prompts: str = field(
         default="world:train", metadata={"help": "world:<split> or a text file, one per line"}
     )
@@ -147,6 +153,9 @@ class TrainConfig(BaseConfig):
             raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION}.")
         if self.log_with not in TRACKERS:
             raise ConfigError(f"log_with must be one of {TRACKERS}.")
+        if self.reward_balance not in REWARD_BALANCES:
+            raise ConfigError(f"reward_balance must be one of {REWARD_BALANCES}, "
+                              f"got {self.reward_balance!r}.")  # fmt: skip
         positive = ("max_steps", "prompts_per_step", "samples_per_prompt", "sample_batch_size",
                     "num_inference_steps", "train_batch_size", "gradient_accumulation_steps",
                     "eval_every", "save_every", "num_heldout_prompts",

@@ -28,18 +28,29 @@ class DDPOTrainer(Trainer):
     def __init__(self, config: DDPOConfig, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
         self.tracker = PerPromptStatTracker(config.stat_buffer_size, config.stat_min_count)
+        self.component_trackers = {  # reward_balance: advantages tracks each component's own
+            name: PerPromptStatTracker(config.stat_buffer_size, config.stat_min_count)
+            for name in (self.reward_parts if config.reward_balance == "advantages" else [])
+        }
 
-    def compute_advantages(self, prompts: list[str], rewards: Tensor) -> Tensor:
+    def compute_advantages(
+        self, prompts: list[str], rewards: Tensor, key: str = "reward"
+    ) -> Tensor:
         if self.config.per_prompt_stat_tracking:
-            return self.tracker.update(prompts, rewards)
+            tracker = self.tracker if key == "reward" else self.component_trackers[key]
+            return tracker.update(prompts, rewards)
         values = rewards.float()
         return (values - values.mean()) / (values.std(unbiased=False) + 1e-6)
 
     def extra_states(self) -> dict:
-        return {"tracker": self.tracker.state_dict()}
+        components = {name: t.state_dict() for name, t in self.component_trackers.items()}
+        return {"tracker": self.tracker.state_dict(), "component_trackers": components}
 
     def load_extra_states(self, states: dict) -> None:
         self.tracker.load_state_dict(states["tracker"])
+        for name, state in states.get("component_trackers", {}).items():
+            if name in self.component_trackers:
+                self.component_trackers[name].load_state_dict(state)
 
     def transition_log_probs(self, rollout: Rollout, index: Tensor, steps: Tensor) -> Tensor:
         """Log-probs under the current policy of the stored transitions of samples ``index`` at

@@ -41,7 +41,7 @@ from diffalign.pipelines.rollout import (
     plain_pipeline,
     rollout_pipeline,
 )
-from diffalign.rewards import AsyncRewardScorer, Reward, load_reward
+from diffalign.rewards import AsyncRewardScorer, Reward, load_reward, reward_components
 from diffalign.rewards.function import reward_label
 from diffalign.sampling import load_schedule
 from diffalign.sharding import (
@@ -109,6 +109,8 @@ class RoundBatch:
     advantages: Tensor
     all_rewards: Tensor
     all_prompts: list[str]
+    all_reward_parts: Tensor | None = None
+    """(N, K): each component's own score, for a weighted reward of K >= 2 components."""
 
 
 def _logged_step(line: str) -> int | None:
@@ -211,6 +213,13 @@ class Trainer:
         self.pipeline.to(self.accelerator.device)
         self.reward = load_reward(config.reward if reward is None else reward)
         self.reward = self.reward.to(self.accelerator.device)
+        self.reward_parts = reward_components(self.reward)
+        if config.reward_balance == "advantages" and not self.reward_parts:
+            raise ConfigError(
+                f"reward_balance: advantages normalises each component of a weighted reward on "
+                f"its own, but {config.reward!r} has one component; name several (e.g. "
+                "'pickscore+0.5*aesthetic') or set reward_balance: sum."
+            )
         self.extra_rewards = {reward_label(spec): load_reward(spec).to(self.accelerator.device)
                               for spec in config.heldout_extra_rewards}  # fmt: skip
         self.train_prompts = PromptSource(config.prompts)
@@ -421,7 +430,7 @@ class Trainer:
         expanded = [p for p in local for _ in range(config.samples_per_prompt)]
         generator = torch.Generator().manual_seed(derive_seed(config.seed, step, self.rank, "roll"))
         rollouts, futures = [], []
-        with AsyncRewardScorer(self.reward, enabled=config.async_reward) as scorer:
+        with AsyncRewardScorer(self.score, enabled=config.async_reward) as scorer:
             for start in range(0, len(expanded), config.sample_batch_size):
                 chunk = expanded[start : start + config.sample_batch_size]
                 with self.autocast():
@@ -429,19 +438,43 @@ class Trainer:
                                             **self._sampling_kwargs())  # fmt: skip
                 rollouts.append(rollout)
                 futures.append(scorer.submit(rollout.images, rollout.prompts))
-            rewards = torch.cat(scorer.gather(futures)).to(self.accelerator.device)
+            scores = torch.cat(scorer.gather(futures)).to(self.accelerator.device)
         rollout = Rollout.concat(rollouts)
-        all_rewards = self.accelerator.gather(rewards)
+        all_scores = self.accelerator.gather(scores)
+        all_rewards, all_parts = all_scores[:, 0], all_scores[:, 1:]
         all_prompts = gather_object(rollout.prompts)
-        advantages = self.compute_advantages(all_prompts, all_rewards)
+        advantages = self.round_advantages(all_prompts, all_rewards, all_parts)
         size = len(rollout)
         local_advantages = advantages[self.rank * size : (self.rank + 1) * size]
         return RoundBatch(
-            rollout, rewards, local_advantages.to(rewards.device), all_rewards, all_prompts
-        )
+            rollout, scores[:, 0], local_advantages.to(scores.device), all_rewards, all_prompts,
+            all_parts if self.reward_parts else None,
+        )  # fmt: skip
 
-    def compute_advantages(self, prompts: list[str], rewards: Tensor) -> Tensor:
-        """Advantages of all processes' samples (same on every process)."""
+    @torch.no_grad()
+    def score(self, images: Tensor, prompts: list[str]) -> Tensor:
+        """(B, 1 + K): the reward of each image, then (a weighted reward of K >= 2 components)
+        each component's own score; the components are scored once."""
+        if not self.reward_parts:
+            return self.reward(images, prompts)[:, None]
+        parts = self.reward.breakdown(images, prompts)
+        total = sum(self.reward.weights[name] * parts[name] for name in self.reward_parts)
+        return torch.stack([total, *(parts[name] for name in self.reward_parts)], dim=1)
+
+    def round_advantages(self, prompts: list[str], rewards: Tensor, parts: Tensor) -> Tensor:
+        """The round's advantages: those of the reward (``reward_balance: sum``), or the
+        weighted sum of each component's own advantages (``advantages``), so that a component
+        with a wide spread does not drown the others (multi-reward balancing)."""
+        if self.config.reward_balance == "sum":
+            return self.compute_advantages(prompts, rewards)
+        return sum(self.reward.weights[name] * self.compute_advantages(prompts, parts[:, k], name)
+                   for k, name in enumerate(self.reward_parts))  # fmt: skip
+
+    def compute_advantages(
+        self, prompts: list[str], rewards: Tensor, key: str = "reward"
+    ) -> Tensor:
+        """Advantages of all processes' samples (same on every process); ``key`` names the
+        reward component they are of (for methods that track statistics per reward)."""
         raise NotImplementedError
 
     def train_on(self, batch: RoundBatch, step: int) -> dict[str, float]:
@@ -723,6 +756,7 @@ class Trainer:
                "reward_mean": batch.all_rewards.float().mean().item(),
                "reward_std": batch.all_rewards.float().std(unbiased=False).item(),
                "reward_group_std": mean_group_std(batch.all_rewards, batch.all_prompts),
+               **self._component_means(batch),
                **diagnostics, "learning_rate": learning_rate,
                "seconds": time.perf_counter() - started}  # fmt: skip
         if self.grad_norms:
@@ -731,6 +765,13 @@ class Trainer:
             row.update(self.evaluate(self.step))
             self.guard_trip = self._watch(row)
         return row
+
+    def _component_means(self, batch: RoundBatch) -> dict[str, float]:
+        """``reward_<component>_mean`` of each component of a weighted reward."""
+        if batch.all_reward_parts is None:
+            return {}
+        return {f"reward_{name}_mean": batch.all_reward_parts[:, k].float().mean().item()
+                for k, name in enumerate(self.reward_parts)}  # fmt: skip
 
     def _stalled(self, row: dict) -> bool:
         """Whether early stopping ends the run after this round: an evaluation round, and

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffalign.train.advantages import PerPromptStatTracker, group_advantages, mean_group_std
-from diffalign.train.losses import awm_loss, ddpo_loss
+from diffalign.train.losses import awm_loss, ddpo_loss, step_kl
 
 
 def test_ddpo_loss_matches_hand_computation():
@@ -35,6 +35,27 @@ def test_ddpo_loss_weighs_each_sample_by_its_step_weight():
                                rtol=0)  # fmt: skip
     with pytest.raises(ValueError, match="step_weights"):
         ddpo_loss(log_probs, torch.zeros(2), advantages, step_weights=torch.ones(3))
+
+
+def test_step_kl_and_the_ddpo_loss_kl_term_match_hand_computation():
+    mean = torch.tensor([[1.0, 2.0], [0.0, 0.5]], requires_grad=True)
+    reference = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    kl = step_kl(mean, reference, 0.5)
+    # per dim (mu - mu_ref)^2 / (2 * 0.25): (2, 8) and (0, 0.5); mean over dims: 5 and 0.25
+    torch.testing.assert_close(kl, torch.tensor([5.0, 0.25]))
+    log_probs = torch.tensor([0.0, 0.1])
+    out = ddpo_loss(log_probs, torch.zeros(2), torch.tensor([1.0, -2.0]), clip_range=0.05,
+                    kl=kl, beta_kl=0.1)  # fmt: skip
+    # the policy term as above, (-1 + 2.210342) / 2, plus 0.1 * mean(5, 0.25)
+    assert out.loss.item() == pytest.approx((-1 + 2.210342) / 2 + 0.2625, abs=1e-6)
+    assert out.diagnostics["kl"] == pytest.approx(2.625)
+    out.loss.backward()
+    # d(0.1 * mean_b mean_d (mu - 0)^2 / 0.5) / d mu = 0.1 * 2 mu / 0.5 / (2 * 2) = 0.1 mu
+    torch.testing.assert_close(mean.grad, 0.1 * mean.detach())
+    with pytest.raises(ValueError, match="std > 0"):
+        step_kl(mean, reference, 0.0)
+    with pytest.raises(ValueError, match="kl has shape"):
+        ddpo_loss(log_probs, torch.zeros(2), torch.ones(2), kl=torch.ones(3), beta_kl=0.1)
 
 
 def test_ddpo_loss_stops_the_gradient_outside_the_clip_range():

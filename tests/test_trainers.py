@@ -596,6 +596,33 @@ def test_awm_advantages_follow_the_configured_std_floor():
     )
 
 
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_ddpos_kl_term_starts_at_zero_and_pulls_back_to_the_reference(use_lora, tmp_path):
+    settings = {**SMALL, "stat_min_count": 2, "beta_kl": 0.1, "use_lora": use_lora,
+                "learning_rate": 1e-2 if use_lora else 1e-3}  # fmt: skip
+    trainer = _trainer(DDPOTrainer, DDPOConfig(max_steps=1, **settings), tmp_path)
+    assert (trainer.reference_denoiser is None) == use_lora  # LoRA: the adapter disabled
+    batch = trainer.sample_round(0)
+    index = torch.arange(len(batch.rollout))
+    steps = torch.zeros(len(index), dtype=torch.long)
+    zero = torch.zeros(len(index))
+
+    def kl_loss():
+        return trainer.step_loss(batch.rollout, zero, index, steps)
+
+    assert kl_loss().diagnostics["kl"] == 0.0  # the policy starts as its reference
+    trainer.train_on(batch, 0)
+    moved = kl_loss()
+    assert moved.diagnostics["kl"] > 0
+    # with no advantage the loss is beta_kl * KL alone: a small step down its gradient lowers it
+    trainer.model.zero_grad()
+    moved.loss.backward()
+    with torch.no_grad():
+        for parameter in trainer.trainable:
+            parameter -= 1e-3 * parameter.grad / parameter.grad.norm().clamp(min=1e-12)
+    assert kl_loss().diagnostics["kl"] < moved.diagnostics["kl"]
+
+
 def test_balanced_advantages_weigh_each_components_own_advantages():
     prompts = ["a", "a", "b", "b"]
     # a wide-spread component and a narrow one (weights 1 and 0.1), each deciding both groups

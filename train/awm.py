@@ -11,14 +11,10 @@ Rollouts need no log-probs, so any ``eta`` works (default 0, the deterministic D
 
 from __future__ import annotations
 
-import contextlib
-import copy
-
 import torch
 from torch import Tensor
 
 from diffalign.ema import EMA
-from diffalign.models import adapters_disabled
 from diffalign.pipelines.conditioning import Conditioning
 from diffalign.pipelines.rollout import guided_noise_prediction
 from diffalign.train.advantages import group_advantages, prompt_groups
@@ -44,21 +40,7 @@ class AWMTrainer(Trainer):
 
     def __init__(self, config: AWMConfig, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
-        if self.reference_denoiser is not None:
-            self.reference_denoiser.to(self.accelerator.device)
         self.kl_ema = EMA(self.trainable, decay=0.0, warmup=False) if config.beta_ema > 0 else None
-
-    def _setup_model(self) -> None:
-        self.reference_denoiser = None
-        if self.config.beta_kl > 0 and not self.config.use_lora:  # copied before any sharding
-            self.reference_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
-        super()._setup_model()
-
-    def _cast_frozen_weights(self) -> None:
-        super()._cast_frozen_weights()
-        dtype = self.frozen_weights_dtype()
-        if self.reference_denoiser is not None and dtype is not None:
-            self.reference_denoiser.to(dtype)  # never trained nor saved: no float32 copy is kept
 
     def compute_advantages(
         self, prompts: list[str], rewards: Tensor, key: str = "reward"
@@ -76,11 +58,6 @@ class AWMTrainer(Trainer):
     def load_extra_states(self, states: dict) -> None:
         if self.kl_ema is not None:
             self.kl_ema.load_state_dict(states["kl_ema"])
-
-    def _reference(self):
-        if self.reference_denoiser is not None:
-            return contextlib.nullcontext(self.reference_denoiser)
-        return adapters_disabled(self.denoiser)
 
     def sample_loss(self, x0: Tensor, embeds: Tensor | Conditioning, advantages: Tensor,
                     timesteps: Tensor, noise: Tensor, negative: Tensor | Conditioning | None = None,
@@ -101,7 +78,7 @@ class AWMTrainer(Trainer):
         reference = ema_prediction = None
         with torch.no_grad(), self.autocast():  # before the policy's forward: the
             if config.beta_kl > 0:  # EMA swap writes the weights in place
-                with self._reference() as unet:
+                with self.reference() as unet:
                     reference = predict(unet)
             if self.kl_ema is not None:
                 with self.kl_ema.swapped():

@@ -34,6 +34,11 @@ class TrainConfig(BaseConfig):
         default="shapes",
         metadata={"help": "reward name, weighted sum, or your own FILE.py:NAME / module:NAME"},
     )
+    beta_kl: float = field(
+        default=0.0,
+        metadata={"help": "weight of the KL to the reference model (LoRA disabled, or a copy of "
+                          "the starting weights under full fine-tuning); 0: none"},
+    )  # fmt: skip
     reward_balance: str = field(
         default="sum",
         metadata={"help": "sum: advantages of the weighted sum; advantages: of a weighted sum's "
@@ -153,6 +158,10 @@ class TrainConfig(BaseConfig):
             raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION}.")
         if self.log_with not in TRACKERS:
             raise ConfigError(f"log_with must be one of {TRACKERS}.")
+        if self.beta_kl < 0:
+            raise ConfigError(
+                f"beta_kl must be >= 0 (0 turns the KL term off), got {self.beta_kl}."
+            )
         if self.reward_balance not in REWARD_BALANCES:
             raise ConfigError(f"reward_balance must be one of {REWARD_BALANCES}, "
                               f"got {self.reward_balance!r}.")  # fmt: skip

@@ -4,7 +4,9 @@ Each round's rollouts are replayed for ``num_inner_epochs``: samples are shuffle
 gets its own shuffled order of denoising steps, of which the first ``timestep_fraction`` are
 trained. For each micro-batch, the log-probs of the stored transitions are recomputed under the
 current policy (with CFG when ``train_cfg``) and :func:`~diffalign.train.losses.ddpo_loss` is
-accumulated over the trained steps before one optimizer step.
+accumulated over the trained steps before one optimizer step. With ``beta_kl > 0`` each trained
+step also pays ``beta_kl`` times its KL to the reference policy (the adapter-disabled network,
+or the starting weights under full fine-tuning) at the same point, as Flow-GRPO does.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import torch
 from torch import Tensor
 
 from diffalign.pipelines.rollout import Rollout, guided_noise_prediction
+from diffalign.sampling import DDIMStepOutput
 from diffalign.train.advantages import PerPromptStatTracker
 from diffalign.train.config import DDPOConfig
-from diffalign.train.losses import LossOutput, ddpo_loss
+from diffalign.train.losses import LossOutput, ddpo_loss, step_kl
 from diffalign.train.trainer import RoundBatch, Trainer, derive_seed, mean_diagnostics
 
 
@@ -55,6 +58,11 @@ class DDPOTrainer(Trainer):
     def transition_log_probs(self, rollout: Rollout, index: Tensor, steps: Tensor) -> Tensor:
         """Log-probs under the current policy of the stored transitions of samples ``index`` at
         their chain positions ``steps`` (one per sample), with CFG when ``train_cfg``."""
+        return self.transition(self.model, rollout, index, steps).log_prob
+
+    def transition(self, model, rollout: Rollout, index: Tensor, steps: Tensor) -> DDIMStepOutput:
+        """``model``'s step (mean, std and the stored transition's log-prob) at the chain
+        positions ``steps`` of samples ``index``."""
         rows = torch.arange(len(index))
         chain = rollout.latents[index]
         latents, next_latents = chain[rows, steps], chain[rows, steps + 1]
@@ -62,13 +70,13 @@ class DDPOTrainer(Trainer):
         timesteps = rollout.timesteps.to(latents.device)[steps.to(latents.device)]
         negative = rollout.negative_conditioning(index) if self.config.train_cfg else None
         with self.autocast():
-            noise_pred = guided_noise_prediction(self.model, latents, timesteps,
+            noise_pred = guided_noise_prediction(model, latents, timesteps,
                                                  rollout.conditioning(index), negative,
                                                  rollout.guidance_scale)  # fmt: skip
         landing = self.schedule.following_timesteps(rollout.timesteps, rollout.num_inference_steps)
         next_timesteps = landing.to(latents.device)[steps.to(latents.device)]
         return self.schedule.step(noise_pred, timesteps, latents, next_timesteps, rollout.eta,
-                                  prev_sample=next_latents).log_prob  # fmt: skip
+                                  prev_sample=next_latents)  # fmt: skip
 
     def chain_step_weights(self, rollout: Rollout) -> Tensor:
         """The loss weight of each chain step (T,): 1 with ``step_weighting="uniform"``; with
@@ -92,10 +100,16 @@ class DDPOTrainer(Trainer):
                   step_weights: Tensor | None = None):  # fmt: skip
         """The PPO loss of samples ``index`` at their chain positions ``steps`` (one per sample),
         each weighted by ``step_weights[step]`` (default 1)."""
-        log_probs = self.transition_log_probs(rollout, index, steps)
-        weights = None if step_weights is None else step_weights[steps].to(log_probs.device)
-        return ddpo_loss(log_probs, rollout.log_probs[index, steps], advantages[index],
-                         self.config.clip_range, self.config.adv_clip_max, weights)  # fmt: skip
+        reference_mean = None
+        if self.config.beta_kl > 0:  # before the policy's forward, as AWM's reference
+            with torch.no_grad(), self.reference() as reference:
+                reference_mean = self.transition(reference, rollout, index, steps).mean
+        step = self.transition(self.model, rollout, index, steps)
+        kl = None if reference_mean is None else step_kl(step.mean, reference_mean, step.std)
+        weights = None if step_weights is None else step_weights[steps].to(step.log_prob.device)
+        return ddpo_loss(step.log_prob, rollout.log_probs[index, steps], advantages[index],
+                         self.config.clip_range, self.config.adv_clip_max, weights, kl,
+                         self.config.beta_kl)  # fmt: skip
 
     def train_on(self, batch: RoundBatch, step: int) -> dict[str, float]:
         config, rollout = self.config, batch.rollout

@@ -31,14 +31,17 @@ def ddpo_loss(
     clip_range: float = 1e-4,
     adv_clip_max: float = 5.0,
     step_weights: Tensor | None = None,
+    kl: Tensor | None = None,
+    beta_kl: float = 0.0,
 ) -> LossOutput:
     """PPO-clip loss for one denoising step of a batch (all tensors of shape (B,)).
 
     ``L = mean(w * max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)))`` with ``rho = exp(logp -
     logp_old)``, ``A`` clipped to ``[-adv_clip_max, adv_clip_max]`` and ``w`` the
-    ``step_weights`` of each sample's step (default 1). Diagnostics:
-    ``approx_kl = mean((logp - logp_old)^2) / 2``, ``clipfrac`` (share of ratios outside the
-    range) and the mean ratio.
+    ``step_weights`` of each sample's step (default 1), plus ``beta_kl * mean(kl)`` when each
+    sample's KL to the reference policy is given (:func:`step_kl`; Flow-GRPO's regulariser).
+    Diagnostics: ``approx_kl = mean((logp - logp_old)^2) / 2``, ``clipfrac`` (share of ratios
+    outside the range), the mean ratio, and ``kl`` when given.
     """
     weights = torch.ones_like(advantages) if step_weights is None else step_weights
     if not log_probs.shape == old_log_probs.shape == advantages.shape == weights.shape:
@@ -58,7 +61,25 @@ def ddpo_loss(
         "clipfrac": ((ratio.detach() - 1).abs() > clip_range).float().mean().item(),
         "ratio_mean": ratio.detach().mean().item(),
     }
+    if kl is not None:
+        if kl.shape != advantages.shape:
+            raise ValueError(f"kl has shape {tuple(kl.shape)}, the advantages "
+                             f"{tuple(advantages.shape)}.")  # fmt: skip
+        loss = loss + beta_kl * kl.mean()
+        diagnostics["kl"] = kl.detach().mean().item()
     return LossOutput(loss, diagnostics)
+
+
+def step_kl(mean: Tensor, reference_mean: Tensor, std: Tensor | float) -> Tensor:
+    """Each sample's KL divergence, per latent dimension, between a step's Gaussian and the
+    reference policy's at the same point: both ``N(., std^2)``, so ``mean((mu - mu_ref)^2) /
+    (2 std^2)`` over the non-batch dimensions (the per-dimension convention of DDPO's log-probs;
+    Flow-GRPO's KL term). ``std`` is a number or broadcasts against ``mean``."""
+    std = torch.as_tensor(std, device=mean.device).float()
+    if (std <= 0).any():
+        raise ValueError("The KL of a step needs std > 0: use eta > 0 (a stochastic step).")
+    per_dim = (mean.float() - reference_mean.float()) ** 2 / (2 * std**2)
+    return per_dim.flatten(1).mean(1)
 
 
 def _per_sample_mse(prediction: Tensor, target: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ so a resumed run continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import json
@@ -211,6 +212,8 @@ class Trainer:
         self.denoiser = denoiser_of(self.pipeline)  # the UNet, or SD3's transformer
         self._setup_model()
         self.pipeline.to(self.accelerator.device)
+        if self.reference_denoiser is not None:
+            self.reference_denoiser.to(self.accelerator.device)
         self.reward = load_reward(config.reward if reward is None else reward)
         self.reward = self.reward.to(self.accelerator.device)
         self.reward_parts = reward_components(self.reward)
@@ -242,6 +245,9 @@ class Trainer:
         from diffalign.models import add_lora
 
         config = self.config
+        self.reference_denoiser = None  # the KL reference: the adapter-disabled network under
+        if config.beta_kl > 0 and not config.use_lora:  # LoRA, else a copy, made before sharding
+            self.reference_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
         for frozen in self._frozen_components().values():
             frozen.requires_grad_(False)
         if config.use_lora:
@@ -312,7 +318,19 @@ class Trainer:
                 self._float32_frozen.append((tensor, tensor.detach().cpu().clone()))
             tensor.data = tensor.data.to(dtype)
         self._frozen_cast = True
+        if self.reference_denoiser is not None:  # never trained nor saved: no float32 copy kept
+            self.reference_denoiser.to(dtype)
         self.pipeline.latents_dtype = torch.float32  # the chain stays float32 (log-probs)
+
+    def reference(self):
+        """A context giving the KL terms' reference network: the denoiser with its LoRA adapter
+        disabled (no second copy in memory), or under full fine-tuning the frozen copy of the
+        starting weights."""
+        from diffalign.models import adapters_disabled
+
+        if self.reference_denoiser is not None:
+            return contextlib.nullcontext(self.reference_denoiser)
+        return adapters_disabled(self.denoiser)
 
     def _frozen_tensors(self) -> list[tuple[tuple[str, str], Tensor]]:
         """The untrained floating-point tensors of the frozen components and the denoiser (its

@@ -623,6 +623,20 @@ def test_ddpos_kl_term_starts_at_zero_and_pulls_back_to_the_reference(use_lora, 
     assert kl_loss().diagnostics["kl"] < moved.diagnostics["kl"]
 
 
+def test_a_run_that_raises_still_closes_its_trackers_and_process_group(tmp_path, monkeypatch):
+    trainer = _trainer(AWMTrainer, AWMConfig(max_steps=2, **SMALL), tmp_path)
+    ended = []
+    monkeypatch.setattr(trainer.accelerator, "end_training", lambda: ended.append(True))
+
+    def failing_round():
+        raise RuntimeError("a reward server went away")
+
+    monkeypatch.setattr(trainer, "run_round", failing_round)
+    with pytest.raises(RuntimeError, match="reward server"):
+        trainer.train()
+    assert ended == [True]
+
+
 def test_balanced_advantages_weigh_each_components_own_advantages():
     prompts = ["a", "a", "b", "b"]
     # a wide-spread component and a narrow one (weights 1 and 0.1), each deciding both groups

@@ -711,7 +711,22 @@ class Trainer:
 
     def train(self, resume: bool = False) -> Path:
         """Run to ``config.max_steps`` rounds (continuing the latest checkpoint with ``resume``);
-        returns the folder of the final pipeline."""
+        returns the folder of the final pipeline. However the run ends, raising or not, its
+        trackers are flushed and closed and its process group is destroyed."""
+        config = self.config
+        try:
+            final = self._train_rounds(resume)
+        finally:
+            self.accelerator.end_training()
+        if config.push_to_hub and self.accelerator.is_main_process:
+            repo_id = hub_repo_id(self.out, config.hub_model_id)
+            self.hub_url = push_run(self.out, repo_id, private=config.hub_private_repo)
+        for callback in self.callbacks:
+            callback.on_train_end(self, final)
+        return final
+
+    def _train_rounds(self, resume: bool) -> Path:
+        """The rounds, from a fresh start or the latest checkpoint, then ``final/``."""
         from tqdm.auto import tqdm
 
         config = self.config
@@ -750,14 +765,7 @@ class Trainer:
                 break
         bar.close()
         self._restore_best()
-        final = self.save_final()
-        self.accelerator.end_training()
-        if config.push_to_hub and self.accelerator.is_main_process:
-            repo_id = hub_repo_id(self.out, config.hub_model_id)
-            self.hub_url = push_run(self.out, repo_id, private=config.hub_private_repo)
-        for callback in self.callbacks:
-            callback.on_train_end(self, final)
-        return final
+        return self.save_final()
 
     def run_round(self) -> dict:
         """Sample, score and train one round (evaluating and guarding when it is due); returns

@@ -645,7 +645,7 @@ def test_balanced_advantages_weigh_each_components_own_advantages():
     rewards = parts[:, 0] + 0.1 * parts[:, 1]
 
     def trainer(balance: str) -> SimpleNamespace:
-        config = AWMConfig(global_std=False, reward_balance=balance)
+        config = AWMConfig(global_std=False, reward_balance=balance, reward="wide+0.1*narrow")
         stub = SimpleNamespace(config=config, reward=SimpleNamespace(weights=weights),
                                reward_parts=list(weights))  # fmt: skip
         stub.compute_advantages = lambda p, r, key="reward": AWMTrainer.compute_advantages(
@@ -671,9 +671,12 @@ def test_a_weighted_reward_logs_each_component_and_balance_needs_several(tmp_pat
     assert row["reward_mean"] == pytest.approx(mixed, rel=1e-5)
     assert set(trainer.component_trackers) == {"jpeg_compressibility", "tiny_clip"}
     assert all(len(b) == 2 for b in trainer.component_trackers["tiny_clip"].buffers.values())
-    single = DDPOConfig(max_steps=1, **{**SMALL, "reward_balance": "advantages"})
-    with pytest.raises(ConfigError, match="has one component"):
-        _trainer(DDPOTrainer, single, tmp_path / "single")
+    with pytest.raises(ConfigError, match="has one component"):  # a spec: told at once
+        DDPOConfig(max_steps=1, **{**SMALL, "reward_balance": "advantages"})
+    single = DDPOConfig(max_steps=1, **{**SMALL, "reward": "my_rewards.py:score",
+                                        "reward_balance": "advantages"})  # fmt: skip
+    with pytest.raises(ConfigError, match="has one component"):  # a reward object: once loaded
+        _trainer(DDPOTrainer, single, tmp_path / "single", reward="jpeg_compressibility")
     with pytest.raises(ConfigError, match="reward_balance must be one of"):
         DDPOConfig(reward_balance="mean")
 

@@ -165,6 +165,12 @@ class TrainConfig(BaseConfig):
         if self.reward_balance not in REWARD_BALANCES:
             raise ConfigError(f"reward_balance must be one of {REWARD_BALANCES}, "
                               f"got {self.reward_balance!r}.")  # fmt: skip
+        if self.reward_balance == "advantages" and len(_spec_terms(self.reward)) == 1:
+            raise ConfigError(
+                f"reward_balance: advantages normalises each component of a weighted reward on "
+                f"its own, but {self.reward!r} has one component; name several (e.g. "
+                "'pickscore+0.5*aesthetic') or set reward_balance: sum."
+            )
         positive = ("max_steps", "prompts_per_step", "samples_per_prompt", "sample_batch_size",
                     "num_inference_steps", "train_batch_size", "gradient_accumulation_steps",
                     "eval_every", "save_every", "num_heldout_prompts",
@@ -198,6 +204,17 @@ class TrainConfig(BaseConfig):
     def samples_per_step(self) -> int:
         """Images sampled per round over all processes."""
         return self.prompts_per_step * self.samples_per_prompt
+
+
+def _spec_terms(spec: str) -> dict[str, float]:
+    """The terms of a weighted-sum reward spec; {} for one that is not such a spec (a
+    ``FILE.py:NAME`` reference: its reward is checked once loaded)."""
+    from diffalign.rewards.registry import parse_reward_spec
+
+    try:
+        return parse_reward_spec(spec)
+    except ValueError:
+        return {}
 
 
 @dataclass

@@ -92,8 +92,8 @@ def derive_seed(seed: int, *parts: object) -> int:
 
 
 def load_training_pipeline(model: str) -> RolloutPipeline | SDXLRolloutPipeline:
-    """A :class:`RolloutPipeline` (an :class:`SDXLRolloutPipeline` for SDXL) from a folder, a hub
-    id or ``diffalign:<shipped model>``."""
+    """A :class:`RolloutPipeline` (its SDXL or SD3 counterpart for those models) from a folder, a
+    hub id or ``diffalign:<shipped model>``."""
     from diffalign.models import load_pipeline
     from diffalign.world import resolve_shipped
 

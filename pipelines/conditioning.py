@@ -85,6 +85,10 @@ class Conditioning:
         """The rows at ``index``."""
         return self._map(lambda tensor: tensor[index])
 
+    def to(self, device: torch.device | str) -> Conditioning:
+        """The same conditioning on ``device``."""
+        return self._map(lambda tensor: tensor.to(device))
+
     def expand(self, rows: int) -> Conditioning:
         """A one-row conditioning repeated (as a view) for ``rows`` rows."""
         return self._map(lambda tensor: tensor.expand(rows, *tensor.shape[1:]))
@@ -130,7 +134,11 @@ def encode_conditioning(
 ) -> tuple[Conditioning, Conditioning | None]:
     """The conditioning for ``prompt`` and, with ``use_cfg``, for the negative prompt (None
     without), from the pipeline's own ``encode_prompt`` (SD 1.x/2.x, SDXL or SD3; SDXL's and
-    SD3's ``prompt`` feeds all their text encoders).
+    SD3's ``prompt`` feeds all their text encoders), on ``device``.
+
+    A prompt list that repeats prompts (a round of prompt groups) is encoded once per distinct
+    prompt. The text encoders run where ``pipeline.text_encoder_device`` says when it is set
+    (a trainer that keeps them on the CPU), ``device`` otherwise.
 
     ``precomputed`` passes ``encode_prompt``'s embedding arguments on (``prompt_embeds``,
     ``negative_prompt_embeds``, and for SDXL and SD3 ``pooled_prompt_embeds`` and
@@ -138,6 +146,25 @@ def encode_conditioning(
     the UNet's sample size in pixels.
     """
     precomputed = {key: value for key, value in precomputed.items() if value is not None}
+    repeats = not precomputed and not isinstance(negative_prompt, list)
+    if repeats and isinstance(prompt, list) and len(set(prompt)) < len(prompt):
+        distinct = list(dict.fromkeys(prompt))
+        positive, negative = encode_conditioning(pipeline, distinct, device, 1, use_cfg,
+                                                 negative_prompt, height, width)  # fmt: skip
+        rows = torch.tensor([distinct.index(text) for text in prompt], device=device)
+        rows = rows.repeat_interleave(num_images_per_prompt)
+        return positive.select(rows), None if negative is None else negative.select(rows)
+    encoder_device = getattr(pipeline, "text_encoder_device", None) or device
+    positive, negative = _encode(pipeline, prompt, encoder_device, num_images_per_prompt, use_cfg,
+                                 negative_prompt, height, width, precomputed)  # fmt: skip
+    if torch.device(encoder_device) != torch.device(device):
+        positive, negative = positive.to(device), None if negative is None else negative.to(device)
+    return positive, negative
+
+
+def _encode(pipeline, prompt, device, num_images_per_prompt, use_cfg, negative_prompt, height,
+            width, precomputed: dict) -> tuple[Conditioning, Conditioning | None]:  # fmt: skip
+    """:func:`encode_conditioning` by the pipeline's ``encode_prompt``, every prompt as given."""
     family = pipeline_family(pipeline)
     if family == "sd":
         embeds, negative = pipeline.encode_prompt(

@@ -182,6 +182,9 @@ class _RolloutSampling:
     latents_dtype: torch.dtype | None = None
     """The dtype of the sampled chain; None: the text embeddings' (diffusers' choice). A trainer
     whose text encoders run in half precision sets float32, which its log-probs need."""
+    text_encoder_device: torch.device | None = None
+    """Where prompts are encoded; None: where the pipeline runs. A trainer that keeps the text
+    encoders on the CPU (``offload_text_encoders``) sets it."""
 
     def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device,
                         generator, latents=None):  # fmt: skip

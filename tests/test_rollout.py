@@ -156,3 +156,46 @@ def test_plain_sampling_of_a_flow_model_uses_the_rollout_pipeline(flow_pipeline)
     images = sample_images(sampler, "x", generator=torch.Generator().manual_seed(0), **kwargs)
     expected = flow_pipeline("x", eta=0.0, generator=torch.Generator().manual_seed(0), **kwargs)
     torch.testing.assert_close(images, expected.images)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
+def test_repeated_prompts_are_encoded_once_each_and_give_the_same_conditioning(family):
+    from diffalign.models import (
+        build_tiny_pipeline,
+        build_tiny_sd3_pipeline,
+        build_tiny_sdxl_pipeline,
+    )
+    from diffalign.pipelines.conditioning import _encode, encode_conditioning
+
+    build = {"sd": build_tiny_pipeline, "sdxl": build_tiny_sdxl_pipeline,
+             "sd3": build_tiny_sd3_pipeline}[family]  # fmt: skip
+    pipeline = build(seed=0)
+    rows = [0]
+    pipeline.text_encoder.register_forward_pre_hook(
+        lambda _m, args, kwargs: rows.__setitem__(0, rows[0] + len(args[0] if args else
+                                                                    kwargs["input_ids"])),
+        with_kwargs=True,
+    )  # fmt: skip
+    prompts = ["a red circle"] * 3 + ["two blue squares"] * 3
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        positive, negative = encode_conditioning(pipeline, prompts, cpu, 2, True)
+        # the two distinct prompts, and their negatives but for SDXL's zeros for empty ones
+        assert rows[0] == (2 if family == "sdxl" else 2 + 2)
+        expected, expected_negative = _encode(pipeline, prompts, cpu, 2, True, None, None, None, {})
+    for mine, theirs in [(positive, expected), (negative, expected_negative)]:
+        for name in ("embeds", "pooled", "time_ids"):
+            if getattr(theirs, name) is not None:  # equal up to batched float summation
+                torch.testing.assert_close(getattr(mine, name), getattr(theirs, name))
+    assert len(positive) == len(negative) == 12
+
+
+def test_prompts_are_encoded_where_the_text_encoders_are_and_handed_over(rollout_pipeline):
+    from diffalign.pipelines.conditioning import encode_conditioning
+
+    rollout_pipeline.text_encoder_device = torch.device("cpu")  # as offload_text_encoders sets
+    meta = torch.device("meta")  # stands for the accelerator: no arithmetic happens there
+    with torch.no_grad():
+        positive, negative = encode_conditioning(rollout_pipeline, ["a red circle"], meta, 2, True)
+    assert positive.embeds.device == negative.embeds.device == meta
+    assert positive.embeds.shape == (2, 77, 32)

@@ -549,6 +549,22 @@ def test_mixed_precision_step_on_cuda_updates_float32_lora_weights(cls, config_c
     assert any(not torch.equal(before[n], w) for n, w in after.items())
 
 
+@pytest.mark.parametrize("model", ["sd", "sd3"])
+def test_offloaded_text_encoders_encode_on_the_cpu_for_the_rounds(model, tmp_path):
+    config = AWMConfig(max_steps=1, **{**SMALL, "offload_text_encoders": True})
+    trainer = _trainer(AWMTrainer, config, tmp_path, model=model)
+    assert trainer.pipeline.text_encoder_device == torch.device("cpu")
+    encoders = [m for name, m in trainer._frozen_components().items() if "text" in name]
+    assert len(encoders) == (2 if model == "sd3" else 1)
+    assert all(p.device.type == "cpu" for m in encoders for p in m.parameters())
+    device = trainer.accelerator.device  # on a GPU the denoiser and the embeddings are there
+    assert all(p.device.type == device.type for p in trainer.denoiser.parameters())
+    batch = trainer.sample_round(0)
+    assert batch.rollout.prompt_embeds.device.type == device.type
+    loss = trainer.train_on(batch, 0)["loss"]
+    assert loss == loss  # not NaN
+
+
 def _noise_only_gradient(trainer, rollout, advantages, shared: bool) -> float:
     """Gradient norm of the policy loss when every sample of a group has the same latents."""
     trainer.config.shared_noise = shared

@@ -212,6 +212,8 @@ class Trainer:
         self.denoiser = denoiser_of(self.pipeline)  # the UNet, or SD3's transformer
         self._setup_model()
         self.pipeline.to(self.accelerator.device)
+        if config.offload_text_encoders:
+            self._offload_text_encoders()
         if self.reference_denoiser is not None:
             self.reference_denoiser.to(self.accelerator.device)
         self.reward = load_reward(config.reward if reward is None else reward)
@@ -279,6 +281,14 @@ class Trainer:
             config.lr_warmup_steps,
             config.max_steps,
         )
+
+    def _offload_text_encoders(self) -> None:
+        """Keep the text encoders on the CPU, where the pipeline then encodes prompts (their
+        embeddings come to the GPU); the denoiser and the VAE stay on the accelerator."""
+        for name, module in self._frozen_components().items():
+            if name.startswith("text_encoder"):
+                module.to("cpu")
+        self.pipeline.text_encoder_device = torch.device("cpu")
 
     def _frozen_components(self) -> dict[str, torch.nn.Module]:
         """The pipeline's components that are never trained, by name."""

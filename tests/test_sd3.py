@@ -54,3 +54,28 @@ def test_sd3_conditioning_calls_the_transformer_and_refuses_a_unet_call(sd3):
         conditioning.unet_kwargs()
     with pytest.raises(ValueError, match="pooled embeddings with its time ids"):
         Conditioning(torch.zeros(2, 77, 32), time_ids=torch.zeros(2, 6))
+
+
+def test_the_sd35_random_benchmark_model_has_sd35_medium_sizes_and_its_parts_fit():
+    from diffalign.benchmarks.rollout import build_sd35_random_pipeline
+    from diffalign.pipelines.conditioning import encode_conditioning
+    from diffalign.pipelines.rollout import guided_noise_prediction
+
+    meta = torch.device("meta")  # shapes only: no memory, no arithmetic
+    pipeline = build_sd35_random_pipeline(meta)
+    sizes = {name: sum(p.numel() for p in getattr(pipeline, name).parameters())
+             for name in ("transformer", "text_encoder_2")}  # fmt: skip
+    assert sizes["transformer"] == 2_243_171_520 and sizes["text_encoder_2"] == 694_659_840
+    conditioning, negative = encode_conditioning(pipeline, PROMPTS, meta, 1, True)
+    # 77 CLIP tokens + 256 in T5's place, 4096 wide; the two pooled embeddings, 768 + 1280
+    assert conditioning.embeds.shape == (2, 333, 4096) and conditioning.pooled.shape == (2, 2048)
+    latents = torch.zeros(2, 16, 64, 64, device=meta)  # 512 px, the AWM paper's size
+    prediction = guided_noise_prediction(
+        pipeline.transformer,
+        latents,
+        torch.tensor(1000.0, device=meta),
+        conditioning,
+        negative,
+        4.5,
+    )
+    assert prediction.shape == latents.shape

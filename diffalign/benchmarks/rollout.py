@@ -9,8 +9,9 @@
 
 Models: ``diffalign:tiny-shapes`` (the shipped tiny model), a pipeline folder (SD, SDXL or SD3), or
 one of the :data:`RANDOM_ARCHITECTURES` with random weights, for GPUs: ``sd15-random`` (Stable
-Diffusion 1.5: UNet, VAE, CLIP ViT-L text encoder) and ``sdxl-random`` (SDXL base 1.0: its UNet,
-VAE, CLIP ViT-L and OpenCLIP ViT-bigG text encoders).
+Diffusion 1.5: UNet, VAE, CLIP ViT-L text encoder), ``sdxl-random`` (SDXL base 1.0: its UNet,
+VAE, CLIP ViT-L and OpenCLIP ViT-bigG text encoders) and ``sd35-random`` (Stable Diffusion 3.5
+Medium: its MMDiT-X transformer, 16-channel VAE and both CLIP text encoders; no T5).
 """
 
 from __future__ import annotations
@@ -23,6 +24,22 @@ import torch
 
 SD15_RANDOM = "sd15-random"
 SDXL_RANDOM = "sdxl-random"
+SD35_RANDOM = "sd35-random"
+SD35_MEDIUM_TRANSFORMER_CONFIG = {  # Stable Diffusion 3.5 Medium's MMDiT-X (2.24B parameters)
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,  # CLIP ViT-L's 768 + OpenCLIP ViT-bigG's 1280
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": tuple(range(13)),
+    "qk_norm": "rms_norm",
+}
 SDXL_UNET_CONFIG = {  # SDXL base 1.0's UNet (2.6B parameters)
     "sample_size": 128,
     "in_channels": 4,
@@ -42,14 +59,17 @@ SDXL_UNET_CONFIG = {  # SDXL base 1.0's UNet (2.6B parameters)
 }
 
 
-def _sd_vae(sample_size: int, scaling_factor: float):
-    """Stable Diffusion's VAE architecture (SD1.5 and SDXL share it), random weights."""
+def _sd_vae(sample_size: int, scaling_factor: float, sd3: bool = False):
+    """Stable Diffusion's VAE architecture (SD1.5 and SDXL share it; ``sd3``: SD3's, with 16
+    latent channels, a shifted latent space and no quant convolutions), random weights."""
     from diffusers import AutoencoderKL
 
+    sd3_layout = {"latent_channels": 16, "shift_factor": 0.0609, "use_quant_conv": False,
+                  "use_post_quant_conv": False} if sd3 else {"latent_channels": 4}  # fmt: skip
     return AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        sample_size=sample_size, scaling_factor=scaling_factor,
+        sample_size=sample_size, scaling_factor=scaling_factor, **sd3_layout,
     )  # fmt: skip
 
 
@@ -101,8 +121,35 @@ def build_sdxl_random_pipeline(device: str | torch.device = "cpu"):
         )  # fmt: skip
 
 
+def build_sd35_random_pipeline(device: str | torch.device = "cpu"):
+    """A StableDiffusion3Pipeline with Stable Diffusion 3.5 Medium's architecture and random
+    weights (speed only), built on ``device``: its transformer, VAE, both CLIP text encoders and
+    flow-matching scheduler (shift 3). No T5 encoder (its tokenizer cannot be built offline):
+    diffusers feeds zeros in its place, so encoding costs less than the real model's."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    from diffalign.models import build_clip_tokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        return StableDiffusion3Pipeline(
+            transformer=SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER_CONFIG),
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=_sd_vae(1024, 1.5305, sd3=True),
+            text_encoder=_clip_text_encoder(768, 12, 12, "quick_gelu", projection=True),
+            text_encoder_2=_clip_text_encoder(1280, 32, 20, "gelu", projection=True),
+            tokenizer=build_clip_tokenizer(), tokenizer_2=build_clip_tokenizer(),
+            text_encoder_3=None, tokenizer_3=None,
+        )  # fmt: skip
+
+
 RANDOM_ARCHITECTURES = {SD15_RANDOM: build_sd15_random_pipeline,
-                        SDXL_RANDOM: build_sdxl_random_pipeline}  # fmt: skip
+                        SDXL_RANDOM: build_sdxl_random_pipeline,
+                        SD35_RANDOM: build_sd35_random_pipeline}  # fmt: skip
 """The ``--model`` names of the random-weight architectures, and their builders."""
 
 

@@ -131,8 +131,8 @@ def _add_rollout(subparsers) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--model", default="diffalign:tiny-shapes",
-        help="a pipeline folder (SD or SDXL), diffalign:tiny-shapes, or sd15-random / "
-             "sdxl-random (random weights, GPU)",
+        help="a pipeline folder (SD, SDXL or SD3), diffalign:tiny-shapes, or sd15-random / "
+             "sdxl-random / sd35-random (random weights, GPU)",
     )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
@@ -168,7 +168,7 @@ def _add_dts(subparsers) -> None:
         "metrics.json (nfe_ratio_dts_star_vs_best_of_n, curves) and reward_vs_nfe.png.",
         _run_dts,
     )  # fmt: skip
-    random_models = " or sd15-random / sdxl-random (with --speed-only)"
+    random_models = " or sd15-random / sdxl-random / sd35-random (with --speed-only)"
     _add_chain_arguments(parser, num_prompts=16, model_help=random_models)
     parser.add_argument("--n", type=int, default=32, help="best-of-N's N (the budget)")
     parser.add_argument("--budgets", default="2,4,8,16,32",

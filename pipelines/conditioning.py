@@ -21,11 +21,6 @@ from torch import Tensor
 from diffalign.models import pipeline_family
 
 
-def is_sdxl_pipeline(pipeline) -> bool:
-    """Whether ``pipeline`` is (a subclass of) diffusers' ``StableDiffusionXLPipeline``."""
-    return pipeline_family(pipeline) == "sdxl"
-
-
 @dataclass
 class Conditioning:
     """A batch's denoiser conditioning.

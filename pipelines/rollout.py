@@ -47,13 +47,16 @@ class Rollout:
         latents: (B, T + 1, C, h, w): the starting noise first, the final latent last.
         timesteps: (T,) the timestep of each step (the chain goes from ``latents[:, i]`` at
             ``timesteps[i]`` to ``latents[:, i + 1]``).
-        log_probs: (B, T) float32 log-prob of each step (mean over latent dims), or None at eta 0.
+        log_probs: (B, T) float32 log-prob of each step (mean over latent dims), or None at eta 0;
+            NaN at the steps taken deterministically (see ``stochastic_steps``).
         prompt_embeds: (B, L, D) text conditioning.
         negative_prompt_embeds: (B, L, D) unconditional embeddings, or None without CFG.
         guidance_scale, eta, num_inference_steps: how the chain was sampled.
         pooled_prompt_embeds, negative_pooled_prompt_embeds, add_time_ids: SDXL's added
             conditioning, (B, P), (B, P) or None without CFG, and (B, 6); None for SD 1.x/2.x.
             SD3's rollouts carry the pooled embeddings without time ids.
+        stochastic_steps: the chain positions sampled at ``eta`` (the others at eta 0), or None
+            for all of them.
     """
 
     prompts: list[str]
@@ -69,6 +72,7 @@ class Rollout:
     pooled_prompt_embeds: Tensor | None = None
     negative_pooled_prompt_embeds: Tensor | None = None
     add_time_ids: Tensor | None = None
+    stochastic_steps: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -229,6 +233,7 @@ class _RolloutSampling:
         pooled_prompt_embeds: Tensor | None = None,
         negative_pooled_prompt_embeds: Tensor | None = None,
         decode: bool = True,
+        stochastic_steps: Sequence[int] | None = None,
     ) -> Rollout:
         """Sample ``num_images_per_prompt`` chains per prompt with the DDIM step at ``eta``.
 
@@ -237,8 +242,10 @@ class _RolloutSampling:
         ``guidance_scale`` defaults to diffusers' (7.5, SDXL 5.0, SD3 7.0), ``eta`` to 1
         (DDPO), and ``decode=False`` skips the VAE (``images`` is then None). Another scheduler
         (SD1.5 ships PNDM, SDXL Euler) is replaced by a ``DDIMScheduler`` with the same config;
-        a flow-matching one is kept (see the module doc). The progress bar follows the
-        pipeline's ``set_progress_bar_config``.
+        a flow-matching one is kept (see the module doc). ``stochastic_steps`` (chain
+        positions, 0 first) samples only those steps at ``eta`` and the others deterministically
+        (eta 0), as Flow-GRPO-Fast confines its SDE to a few steps: their log-probs are NaN. The
+        progress bar follows the pipeline's ``set_progress_bar_config``.
         """
         height, width = height or self._default_size(), width or self._default_size()
         if guidance_scale is None:
@@ -263,8 +270,13 @@ class _RolloutSampling:
             batch * num_images_per_prompt, denoiser_of(self).config.in_channels, height, width,
             self.latents_dtype or conditioning.embeds.dtype, device, generator, latents,
         )  # fmt: skip
+        steps = None if stochastic_steps is None else tuple(sorted(set(stochastic_steps)))
+        if steps is not None and (not steps or steps[0] < 0 or steps[-1] >= len(timesteps)):
+            raise ValueError(f"stochastic_steps must be chain positions in [0, {len(timesteps)}) "
+                             f"(at least one), got {stochastic_steps!r}.")  # fmt: skip
+        etas = [eta if steps is None or i in steps else 0.0 for i in range(len(timesteps))]
         chain, log_probs = self._denoise(sample, timesteps, conditioning, negative,
-                                         guidance_scale, eta, generator)  # fmt: skip
+                                         guidance_scale, etas, generator)  # fmt: skip
         prompts = [p for p in (prompt or [""] * batch) for _ in range(num_images_per_prompt)]
         return Rollout(
             prompts=prompts,
@@ -280,18 +292,20 @@ class _RolloutSampling:
             pooled_prompt_embeds=conditioning.pooled,
             negative_pooled_prompt_embeds=None if negative is None else negative.pooled,
             add_time_ids=conditioning.time_ids,
+            stochastic_steps=steps,
         )
 
     def _denoise(self, sample: Tensor, timesteps: Tensor, conditioning: Conditioning,
-                 negative: Conditioning | None, guidance_scale: float, eta: float,
+                 negative: Conditioning | None, guidance_scale: float, etas: list[float],
                  generator) -> tuple[Tensor, Tensor | None]:  # fmt: skip
-        """The chain from ``sample`` over ``timesteps``: latents (B, T + 1, ...) and each step's
-        log-prob (B, T), None at eta 0."""
+        """The chain from ``sample`` over ``timesteps``, step ``i`` at ``etas[i]``: latents
+        (B, T + 1, ...) and each step's log-prob (B, T), NaN at deterministic steps (None when
+        every step is)."""
         schedule = load_schedule(self.scheduler)
         landing = schedule.following_timesteps(timesteps, len(timesteps))
         chain, log_probs = [sample], []
         denoiser = denoiser_of(self)
-        for t, t_next in zip(self.progress_bar(timesteps), landing, strict=True):
+        for t, t_next, eta in zip(self.progress_bar(timesteps), landing, etas, strict=True):
             noise_pred = guided_noise_prediction(
                 denoiser, sample, t, conditioning, negative, guidance_scale
             )
@@ -301,9 +315,11 @@ class _RolloutSampling:
             step = schedule.step(noise_pred, t, sample, t_next, eta=eta, noise=noise)
             sample = step.prev_sample
             chain.append(sample)
-            if step.log_prob is not None:
-                log_probs.append(step.log_prob.float())
-        return torch.stack(chain, dim=1), torch.stack(log_probs, dim=1) if log_probs else None
+            deterministic = torch.full((len(sample),), float("nan"), device=sample.device)
+            log_probs.append(deterministic if step.log_prob is None else step.log_prob.float())
+        if all(eta == 0 for eta in etas):
+            return torch.stack(chain, dim=1), None
+        return torch.stack(chain, dim=1), torch.stack(log_probs, dim=1)
 
 
 class RolloutPipeline(_RolloutSampling, StableDiffusionPipeline):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-from diffalign.pipelines.rollout import Rollout, RolloutPipeline
+from diffalign.pipelines.rollout import Rollout, RolloutPipeline, guided_noise_prediction
 from diffalign.sampling import NoiseSchedule, ddim_step_log_prob
 
 PROMPTS = ["a red circle", "two blue squares left of a green triangle"]
@@ -199,3 +199,30 @@ def test_prompts_are_encoded_where_the_text_encoders_are_and_handed_over(rollout
         positive, negative = encode_conditioning(rollout_pipeline, ["a red circle"], meta, 2, True)
     assert positive.embeds.device == negative.embeds.device == meta
     assert positive.embeds.shape == (2, 77, 32)
+
+
+def test_stochastic_steps_sample_only_those_at_eta(rollout_pipeline):
+    kwargs = {"num_inference_steps": 4, "guidance_scale": 3.0}
+    window = rollout_pipeline(PROMPTS, eta=1.0, generator=_generator(), stochastic_steps=[1, 2],
+                              **kwargs)  # fmt: skip
+    deterministic = rollout_pipeline(PROMPTS, eta=0.0, generator=_generator(), **kwargs)
+    assert window.stochastic_steps == (1, 2)
+    # the same start and first (deterministic) step; the window then departs from eta 0
+    torch.testing.assert_close(window.latents[:, :2], deterministic.latents[:, :2])
+    assert not torch.allclose(window.latents[:, 3], deterministic.latents[:, 3])
+    assert window.log_probs[:, [0, 3]].isnan().all() and window.log_probs[:, 1:3].isfinite().all()
+    schedule = NoiseSchedule.from_scheduler(rollout_pipeline.scheduler)
+    for i in (1, 2):  # the window's log-probs recompute from the stored transitions
+        t = window.timesteps[i]
+        with torch.no_grad():
+            noise_pred = guided_noise_prediction(
+                rollout_pipeline.unet, window.latents[:, i], t, window.conditioning(),
+                window.negative_conditioning(), 3.0,
+            )  # fmt: skip
+        recomputed = ddim_step_log_prob(noise_pred, t, window.latents[:, i],
+                                        window.latents[:, i + 1], schedule,
+                                        schedule.previous_timestep(t, 4), eta=1.0)  # fmt: skip
+        torch.testing.assert_close(recomputed, window.log_probs[:, i], atol=1e-4, rtol=1e-4)
+    assert window.select([1]).stochastic_steps == (1, 2)
+    with pytest.raises(ValueError, match="stochastic_steps must be chain positions"):
+        rollout_pipeline(PROMPTS, eta=1.0, stochastic_steps=[4], **kwargs)

@@ -653,6 +653,30 @@ def test_a_run_that_raises_still_closes_its_trackers_and_process_group(tmp_path,
     assert ended == [True]
 
 
+def test_ddpos_sde_window_samples_and_trains_only_its_steps(tmp_path, monkeypatch):
+    settings = {**SMALL, "stat_min_count": 2, "num_inference_steps": 6, "sde_window": 2}
+    trainer = _trainer(DDPOTrainer, DDPOConfig(max_steps=1, **settings), tmp_path)
+    batch = trainer.sample_round(0)
+    window = batch.rollout.stochastic_steps
+    assert len(window) == 2 and window[1] == window[0] + 1  # consecutive, as drawn for round 0
+    assert window == tuple(trainer.rollout_options(0)["stochastic_steps"])
+    outside = [i for i in range(6) if i not in window]
+    assert batch.rollout.log_probs[:, outside].isnan().all()
+    trained = []
+    original = DDPOTrainer.step_loss
+
+    def recording(self, rollout, advantages, index, steps, step_weights=None):
+        trained.extend(steps.tolist())
+        return original(self, rollout, advantages, index, steps, step_weights)
+
+    monkeypatch.setattr(DDPOTrainer, "step_loss", recording)
+    metrics = trainer.train_on(batch, 0)
+    assert set(trained) == set(window) and len(trained) == 2 * len(batch.rollout)
+    assert metrics["loss"] == metrics["loss"]  # the window's log-probs are finite
+    with pytest.raises(ConfigError, match="sde_window must be in"):
+        DDPOConfig(num_inference_steps=4, sde_window=5)
+
+
 def test_balanced_advantages_weigh_each_components_own_advantages():
     prompts = ["a", "a", "b", "b"]
     # a wide-spread component and a narrow one (weights 1 and 0.1), each deciding both groups

@@ -237,6 +237,12 @@ class DDPOConfig(TrainConfig):
         default="uniform",
         metadata={"help": "uniform, or noise: each step's loss times its noise level (std)"},
     )
+    sde_window: int = field(
+        default=0,
+        metadata={"help": "0: every chain step stochastic and trainable (DDPO); k > 0: each "
+                          "round samples k consecutive steps at a random place at eta, the "
+                          "rest deterministically, and trains those k (Flow-GRPO-Fast style)"},
+    )  # fmt: skip
     per_prompt_stat_tracking: bool = True
     stat_buffer_size: int = 32
     stat_min_count: int = 16
@@ -249,6 +255,11 @@ class DDPOConfig(TrainConfig):
             raise ConfigError("timestep_fraction must be in (0, 1].")
         if self.num_inner_epochs < 1:
             raise ConfigError("num_inner_epochs must be >= 1.")
+        if not 0 <= self.sde_window <= self.num_inference_steps:
+            raise ConfigError(
+                f"sde_window must be in [0, num_inference_steps = {self.num_inference_steps}] "
+                f"(0: every step stochastic), got {self.sde_window}."
+            )
         if self.step_weighting not in DDPO_STEP_WEIGHTINGS:
             raise ConfigError(
                 f"step_weighting must be one of {DDPO_STEP_WEIGHTINGS}, "

@@ -6,7 +6,11 @@ trained. For each micro-batch, the log-probs of the stored transitions are recom
 current policy (with CFG when ``train_cfg``) and :func:`~diffalign.train.losses.ddpo_loss` is
 accumulated over the trained steps before one optimizer step. With ``beta_kl > 0`` each trained
 step also pays ``beta_kl`` times its KL to the reference policy (the adapter-disabled network,
-or the starting weights under full fine-tuning) at the same point, as Flow-GRPO does.
+or the starting weights under full fine-tuning) at the same point, as Flow-GRPO does. With
+``sde_window = k > 0`` a round's chains are stochastic only on ``k`` consecutive steps at a
+random place (the same for the round) and deterministic elsewhere, and only those steps are
+trained: Flow-GRPO-Fast's way of spending the update on a few steps (reconstructed, not its
+code: where it places the window may differ).
 """
 
 from __future__ import annotations
@@ -78,6 +82,15 @@ class DDPOTrainer(Trainer):
         return self.schedule.step(noise_pred, timesteps, latents, next_timesteps, rollout.eta,
                                   prev_sample=next_latents)  # fmt: skip
 
+    def rollout_options(self, step: int) -> dict:
+        """Round ``step``'s stochastic window (``sde_window`` > 0), drawn from the run's seed."""
+        window, steps = self.config.sde_window, self.config.num_inference_steps
+        if window == 0:
+            return {}
+        generator = torch.Generator().manual_seed(derive_seed(self.config.seed, step, "window"))
+        start = int(torch.randint(0, steps - window + 1, (1,), generator=generator))
+        return {"stochastic_steps": range(start, start + window)}
+
     def chain_step_weights(self, rollout: Rollout) -> Tensor:
         """The loss weight of each chain step (T,): 1 with ``step_weighting="uniform"``; with
         ``"noise"`` the step's noise level over its mean along the chain.
@@ -114,12 +127,13 @@ class DDPOTrainer(Trainer):
     def train_on(self, batch: RoundBatch, step: int) -> dict[str, float]:
         config, rollout = self.config, batch.rollout
         generator = torch.Generator().manual_seed(derive_seed(config.seed, step, self.rank, "ppo"))
-        count, chain_steps = len(rollout), len(rollout.timesteps)
-        trained_steps = max(1, int(chain_steps * config.timestep_fraction))
+        count = len(rollout)
+        positions = torch.tensor(rollout.stochastic_steps or range(len(rollout.timesteps)))
+        trained_steps = max(1, int(len(positions) * config.timestep_fraction))
         step_weights = self.chain_step_weights(rollout)
         diagnostics = []
         for _ in range(config.num_inner_epochs):
-            orders = torch.stack([torch.randperm(chain_steps, generator=generator)
+            orders = torch.stack([positions[torch.randperm(len(positions), generator=generator)]
                                   for _ in range(count)])  # fmt: skip
             for group in self.micro_batches(count, generator):
                 parts = len(group) * trained_steps

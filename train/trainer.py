@@ -463,7 +463,8 @@ class Trainer:
                 chunk = expanded[start : start + config.sample_batch_size]
                 with self.autocast():
                     rollout = self.pipeline(chunk, eta=config.eta, generator=generator,
-                                            **self._sampling_kwargs())  # fmt: skip
+                                            **self._sampling_kwargs(),
+                                            **self.rollout_options(step))  # fmt: skip
                 rollouts.append(rollout)
                 futures.append(scorer.submit(rollout.images, rollout.prompts))
             scores = torch.cat(scorer.gather(futures)).to(self.accelerator.device)
@@ -497,6 +498,10 @@ class Trainer:
             return self.compute_advantages(prompts, rewards)
         return sum(self.reward.weights[name] * self.compute_advantages(prompts, parts[:, k], name)
                    for k, name in enumerate(self.reward_parts))  # fmt: skip
+
+    def rollout_options(self, step: int) -> dict:
+        """A method's own arguments for round ``step``'s rollouts (the same on every process)."""
+        return {}
 
     def compute_advantages(
         self, prompts: list[str], rewards: Tensor, key: str = "reward"

@@ -143,10 +143,10 @@ def encode_conditioning(
     precomputed = {key: value for key, value in precomputed.items() if value is not None}
     repeats = not precomputed and not isinstance(negative_prompt, list)
     if repeats and isinstance(prompt, list) and len(set(prompt)) < len(prompt):
-        distinct = list(dict.fromkeys(prompt))
-        positive, negative = encode_conditioning(pipeline, distinct, device, 1, use_cfg,
+        row_of = {text: row for row, text in enumerate(dict.fromkeys(prompt))}
+        positive, negative = encode_conditioning(pipeline, list(row_of), device, 1, use_cfg,
                                                  negative_prompt, height, width)  # fmt: skip
-        rows = torch.tensor([distinct.index(text) for text in prompt], device=device)
+        rows = torch.tensor([row_of[text] for text in prompt], device=device)
         rows = rows.repeat_interleave(num_images_per_prompt)
         return positive.select(rows), None if negative is None else negative.select(rows)
     encoder_device = getattr(pipeline, "text_encoder_device", None) or device

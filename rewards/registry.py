@@ -123,9 +123,12 @@ class WeightedReward(Reward):
         """Each component's own scores, by name."""
         return {name: reward(images, prompts) for name, reward in self.rewards.items()}
 
-    def forward(self, images: torch.Tensor, prompts: str | Sequence[str]) -> torch.Tensor:
-        parts = self.breakdown(images, prompts)  # each component checks the inputs
+    def combine(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The weighted sum of the components' scores (from :meth:`breakdown`)."""
         return sum(self.weights[name] * scores for name, scores in parts.items())
+
+    def forward(self, images: torch.Tensor, prompts: str | Sequence[str]) -> torch.Tensor:
+        return self.combine(self.breakdown(images, prompts))  # each component checks the inputs
 
 
 def reward_components(reward: Reward) -> list[str]:

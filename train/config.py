@@ -172,11 +172,7 @@ class TrainConfig(BaseConfig):
             raise ConfigError(f"reward_balance must be one of {REWARD_BALANCES}, "
                               f"got {self.reward_balance!r}.")  # fmt: skip
         if self.reward_balance == "advantages" and len(_spec_terms(self.reward)) == 1:
-            raise ConfigError(
-                f"reward_balance: advantages normalises each component of a weighted reward on "
-                f"its own, but {self.reward!r} has one component; name several (e.g. "
-                "'pickscore+0.5*aesthetic') or set reward_balance: sum."
-            )
+            raise single_reward_to_balance(self.reward)
         positive = ("max_steps", "prompts_per_step", "samples_per_prompt", "sample_batch_size",
                     "num_inference_steps", "train_batch_size", "gradient_accumulation_steps",
                     "eval_every", "save_every", "num_heldout_prompts",
@@ -210,6 +206,15 @@ class TrainConfig(BaseConfig):
     def samples_per_step(self) -> int:
         """Images sampled per round over all processes."""
         return self.prompts_per_step * self.samples_per_prompt
+
+
+def single_reward_to_balance(reward: str) -> ConfigError:
+    """The error for ``reward_balance: advantages`` on a reward of one component."""
+    return ConfigError(
+        f"reward_balance: advantages normalises each component of a weighted reward on its own, "
+        f"but {reward!r} has one component; name several (e.g. 'pickscore+0.5*aesthetic') or "
+        "set reward_balance: sum."
+    )
 
 
 def _spec_terms(spec: str) -> dict[str, float]:

@@ -56,7 +56,7 @@ from diffalign.sharding import (
 from diffalign.train.advantages import mean_group_std
 from diffalign.train.best import BestEvaluation
 from diffalign.train.callbacks import TrainerCallback, any_asks_to_stop, as_callbacks
-from diffalign.train.config import TrainConfig
+from diffalign.train.config import TrainConfig, single_reward_to_balance
 from diffalign.train.deepspeed import (
     deepspeed_backward,
     deepspeed_bf16,
@@ -220,11 +220,7 @@ class Trainer:
         self.reward = self.reward.to(self.accelerator.device)
         self.reward_parts = reward_components(self.reward)
         if config.reward_balance == "advantages" and not self.reward_parts:
-            raise ConfigError(
-                f"reward_balance: advantages normalises each component of a weighted reward on "
-                f"its own, but {config.reward!r} has one component; name several (e.g. "
-                "'pickscore+0.5*aesthetic') or set reward_balance: sum."
-            )
+            raise single_reward_to_balance(config.reward)
         self.extra_rewards = {reward_label(spec): load_reward(spec).to(self.accelerator.device)
                               for spec in config.heldout_extra_rewards}  # fmt: skip
         self.train_prompts = PromptSource(config.prompts)
@@ -373,13 +369,13 @@ class Trainer:
                            "reading %s again for their original values failed: %s",
                            self.frozen_weights_dtype(), self.config.model, error)  # fmt: skip
             return [(tensor, tensor.detach().float()) for _, tensor in self._frozen_tensors()]
+        frozen = self._frozen_tensors()
         values = {}
-        for component in {component for (component, _), _ in self._frozen_tensors()}:
+        for component in {component for (component, _), _ in frozen}:
             module = getattr(original, component)
             values[component] = {**dict(module.named_parameters()),
                                  **dict(module.named_buffers())}  # fmt: skip
-        return [(tensor, values[component][name].detach())
-                for (component, name), tensor in self._frozen_tensors()]  # fmt: skip
+        return [(tensor, values[component][name].detach()) for (component, name), tensor in frozen]
 
     @functools.cached_property
     def uses_deepspeed(self) -> bool:
@@ -487,7 +483,7 @@ class Trainer:
         if not self.reward_parts:
             return self.reward(images, prompts)[:, None]
         parts = self.reward.breakdown(images, prompts)
-        total = sum(self.reward.weights[name] * parts[name] for name in self.reward_parts)
+        total = self.reward.combine(parts)
         return torch.stack([total, *(parts[name] for name in self.reward_parts)], dim=1)
 
     def round_advantages(self, prompts: list[str], rewards: Tensor, parts: Tensor) -> Tensor:

@@ -18,46 +18,21 @@ Usage (2026-12-06: 32 prompts in 15 min on 1 torch thread):
 
 from __future__ import annotations
 
-import argparse
 import math
-from pathlib import Path
 
-import torch
+from probe_draws import STEPS, continuation_rewards, pool_chains, probe_main, world_chains
 
-STEPS, POOL, ARMS, TAILS, BRANCH_STEPS = 20, 32, 8, 12, (10, 13, 16)
+POOL, ARMS, TAILS, BRANCH_STEPS = 32, 8, 12, (10, 13, 16)
 
 
 def collect(split: str, num_prompts: int, seed: int) -> list[dict]:
     """Final rewards of the pool chains and of the continuations from each branch step."""
-    from diffalign.benchmarks.rollout import load_benchmark_pipeline
-    from diffalign.pipelines.baselines import finish_chains
-    from diffalign.pipelines.chain import PipelineChain, chain_generator, chain_generators
-    from diffalign.pipelines.dts import DTSPipeline
-    from diffalign.rewards import load_reward
-    from diffalign.world import model_guidance_scale
-    from diffalign.world.evaluate import heldout_prompts
-
-    model = "assets/tiny-shapes"
-    pipeline = load_benchmark_pipeline(model, torch.device("cpu"), torch.float32, DTSPipeline)
-    pipeline.set_progress_bar_config(disable=True)
-    reward, guidance = load_reward("shapes"), model_guidance_scale(model)
     draws = []
-    for index, prompt in enumerate(heldout_prompts(num_prompts, split=split)):
-        chain = PipelineChain(pipeline, prompt, reward, STEPS, guidance, eta=1.0)
-        generators = chain_generators(seed + index, 0, POOL)
-        latents, states = chain.initial_noise(POOL, generators), {}
-        for position in range(STEPS):
-            if position in BRANCH_STEPS:
-                states[position] = latents[:ARMS].clone()
-            latents, _ = chain.step(latents, torch.full((POOL,), position), generators)
-        tails = {}
-        for k, state in states.items():
-            starts = state.repeat_interleave(TAILS, 0)
-            first = 10**6 + 1000 * k  # streams apart from the pool's
-            streams = [chain_generator(seed + index, first + i) for i in range(len(starts))]
-            finals = finish_chains(chain, starts, streams, start=k)
-            tails[k] = chain.score(finals).view(ARMS, TAILS)
-        draws.append({"prompt": prompt, "pool": chain.score(latents), "tails": tails})
+    for index, prompt, chain in world_chains(split, num_prompts):
+        finals, states = pool_chains(chain, seed + index, POOL, ARMS, BRANCH_STEPS)
+        tails = {k: continuation_rewards(chain, state, k, TAILS, seed + index)
+                 for k, state in states.items()}  # fmt: skip
+        draws.append({"prompt": prompt, "pool": chain.score(finals), "tails": tails})
         print(f"{index + 1}/{num_prompts} {prompt}: best of {POOL} {draws[-1]['pool'].max():.3f}")
     return draws
 
@@ -117,21 +92,5 @@ def report(draws: list[dict]) -> None:
                   f"{ratio}")  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--split", default="validation", choices=("validation", "heldout"))
-    parser.add_argument("--num-prompts", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True, help="draws (.pt), reused if present")
-    args = parser.parse_args()
-    if args.out.exists():
-        draws = torch.load(args.out)
-    else:
-        draws = collect(args.split, args.num_prompts, args.seed)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(draws, args.out)
-    report(draws)
-
-
 if __name__ == "__main__":
-    main()
+    probe_main(__doc__.split("\n")[0], collect, report)

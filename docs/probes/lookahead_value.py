@@ -20,12 +20,10 @@ Usage (1 torch thread):
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
+from probe_draws import STEPS, continuation_rewards, pool_chains, probe_main, world_chains
 
-STEPS, POOL, TAILS, BRANCH_STEPS, JUMPS = 20, 16, 6, (6, 10), (1, 2, 4)
+POOL, TAILS, BRANCH_STEPS, JUMPS = 16, 6, (6, 10), (1, 2, 4)
 
 
 def jump(chain, latents, start: int, num_jumps: int):
@@ -44,34 +42,12 @@ def jump(chain, latents, start: int, num_jumps: int):
 
 def collect(split: str, num_prompts: int, seed: int) -> list[dict]:
     """Pool rewards, jump rewards and continuation rewards for each prompt."""
-    from diffalign.benchmarks.rollout import load_benchmark_pipeline
-    from diffalign.pipelines.baselines import finish_chains
-    from diffalign.pipelines.chain import PipelineChain, chain_generator, chain_generators
-    from diffalign.pipelines.dts import DTSPipeline
-    from diffalign.rewards import load_reward
-    from diffalign.world import model_guidance_scale
-    from diffalign.world.evaluate import heldout_prompts
-
-    model = "assets/tiny-shapes"
-    pipeline = load_benchmark_pipeline(model, torch.device("cpu"), torch.float32, DTSPipeline)
-    pipeline.set_progress_bar_config(disable=True)
-    reward, guidance = load_reward("shapes"), model_guidance_scale(model)
     draws = []
-    for index, prompt in enumerate(heldout_prompts(num_prompts, split=split)):
-        chain = PipelineChain(pipeline, prompt, reward, STEPS, guidance, eta=1.0)
-        generators = chain_generators(seed + index, 0, POOL)
-        latents, states = chain.initial_noise(POOL, generators), {}
-        for position in range(STEPS):
-            if position in BRANCH_STEPS:
-                states[position] = latents.clone()
-            latents, _ = chain.step(latents, torch.full((POOL,), position), generators)
-        draw = {"prompt": prompt, "pool": chain.score(latents), "tails": {}, "jumps": {}}
+    for index, prompt, chain in world_chains(split, num_prompts):
+        finals, states = pool_chains(chain, seed + index, POOL, POOL, BRANCH_STEPS)
+        draw = {"prompt": prompt, "pool": chain.score(finals), "tails": {}, "jumps": {}}
         for k, state in states.items():
-            starts = state.repeat_interleave(TAILS, 0)
-            first = 10**6 + 1000 * k  # streams apart from the pool's
-            streams = [chain_generator(seed + index, first + i) for i in range(len(starts))]
-            finals = finish_chains(chain, starts, streams, start=k)
-            draw["tails"][k] = chain.score(finals).view(POOL, TAILS)
+            draw["tails"][k] = continuation_rewards(chain, state, k, TAILS, seed + index)
             for j in JUMPS:
                 draw["jumps"][(k, j)] = chain.score(jump(chain, state, k, j))
         draws.append(draw)
@@ -130,6 +106,12 @@ def screen(draw: dict, k: int, rank: str, prefixes: int, tails: int, j: int = 2)
     return cost, float(ends.max())
 
 
+def report_all(draws: list[dict]) -> None:
+    """The correlations, then the replayed searches."""
+    report(draws)
+    report_schemes(draws)
+
+
 def report_schemes(draws: list[dict]) -> None:
     """Mean best reward of screen-and-extend searches against best-of-n at similar NFEs."""
     full = 2 * STEPS
@@ -146,22 +128,5 @@ def report_schemes(draws: list[dict]) -> None:
             print(f"step {k}, {prefixes} prefixes, {tails} ends: " + ", ".join(line))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--split", default="validation", choices=("validation", "heldout"))
-    parser.add_argument("--num-prompts", type=int, default=24)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True, help="draws (.pt), reused if present")
-    args = parser.parse_args()
-    if args.out.exists():
-        draws = torch.load(args.out)
-    else:
-        draws = collect(args.split, args.num_prompts, args.seed)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(draws, args.out)
-    report(draws)
-    report_schemes(draws)
-
-
 if __name__ == "__main__":
-    main()
+    probe_main(__doc__.split("\n")[0], collect, report_all)

@@ -2,7 +2,7 @@
 
 A tree search (or SMC) that knew, at chain position k, which states have the best continuations
 could drop the others before paying for their last steps. The predicted clean latent (x0-hat, a
-one-step jump) tells little before step 12 on `shapes` (twelfth session). This probe measures a
+one-step jump) tells little before step 12 on `shapes` (DTS log). This probe measures a
 jump of J deterministic DDIM steps (eta 0, J = 1 is x0-hat) from the state to the end: for each
 world prompt, 16 chains (20 DDIM steps, eta 1, the model's CFG; chain k on noise stream k, as
 `diffalign bench dts` draws them), and from each chain's state at steps 6 and 10 the jumps'
@@ -10,8 +10,10 @@ rewards and 6 stochastic continuations (eta 1) to the end. The continuations' me
 state's value (its conditional mean reward), their max what a search branching there finds.
 
 It prints, per branch step and jump length, the within-prompt correlation of the jump's reward
-with the state's value and with the chain's own final reward, next to the best any predictor of
-the state can do (the share of variance the state decides, from the continuations).
+with the state's value and with the chain's own final reward, next to how well the value itself
+is estimated (two halves of the continuations) and predicts the chain's reward; then it replays
+screen-and-extend searches (chains to step k, valued, the best one continued) against
+best-of-n at similar NFEs.
 
 Usage (1 torch thread):
     python docs/probes/lookahead_value.py --split validation --num-prompts 24 \

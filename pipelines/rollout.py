@@ -315,8 +315,10 @@ class _RolloutSampling:
             step = schedule.step(noise_pred, t, sample, t_next, eta=eta, noise=noise)
             sample = step.prev_sample
             chain.append(sample)
-            deterministic = torch.full((len(sample),), float("nan"), device=sample.device)
-            log_probs.append(deterministic if step.log_prob is None else step.log_prob.float())
+            if step.log_prob is None:  # a deterministic step
+                log_probs.append(torch.full((len(sample),), float("nan"), device=sample.device))
+            else:
+                log_probs.append(step.log_prob.float())
         if all(eta == 0 for eta in etas):
             return torch.stack(chain, dim=1), None
         return torch.stack(chain, dim=1), torch.stack(log_probs, dim=1)

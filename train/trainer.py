@@ -454,13 +454,12 @@ class Trainer:
         expanded = [p for p in local for _ in range(config.samples_per_prompt)]
         generator = torch.Generator().manual_seed(derive_seed(config.seed, step, self.rank, "roll"))
         rollouts, futures = [], []
+        sampling = {**self._sampling_kwargs(), **self.rollout_options(step)}  # once per round
         with AsyncRewardScorer(self.score, enabled=config.async_reward) as scorer:
             for start in range(0, len(expanded), config.sample_batch_size):
                 chunk = expanded[start : start + config.sample_batch_size]
                 with self.autocast():
-                    rollout = self.pipeline(chunk, eta=config.eta, generator=generator,
-                                            **self._sampling_kwargs(),
-                                            **self.rollout_options(step))  # fmt: skip
+                    rollout = self.pipeline(chunk, eta=config.eta, generator=generator, **sampling)
                 rollouts.append(rollout)
                 futures.append(scorer.submit(rollout.images, rollout.prompts))
             scores = torch.cat(scorer.gather(futures)).to(self.accelerator.device)

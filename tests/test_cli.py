@@ -152,3 +152,15 @@ def test_flow_models_sample_plainly_with_euler_steps_and_search(tmp_path):
     assert main([*common, *search]) == 0
     results = json.loads((tmp_path / "dts" / "metrics.json").read_text())["results"]
     assert results["nfe"] <= 16 and results["search"][0]["samples"] >= 2
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["train", "awm", "--out", "D"], ["world", "pretrain", "--out", "D"]],
+    ids=["train", "world-pretrain"],
+)
+def test_set_takes_several_overrides_after_one_flag_or_the_flag_repeated(command):
+    parser = build_parser()
+    together = parser.parse_args([*command, "--set", "a=1", "b=2", "--set", "c=3"])
+    apart = parser.parse_args([*command, "--set", "a=1", "--set", "b=2", "--set", "c=3"])
+    assert together.set == apart.set == ["a=1", "b=2", "c=3"]

@@ -27,6 +27,18 @@ def add_out_argument(
     parser.add_argument("--out", type=Path, required=required, metavar="DIR", help=help)
 
 
+def add_set_argument(parser: argparse.ArgumentParser, owner: str) -> None:
+    """``--set KEY=VALUE ...``: config overrides, several after one flag or the flag repeated."""
+    parser.add_argument(
+        "--set",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override {owner} fields: --set a=1 b=2 (repeatable)",
+    )
+
+
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--dtype`` with ``auto`` defaults (CUDA + fp16 when there is a GPU)."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -16,7 +16,7 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
-from diffalign.commands._common import add_out_argument, quiet_libraries
+from diffalign.commands._common import add_out_argument, add_set_argument, quiet_libraries
 
 NAME = "train"
 HELP = "fine-tune with DDPO or AWM on a reward (recipes: tiny-shapes, tiny-jpeg, sd15-*)"
@@ -61,9 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         command.add_argument("--recipe", default=None,
                              help=f"shipped name ({', '.join(recipe_names(method))}), a YAML "
                                   "file, or 'list'; default: the paper defaults")  # fmt: skip
-        command.add_argument("--set", action="extend", nargs="+", default=[],
-                             metavar="KEY=VALUE",
-                             help="override config fields: --set a=1 b=2 (repeatable)")  # fmt: skip
+        add_set_argument(command, "config")
         command.add_argument("--resume", action="store_true",
                              help="continue from the latest checkpoint in --out")  # fmt: skip
         run_folder = "run folder: metrics.jsonl, checkpoints/, samples/, final/"

@@ -21,7 +21,12 @@ import argparse
 import time
 from pathlib import Path
 
-from diffalign.commands._common import add_out_argument, quiet_libraries, write_metrics
+from diffalign.commands._common import (
+    add_out_argument,
+    add_set_argument,
+    quiet_libraries,
+    write_metrics,
+)
 from diffalign.world.grammar import SPLITS
 
 NAME = "world"
@@ -47,8 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     for name, text, config_name, action in trainings:
         training = sub.add_parser(name, help=text)
-        training.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                              help=f"override a {config_name} field (repeatable)")  # fmt: skip
+        add_set_argument(training, config_name)
         training.add_argument("--quiet", action="store_true")
         add_out_argument(training)
         training.set_defaults(action=action)

@@ -28,6 +28,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from diffalign.single_file import is_single_file, single_file_family
+
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 CLIP_MAX_LENGTH = 77
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -471,6 +473,38 @@ def _load_local(path: Path, pipeline_cls, **kwargs):
     return pipeline_cls.from_pretrained(path, **_component_overrides(model_index), **kwargs)
 
 
+def _load_single_file(path: Path, pipeline_cls, config: str | None = None, **kwargs):
+    """A one-file original-layout checkpoint through diffusers' ``from_single_file``: the weights
+    from the file, configs, tokenizer and scheduler from ``config`` (a diffusers folder or hub id
+    of the same architecture; default: the one diffusers infers, from the hub cache or the hub)."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    if pipeline_cls is DiffusionPipeline:
+        pipeline_cls = StableDiffusionPipeline
+    family = single_file_family(path)
+    if issubclass(pipeline_cls, StableDiffusionPipeline):
+        pipeline_cls = family_counterpart(pipeline_cls, family)
+    if pipeline_cls is None:
+        raise UnsupportedModelError(
+            f"{path} holds {FAMILY_NAMES[family]}, which this pipeline does not run."
+        )
+    if config is not None and not _HUB_ID.fullmatch(str(config)) and not Path(config).is_dir():
+        raise FileNotFoundError(f"config={config}: no such diffusers folder.")
+    offline = hub_is_offline_by_setting() or (config is None and not hub_is_reachable())
+    try:
+        return pipeline_cls.from_single_file(
+            str(path), config=config, local_files_only=offline, **kwargs
+        )
+    except OSError as error:
+        raise ModelNotAvailableError(
+            f"{path} holds the weights only; the configs, tokenizer and scheduler of its "
+            f"architecture ({FAMILY_NAMES[family]}) were not found"
+            f"{' in ' + str(config) if config else ' in the hub cache'}. Pass config=FOLDER (any "
+            "diffusers folder of that architecture, e.g. the base model's) to load_pipeline, or "
+            f"convert it once: load_pipeline(FILE, config=FOLDER).save_pretrained(DIR). ({error})"
+        ) from error
+
+
 def _load_hub(name: str, pipeline_cls, **kwargs):
     offline = hub_is_offline_by_setting() or not hub_is_reachable()
     try:
@@ -539,7 +573,9 @@ def load_pipeline(
     if torch_dtype is not None:
         kwargs[_dtype_keyword()] = torch_dtype
     path = Path(name_or_path).expanduser()
-    if path.exists():
+    if path.is_file() and is_single_file(path):
+        pipeline = _load_single_file(path, pipeline_cls, **kwargs)
+    elif path.exists():
         pipeline = _load_local(path, pipeline_cls, **kwargs)
     elif _HUB_ID.fullmatch(str(name_or_path)):
         pipeline = _load_hub(str(name_or_path), pipeline_cls, **kwargs)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from diffalign.config import BaseConfig, ConfigError
 from diffalign.models import DEFAULT_LORA_TARGETS
 from diffalign.rewards.function import reward_label
+from diffalign.single_file import is_single_file
 from diffalign.train.losses import AWM_WEIGHTINGS
 from diffalign.train.lr_schedule import LR_SCHEDULES
 
@@ -28,8 +29,14 @@ class TrainConfig(BaseConfig):
 
     model: str = field(
         default="diffalign:tiny-shapes",
-        metadata={"help": "pipeline folder, hub id, or diffalign:tiny-shapes (shipped)"},
-    )
+        metadata={"help": "pipeline folder, hub id, one-file .safetensors / .ckpt checkpoint, "
+                          "or diffalign:tiny-shapes (shipped)"},
+    )  # fmt: skip
+    model_config: str | None = field(
+        default=None,
+        metadata={"help": "for a one-file model: a diffusers folder or hub id of its "
+                          "architecture (configs, tokenizer, scheduler)"},
+    )  # fmt: skip
     reward: str = field(
         default="shapes",
         metadata={"help": "reward name, weighted sum, or your own FILE.py:NAME / module:NAME"},
@@ -160,6 +167,11 @@ class TrainConfig(BaseConfig):
         return ["heldout_reward_mean", *extras]
 
     def validate(self) -> None:
+        if self.model_config is not None and not is_single_file(self.model):
+            raise ConfigError(
+                f"model_config is for a one-file model (.safetensors / .ckpt); model is "
+                f"{self.model!r}, which brings its own configs: leave model_config unset."
+            )
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION}.")
         if self.log_with not in TRACKERS:

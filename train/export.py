@@ -37,6 +37,8 @@ def pipeline_from_checkpoint(path: str | Path, pipeline_cls: type | None = None,
 
     checkpoint = load_checkpoint(path)
     config = checkpoint.config
+    if config.get("model_config"):  # a one-file base model: its configs come from there
+        kwargs = {"config": config["model_config"], **kwargs}
     pipeline = load_pipeline(resolve_shipped(config["model"]), pipeline_cls, **kwargs)
     unet = denoiser_of(pipeline)  # the UNet, or SD3's transformer
     if config.get("use_lora", True):

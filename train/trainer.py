@@ -91,13 +91,17 @@ def derive_seed(seed: int, *parts: object) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
-def load_training_pipeline(model: str) -> RolloutPipeline | SDXLRolloutPipeline:
+def load_training_pipeline(
+    model: str, model_config: str | None = None
+) -> RolloutPipeline | SDXLRolloutPipeline:
     """A :class:`RolloutPipeline` (its SDXL or SD3 counterpart for those models) from a folder, a
-    hub id or ``diffalign:<shipped model>``."""
+    hub id, ``diffalign:<shipped model>`` or a one-file checkpoint (whose configs, tokenizer and
+    scheduler come from ``model_config``, see :func:`diffalign.models.load_pipeline`)."""
     from diffalign.models import load_pipeline
     from diffalign.world import resolve_shipped
 
-    return load_pipeline(resolve_shipped(model), pipeline_cls=RolloutPipeline)
+    options = {} if model_config is None else {"config": model_config}
+    return load_pipeline(resolve_shipped(model), pipeline_cls=RolloutPipeline, **options)
 
 
 @dataclass
@@ -206,7 +210,9 @@ class Trainer:
                     f"processes ({self.accelerator.num_processes})."
                 )
         set_seed(config.seed)
-        self.pipeline = rollout_pipeline(pipeline or load_training_pipeline(config.model))
+        self.pipeline = rollout_pipeline(
+            pipeline or load_training_pipeline(config.model, config.model_config)
+        )
         self._reloadable = pipeline is None  # final/ can read the frozen weights again
         self.pipeline.set_progress_bar_config(disable=True)
         self.denoiser = denoiser_of(self.pipeline)  # the UNet, or SD3's transformer
@@ -363,7 +369,7 @@ class Trainer:
         """Each cast tensor with its float32 value in ``config.model``, read again; if that
         fails, with its own value in float32 (rounded once), and a warning that says so."""
         try:
-            original = load_training_pipeline(self.config.model)
+            original = load_training_pipeline(self.config.model, self.config.model_config)
         except (OSError, ValueError) as error:
             logger.warning("final/ keeps the frozen weights as trained (%s, saved as float32): "
                            "reading %s again for their original values failed: %s",

@@ -1,0 +1,145 @@
+"""One-file original-layout checkpoints: written by diffalign, read back through diffusers."""
+
+import pytest
+import torch
+from diffusers.loaders.single_file_utils import (
+    CHECKPOINT_KEY_NAMES,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+)
+from safetensors.torch import save_file
+
+from diffalign.models import (
+    ModelNotAvailableError,
+    UnsupportedModelError,
+    add_lora,
+    build_tiny_pipeline,
+    build_tiny_sdxl_pipeline,
+    load_pipeline,
+)
+from diffalign.pipelines.rollout import RolloutPipeline
+from diffalign.single_file import (
+    ldm_state_dict,
+    save_single_file,
+    single_file_family,
+    unet_to_ldm,
+)
+from diffalign.world import shipped_model_path
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+def _assert_same_weights(one, other):
+    for name in COMPONENTS:
+        mine, theirs = getattr(one, name).state_dict(), getattr(other, name).state_dict()
+        assert mine.keys() == theirs.keys(), name
+        for key, value in mine.items():
+            assert torch.equal(value, theirs[key]), f"{name}.{key}"
+
+
+def _rollout_images(pipe):
+    generator = torch.Generator().manual_seed(3)
+    out = pipe("a red circle", num_inference_steps=3, eta=0.0, generator=generator)
+    return out.images
+
+
+@pytest.mark.parametrize("model", ["random-tiny", "tiny-shapes"])
+def test_diffusers_reads_the_written_file_back_to_the_same_pipeline(model, tmp_path):
+    folder = tmp_path / "folder"
+    if model == "random-tiny":
+        build_tiny_pipeline(seed=1).save_pretrained(folder)
+    else:
+        folder = shipped_model_path(model)
+    pipe = load_pipeline(folder, RolloutPipeline)
+    path = save_single_file(pipe, tmp_path / "model.safetensors")
+    again = load_pipeline(path, RolloutPipeline, config=str(folder))
+    assert isinstance(again, RolloutPipeline)
+    _assert_same_weights(pipe, again)
+    assert dict(again.scheduler.config) == dict(pipe.scheduler.config)
+    assert again.vae.config.scaling_factor == pipe.vae.config.scaling_factor
+    assert torch.equal(_rollout_images(again), _rollout_images(pipe))
+
+
+def test_the_file_uses_the_original_names_that_other_tools_look_for():
+    pipe = build_tiny_pipeline(seed=0)
+    state = ldm_state_dict(pipe)
+    assert CHECKPOINT_KEY_NAMES["clip"] in state  # how diffusers recognises SD 1.x's CLIP
+    assert "model.diffusion_model.time_embed.0.weight" in state
+    assert "model.diffusion_model.input_blocks.0.0.weight" in state
+    assert "first_stage_model.decoder.norm_out.weight" in state
+    assert state["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4  # 1x1 convolutions
+    assert len(state) == sum(len(getattr(pipe, c).state_dict()) for c in COMPONENTS)
+    # diffusers' own converters take each part back to the diffusers names and tensors
+    unet_prefix = {k.removeprefix("model.diffusion_model."): v for k, v in state.items()}
+    back = convert_ldm_unet_checkpoint(state, dict(pipe.unet.config))
+    assert back.keys() == pipe.unet.state_dict().keys() and len(unet_prefix) == len(state)
+    vae = convert_ldm_vae_checkpoint(state, dict(pipe.vae.config))
+    assert all(torch.equal(vae[k], v) for k, v in pipe.vae.state_dict().items())
+
+
+def test_what_cannot_be_written_is_refused_with_the_way_out(tmp_path):
+    with pytest.raises(UnsupportedModelError, match="save_pretrained"):
+        ldm_state_dict(build_tiny_sdxl_pipeline(seed=0))
+    pipe = build_tiny_pipeline(seed=0)
+    with pytest.raises(ValueError, match=r"\.safetensors"):
+        save_single_file(pipe, tmp_path / "model.ckpt")
+    add_lora(pipe.unet, rank=2)
+    with pytest.raises(ValueError, match="merge_lora"):
+        save_single_file(pipe, tmp_path / "model.safetensors")
+    assert not (tmp_path / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="class_embedding"):  # a part SD 1.x does not have
+        unet_to_ldm({"class_embedding.linear_1.weight": torch.zeros(1)}, layers_per_block=1)
+
+
+def test_a_file_without_configs_offline_names_the_config_it_needs(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    path = save_single_file(build_tiny_pipeline(seed=0), tmp_path / "model.safetensors")
+    with pytest.raises(ModelNotAvailableError, match="config=FOLDER"):
+        load_pipeline(path, RolloutPipeline)
+    with pytest.raises(FileNotFoundError, match="no-such-folder"):
+        load_pipeline(path, RolloutPipeline, config=str(tmp_path / "no-such-folder"))
+
+
+def test_the_family_is_read_from_the_key_names(tmp_path):
+    def file_with(key):
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.safetensors"
+        save_file({key: torch.zeros(1)}, path)
+        return path
+
+    assert single_file_family(file_with("model.diffusion_model.out.0.weight")) == "sd"
+    assert single_file_family(file_with("conditioner.embedders.1.model.ln_final.weight")) == "sdxl"
+    assert single_file_family(file_with("model.diffusion_model.joint_blocks.0.x")) == "sd3"
+
+
+def test_convert_writes_a_folder_as_one_file_and_back(tmp_path):
+    from diffalign.cli import main
+
+    folder = shipped_model_path("tiny-shapes")
+    one_file, back = tmp_path / "tiny.safetensors", tmp_path / "back"
+    assert main(["convert", "--model", str(folder), "--out", str(one_file)]) == 0
+    assert single_file_family(one_file) == "sd"
+    args = ["convert", "--model", str(one_file), "--config", str(folder), "--out", str(back)]
+    assert main(args) == 0
+    _assert_same_weights(load_pipeline(folder), load_pipeline(back))
+    with pytest.raises(SystemExit, match="single-file"):
+        main(["convert", "--model", str(folder), "--config", str(folder), "--out", str(back)])
+
+
+def test_a_run_trains_from_a_one_file_model_and_its_checkpoints_load(tmp_path):
+    from diffalign.cli import main
+
+    folder = shipped_model_path("tiny-shapes")
+    one_file = save_single_file(load_pipeline(folder), tmp_path / "tiny.safetensors")
+    run = tmp_path / "run"
+    argv = ["train", "awm", "--recipe", "tiny-shapes", "--set", f"model={one_file}",
+            f"model_config={folder}", "max_steps=1", "prompts_per_step=2", "samples_per_prompt=2",
+            "num_inference_steps=3", "train_batch_size=2", "num_heldout_prompts=2",
+            "heldout_samples_per_prompt=1", "eval_every=1", "save_every=1", "log_with=none",
+            "progress=false", "--out", str(run)]  # fmt: skip
+    assert main(argv) == 0
+    final = load_pipeline(run / "final")
+    from_checkpoint = load_pipeline(run / "checkpoints" / "checkpoint-00000001")  # base: the file
+    _assert_same_weights(final, from_checkpoint)
+    base = load_pipeline(folder).unet.state_dict()
+    assert any(not torch.equal(v, base[k]) for k, v in final.unet.state_dict().items())

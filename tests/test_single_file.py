@@ -143,3 +143,11 @@ def test_a_run_trains_from_a_one_file_model_and_its_checkpoints_load(tmp_path):
     _assert_same_weights(final, from_checkpoint)
     base = load_pipeline(folder).unet.state_dict()
     assert any(not torch.equal(v, base[k]) for k, v in final.unet.state_dict().items())
+
+
+def test_a_pickled_ckpt_in_the_original_layout_loads_as_well(tmp_path):
+    pipe = build_tiny_pipeline(seed=2)
+    folder = tmp_path / "folder"
+    pipe.save_pretrained(folder)
+    torch.save({"state_dict": ldm_state_dict(pipe)}, tmp_path / "model.ckpt")  # as the original
+    _assert_same_weights(pipe, load_pipeline(tmp_path / "model.ckpt", config=str(folder)))

@@ -151,3 +151,44 @@ def test_a_pickled_ckpt_in_the_original_layout_loads_as_well(tmp_path):
     pipe.save_pretrained(folder)
     torch.save({"state_dict": ldm_state_dict(pipe)}, tmp_path / "model.ckpt")  # as the original
     _assert_same_weights(pipe, load_pipeline(tmp_path / "model.ckpt", config=str(folder)))
+
+
+def test_full_size_sd15_gets_the_names_and_shapes_of_the_original_file():
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    from diffalign.benchmarks.rollout import build_sd15_random_pipeline
+    from diffalign.single_file import TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX, vae_to_ldm
+
+    pipe = build_sd15_random_pipeline(device="meta")  # shapes only, no memory
+    unet = unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config.layers_per_block)
+    vae = vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.up_block_types))
+    state = {
+        **{UNET_PREFIX + k: v for k, v in unet.items()},
+        **{VAE_PREFIX + k: v for k, v in vae.items()},
+        CHECKPOINT_KEY_NAMES["clip"]: torch.empty(77, 768, device="meta"),
+    }
+    assert infer_diffusers_model_type(state) == "v1"  # what diffusers makes of the file
+    # names and shapes as they are in SD 1.5's own checkpoint
+    shapes = {
+        "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320, 1, 1),
+        "model.diffusion_model.input_blocks.3.0.op.weight": (320, 320, 3, 3),
+        "model.diffusion_model.input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1),
+        "model.diffusion_model.middle_block.2.emb_layers.1.weight": (1280, 1280),
+        "model.diffusion_model.output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),
+        "model.diffusion_model.output_blocks.5.2.conv.weight": (1280, 1280, 3, 3),
+        "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight": (
+            320,
+            768,
+        ),
+        "model.diffusion_model.out.2.weight": (4, 320, 3, 3),
+        "first_stage_model.encoder.down.3.block.1.conv2.weight": (512, 512, 3, 3),
+        "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
+        "first_stage_model.decoder.up.3.upsample.conv.weight": (512, 512, 3, 3),
+        "first_stage_model.decoder.mid.attn_1.proj_out.weight": (512, 512, 1, 1),
+    }
+    for key, shape in shapes.items():
+        assert tuple(state[key].shape) == shape, key
+    assert len(unet) == 686 and len(vae) == 248  # one to one: no tensor dropped or merged
+    back = convert_ldm_unet_checkpoint(state, dict(pipe.unet.config))
+    assert back.keys() == pipe.unet.state_dict().keys()
+    assert TEXT_ENCODER_PREFIX + "text_model." in CHECKPOINT_KEY_NAMES["clip"]

@@ -124,6 +124,8 @@ def test_convert_writes_a_folder_as_one_file_and_back(tmp_path):
     _assert_same_weights(load_pipeline(folder), load_pipeline(back))
     with pytest.raises(SystemExit, match="single-file"):
         main(["convert", "--model", str(folder), "--config", str(folder), "--out", str(back)])
+    with pytest.raises(SystemExit, match=r"FILE\.safetensors"):
+        main(["convert", "--model", str(folder), "--out", str(tmp_path / "tiny.ckpt")])
 
 
 def test_a_run_trains_from_a_one_file_model_and_its_checkpoints_load(tmp_path):

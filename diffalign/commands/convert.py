@@ -40,6 +40,11 @@ def run(args: argparse.Namespace) -> int:
     options = {"config": args.config} if is_single_file(args.model) else {}
     if args.config and not options:
         raise SystemExit("error: diffalign convert: --config is for a single-file --model.")
+    if args.out.suffix == ".ckpt":
+        raise SystemExit(
+            "error: diffalign convert: writes .safetensors only (a pickled .ckpt can run code "
+            "when it is loaded): use --out FILE.safetensors."
+        )
     pipeline = load_pipeline(args.model, **options)
     if args.out.suffix == ".safetensors":
         save_single_file(pipeline, args.out)

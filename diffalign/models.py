@@ -499,9 +499,10 @@ def _load_single_file(path: Path, pipeline_cls, config: str | None = None, **kwa
         raise ModelNotAvailableError(
             f"{path} holds the weights only; the configs, tokenizer and scheduler of its "
             f"architecture ({FAMILY_NAMES[family]}) were not found"
-            f"{' in ' + str(config) if config else ' in the hub cache'}. Pass config=FOLDER (any "
-            "diffusers folder of that architecture, e.g. the base model's) to load_pipeline, or "
-            f"convert it once: load_pipeline(FILE, config=FOLDER).save_pretrained(DIR). ({error})"
+            f"{' in ' + str(config) if config else ' in the hub cache'}. Name a diffusers folder "
+            "of that architecture (the base model's, say): config=FOLDER to load_pipeline, "
+            "model_config=FOLDER in a training config, or convert the file once with `diffalign "
+            f"convert --model FILE --config FOLDER --out DIR` and use DIR. ({error})"
         ) from error
 
 

@@ -541,6 +541,7 @@ def load_pipeline(
     pipeline_cls: type | None = None,
     torch_dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    config: str | None = None,
     **kwargs: Any,
 ):
     """Load a Stable-Diffusion-family pipeline from a local folder or a hub id, offline first.
@@ -549,7 +550,8 @@ def load_pipeline(
         name_or_path: a folder written by ``save_pretrained``, a trainer's checkpoint folder
             (``RUN/checkpoints/checkpoint-<step>``: the run's base model with the checkpoint's
             weights, see :mod:`diffalign.train.export`) or a hub id such as
-            ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``.
+            ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``, or a one-file original-layout
+            checkpoint (``.safetensors`` / ``.ckpt``, see :mod:`diffalign.single_file`).
         pipeline_cls: the pipeline class to build (default ``diffusers.DiffusionPipeline``, which
             picks the class named in ``model_index.json``); diffalign's own pipelines subclass
             diffusers' and load the same folders. An SDXL or SD3 folder asked for as a Stable
@@ -558,6 +560,8 @@ def load_pipeline(
             ``SD3RolloutPipeline``).
         torch_dtype: dtype for the weights (e.g. ``torch.float16`` on GPU).
         device: where to move the pipeline after loading.
+        config: for a one-file checkpoint only: a diffusers folder or hub id of its architecture,
+            for the configs, tokenizer and scheduler (default: the one diffusers infers).
         **kwargs: passed on to ``from_pretrained`` (``variant``, ``scheduler``, ...).
 
     Raises:
@@ -575,7 +579,9 @@ def load_pipeline(
         kwargs[_dtype_keyword()] = torch_dtype
     path = Path(name_or_path).expanduser()
     if path.is_file() and is_single_file(path):
-        pipeline = _load_single_file(path, pipeline_cls, **kwargs)
+        pipeline = _load_single_file(path, pipeline_cls, config, **kwargs)
+    elif config is not None:
+        raise ValueError(f"config= is for one-file checkpoints; {name_or_path} brings its own.")
     elif path.exists():
         pipeline = _load_local(path, pipeline_cls, **kwargs)
     elif _HUB_ID.fullmatch(str(name_or_path)):

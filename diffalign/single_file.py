@@ -78,6 +78,9 @@ def _rename(key: str, renames: dict[str, str]) -> str:
 def unet_to_ldm(state: dict[str, Tensor], layers_per_block: int) -> dict[str, Tensor]:
     """A diffusers ``UNet2DConditionModel`` state dict under the original UNet's names."""
     per_level = layers_per_block + 1
+    attention_levels = {
+        int(k.split(".")[1]) for k in state if re.match(r"up_blocks\.\d+\.attentions\.", k)
+    }
     out = {}
     for key, value in state.items():
         block = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)"
@@ -85,7 +88,9 @@ def unet_to_ldm(state: dict[str, Tensor], layers_per_block: int) -> dict[str, Te
         mid = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key)
         if block:
             side, level, kind, index, rest = block.groups()
-            out[_unet_block_key(side, int(level), kind, int(index), rest, per_level, state)] = value
+            ldm_key = _unet_block_key(side, int(level), kind, int(index), rest, per_level,
+                                      int(level) in attention_levels)  # fmt: skip
+            out[ldm_key] = value
         elif mid:
             kind, index, rest = mid.groups()
             position = 1 if kind == "attentions" else 2 * int(index)
@@ -99,14 +104,13 @@ def _resnet_rest(kind: str, rest: str) -> str:
     return _rename(rest, _UNET_RESNET) if kind == "resnets" else rest
 
 
-def _unet_block_key(side, level, kind, index, rest, per_level, state) -> str:
+def _unet_block_key(side, level, kind, index, rest, per_level, has_attention) -> str:
     if side == "down":
         if kind == "downsamplers":
             return f"input_blocks.{(level + 1) * per_level}.0.op.{rest.removeprefix('conv.')}"
         position = 0 if kind == "resnets" else 1
         return f"input_blocks.{level * per_level + index + 1}.{position}.{_resnet_rest(kind, rest)}"
     if kind == "upsamplers":  # in the level's last output block, after its attention if any
-        has_attention = any(k.startswith(f"up_blocks.{level}.attentions.") for k in state)
         return f"output_blocks.{level * per_level + per_level - 1}.{1 + has_attention}.{rest}"
     position = 0 if kind == "resnets" else 1
     return f"output_blocks.{level * per_level + index}.{position}.{_resnet_rest(kind, rest)}"

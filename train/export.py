@@ -37,9 +37,8 @@ def pipeline_from_checkpoint(path: str | Path, pipeline_cls: type | None = None,
 
     checkpoint = load_checkpoint(path)
     config = checkpoint.config
-    if config.get("model_config"):  # a one-file base model: its configs come from there
-        kwargs = {"config": config["model_config"], **kwargs}
-    pipeline = load_pipeline(resolve_shipped(config["model"]), pipeline_cls, **kwargs)
+    base = resolve_shipped(config["model"])  # a one-file base model names its configs' folder
+    pipeline = load_pipeline(base, pipeline_cls, config=config.get("model_config"), **kwargs)
     unet = denoiser_of(pipeline)  # the UNet, or SD3's transformer
     if config.get("use_lora", True):
         add_lora(unet, rank=config["lora_rank"], alpha=config["lora_alpha"],

@@ -100,8 +100,7 @@ def load_training_pipeline(
     from diffalign.models import load_pipeline
     from diffalign.world import resolve_shipped
 
-    options = {} if model_config is None else {"config": model_config}
-    return load_pipeline(resolve_shipped(model), pipeline_cls=RolloutPipeline, **options)
+    return load_pipeline(resolve_shipped(model), RolloutPipeline, config=model_config)
 
 
 @dataclass

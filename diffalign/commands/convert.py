@@ -37,15 +37,14 @@ def run(args: argparse.Namespace) -> int:
     from diffalign.single_file import is_single_file, save_single_file
 
     quiet_libraries()
-    options = {"config": args.config} if is_single_file(args.model) else {}
-    if args.config and not options:
+    if args.config and not is_single_file(args.model):
         raise SystemExit("error: diffalign convert: --config is for a single-file --model.")
     if args.out.suffix == ".ckpt":
         raise SystemExit(
             "error: diffalign convert: writes .safetensors only (a pickled .ckpt can run code "
             "when it is loaded): use --out FILE.safetensors."
         )
-    pipeline = load_pipeline(args.model, **options)
+    pipeline = load_pipeline(args.model, config=args.config)
     if args.out.suffix == ".safetensors":
         save_single_file(pipeline, args.out)
     else:

@@ -1,13 +1,17 @@
 """Shared fixtures: tiny real components, built offline with fixed seeds."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+from .forked_launch import launch_forked
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -23,13 +27,20 @@ requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA de
 def launch_two_processes(script: Path | str, *args, env: dict[str, str] | None = None,
                          processes: int = 2) -> None:  # fmt: skip
     """Run ``script ARGS`` (or ``-m MODULE ARGS``) in 2 (or ``processes``) CPU processes
-    (torch.distributed.run, gloo), 1 thread each, with ``env`` added to the environment."""
+    (gloo), 1 thread each, with ``env`` added to the environment: forked from a server that has
+    imported the libraries (:mod:`tests.forked_launch`), or with torch.distributed.run where
+    CUDA is present or ``DIFFALIGN_TEST_TORCHRUN`` is set."""
     with socket.socket() as sock:  # a free port, so that tests never meet a stale rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     # a process that aborts in C++ (once seen: "terminate called without an active exception",
     # rank 1, at start-up) prints every thread's Python stack, to show where
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
+    if not cuda_available() and not os.environ.get("DIFFALIGN_TEST_TORCHRUN"):
+        log_dir = Path(tempfile.mkdtemp(prefix="launch-"))
+        launch_forked([str(script), *map(str, args)], env, processes, port, log_dir)
+        shutil.rmtree(log_dir)
+        return
     subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                     f"--master_port={port}", str(script), *map(str, args)],
                    check=True, env=env, timeout=600)  # fmt: skip

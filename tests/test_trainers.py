@@ -3,9 +3,6 @@
 import dataclasses
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -845,8 +842,7 @@ def test_train_command_launched_as_accelerate_multi_gpu_runs_ddp_on_cpus(tmp_pat
 def test_two_processes_take_the_same_step_as_one_on_the_same_global_batch(strategy, model,
                                                                           tmp_path):  # fmt: skip
     script = Path(__file__).with_name("distributed_step.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), str(tmp_path), "ddp", model], check=True, env=env)
+    launch_two_processes(script, tmp_path, "ddp", model, processes=1)
     launch_two_processes(script, tmp_path, strategy, model)
     xl = "" if model == "sd" else f"-{model}"
     double = torch.load(tmp_path / f"result-2{'-fsdp' if strategy == 'fsdp' else ''}{xl}.pt")

@@ -501,8 +501,9 @@ def _load_single_file(path: Path, pipeline_cls, config: str | None = None, **kwa
             f"architecture ({FAMILY_NAMES[family]}) were not found"
             f"{' in ' + str(config) if config else ' in the hub cache'}. Name a diffusers folder "
             "of that architecture (the base model's, say): config=FOLDER to load_pipeline, "
-            "model_config=FOLDER in a training config, or convert the file once with `diffalign "
-            f"convert --model FILE --config FOLDER --out DIR` and use DIR. ({error})"
+            "model_config=FOLDER in a training config, --model-config FOLDER on the command "
+            "line, or convert the file once with `diffalign convert --model FILE --config "
+            f"FOLDER --out DIR` and use DIR. ({error})"
         ) from error
 
 

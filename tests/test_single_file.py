@@ -1,5 +1,6 @@
 """One-file original-layout checkpoints: written by diffalign, read back through diffusers."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers.loaders.single_file_utils import (
@@ -119,7 +120,7 @@ def test_convert_writes_a_folder_as_one_file_and_back(tmp_path):
     one_file, back = tmp_path / "tiny.safetensors", tmp_path / "back"
     assert main(["convert", "--model", str(folder), "--out", str(one_file)]) == 0
     assert single_file_family(one_file) == "sd"
-    args = ["convert", "--model", str(one_file), "--config", str(folder), "--out", str(back)]
+    args = ["convert", "--model", str(one_file), "--model-config", str(folder), "--out", str(back)]
     assert main(args) == 0
     _assert_same_weights(load_pipeline(folder), load_pipeline(back))
     with pytest.raises(SystemExit, match="single-file"):
@@ -194,3 +195,37 @@ def test_full_size_sd15_gets_the_names_and_shapes_of_the_original_file():
     back = convert_ldm_unet_checkpoint(state, dict(pipe.unet.config))
     assert back.keys() == pipe.unet.state_dict().keys()
     assert TEXT_ENCODER_PREFIX + "text_model." in CHECKPOINT_KEY_NAMES["clip"]
+
+
+def test_commands_sample_a_one_file_model_with_its_model_config(tmp_path):
+    from PIL import Image
+
+    from diffalign.cli import main
+
+    folder = shipped_model_path("tiny-shapes")
+    one_file = save_single_file(load_pipeline(folder), tmp_path / "tiny.safetensors")
+    # the CFG scale too: a folder's recorded one is not in the file
+    common = ["--prompt", "a red circle", "--steps", "2", "--guidance-scale", "3", "--device",
+              "cpu", "--quiet"]  # fmt: skip
+    for name, model in (("folder", [str(folder)]),
+                        ("file", [str(one_file), "--model-config", str(folder)])):  # fmt: skip
+        assert main(["sample", "--model", *model, *common, "--out", str(tmp_path / name)]) == 0
+    images = [np.asarray(Image.open(tmp_path / name / "grid.png")) for name in ("folder", "file")]
+    assert np.array_equal(*images)
+    world = ["world", "sample", "--model", str(one_file), "--model-config", str(folder), "--prompt",
+             "a red circle", "--num-images-per-prompt", "1", "--steps", "2", "--quiet"]  # fmt: skip
+    assert main([*world, "--out", str(tmp_path / "world")]) == 0
+    # a folder brings its own configs: the flag is refused, naming it, before anything loads
+    refusals = [
+        ["sample", "--model", str(folder), "--model-config", str(folder), *common],
+        ["eval", "--model", str(one_file), "--baseline", str(folder), "--baseline-config",
+         str(folder), "--prompts", "world:heldout", "--metrics", "shapes"],
+        ["bench", "rollout", "--model", "diffalign:tiny-shapes", "--model-config", str(folder)],
+        ["bench", "dts", "--model", str(folder), "--model-config", str(folder)],
+        ["world", "eval", "--model-config", str(folder)],
+    ]  # fmt: skip
+    for argv in refusals:
+        flag = "--baseline" if "--baseline" in argv else "--model"
+        with pytest.raises(SystemExit, match=f"{flag}-config is for a one-file {flag} "):
+            main([*argv, "--out", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()

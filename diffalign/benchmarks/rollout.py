@@ -154,18 +154,23 @@ RANDOM_ARCHITECTURES = {SD15_RANDOM: build_sd15_random_pipeline,
 
 
 def load_benchmark_pipeline(
-    model: str, device: torch.device, dtype: torch.dtype, pipeline_cls: type | None = None
+    model: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    pipeline_cls: type | None = None,
+    model_config: str | None = None,
 ):
-    """``model`` (a folder, ``diffalign:<shipped>`` or a random architecture) as
-    ``pipeline_cls`` (default: :class:`~diffalign.pipelines.rollout.RolloutPipeline`; its
-    SDXL counterpart for an SDXL model) on ``device``."""
+    """``model`` (a folder, a one-file checkpoint with its ``model_config`` folder,
+    ``diffalign:<shipped>`` or a random architecture) as ``pipeline_cls`` (default:
+    :class:`~diffalign.pipelines.rollout.RolloutPipeline`; its SDXL counterpart for an SDXL
+    model) on ``device``."""
     from diffalign.pipelines.rollout import RolloutPipeline, over_components
     from diffalign.train.trainer import load_training_pipeline
 
     if model in RANDOM_ARCHITECTURES:
         pipeline = RANDOM_ARCHITECTURES[model](device)  # built in place: SDXL is 14 GB
     else:
-        pipeline = load_training_pipeline(model)
+        pipeline = load_training_pipeline(model, model_config)
     pipeline_cls = pipeline_cls or RolloutPipeline
     return over_components(pipeline, pipeline_cls).to(device, dtype)
 
@@ -227,8 +232,8 @@ def time_sampling(pipeline, prompts: list[str], steps: int, guidance: float, eta
 
 
 def time_training_steps(pipeline, model: str, batch: int, steps: int, guidance: float,
-                        mixed_precision: str, out,
-                        resolution: int | None = None) -> dict:  # fmt: skip
+                        mixed_precision: str, out, resolution: int | None = None,
+                        model_config: str | None = None) -> dict:  # fmt: skip
     """Images/s of one DDPO and one AWM update (LoRA) on a freshly sampled round, timed after
     one warm-up update on the same round; on CUDA also the peak memory of the timed update."""
     from diffalign.models import denoiser_name, denoiser_of
@@ -241,7 +246,8 @@ def time_training_steps(pipeline, model: str, batch: int, steps: int, guidance: 
               "sample_batch_size": batch, "num_inference_steps": steps, "guidance_scale": guidance,
               "train_batch_size": batch, "log_with": "none", "progress": False,
               "reward": "jpeg_compressibility", "mixed_precision": mixed_precision,
-              "lora_rank": 4, "model": model, "resolution": resolution}  # fmt: skip
+              "lora_rank": 4, "model": model, "model_config": model_config,
+              "resolution": resolution}  # fmt: skip
     results = {}
     for name, trainer_cls, config in (
         ("ddpo", DDPOTrainer, DDPOConfig(**shared, timestep_fraction=1.0)),
@@ -266,9 +272,10 @@ def time_training_steps(pipeline, model: str, batch: int, steps: int, guidance: 
 
 def run_rollout_benchmark(model: str, device: torch.device, dtype: torch.dtype, batch: int,
                           steps: int, guidance: float, eta: float, repeats: int, train: bool,
-                          out, resolution: int | None = None) -> dict:  # fmt: skip
+                          out, resolution: int | None = None,
+                          model_config: str | None = None) -> dict:  # fmt: skip
     """Sampling ratio and (optionally) training-step throughput; returns a flat dict."""
-    pipeline = load_benchmark_pipeline(model, device, dtype)
+    pipeline = load_benchmark_pipeline(model, device, dtype, model_config=model_config)
     prompts = ["two red circles left of a blue square"] * batch
     results = {"model": model, "batch": batch, "steps": steps, "guidance_scale": guidance,
                "eta": eta, "resolution": resolution,
@@ -280,5 +287,5 @@ def run_rollout_benchmark(model: str, device: torch.device, dtype: torch.dtype, 
             pipeline.to(dtype=torch.float32)  # mixed precision keeps float32 master weights
         named = "-" if model in RANDOM_ARCHITECTURES else model
         results.update(time_training_steps(pipeline, named, batch, steps, guidance, precision,
-                                           out, resolution))  # fmt: skip
+                                           out, resolution, model_config))  # fmt: skip
     return results

@@ -39,6 +39,32 @@ def add_set_argument(parser: argparse.ArgumentParser, owner: str) -> None:
     )
 
 
+def add_model_config_argument(parser: argparse.ArgumentParser, model_flag: str = "--model") -> None:
+    """``--model-config FOLDER`` (``--baseline-config`` for ``--baseline``): where a one-file
+    checkpoint given as ``model_flag`` finds its configs, tokenizer and scheduler."""
+    parser.add_argument(
+        f"{model_flag}-config",
+        default=None,
+        metavar="FOLDER",
+        help=f"for a one-file {model_flag} (.safetensors / .ckpt): a diffusers folder or hub id "
+        "of its architecture, for the configs, tokenizer and scheduler",
+    )
+
+
+def model_config_of(args: argparse.Namespace, model_flag: str = "--model") -> str | None:
+    """The ``--model-config`` given for ``model_flag``; exits when the model is not one file."""
+    from diffalign.single_file import is_single_file
+
+    name = model_flag.removeprefix("--").replace("-", "_")
+    model, config = getattr(args, name), getattr(args, f"{name}_config")
+    if config is not None and (model is None or not is_single_file(model)):
+        raise SystemExit(
+            f"error: {model_flag}-config is for a one-file {model_flag} (.safetensors / .ckpt); "
+            f"{model or 'the default model'} brings its own configs: drop {model_flag}-config."
+        )
+    return config
+
+
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--dtype`` with ``auto`` defaults (CUDA + fp16 when there is a GPU)."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -7,8 +7,10 @@ import json
 
 from diffalign.commands._common import (
     add_device_arguments,
+    add_model_config_argument,
     add_out_argument,
     add_tree_arguments,
+    model_config_of,
     quiet_libraries,
     resolve_device,
     resolve_dtype,
@@ -134,6 +136,7 @@ def _add_rollout(subparsers) -> None:
         help="a pipeline folder (SD, SDXL or SD3), diffalign:tiny-shapes, or sd15-random / "
              "sdxl-random / sd35-random (random weights, GPU)",
     )  # fmt: skip
+    add_model_config_argument(parser)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
     parser.add_argument("--guidance-scale", type=float, default=3.0)
@@ -152,7 +155,7 @@ def _run_rollout(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device)
     results = run_rollout_benchmark(
         args.model, device, dtype, args.batch_size, args.steps, args.guidance_scale, args.eta,
-        args.repeats, not args.no_train, args.out, args.resolution,
+        args.repeats, not args.no_train, args.out, args.resolution, model_config_of(args),
     )  # fmt: skip
     results["dtype"] = str(dtype).removeprefix("torch.")
     lines = [f"{key:32s} {value:.3f}" if isinstance(value, float) else f"{key:32s} {value}"
@@ -192,6 +195,7 @@ def _add_chain_arguments(parser, num_prompts: int, model_help: str = "") -> None
     """Model, reward, world prompts and the stochastic DDIM chain (shared by dts and branching)."""
     parser.add_argument("--model", default="diffalign:tiny-shapes",
                         help=f"a pipeline folder, diffalign:tiny-shapes{model_help}")  # fmt: skip
+    add_model_config_argument(parser)
     parser.add_argument("--reward", default="shapes", help="a registered reward or a sum")
     parser.add_argument("--num-prompts", type=int, default=num_prompts, help="world prompts used")
     parser.add_argument("--split", default="heldout", choices=("heldout", "validation"),
@@ -264,7 +268,9 @@ def _chain_setup(args: argparse.Namespace):
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipeline = load_benchmark_pipeline(args.model, device, dtype, DTSPipeline)
+    pipeline = load_benchmark_pipeline(
+        args.model, device, dtype, DTSPipeline, model_config_of(args)
+    )
     pipeline.set_progress_bar_config(disable=True)
     guidance = args.guidance_scale or model_guidance_scale(args.model)
     return device, dtype, pipeline, guidance, _world_prompts(args.num_prompts, args.split)

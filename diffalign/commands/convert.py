@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="diffusers folder, run's final/ or checkpoint, hub id, or a "
                              ".safetensors / .ckpt file")  # fmt: skip
-    parser.add_argument("--config", default=None,
+    parser.add_argument("--config", "--model-config", dest="config", default=None,
                         help="for a single-file --model: a diffusers folder or hub id of the same "
                              "architecture")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True,

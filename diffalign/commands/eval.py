@@ -23,8 +23,10 @@ from typing import Any
 
 from diffalign.commands._common import (
     add_device_arguments,
+    add_model_config_argument,
     add_out_argument,
     add_tree_arguments,
+    model_config_of,
     quiet_libraries,
     resolve_device,
     resolve_dtype,
@@ -40,8 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the evaluation options (sampling options as in ``diffalign sample``)."""
     from diffalign.pipelines.dts import SEARCH_SAMPLERS
 
-    parser.add_argument("--model", required=True, help="folder, hub id or diffalign:tiny-shapes")
+    parser.add_argument(
+        "--model", required=True, help="folder, hub id, one-file model or diffalign:tiny-shapes"
+    )
+    add_model_config_argument(parser)
     parser.add_argument("--baseline", default=None, help="a second model to compare against")
+    add_model_config_argument(parser, "--baseline")
     parser.add_argument("--prompts", required=True, help="a prompt file or world:SPLIT")
     parser.add_argument("--num-prompts", type=int, default=64, help="for --prompts world:SPLIT")
     parser.add_argument(
@@ -124,8 +130,10 @@ def _reference(args: argparse.Namespace, prompts: list[str]):
     raise SystemExit(f"error: --reference {path} is not a folder, a file or 'world'.")
 
 
-def _sample(model: str, prompts: list[str], args: argparse.Namespace, device, dtype):
-    """Images of one model for the repeated prompt list (same seeds and CFG for every model)."""
+def _sample(model: str, config: str | None, prompts: list[str], args: argparse.Namespace, device,
+            dtype):  # fmt: skip
+    """Images of one model (``config``: a one-file model's configs) for the repeated prompt list
+    (same seeds and CFG for every model)."""
     from diffalign.commands.sample import (
         load_optional_reward,
         load_sampling_pipeline,
@@ -133,7 +141,7 @@ def _sample(model: str, prompts: list[str], args: argparse.Namespace, device, dt
     )
     from diffalign.models import denoiser_of
 
-    pipeline = load_sampling_pipeline(model, device, dtype)
+    pipeline = load_sampling_pipeline(model, device, dtype, config)
     pipeline.set_progress_bar_config(disable=args.quiet, desc=f"sampling {model}")
     size = args.resolution or denoiser_of(pipeline).config.sample_size * pipeline.vae_scale_factor
     reward = load_optional_reward(args.reward, device)
@@ -152,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     check_search_arguments(args)
+    configs = {flag: model_config_of(args, flag) for flag in ("--model", "--baseline")}
     if args.quiet:
         quiet_libraries()
     prompts = read_prompts(args.prompts, args.num_prompts)
@@ -171,10 +180,11 @@ def run(args: argparse.Namespace) -> int:
     if args.guidance_scale is None:  # one scale for both models: the model's recorded one
         args.guidance_scale = model_guidance_scale(args.model, default=7.5)
     columns: dict[str, dict[str, Any]] = {}
-    images = _sample(args.model, prompts, args, device, dtype)
+    images = _sample(args.model, configs["--model"], prompts, args, device, dtype)
     baseline_images = None
     if args.baseline:
-        baseline_images = _sample(args.baseline, prompts, args, device, dtype)
+        baseline_images = _sample(args.baseline, configs["--baseline"], prompts, args, device,
+                                  dtype)  # fmt: skip
     common = {"reference": stats, "fid_weights": args.fid_weights, "device": device,
               "seed": args.seed, "quiet": args.quiet}  # fmt: skip
     columns["model"] = evaluate(images, repeated, args.metrics, baseline=baseline_images, **common)

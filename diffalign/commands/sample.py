@@ -20,8 +20,10 @@ from pathlib import Path
 
 from diffalign.commands._common import (
     add_device_arguments,
+    add_model_config_argument,
     add_out_argument,
     add_tree_arguments,
+    model_config_of,
     quiet_libraries,
     resolve_device,
     resolve_dtype,
@@ -40,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from diffalign.pipelines.dts import SEARCH_SAMPLERS
 
     parser.add_argument("--model", required=True,
-                        help=f"folder, hub id, diffalign:tiny-shapes or {TINY_RANDOM}")  # fmt: skip
+                        help=f"folder, hub id, .safetensors / .ckpt file, diffalign:tiny-shapes "
+                             f"or {TINY_RANDOM}")  # fmt: skip
+    add_model_config_argument(parser)
     parser.add_argument("--prompt", action="append", default=[], help="repeatable")
     parser.add_argument("--prompts", "--prompts-file", dest="prompts_file", type=Path,
                         help="a file with one prompt per line")  # fmt: skip
@@ -94,10 +98,11 @@ def check_search_arguments(args: argparse.Namespace) -> None:
     tree_settings_from_arguments(args, default_in_flight=8)  # exits on invalid tree flags
 
 
-def load_sampling_pipeline(model: str, device, dtype):
+def load_sampling_pipeline(model: str, device, dtype, config: str | None = None):
     """A DDIM-scheduled Stable Diffusion (or SDXL) pipeline for ``--model`` (folder, hub id,
-    shipped); a flow-matching model (SD3 too) keeps its scheduler and comes as a rollout pipeline,
-    which steps it (the search samplers use the same components either way)."""
+    shipped, or a one-file checkpoint with its ``config`` folder); a flow-matching model (SD3 too)
+    keeps its scheduler and comes as a rollout pipeline, which steps it (the search samplers use
+    the same components either way)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -112,7 +117,7 @@ def load_sampling_pipeline(model: str, device, dtype):
         from diffalign.world import resolve_shipped
 
         pipeline = load_pipeline(resolve_shipped(model), StableDiffusionPipeline,
-                                 torch_dtype=dtype, device=device)  # fmt: skip
+                                 torch_dtype=dtype, device=device, config=config)  # fmt: skip
     pipeline.scheduler = as_ddim_scheduler(pipeline.scheduler)
     return plain_sampling_pipeline(pipeline)
 
@@ -198,11 +203,12 @@ def run(args: argparse.Namespace) -> int:
 
     prompts = _prompts(args)
     check_search_arguments(args)
+    model_config = model_config_of(args)
     if args.quiet:
         quiet_libraries()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipeline = load_sampling_pipeline(args.model, device, dtype)
+    pipeline = load_sampling_pipeline(args.model, device, dtype, model_config)
     if args.guidance_scale is None:
         args.guidance_scale = model_guidance_scale(args.model, default=7.5)
     pipeline.set_progress_bar_config(disable=args.quiet)

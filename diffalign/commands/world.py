@@ -22,8 +22,10 @@ import time
 from pathlib import Path
 
 from diffalign.commands._common import (
+    add_model_config_argument,
     add_out_argument,
     add_set_argument,
+    model_config_of,
     quiet_libraries,
     write_metrics,
 )
@@ -34,7 +36,10 @@ HELP = "the embedded shapes world: pretrain its tiny model, sample, evaluate"
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="model folder (default: shipped tiny-shapes)")
+    parser.add_argument(
+        "--model", default=None, help="model folder or file (default: shipped tiny-shapes)"
+    )
+    add_model_config_argument(parser)
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="CFG scale (default: the one recorded with the model)")  # fmt: skip
@@ -108,10 +113,12 @@ def _load(args: argparse.Namespace):
     from diffalign.pipelines.rollout import plain_sampling_pipeline
     from diffalign.world import recorded_guidance_scale, shipped_model_path
 
+    config = model_config_of(args)
     if args.quiet:
         quiet_libraries()
     path = Path(args.model) if args.model else shipped_model_path()
-    pipeline = plain_sampling_pipeline(load_pipeline(path, pipeline_cls=StableDiffusionPipeline))
+    loaded = load_pipeline(path, pipeline_cls=StableDiffusionPipeline, config=config)
+    pipeline = plain_sampling_pipeline(loaded)
     pipeline.set_progress_bar_config(disable=True)
     scale = args.guidance_scale
     if scale is None:

@@ -153,7 +153,9 @@ class ClipImageFeatures(nn.Module):
         return pooled(self.reward.model.get_image_features(pixel_values=pixels)).float()
 
 
-def load_feature_network(name: str, weights: str | os.PathLike | None = None, device="cpu"):
+def load_feature_network(
+    name: str, weights: str | os.PathLike | None = None, device="cpu"
+) -> nn.Module:
     """The FID feature network called ``name``: ``inception`` or a CLIP reward's name."""
     from diffalign.rewards import list_rewards, load_reward
     from diffalign.rewards.clip import ClipReward
@@ -199,7 +201,9 @@ class FeatureStats:
     resize_convention: str = ""
 
     @classmethod
-    def from_features(cls, features: torch.Tensor, feature: str, resize_convention: str = ""):
+    def from_features(
+        cls, features: torch.Tensor, feature: str, resize_convention: str = ""
+    ) -> FeatureStats:
         """Mean and unbiased covariance of ``features`` (N, d), N >= 2."""
         if features.ndim != 2 or len(features) < 2:
             raise ValueError(f"FID needs at least 2 images, got features {tuple(features.shape)}.")

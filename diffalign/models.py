@@ -22,13 +22,27 @@ import socket
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from diffalign.single_file import is_single_file, single_file_family
+
+if TYPE_CHECKING:
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DiffusionPipeline,
+        SchedulerMixin,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 CLIP_MAX_LENGTH = 77
@@ -55,7 +69,7 @@ def _clip_merges() -> list[str]:
         return handle.read().split("\n")[1 : _CLIP_NUM_MERGES + 1]
 
 
-def build_clip_tokenizer():
+def build_clip_tokenizer() -> CLIPTokenizer:
     """The Stable Diffusion CLIP tokenizer (49,408 tokens), built offline.
 
     open-clip-torch ships the original CLIP BPE merges inside its wheel; the vocabulary is the 256
@@ -104,7 +118,7 @@ def save_clip_tokenizer(tokenizer, folder: str | os.PathLike) -> Path:
 
 def sd_ddim_scheduler(
     prediction_type: str = "epsilon", zero_terminal_snr: bool = False, **overrides: Any
-):
+) -> DDIMScheduler:
     """A DDIM scheduler configured exactly like Stable Diffusion 1.x's (``overrides`` replace
     any of its settings). ``zero_terminal_snr`` rescales its betas so that the last timestep is
     pure noise and samples with trailing timesteps, so that sampling starts there."""
@@ -129,7 +143,7 @@ _SDXL_TIME_ID_DIM = 8  # the tiny SDXL UNet's embedding width per time id (SDXL'
 
 def build_tiny_unet(
     seed: int = 0, sample_size: int = 16, cross_attention_dim: int = 32, pooled_dim: int = 0
-):
+) -> UNet2DConditionModel:
     """A two-level ``UNet2DConditionModel`` (about 1M parameters) with cross-attention; with
     ``pooled_dim`` it also takes SDXL's added conditioning (a pooled text embedding of that
     width and six time ids)."""
@@ -158,7 +172,9 @@ def build_tiny_unet(
     )
 
 
-def build_tiny_vae(seed: int = 0, sample_size: int = 32, shift_factor: float | None = None):
+def build_tiny_vae(
+    seed: int = 0, sample_size: int = 32, shift_factor: float | None = None
+) -> AutoencoderKL:
     """A two-level ``AutoencoderKL`` (4 latent channels, downsampling by 2) with mid attention;
     ``shift_factor`` shifts its latent space as SD3's VAE does."""
     from diffusers import AutoencoderKL
@@ -177,7 +193,9 @@ def build_tiny_vae(seed: int = 0, sample_size: int = 32, shift_factor: float | N
     )
 
 
-def build_tiny_text_encoder(seed: int = 0, hidden_size: int = 32, with_projection: bool = False):
+def build_tiny_text_encoder(
+    seed: int = 0, hidden_size: int = 32, with_projection: bool = False
+) -> CLIPTextModel | CLIPTextModelWithProjection:
     """A two-layer ``CLIPTextModel`` over the full CLIP vocabulary (``with_projection``: a
     ``CLIPTextModelWithProjection``, SDXL's second text encoder)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -200,7 +218,7 @@ def build_tiny_text_encoder(seed: int = 0, hidden_size: int = 32, with_projectio
 
 def build_tiny_pipeline(
     seed: int = 0, image_size: int = 32, hidden_size: int = 32, flow_shift: float | None = None
-):
+) -> StableDiffusionPipeline:
     """A real ``StableDiffusionPipeline`` with tiny random components, built offline.
 
     Images are ``image_size`` pixels square and latents half that. The safety checker is off.
@@ -226,7 +244,9 @@ def build_tiny_pipeline(
     )
 
 
-def build_tiny_sdxl_pipeline(seed: int = 0, image_size: int = 32, hidden_size: int = 32):
+def build_tiny_sdxl_pipeline(
+    seed: int = 0, image_size: int = 32, hidden_size: int = 32
+) -> StableDiffusionXLPipeline:
     """A real ``StableDiffusionXLPipeline`` with tiny random components, built offline: two
     text encoders (the second with a projection, whose output is the pooled embedding), a UNet
     with SDXL's added conditioning, SD's DDIM scheduler; otherwise as :func:`build_tiny_pipeline`.
@@ -248,7 +268,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0, image_size: int = 32, hidden_size: i
 
 def build_tiny_sd3_transformer(
     seed: int = 0, sample_size: int = 16, joint_attention_dim: int = 64, pooled_dim: int = 64
-):
+) -> SD3Transformer2DModel:
     """A two-block ``SD3Transformer2DModel`` (MMDiT, patch size 2, 4 latent channels) reading
     text states of width ``joint_attention_dim`` and a pooled embedding of width ``pooled_dim``."""
     from diffusers import SD3Transformer2DModel
@@ -269,7 +289,9 @@ def build_tiny_sd3_transformer(
     )
 
 
-def build_tiny_sd3_pipeline(seed: int = 0, image_size: int = 32, hidden_size: int = 32):
+def build_tiny_sd3_pipeline(
+    seed: int = 0, image_size: int = 32, hidden_size: int = 32
+) -> StableDiffusion3Pipeline:
     """A real ``StableDiffusion3Pipeline`` with tiny random components, built offline: two CLIP
     text encoders with projections (their token states side by side and their pooled
     embeddings joined, as SD3 reads them), no T5 encoder (diffusers then feeds zeros in its
@@ -294,7 +316,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, image_size: int = 32, hidden_size: in
     )
 
 
-def as_ddim_scheduler(scheduler):
+def as_ddim_scheduler(scheduler) -> SchedulerMixin:
     """``scheduler`` as a ``DDIMScheduler`` with the same config (SD1.5 ships PNDM), for features
     that sample with DDIM steps; a flow-matching scheduler is returned as it is (those features
     step it with :mod:`diffalign.flow`)."""
@@ -407,7 +429,7 @@ def _index_family(model_index: dict[str, Any]) -> str | None:
     return None
 
 
-def family_counterpart(pipeline_cls, family: str):
+def family_counterpart(pipeline_cls, family: str) -> type:
     """The pipeline class that does for ``family`` (``"sdxl"``, ``"sd3"``) what
     ``pipeline_cls`` (a Stable Diffusion pipeline class) does: diffusers' SDXL or SD3 pipeline
     for its ``StableDiffusionPipeline``, else the class a diffalign pipeline names as its
@@ -544,7 +566,7 @@ def load_pipeline(
     device: str | torch.device | None = None,
     config: str | None = None,
     **kwargs: Any,
-):
+) -> DiffusionPipeline:
     """Load a Stable-Diffusion-family pipeline from a local folder or a hub id, offline first.
 
     Args:
@@ -703,7 +725,9 @@ def save_lora(pipeline, directory: str | os.PathLike, adapter_name: str = "defau
     return Path(directory)
 
 
-def load_lora(pipeline, directory: str | os.PathLike, adapter_name: str = "default"):
+def load_lora(
+    pipeline, directory: str | os.PathLike, adapter_name: str = "default"
+) -> DiffusionPipeline:
     """Load a LoRA adapter saved by ``save_lora`` (or any diffusers SD LoRA) into ``pipeline``."""
     if not Path(directory).exists():
         raise FileNotFoundError(f"No LoRA folder at {directory}.")

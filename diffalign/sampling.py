@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from diffalign.flow import FlowSchedule
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 Reduction = Literal["mean", "sum", "none"]
@@ -144,7 +147,7 @@ class TrainingPoint:
     noise_level: Tensor
 
 
-def load_schedule(scheduler):
+def load_schedule(scheduler) -> NoiseSchedule | FlowSchedule:
     """The step math of a diffusers scheduler: a :class:`~diffalign.flow.FlowSchedule` for
     flow-matching schedulers, else a :class:`NoiseSchedule`. Both offer ``step``,
     ``following_timesteps`` and ``training_point``."""

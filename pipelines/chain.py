@@ -103,7 +103,9 @@ class DenoisingChain(ABC):
         return draw_noise((count, *self.noise_shape()), generator, self.device, self.dtype)
 
     @torch.no_grad()
-    def step(self, latents: Tensor, positions: Tensor, generator: Generators):
+    def step(
+        self, latents: Tensor, positions: Tensor, generator: Generators
+    ) -> tuple[Tensor, Tensor]:
         """Advance each row one step from its chain position (0 = pure noise), its noise drawn
         from ``generator`` (one per row when a list).
 

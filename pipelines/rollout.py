@@ -24,7 +24,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
-from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 from torch import Tensor
 
 from diffalign.flow import is_flow_scheduler
@@ -372,7 +377,7 @@ RolloutPipeline.sdxl_pipeline_class = SDXLRolloutPipeline
 RolloutPipeline.sd3_pipeline_class = SD3RolloutPipeline
 
 
-def over_components(pipeline, sd_class, **components):
+def over_components(pipeline, sd_class, **components) -> DiffusionPipeline:
     """A ``sd_class`` pipeline (its SDXL or SD3 counterpart,
     :func:`diffalign.models.family_counterpart`, when ``pipeline`` is SDXL or SD3) over
     ``pipeline``'s components, any of them replaced by ``components``."""

@@ -16,6 +16,7 @@ to 77 tokens and truncated.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,9 @@ import torch.nn.functional as F
 from diffalign.rewards.base import Reward
 from diffalign.rewards.preprocess import ImageTransform
 from diffalign.rewards.weights import WeightsSpec, missing_files, resolve_weights
+
+if TYPE_CHECKING:
+    from transformers import CLIPModel, CLIPProcessor
 
 CLIP_MAX_TOKENS = 77
 MODEL_FILES = ("config.json", "model.safetensors|pytorch_model.bin")
@@ -34,7 +38,7 @@ def pooled(output) -> torch.Tensor:
     return getattr(output, "pooler_output", output)
 
 
-def load_clip_folder(folder, processor_folder=None):
+def load_clip_folder(folder, processor_folder=None) -> tuple[CLIPModel, CLIPProcessor]:
     """A frozen ``CLIPModel`` and its processor; refuses checkpoints with missing weights."""
     from transformers import CLIPModel, CLIPProcessor
 

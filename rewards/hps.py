@@ -34,7 +34,7 @@ class _QuietRootLogger:
         logging.root.setLevel(self.level)
 
 
-def build_open_clip(architecture: str):
+def build_open_clip(architecture: str) -> torch.nn.Module:
     """An open_clip model of ``architecture`` with random weights (nothing is downloaded)."""
     import open_clip
 

@@ -19,7 +19,7 @@ from diffalign.pipelines.conditioning import Conditioning
 from diffalign.pipelines.rollout import guided_noise_prediction
 from diffalign.train.advantages import group_advantages, prompt_groups
 from diffalign.train.config import AWMConfig
-from diffalign.train.losses import awm_loss
+from diffalign.train.losses import LossOutput, awm_loss
 from diffalign.train.trainer import RoundBatch, Trainer, derive_seed, mean_diagnostics
 
 
@@ -61,7 +61,7 @@ class AWMTrainer(Trainer):
 
     def sample_loss(self, x0: Tensor, embeds: Tensor | Conditioning, advantages: Tensor,
                     timesteps: Tensor, noise: Tensor, negative: Tensor | Conditioning | None = None,
-                    guidance_scale: float = 1.0):  # fmt: skip
+                    guidance_scale: float = 1.0) -> LossOutput:  # fmt: skip
         """AWM loss of clean latents ``x0`` noised with ``noise`` to ``timesteps`` (one each),
         conditioned on ``embeds`` (text token states, or a :class:`Conditioning` for SDXL / SD3).
 

@@ -110,7 +110,7 @@ class DDPOTrainer(Trainer):
         return std / std.mean()
 
     def step_loss(self, rollout: Rollout, advantages: Tensor, index: Tensor, steps: Tensor,
-                  step_weights: Tensor | None = None):  # fmt: skip
+                  step_weights: Tensor | None = None) -> LossOutput:  # fmt: skip
         """The PPO loss of samples ``index`` at their chain positions ``steps`` (one per sample),
         each weighted by ``step_weights[step]`` (default 1)."""
         reference_mean = None

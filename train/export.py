@@ -10,11 +10,14 @@ and the LoRA merged: the same pipeline ``final/`` would have held, had the run e
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from diffalign.checkpoint import CheckpointError, load_checkpoint
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 
 def is_training_checkpoint(path: str | Path) -> bool:
@@ -24,7 +27,7 @@ def is_training_checkpoint(path: str | Path) -> bool:
 
 
 def pipeline_from_checkpoint(path: str | Path, pipeline_cls: type | None = None,
-                             use_ema: bool = True, **kwargs: Any):  # fmt: skip
+                             use_ema: bool = True, **kwargs: Any) -> DiffusionPipeline:  # fmt: skip
     """Load the checkpoint at ``path`` as a pipeline of ``pipeline_cls`` (default: the base
     model's own class); ``use_ema=False`` takes the live weights instead of the EMA's.
 

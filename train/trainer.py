@@ -333,7 +333,7 @@ class Trainer:
             self.reference_denoiser.to(dtype)
         self.pipeline.latents_dtype = torch.float32  # the chain stays float32 (log-probs)
 
-    def reference(self):
+    def reference(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
         """A context giving the KL terms' reference network: the denoiser with its LoRA adapter
         disabled (no second copy in memory), or under full fine-tuning the frozen copy of the
         starting weights."""
@@ -394,7 +394,7 @@ class Trainer:
         """The DeepSpeed config accelerate runs with (only under DeepSpeed)."""
         return self.accelerator.state.deepspeed_plugin.deepspeed_config
 
-    def autocast(self):
+    def autocast(self) -> contextlib.AbstractContextManager:
         """The mixed-precision context for the UNet's forwards (rollouts and losses).
 
         accelerate's own is empty under DeepSpeed, whose bf16 mode casts the module's weights to

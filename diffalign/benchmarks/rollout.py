@@ -19,8 +19,17 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from diffusers import (
+        DiffusionPipeline,
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
 SD15_RANDOM = "sd15-random"
 SDXL_RANDOM = "sdxl-random"
@@ -84,7 +93,7 @@ def _clip_text_encoder(hidden: int, layers: int, heads: int, act: str, projectio
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
-def build_sd15_random_pipeline(device: str | torch.device = "cpu"):
+def build_sd15_random_pipeline(device: str | torch.device = "cpu") -> StableDiffusionPipeline:
     """A StableDiffusionPipeline with SD1.5's architecture and random weights (speed only),
     built on ``device``."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -103,7 +112,7 @@ def build_sd15_random_pipeline(device: str | torch.device = "cpu"):
         )  # fmt: skip
 
 
-def build_sdxl_random_pipeline(device: str | torch.device = "cpu"):
+def build_sdxl_random_pipeline(device: str | torch.device = "cpu") -> StableDiffusionXLPipeline:
     """A StableDiffusionXLPipeline with SDXL base 1.0's architecture and random weights (speed
     only; 3.5B parameters, about 14 GB in float32), built on ``device``."""
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
@@ -121,7 +130,7 @@ def build_sdxl_random_pipeline(device: str | torch.device = "cpu"):
         )  # fmt: skip
 
 
-def build_sd35_random_pipeline(device: str | torch.device = "cpu"):
+def build_sd35_random_pipeline(device: str | torch.device = "cpu") -> StableDiffusion3Pipeline:
     """A StableDiffusion3Pipeline with Stable Diffusion 3.5 Medium's architecture and random
     weights (speed only), built on ``device``: its transformer, VAE, both CLIP text encoders and
     flow-matching scheduler (shift 3). No T5 encoder (its tokenizer cannot be built offline):
@@ -159,7 +168,7 @@ def load_benchmark_pipeline(
     dtype: torch.dtype,
     pipeline_cls: type | None = None,
     model_config: str | None = None,
-):
+) -> DiffusionPipeline:
     """``model`` (a folder, a one-file checkpoint with its ``model_config`` folder,
     ``diffalign:<shipped>`` or a random architecture) as ``pipeline_cls`` (default:
     :class:`~diffalign.pipelines.rollout.RolloutPipeline`; its SDXL counterpart for an SDXL

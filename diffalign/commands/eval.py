@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffalign.commands._common import (
     add_device_arguments,
@@ -32,6 +32,9 @@ from diffalign.commands._common import (
     resolve_dtype,
     write_metrics,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 NAME = "eval"
 HELP = "evaluate a model (vs a baseline): FID, PickScore, CLIP score, rewards, win-rates"
@@ -96,7 +99,7 @@ def read_prompts(spec: str, count: int) -> list[str]:
     return prompts
 
 
-def load_image_folder(folder: Path):
+def load_image_folder(folder: Path) -> torch.Tensor:
     """Every image in ``folder`` (sorted by name) as one (N, 3, H, W) batch in [0, 1]."""
     import torch
     from PIL import Image

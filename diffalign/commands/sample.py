@@ -17,6 +17,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from diffalign.commands._common import (
     add_device_arguments,
@@ -31,6 +32,12 @@ from diffalign.commands._common import (
     write_metrics,
 )
 from diffalign.files import atomic_write_text
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from diffalign.rewards import Reward
 
 NAME = "sample"
 HELP = "generate images (DDIM, best-of-n, smc, dts, dts-star); writes images and samples.json"
@@ -98,7 +105,9 @@ def check_search_arguments(args: argparse.Namespace) -> None:
     tree_settings_from_arguments(args, default_in_flight=8)  # exits on invalid tree flags
 
 
-def load_sampling_pipeline(model: str, device, dtype, config: str | None = None):
+def load_sampling_pipeline(
+    model: str, device, dtype, config: str | None = None
+) -> DiffusionPipeline:
     """A DDIM-scheduled Stable Diffusion (or SDXL) pipeline for ``--model`` (folder, hub id,
     shipped, or a one-file checkpoint with its ``config`` folder); a flow-matching model (SD3 too)
     keeps its scheduler and comes as a rollout pipeline, which steps it (the search samplers use
@@ -175,7 +184,9 @@ def _sample_search(pipeline, prompts, args, size, reward):
     return output.images, output.rewards, output.prompts, extra
 
 
-def sample_prompts(pipeline, prompts, args: argparse.Namespace, size: int, reward):
+def sample_prompts(
+    pipeline, prompts, args: argparse.Namespace, size: int, reward
+) -> tuple[torch.Tensor, torch.Tensor, list[str], dict[str, Any]]:
     """Images of ``prompts`` by ``args.sampler`` (``ddim`` or a search sampler): the images,
     their rewards (NaN without a reward), the prompt of each and extra statistics."""
     sample = _sample_ddim if args.sampler == "ddim" else _sample_search
@@ -243,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_optional_reward(name: str | None, device):
+def load_optional_reward(name: str | None, device) -> Reward | None:
     """The reward called ``name`` on ``device``, or None."""
     if name is None:
         return None

@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,9 @@ from diffalign.files import atomic_write_text
 from diffalign.models import save_clip_tokenizer
 from diffalign.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from diffalign.world.render import generate_pairs
+
+if TYPE_CHECKING:
+    from transformers import CLIPModel, CLIPProcessor
 
 
 @dataclass
@@ -46,7 +50,7 @@ class WorldClipConfig(BaseConfig):
             raise ConfigError("steps must be >= 1 and batch_size >= 2 (contrastive pairs).")
 
 
-def build_clip(config: WorldClipConfig):
+def build_clip(config: WorldClipConfig) -> CLIPModel:
     """A randomly initialised tiny ``CLIPModel`` over the full CLIP vocabulary."""
     from transformers import CLIPConfig, CLIPModel
 
@@ -70,7 +74,7 @@ def build_clip(config: WorldClipConfig):
     return CLIPModel(clip_config)
 
 
-def build_processor(image_size: int = 32):
+def build_processor(image_size: int = 32) -> CLIPProcessor:
     """A ``CLIPProcessor``: the real CLIP tokenizer and CLIP's normalisation at ``image_size``."""
     from transformers import CLIPImageProcessor, CLIPProcessor
 
@@ -99,7 +103,9 @@ def _embed(model, tokenizer, images: torch.Tensor, captions: list[str]):
     return F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
 
 
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor):
+def contrastive_loss(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
     """Symmetric InfoNCE over a batch of matched, L2-normalised embeddings."""
     logits = logit_scale.exp() * image @ text.T
     targets = torch.arange(len(image))
@@ -124,7 +130,9 @@ def retrieval_accuracy(model, tokenizer, num_queries: int = 512, candidates: int
     return hits / num_queries
 
 
-def pretrain_clip(config: WorldClipConfig, out: Path, quiet: bool = False):
+def pretrain_clip(
+    config: WorldClipConfig, out: Path, quiet: bool = False
+) -> tuple[CLIPModel, dict]:
     """Train the tiny CLIP and save model + processor to ``out``; returns (model, record)."""
     model, processor = build_clip(config), build_processor(config.image_size)
     tokenizer = processor.tokenizer

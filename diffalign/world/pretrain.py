@@ -15,6 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,9 @@ from diffalign.files import atomic_write_text
 from diffalign.flow import is_flow_scheduler
 from diffalign.sampling import PREDICTION_TYPES, load_schedule
 from diffalign.world.render import generate_pairs
+
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
 
 
 @dataclass
@@ -122,7 +126,7 @@ class WorldPretrainConfig(BaseConfig):
             raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}.")
 
 
-def build_world_unet(config: WorldPretrainConfig):
+def build_world_unet(config: WorldPretrainConfig) -> UNet2DConditionModel:
     """The shapes-world UNet: cross-attention at every level but the first."""
     from diffusers import UNet2DConditionModel
 
@@ -284,7 +288,7 @@ def train_denoiser(unet, text_encoder, tokenizer, vae, scheduler, config, quiet=
     return {"final_loss": sum(losses[-100:]) / len(losses[-100:]), "loss_curve": losses[::50]}
 
 
-def world_scheduler(config: WorldPretrainConfig):
+def world_scheduler(config: WorldPretrainConfig) -> SchedulerMixin:
     """The scheduler the denoiser trains under: SD's DDIM (``prediction_type``,
     ``zero_terminal_snr``), or flow matching with ``flow_shift``."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -310,7 +314,9 @@ def _check_kept_scheduler(scheduler, config: WorldPretrainConfig) -> None:
         )
 
 
-def pretrain_world(config: WorldPretrainConfig, out: Path, quiet: bool = False):
+def pretrain_world(
+    config: WorldPretrainConfig, out: Path, quiet: bool = False
+) -> tuple[StableDiffusionPipeline, dict]:
     """Run both stages and save the pipeline to ``out``; returns (pipeline, training record)."""
     from diffusers import StableDiffusionPipeline
 

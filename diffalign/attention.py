@@ -29,9 +29,13 @@ import functools
 import importlib.util
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 BACKENDS: tuple[str, ...] = ("auto", "xformers", "sdpa", "classic")
 _FUSED_LAYERS = ("to_qkv", "to_kv", "to_added_qkv")
@@ -314,7 +318,7 @@ def _library_of(model: nn.Module) -> str | None:
 
 
 def enable_fused_attention(
-    model, backend: str = "auto", fuse_qkv: bool = False
+    model: nn.Module | DiffusionPipeline, backend: str = "auto", fuse_qkv: bool = False
 ) -> AttentionReport | dict[str, AttentionReport]:
     """Switch every attention module of ``model`` to ``backend`` and report what was chosen.
 

@@ -25,10 +25,14 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from diffalign.rewards.clip import ClipReward
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +137,7 @@ class InceptionFeatures(nn.Module):
 class ClipImageFeatures(nn.Module):
     """A CLIP reward's image-tower embeddings (unnormalised), with the reward's preprocessing."""
 
-    def __init__(self, name: str, reward) -> None:
+    def __init__(self, name: str, reward: ClipReward) -> None:
         super().__init__()
         self.name, self.reward = name, reward
         self.dim = reward.model.config.projection_dim
@@ -154,7 +158,7 @@ class ClipImageFeatures(nn.Module):
 
 
 def load_feature_network(
-    name: str, weights: str | os.PathLike | None = None, device="cpu"
+    name: str, weights: str | os.PathLike | None = None, device: torch.device | str = "cpu"
 ) -> nn.Module:
     """The FID feature network called ``name``: ``inception`` or a CLIP reward's name."""
     from diffalign.rewards import list_rewards, load_reward

@@ -16,7 +16,7 @@ log-prob makes policy-gradient training possible; ``eta = 0`` is the Euler step 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
@@ -30,10 +30,13 @@ from diffalign.sampling import (
     gaussian_log_prob,
 )
 
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin
+
 FLOW_SCHEDULERS: tuple[str, ...] = ("FlowMatchEulerDiscreteScheduler",)
 
 
-def is_flow_scheduler(scheduler) -> bool:
+def is_flow_scheduler(scheduler: SchedulerMixin) -> bool:
     """Whether ``scheduler`` (a diffusers scheduler) samples a flow-matching model."""
     return type(scheduler).__name__ in FLOW_SCHEDULERS
 
@@ -125,7 +128,7 @@ class FlowSchedule:
     prediction_type: ClassVar[str] = "flow"
 
     @classmethod
-    def from_scheduler(cls, scheduler) -> FlowSchedule:
+    def from_scheduler(cls, scheduler: SchedulerMixin) -> FlowSchedule:
         """Read a ``FlowMatchEulerDiscreteScheduler``; options whose sigmas depend on more than
         the step count (dynamic shifting, Karras/exponential/beta sigmas, stochastic sampling)
         are refused with the setting to change."""

@@ -22,12 +22,15 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
 from diffalign.fid import FeatureStats, canonical_feature_name
+
+if TYPE_CHECKING:
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +271,7 @@ def reference_statistics(
     feature: str,
     fid_weights: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
-    network=None,
+    network: nn.Module | None = None,
     quiet: bool = True,
 ) -> FeatureStats:
     """``reference`` (real images, a statistics file, :class:`FeatureStats`, or a mapping from

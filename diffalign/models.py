@@ -42,7 +42,12 @@ if TYPE_CHECKING:
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import (
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        PreTrainedTokenizerBase,
+    )
 
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 CLIP_MAX_LENGTH = 77
@@ -90,7 +95,7 @@ def build_clip_tokenizer() -> CLIPTokenizer:
     )
 
 
-def save_clip_tokenizer(tokenizer, folder: str | os.PathLike) -> Path:
+def save_clip_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike) -> Path:
     """Write ``tokenizer`` the way Stable Diffusion repositories store it (``vocab.json`` +
     ``merges.txt``, 1.4 MB) instead of transformers' 3.6 MB ``tokenizer.json``; it loads back with
     ``CLIPTokenizer.from_pretrained(folder)`` and gives the same ids."""
@@ -316,7 +321,7 @@ def build_tiny_sd3_pipeline(
     )
 
 
-def as_ddim_scheduler(scheduler) -> SchedulerMixin:
+def as_ddim_scheduler(scheduler: SchedulerMixin) -> SchedulerMixin:
     """``scheduler`` as a ``DDIMScheduler`` with the same config (SD1.5 ships PNDM), for features
     that sample with DDIM steps; a flow-matching scheduler is returned as it is (those features
     step it with :mod:`diffalign.flow`)."""
@@ -399,7 +404,7 @@ FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "Stable
 """The model families diffalign runs, keyed as :func:`pipeline_family` names them."""
 
 
-def pipeline_family(pipeline) -> str:
+def pipeline_family(pipeline: DiffusionPipeline) -> str:
     """``"sd"``, ``"sdxl"`` or ``"sd3"``: which diffusers pipeline ``pipeline`` is (or extends)."""
     from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
@@ -410,12 +415,12 @@ def pipeline_family(pipeline) -> str:
     return "sd"
 
 
-def denoiser_name(pipeline) -> str:
+def denoiser_name(pipeline: DiffusionPipeline) -> str:
     """The component that denoises: ``"transformer"`` for SD3, ``"unet"`` otherwise."""
     return "transformer" if pipeline_family(pipeline) == "sd3" else "unet"
 
 
-def denoiser_of(pipeline) -> nn.Module:
+def denoiser_of(pipeline: DiffusionPipeline) -> nn.Module:
     """``pipeline``'s denoising network: its UNet, or SD3's transformer."""
     return getattr(pipeline, denoiser_name(pipeline))
 
@@ -429,7 +434,7 @@ def _index_family(model_index: dict[str, Any]) -> str | None:
     return None
 
 
-def family_counterpart(pipeline_cls, family: str) -> type:
+def family_counterpart(pipeline_cls: type[DiffusionPipeline], family: str) -> type:
     """The pipeline class that does for ``family`` (``"sdxl"``, ``"sd3"``) what
     ``pipeline_cls`` (a Stable Diffusion pipeline class) does: diffusers' SDXL or SD3 pipeline
     for its ``StableDiffusionPipeline``, else the class a diffalign pipeline names as its
@@ -705,7 +710,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_lora(pipeline, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+def save_lora(
+    pipeline: DiffusionPipeline, directory: str | os.PathLike, adapter_name: str = "default"
+) -> Path:
     """Save the denoiser's LoRA adapter (the UNet's; SD3's transformer's) in diffusers' format
     (``pytorch_lora_weights.safetensors`` with its rank/alpha metadata), loadable with
     ``pipeline.load_lora_weights(directory)``."""
@@ -726,7 +733,7 @@ def save_lora(pipeline, directory: str | os.PathLike, adapter_name: str = "defau
 
 
 def load_lora(
-    pipeline, directory: str | os.PathLike, adapter_name: str = "default"
+    pipeline: DiffusionPipeline, directory: str | os.PathLike, adapter_name: str = "default"
 ) -> DiffusionPipeline:
     """Load a LoRA adapter saved by ``save_lora`` (or any diffusers SD LoRA) into ``pipeline``."""
     if not Path(directory).exists():

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from diffusers import SchedulerMixin
+
     from diffalign.flow import FlowSchedule
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
@@ -53,7 +55,7 @@ class NoiseSchedule:
         check_prediction_type(self.prediction_type)
 
     @classmethod
-    def from_scheduler(cls, scheduler) -> NoiseSchedule:
+    def from_scheduler(cls, scheduler: SchedulerMixin) -> NoiseSchedule:
         """Read the schedule of a diffusers DDIM/DDPM-style scheduler (anything with
         ``alphas_cumprod`` and a ``prediction_type`` config entry)."""
         config = scheduler.config
@@ -147,7 +149,7 @@ class TrainingPoint:
     noise_level: Tensor
 
 
-def load_schedule(scheduler) -> NoiseSchedule | FlowSchedule:
+def load_schedule(scheduler: SchedulerMixin) -> NoiseSchedule | FlowSchedule:
     """The step math of a diffusers scheduler: a :class:`~diffalign.flow.FlowSchedule` for
     flow-matching schedulers, else a :class:`NoiseSchedule`. Both offer ``step``,
     ``following_timesteps`` and ``training_point``."""

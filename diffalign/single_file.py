@@ -15,11 +15,15 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from diffalign.files import atomic_path
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
@@ -144,7 +148,7 @@ def vae_to_ldm(state: dict[str, Tensor], num_up_blocks: int) -> dict[str, Tensor
     return out
 
 
-def ldm_state_dict(pipeline) -> dict[str, Tensor]:
+def ldm_state_dict(pipeline: DiffusionPipeline) -> dict[str, Tensor]:
     """The pipeline's UNet, VAE and text encoder as one original-layout state dict."""
     from diffalign.models import UnsupportedModelError, pipeline_family
 
@@ -185,7 +189,7 @@ def _plain_state(module: torch.nn.Module) -> dict[str, Tensor]:
     return {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
 
 
-def save_single_file(pipeline, path: str | os.PathLike) -> Path:
+def save_single_file(pipeline: DiffusionPipeline, path: str | os.PathLike) -> Path:
     """Write ``pipeline`` as one original-layout ``.safetensors`` file (atomically).
 
     Load it back with ``load_pipeline(path, config=FOLDER)`` (``FOLDER``: any diffusers folder of

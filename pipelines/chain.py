@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -22,6 +23,9 @@ from torch import Tensor
 from diffalign.pipelines.conditioning import encode_conditioning
 from diffalign.pipelines.rollout import decode_latents, draw_noise, guided_noise_prediction
 from diffalign.sampling import NoiseSchedule, load_schedule
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 Generators = torch.Generator | list[torch.Generator]
 """One noise stream for a whole batch, or one per row (see :func:`chain_generator`)."""
@@ -146,7 +150,7 @@ class PipelineChain(DenoisingChain):
 
     def __init__(
         self,
-        pipeline,
+        pipeline: DiffusionPipeline,
         prompt: str,
         reward: Callable[[Tensor, list[str]], Tensor],
         num_inference_steps: int = 50,

@@ -14,11 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from diffalign.models import pipeline_family
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+    from torch import nn
 
 
 @dataclass
@@ -59,7 +64,7 @@ class Conditioning:
             kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
         return kwargs
 
-    def predict(self, model, latents: Tensor, timestep: Tensor | float) -> Tensor:
+    def predict(self, model: nn.Module, latents: Tensor, timestep: Tensor | float) -> Tensor:
         """``model``'s output at ``latents`` and ``timestep`` (one value or one per row) under
         this conditioning: a UNet called as diffusers' SD / SDXL pipelines call it, or SD3's
         transformer as ``StableDiffusion3Pipeline`` calls it (keywords, a timestep per row)."""
@@ -104,7 +109,14 @@ def as_conditioning(value: Tensor | Conditioning) -> Conditioning:
     return value if isinstance(value, Conditioning) else Conditioning(value)
 
 
-def sdxl_time_ids(pipeline, height: int, width: int, rows: int, dtype, device) -> Tensor:
+def sdxl_time_ids(
+    pipeline: DiffusionPipeline,
+    height: int,
+    width: int,
+    rows: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> Tensor:
     """SDXL's time ids for images generated at ``height`` x ``width`` without cropping, as
     diffusers' ``StableDiffusionXLPipeline`` makes them by default, one row per sample."""
     encoder_2 = getattr(pipeline, "text_encoder_2", None)
@@ -117,7 +129,7 @@ def sdxl_time_ids(pipeline, height: int, width: int, rows: int, dtype, device) -
 
 
 def encode_conditioning(
-    pipeline,
+    pipeline: DiffusionPipeline,
     prompt: str | list[str] | None,
     device: torch.device,
     num_images_per_prompt: int,

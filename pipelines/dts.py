@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -33,6 +34,9 @@ from diffalign.pipelines.baselines import SMC_POTENTIALS, best_of_n, smc
 from diffalign.pipelines.chain import DenoisingChain, PipelineChain
 from diffalign.pipelines.rollout import over_components
 from diffalign.pipelines.tree import SearchResult, TreeSettings, tree_search
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 SEARCH_SAMPLERS = ("best-of-n", "smc", "dts", "dts-star")
 
@@ -182,7 +186,7 @@ DTSPipeline.sdxl_pipeline_class = SDXLDTSPipeline
 DTSPipeline.sd3_pipeline_class = SD3DTSPipeline
 
 
-def search_pipeline(pipeline) -> DTSPipeline | SDXLDTSPipeline | SD3DTSPipeline:
+def search_pipeline(pipeline: DiffusionPipeline) -> DTSPipeline | SDXLDTSPipeline | SD3DTSPipeline:
     """The DTS pipeline (SD, SDXL or SD3, whichever ``pipeline`` is) over ``pipeline``'s
     components."""
     return over_components(pipeline, DTSPipeline)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import (
@@ -40,6 +41,11 @@ from diffalign.pipelines.conditioning import (
     encode_conditioning,
 )
 from diffalign.sampling import load_schedule
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from diffalign.pipelines.chain import Generators
 
 
 @dataclass
@@ -130,7 +136,9 @@ class Rollout:
         return Rollout(**values)
 
 
-def draw_noise(shape, generator, device: torch.device, dtype: torch.dtype) -> Tensor:
+def draw_noise(
+    shape: tuple[int, ...], generator: Generators | None, device: torch.device, dtype: torch.dtype
+) -> Tensor:
     """Standard normal noise drawn as diffusers' ``randn_tensor`` draws it (lists: per sample)."""
     if isinstance(generator, list):
         rows = [draw_noise((1, *shape[1:]), g, device, dtype) for g in generator]
@@ -140,7 +148,7 @@ def draw_noise(shape, generator, device: torch.device, dtype: torch.dtype) -> Te
 
 
 def guided_noise_prediction(
-    unet,
+    unet: nn.Module,
     latents: Tensor,
     timestep: Tensor | int,
     prompt_embeds: Tensor | Conditioning,
@@ -163,7 +171,7 @@ def guided_noise_prediction(
     return uncond + guidance_scale * (cond - uncond)
 
 
-def decode_latents(pipeline, latents: Tensor) -> Tensor:
+def decode_latents(pipeline: DiffusionPipeline, latents: Tensor) -> Tensor:
     """``pipeline``'s VAE decoding of ``latents`` to images in [0, 1] (float32), undoing the
     latent space's scaling and (SD3) shift. An SDXL pipeline's float16 VAE that asks for it
     (``force_upcast``: SDXL's overflows in float16) decodes in float32, as diffusers' SDXL
@@ -377,7 +385,9 @@ RolloutPipeline.sdxl_pipeline_class = SDXLRolloutPipeline
 RolloutPipeline.sd3_pipeline_class = SD3RolloutPipeline
 
 
-def over_components(pipeline, sd_class, **components) -> DiffusionPipeline:
+def over_components(
+    pipeline: DiffusionPipeline, sd_class: type[DiffusionPipeline], **components
+) -> DiffusionPipeline:
     """A ``sd_class`` pipeline (its SDXL or SD3 counterpart,
     :func:`diffalign.models.family_counterpart`, when ``pipeline`` is SDXL or SD3) over
     ``pipeline``'s components, any of them replaced by ``components``."""
@@ -395,7 +405,7 @@ def over_components(pipeline, sd_class, **components) -> DiffusionPipeline:
 
 
 def plain_pipeline(
-    pipeline, **components
+    pipeline: DiffusionPipeline, **components
 ) -> StableDiffusionPipeline | StableDiffusionXLPipeline | StableDiffusion3Pipeline:
     """diffusers' own ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or
     ``StableDiffusion3Pipeline`` (whichever ``pipeline`` is, or extends) over ``pipeline``'s
@@ -404,7 +414,9 @@ def plain_pipeline(
     return over_components(pipeline, StableDiffusionPipeline, **components)
 
 
-def rollout_pipeline(pipeline) -> RolloutPipeline | SDXLRolloutPipeline | SD3RolloutPipeline:
+def rollout_pipeline(
+    pipeline: DiffusionPipeline,
+) -> RolloutPipeline | SDXLRolloutPipeline | SD3RolloutPipeline:
     """``pipeline`` itself when it is a rollout pipeline, else the rollout pipeline (SD, SDXL or
     SD3) over its components."""
     if isinstance(pipeline, _RolloutSampling):

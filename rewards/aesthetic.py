@@ -10,6 +10,7 @@ predicts a 1-10 rating. The head file is ``aesthetic-model.pth`` from
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ from diffalign.rewards.base import Reward
 from diffalign.rewards.clip import MODEL_FILES, PROCESSOR_FILES, load_clip_folder, pooled
 from diffalign.rewards.preprocess import ImageTransform
 from diffalign.rewards.weights import WeightsSpec, load_state_dict_file, resolve_weights
+
+if TYPE_CHECKING:
+    from transformers import ProcessorMixin
 
 
 class AestheticHead(nn.Module):
@@ -78,8 +82,8 @@ class Aesthetic(Reward):
         clip_path: str | os.PathLike | None = None,
         *,
         head: AestheticHead | None = None,
-        clip=None,
-        processor=None,
+        clip: nn.Module | None = None,
+        processor: ProcessorMixin | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)

@@ -26,19 +26,24 @@ from diffalign.rewards.preprocess import ImageTransform
 from diffalign.rewards.weights import WeightsSpec, missing_files, resolve_weights
 
 if TYPE_CHECKING:
-    from transformers import CLIPModel, CLIPProcessor
+    from typing import Any
+
+    from torch import nn
+    from transformers import CLIPModel, CLIPProcessor, ProcessorMixin
 
 CLIP_MAX_TOKENS = 77
 MODEL_FILES = ("config.json", "model.safetensors|pytorch_model.bin")
 PROCESSOR_FILES = ("preprocessor_config.json|processor_config.json", "tokenizer.json|vocab.json")
 
 
-def pooled(output) -> torch.Tensor:
+def pooled(output: Any) -> torch.Tensor:
     """The embedding tensor of ``get_image_features`` / ``get_text_features`` in any version."""
     return getattr(output, "pooler_output", output)
 
 
-def load_clip_folder(folder, processor_folder=None) -> tuple[CLIPModel, CLIPProcessor]:
+def load_clip_folder(
+    folder: str | os.PathLike, processor_folder: str | os.PathLike | None = None
+) -> tuple[CLIPModel, CLIPProcessor]:
     """A frozen ``CLIPModel`` and its processor; refuses checkpoints with missing weights."""
     from transformers import CLIPModel, CLIPProcessor
 
@@ -72,8 +77,8 @@ class ClipReward(Reward):
         path: str | os.PathLike | None = None,
         processor_path: str | os.PathLike | None = None,
         *,
-        model=None,
-        processor=None,
+        model: nn.Module | None = None,
+        processor: ProcessorMixin | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -89,11 +94,13 @@ class ClipReward(Reward):
         self.input_size = self.transform.crop or self.transform.size
         self.freeze()
 
-    def resolve_model(self, path) -> os.PathLike:
+    def resolve_model(self, path: str | os.PathLike | None) -> os.PathLike:
         """The model folder, by the shared weights resolution order."""
         return resolve_weights(self.weights, path)
 
-    def resolve_processor(self, folder, processor_path) -> os.PathLike:
+    def resolve_processor(
+        self, folder: str | os.PathLike, processor_path: str | os.PathLike | None
+    ) -> os.PathLike:
         """The processor folder: explicit, else inside the model folder, else its own repo."""
         spec = self.processor_weights
         if processor_path is not None or (spec and os.environ.get(spec.env_var)):
@@ -152,7 +159,7 @@ class TinyClip(PickScore):
     weights = WeightsSpec("tiny_clip", "assets/tiny-clip", MODEL_FILES + PROCESSOR_FILES)
     processor_weights = None
 
-    def resolve_model(self, path) -> os.PathLike:
+    def resolve_model(self, path: str | os.PathLike | None) -> os.PathLike:
         from diffalign.world import shipped_model_path
 
         if path is None and not os.environ.get(self.weights.env_var):

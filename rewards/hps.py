@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ import torch.nn.functional as F
 from diffalign.rewards.base import Reward
 from diffalign.rewards.preprocess import ImageTransform
 from diffalign.rewards.weights import WeightsSpec, load_state_dict_file, resolve_weights
+
+if TYPE_CHECKING:
+    from torch import nn
 
 HPS_ARCHITECTURE = "ViT-H-14"
 
@@ -61,7 +65,7 @@ class HPSv2(Reward):
         path: str | os.PathLike | None = None,
         architecture: str = HPS_ARCHITECTURE,
         *,
-        model=None,
+        model: nn.Module | None = None,
         **kwargs,
     ) -> None:
         import open_clip

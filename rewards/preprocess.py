@@ -11,9 +11,13 @@ shrinking); the tests check the result against the real processors.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from transformers import BaseImageProcessor, ProcessorMixin
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -42,7 +46,7 @@ class ImageTransform:
     std: tuple[float, ...] = OPENAI_CLIP_STD
 
     @classmethod
-    def from_clip_processor(cls, processor) -> ImageTransform:
+    def from_clip_processor(cls, processor: ProcessorMixin | BaseImageProcessor) -> ImageTransform:
         """The transform a transformers ``CLIPImageProcessor`` (or a ``CLIPProcessor``) applies."""
         image_processor = getattr(processor, "image_processor", processor)
         size = image_processor.size

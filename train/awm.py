@@ -11,6 +11,8 @@ Rollouts need no log-probs, so any ``eta`` works (default 0, the deterministic D
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
@@ -22,8 +24,13 @@ from diffalign.train.config import AWMConfig
 from diffalign.train.losses import LossOutput, awm_loss
 from diffalign.train.trainer import RoundBatch, Trainer, derive_seed, mean_diagnostics
 
+if TYPE_CHECKING:
+    from diffalign.pipelines.rollout import Rollout
 
-def stratified_timesteps(count: int, strata: int, upper: int, generator, lower: int = 0) -> Tensor:
+
+def stratified_timesteps(
+    count: int, strata: int, upper: int, generator: torch.Generator | None, lower: int = 0
+) -> Tensor:
     """(count, strata) integer timesteps: one uniform draw in each of ``strata`` equal bins of
     ``[lower, upper)`` per sample."""
     edges = torch.linspace(lower, upper, strata + 1)
@@ -90,7 +97,9 @@ class AWMTrainer(Trainer):
             ema_prediction, config.beta_kl, config.beta_ema, config.adv_clip_max, config.weighting,
         )  # fmt: skip
 
-    def noise_plan(self, rollout, step: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def noise_plan(
+        self, rollout: Rollout, step: int, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
         """Per sample, ``num_train_timesteps`` stratified timesteps (B, K) and noises (B, K, ...).
 
         With ``shared_noise`` every sample of a prompt gets the same timesteps and noise (drawn

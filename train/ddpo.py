@@ -15,6 +15,8 @@ code: where it places the window may differ).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
@@ -24,6 +26,9 @@ from diffalign.train.advantages import PerPromptStatTracker
 from diffalign.train.config import DDPOConfig
 from diffalign.train.losses import LossOutput, ddpo_loss, step_kl
 from diffalign.train.trainer import RoundBatch, Trainer, derive_seed, mean_diagnostics
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class DDPOTrainer(Trainer):
@@ -64,7 +69,9 @@ class DDPOTrainer(Trainer):
         their chain positions ``steps`` (one per sample), with CFG when ``train_cfg``."""
         return self.transition(self.model, rollout, index, steps).log_prob
 
-    def transition(self, model, rollout: Rollout, index: Tensor, steps: Tensor) -> DDIMStepOutput:
+    def transition(
+        self, model: nn.Module, rollout: Rollout, index: Tensor, steps: Tensor
+    ) -> DDIMStepOutput:
         """``model``'s step (mean, std and the stored transition's log-prob) at the chain
         positions ``steps`` of samples ``index``."""
         rows = torch.arange(len(index))

@@ -20,11 +20,15 @@ same parameter-group settings; it counts steps in an int, saved as AdamW's float
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from diffalign.config import ConfigError
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 SUPPORTED_STAGES = (1, 2)
 OWN_SECTIONS = ("optimizer", "scheduler")
@@ -114,7 +118,7 @@ def deepspeed_bf16(ds_config: dict) -> bool:
     return ds_config.get("bf16", {}).get("enabled") is True
 
 
-def deepspeed_backward(engine, loss: Tensor, sync: bool) -> None:
+def deepspeed_backward(engine: DeepSpeedEngine, loss: Tensor, sync: bool) -> None:
     """Backpropagate ``loss`` through a DeepSpeed ``engine``; on the last micro-batch of an
     optimizer step (``sync``) reduce the gradients, clip and step (DeepSpeed's own order)."""
     engine.set_gradient_accumulation_boundary(sync)
@@ -123,7 +127,7 @@ def deepspeed_backward(engine, loss: Tensor, sync: bool) -> None:
         engine.step()
 
 
-def inner_optimizer(optimizer) -> torch.optim.Optimizer:
+def inner_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The torch optimizer that updates the fp32 partitions (AdamW), under accelerate's and
     DeepSpeed's wrappers."""
     from accelerate.optimizer import AcceleratedOptimizer
@@ -152,7 +156,7 @@ def load_whole_weights(parameters: list[Tensor], values: list[Tensor]) -> None:
         parameter.copy_(value)
 
 
-def whole_optimizer_state(optimizer, parameters: list[Tensor]) -> dict:
+def whole_optimizer_state(optimizer: torch.optim.Optimizer, parameters: list[Tensor]) -> dict:
     """The optimizer's state in ``torch.optim.AdamW.state_dict()``'s format over
     ``parameters`` (state by index, one param group), gathered from the ZeRO partitions (a
     collective: every process must call it)."""
@@ -174,7 +178,9 @@ def whole_optimizer_state(optimizer, parameters: list[Tensor]) -> dict:
     return {"state": state, "param_groups": [{**settings, "params": list(range(len(parameters)))}]}
 
 
-def load_whole_optimizer_state(optimizer, parameters: list[Tensor], saved: dict) -> None:
+def load_whole_optimizer_state(
+    optimizer: torch.optim.Optimizer, parameters: list[Tensor], saved: dict
+) -> None:
     """Restore what :func:`whole_optimizer_state` (or a DDP run's ``AdamW.state_dict()``)
     holds into the ZeRO partitions, before the first step."""
     from deepspeed.utils import safe_set_full_optimizer_state

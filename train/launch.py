@@ -11,11 +11,15 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from diffalign.config import ConfigError
 from diffalign.train.deepspeed import check_deepspeed_config, deepspeed_launch
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 UNSUPPORTED_STRATEGIES = ("MEGATRON_LM",)
 """accelerate strategies that wrap the model in an engine the rollouts cannot sample with."""
@@ -66,7 +70,7 @@ def accelerator_options() -> dict:
     return {}
 
 
-def check_launch(accelerator) -> None:
+def check_launch(accelerator: Accelerator) -> None:
     """Refuse a launch the trainers would run wrongly: Megatron-LM, FSDP version 1 (FSDP
     version 2 is supported), DeepSpeed other than ZeRO stage 1 or 2 or with settings the
     trainers own (see :func:`~diffalign.train.deepspeed.check_deepspeed_config`), or several

@@ -76,6 +76,7 @@ from diffalign.train.model_card import model_card
 from diffalign.train.prompts import PromptSource
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
     from diffusers import (
         StableDiffusion3Pipeline,
         StableDiffusionPipeline,
@@ -179,7 +180,7 @@ class Trainer:
         | StableDiffusion3Pipeline
         | None = None,
         reward: Reward | Callable | None = None,
-        accelerator=None,
+        accelerator: Accelerator | None = None,
         callbacks: Sequence[TrainerCallback | Callable] = (),
     ) -> None:
         from accelerate import Accelerator

@@ -17,10 +17,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+    from diffalign.pipelines.chain import DenoisingChain
+    from diffalign.rewards import Reward
 
 
 def variance_split(rewards: Tensor) -> dict[str, float]:
@@ -47,7 +54,7 @@ def variance_split(rewards: Tensor) -> dict[str, float]:
 
 
 def branch_rewards(
-    chain,
+    chain: DenoisingChain,
     branch_steps: Sequence[int],
     prefixes: int = 4,
     continuations: int = 8,
@@ -89,8 +96,8 @@ def branch_rewards(
 
 
 def run_branching_benchmark(
-    pipeline,
-    reward,
+    pipeline: DiffusionPipeline,
+    reward: Reward,
     prompts: list[str],
     branch_steps: Sequence[int],
     steps: int = 20,

@@ -26,7 +26,10 @@ import torch
 from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
     from diffalign.pipelines.tree import TreeSettings
+    from diffalign.rewards import Reward
 
 ANYTIME = ("best-of-n", "dts-star")
 PER_BUDGET = ("smc", "dts")
@@ -45,8 +48,8 @@ def _matching_budget(curve: list[float], target: float) -> int | None:
 
 
 def run_dts_benchmark(
-    pipeline,
-    reward,
+    pipeline: DiffusionPipeline,
+    reward: Reward,
     prompts: list[str],
     steps: int = 20,
     guidance_scale: float = 3.0,
@@ -164,7 +167,7 @@ def format_table(results: dict) -> str:
 
 
 def tree_vs_batched_speed(
-    pipeline,
+    pipeline: DiffusionPipeline,
     prompt: str,
     steps: int,
     guidance_scale: float,

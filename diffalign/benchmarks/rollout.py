@@ -24,6 +24,9 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    import os
+    from collections.abc import Callable
+
     from diffusers import (
         DiffusionPipeline,
         StableDiffusion3Pipeline,
@@ -184,7 +187,7 @@ def load_benchmark_pipeline(
     return over_components(pipeline, pipeline_cls).to(device, dtype)
 
 
-def seconds_of(fn, device: torch.device) -> float:
+def seconds_of(fn: Callable[[], object], device: torch.device) -> float:
     """Wall-clock seconds of ``fn()``, the device's queued work included (CUDA is synchronised
     before and after)."""
     if device.type == "cuda":
@@ -196,8 +199,8 @@ def seconds_of(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def time_sampling(pipeline, prompts: list[str], steps: int, guidance: float, eta: float,
-                  repeats: int, device: torch.device,
+def time_sampling(pipeline: DiffusionPipeline, prompts: list[str], steps: int, guidance: float,
+                  eta: float, repeats: int, device: torch.device,
                   resolution: int | None = None) -> dict:  # fmt: skip
     """Alternate diffusers and rollout sampling; median seconds of each and the ratio. An SD3
     model is timed against ``StableDiffusion3Pipeline``, which samples with Euler steps only
@@ -240,8 +243,9 @@ def time_sampling(pipeline, prompts: list[str], steps: int, guidance: float, eta
     }
 
 
-def time_training_steps(pipeline, model: str, batch: int, steps: int, guidance: float,
-                        mixed_precision: str, out, resolution: int | None = None,
+def time_training_steps(pipeline: DiffusionPipeline, model: str, batch: int, steps: int,
+                        guidance: float, mixed_precision: str, out: str | os.PathLike,
+                        resolution: int | None = None,
                         model_config: str | None = None) -> dict:  # fmt: skip
     """Images/s of one DDPO and one AWM update (LoRA) on a freshly sampled round, timed after
     one warm-up update on the same round; on CUDA also the peak memory of the timed update."""
@@ -281,7 +285,7 @@ def time_training_steps(pipeline, model: str, batch: int, steps: int, guidance: 
 
 def run_rollout_benchmark(model: str, device: torch.device, dtype: torch.dtype, batch: int,
                           steps: int, guidance: float, eta: float, repeats: int, train: bool,
-                          out, resolution: int | None = None,
+                          out: str | os.PathLike, resolution: int | None = None,
                           model_config: str | None = None) -> dict:  # fmt: skip
     """Sampling ratio and (optionally) training-step throughput; returns a flat dict."""
     pipeline = load_benchmark_pipeline(model, device, dtype, model_config=model_config)

@@ -10,9 +10,12 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffalign.files import atomic_write_text
+
+if TYPE_CHECKING:
+    import torch
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 _VERSIONED = ("torch", "diffusers", "transformers", "accelerate", "peft", "xformers")
@@ -90,7 +93,7 @@ def resolve_device(name: str):
     return device
 
 
-def resolve_dtype(name: str, device):
+def resolve_dtype(name: str, device: torch.device):
     """``auto`` -> fp16 on CUDA, fp32 elsewhere (bf16 on CPU is slower than fp32)."""
     import torch
 
@@ -120,7 +123,7 @@ def _device_name(device) -> str:
     return platform.processor() or "cpu"
 
 
-def environment_info(device=None) -> dict[str, Any]:
+def environment_info(device: torch.device | str | None = None) -> dict[str, Any]:
     """Versions and hardware, recorded beside every measurement."""
     import torch
 
@@ -136,7 +139,9 @@ def environment_info(device=None) -> dict[str, Any]:
     }
 
 
-def write_metrics(out: Path, command: str, results: dict[str, Any], device=None) -> Path:
+def write_metrics(
+    out: Path, command: str, results: dict[str, Any], device: torch.device | str | None = None
+) -> Path:
     """Write ``out/metrics.json`` (atomically) with the command line, environment and results."""
     out.mkdir(parents=True, exist_ok=True)
     payload = {

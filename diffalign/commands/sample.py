@@ -34,8 +34,11 @@ from diffalign.commands._common import (
 from diffalign.files import atomic_write_text
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import torch
     from diffusers import DiffusionPipeline
+    from torch import nn
 
     from diffalign.rewards import Reward
 
@@ -106,7 +109,7 @@ def check_search_arguments(args: argparse.Namespace) -> None:
 
 
 def load_sampling_pipeline(
-    model: str, device, dtype, config: str | None = None
+    model: str, device: torch.device | str, dtype: torch.dtype, config: str | None = None
 ) -> DiffusionPipeline:
     """A DDIM-scheduled Stable Diffusion (or SDXL) pipeline for ``--model`` (folder, hub id,
     shipped, or a one-file checkpoint with its ``config`` folder); a flow-matching model (SD3 too)
@@ -131,7 +134,7 @@ def load_sampling_pipeline(
     return plain_sampling_pipeline(pipeline)
 
 
-def count_calls(module) -> list[int]:
+def count_calls(module: nn.Module) -> list[int]:
     """Count forward calls of ``module`` (one per UNet or transformer batch evaluation) and the
     rows they evaluated (NFEs): returns ``[calls, rows]``, updated as the module runs."""
     counter = [0, 0]
@@ -185,7 +188,11 @@ def _sample_search(pipeline, prompts, args, size, reward):
 
 
 def sample_prompts(
-    pipeline, prompts, args: argparse.Namespace, size: int, reward
+    pipeline: DiffusionPipeline,
+    prompts: Sequence[str],
+    args: argparse.Namespace,
+    size: int,
+    reward: Reward | None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str], dict[str, Any]]:
     """Images of ``prompts`` by ``args.sampler`` (``ddim`` or a search sampler): the images,
     their rewards (NaN without a reward), the prompt of each and extra statistics."""
@@ -254,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_optional_reward(name: str | None, device) -> Reward | None:
+def load_optional_reward(name: str | None, device: torch.device | str) -> Reward | None:
     """The reward called ``name`` on ``device``, or None."""
     if name is None:
         return None

@@ -25,7 +25,8 @@ from diffalign.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from diffalign.world.render import generate_pairs
 
 if TYPE_CHECKING:
-    from transformers import CLIPModel, CLIPProcessor
+    from torch import nn
+    from transformers import CLIPModel, CLIPProcessor, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -113,8 +114,9 @@ def contrastive_loss(
 
 
 @torch.no_grad()
-def retrieval_accuracy(model, tokenizer, num_queries: int = 512, candidates: int = 16,
-                       seed: int = 1234, split: str = "heldout") -> float:  # fmt: skip
+def retrieval_accuracy(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                       num_queries: int = 512, candidates: int = 16, seed: int = 1234,
+                       split: str = "heldout") -> float:  # fmt: skip
     """Caption-to-image top-1 accuracy among ``candidates`` images (one right, the rest random)."""
     images, captions = generate_pairs(num_queries * candidates // 4, seed=seed, split=split)
     image_emb, text_emb = _embed(model.eval(), tokenizer, images, captions)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,11 @@ from diffalign.world.evaluate import evaluate_prompts
 from diffalign.world.grammar import COLOURS, Caption, ObjectPhrase, flip_relation, parse_caption
 from diffalign.world.pretrain import encode_text, reconstruct
 from diffalign.world.render import render, to_tensor
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DiffusionPipeline
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
 
 
 def render_prompts(prompts: Sequence[str], samples_per_prompt: int, seed: int = 0,
@@ -44,8 +50,8 @@ def render_prompts(prompts: Sequence[str], samples_per_prompt: int, seed: int = 
     return to_tensor(arrays)
 
 
-def reward_ceiling(vae, prompts: Sequence[str], samples_per_prompt: int = 4, seed: int = 0,
-                   batch_size: int = 128) -> dict[str, float]:  # fmt: skip
+def reward_ceiling(vae: AutoencoderKL, prompts: Sequence[str], samples_per_prompt: int = 4,
+                   seed: int = 0, batch_size: int = 128) -> dict[str, float]:  # fmt: skip
     """Mean ``shapes`` reward of perfect renderings, raw and through ``vae``, with the relations
     exact and at chance."""
     results = {}
@@ -94,7 +100,9 @@ def _caption_variants(prompts: Sequence[str], caller: str) -> tuple[list[str], .
     )
 
 
-def relation_sensitivity(tokenizer, text_encoder, prompts: Sequence[str]) -> dict[str, float]:
+def relation_sensitivity(
+    tokenizer: PreTrainedTokenizerBase, text_encoder: nn.Module, prompts: Sequence[str]
+) -> dict[str, float]:
     """How much the text encoding of the two-phrase ``prompts`` changes when only the relation is
     flipped, and when only the first phrase's colour changes."""
     texts, flipped, recoloured = _caption_variants(prompts, "relation_sensitivity")
@@ -111,8 +119,9 @@ def _per_sample_losses(pipeline, noisy, timesteps, target, texts) -> torch.Tenso
     return (prediction - target).pow(2).flatten(1).mean(1)
 
 
-def denoiser_sensitivity(pipeline, prompts: Sequence[str], samples_per_prompt: int = 4,
-                         seed: int = 0, batch_size: int = 128) -> dict[str, float]:  # fmt: skip
+def denoiser_sensitivity(pipeline: DiffusionPipeline, prompts: Sequence[str],
+                         samples_per_prompt: int = 4, seed: int = 0,
+                         batch_size: int = 128) -> dict[str, float]:  # fmt: skip
     """How much the denoising loss on perfect renderings of the two-phrase ``prompts`` grows when
     the caption's relation is flipped, and when its first colour changes (same latents, noise
     and timesteps for the three captions; timesteps stratified over the training schedule; the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -10,6 +11,9 @@ from tqdm.auto import tqdm
 from diffalign.world.grammar import parse_caption
 from diffalign.world.render import sample_captions
 from diffalign.world.reward import ShapesScore, score_images, summarize
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 
 def heldout_prompts(count: int = 200, seed: int = 0, split: str = "heldout") -> list[str]:
@@ -26,7 +30,7 @@ def heldout_prompts(count: int = 200, seed: int = 0, split: str = "heldout") -> 
 
 
 def generate(
-    pipeline,
+    pipeline: DiffusionPipeline,
     prompts: Sequence[str],
     samples_per_prompt: int = 4,
     steps: int = 25,

@@ -29,7 +29,14 @@ from diffalign.sampling import PREDICTION_TYPES, load_schedule
 from diffalign.world.render import generate_pairs
 
 if TYPE_CHECKING:
-    from diffusers import SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        SchedulerMixin,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -181,7 +188,7 @@ def _fit_reconstruction(vae, parameters, learning_rate: float, steps: int, stage
     return sum(losses[-50:]) / len(losses[-50:])
 
 
-def reconstruct(vae, images: torch.Tensor) -> torch.Tensor:
+def reconstruct(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     """``images`` in [0, 1] encoded to their latent mode and decoded again, in [-1, 1]."""
     with torch.no_grad():
         return vae.decode(vae.encode(images * 2 - 1).latent_dist.mode()).sample
@@ -197,7 +204,7 @@ def _held_back_images(config: WorldPretrainConfig) -> torch.Tensor:
     return _batches(config, 3, 0, 256)[0]
 
 
-def train_vae(vae, config: WorldPretrainConfig, quiet: bool = False) -> dict:
+def train_vae(vae: AutoencoderKL, config: WorldPretrainConfig, quiet: bool = False) -> dict:
     """Train the VAE to reconstruct world images; set its latent ``scaling_factor``."""
     final_loss = _fit_reconstruction(vae, vae.parameters(), config.vae_learning_rate,
                                      config.vae_steps, 1, config, config.vae_kl_weight, "vae",
@@ -211,7 +218,7 @@ def train_vae(vae, config: WorldPretrainConfig, quiet: bool = False) -> dict:
             "reconstruction_psnr_db": _reconstruction_psnr(vae, images)}  # fmt: skip
 
 
-def finetune_decoder(vae, config: WorldPretrainConfig, quiet: bool = False) -> dict:
+def finetune_decoder(vae: AutoencoderKL, config: WorldPretrainConfig, quiet: bool = False) -> dict:
     """Train only the decoder (and ``post_quant_conv``) on fresh renderings.
 
     The encoder, and so the latent space the denoiser was trained on, stays fixed: a sharper
@@ -232,7 +239,9 @@ def finetune_decoder(vae, config: WorldPretrainConfig, quiet: bool = False) -> d
             "reconstruction_psnr_db": _reconstruction_psnr(vae, images)}  # fmt: skip
 
 
-def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
+def encode_text(
+    tokenizer: PreTrainedTokenizerBase, text_encoder: nn.Module, captions: list[str]
+) -> torch.Tensor:
     """The text encoder's token states (B, max_length, hidden) of ``captions``, padded."""
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids  # fmt: skip
@@ -251,7 +260,15 @@ def training_timesteps(count: int, num_train_timesteps: int, high_noise_share: f
     return torch.where(torch.rand(count, generator=generator) < high_noise_share, high, timesteps)
 
 
-def train_denoiser(unet, text_encoder, tokenizer, vae, scheduler, config, quiet=False) -> dict:
+def train_denoiser(
+    unet: nn.Module,
+    text_encoder: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    vae: AutoencoderKL,
+    scheduler: SchedulerMixin,
+    config: WorldPretrainConfig,
+    quiet: bool = False,
+) -> dict:
     """Train text encoder and UNet jointly with the denoising loss of ``scheduler``'s schedule and
     prediction type."""
     parameters = list(unet.parameters()) + list(text_encoder.parameters())

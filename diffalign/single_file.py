@@ -1,13 +1,19 @@
-"""Stable Diffusion 1.x pipelines as one checkpoint file in the original (LDM) layout.
+"""Stable Diffusion 1.x / 2.x and SDXL pipelines as one checkpoint file in the original layout.
 
 A1111, ComfyUI and most shared fine-tunes keep Stable Diffusion as a single ``.safetensors``
-file with the original repository's names (``model.diffusion_model.*``, ``first_stage_model.*``,
-``cond_stage_model.transformer.*``). :func:`save_single_file` writes a diffusers pipeline (a
-trained run's ``final/`` for instance) in that layout; :func:`diffalign.models.load_pipeline` and
-every ``--model`` read such files back through diffusers' ``from_single_file``. The names are
-the inverse of diffusers' own single-file conversion, which the tests use to check the round trip.
-The text encoder is written under SD 1.x's CLIP names; an SD 2.x pipeline's file reads back in
-diffusers, but A1111 / ComfyUI look for SD 2.x's OpenCLIP names, which are not written.
+file with the original repositories' names (``model.diffusion_model.*``, ``first_stage_model.*``
+and the text encoders: ``cond_stage_model.transformer.*``, OpenAI's CLIP, for SD 1.x;
+``cond_stage_model.model.*``, OpenCLIP, for SD 2.x; ``conditioner.embedders.0.transformer.*``
+and ``conditioner.embedders.1.model.*`` for SDXL's two). :func:`save_single_file` writes a
+diffusers pipeline (a trained run's ``final/`` for instance) in that layout;
+:func:`diffalign.models.load_pipeline` and every ``--model`` read such files back through
+diffusers' ``from_single_file``. The names are the inverse of diffusers' own single-file
+conversion, which the tests use to check the round trip.
+
+An OpenCLIP text tower is told from OpenAI's CLIP by its activation (``gelu``, where OpenAI's
+uses ``quick_gelu``). diffusers keeps 23 of SD 2.x's 24 OpenCLIP blocks (SD 2.x reads the
+penultimate one's output, so the last never runs); the file holds those 23, which A1111 and
+ComfyUI load (the missing block is one they never run).
 """
 
 from __future__ import annotations
@@ -28,9 +34,15 @@ if TYPE_CHECKING:
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_TEXT_ENCODER_PREFIXES = (
+    "conditioner.embedders.0.transformer.",
+    "conditioner.embedders.1.model.",
+)
 _UNET_FIXED = {
     "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
     "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
 }  # fmt: skip
 _UNET_RESNET = {
     "norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
@@ -43,6 +55,17 @@ _VAE_ATTENTION = {
     "to_v": "v",
     "to_out.0": "proj_out",
 }
+
+_OPEN_CLIP_FIXED = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+}
+_OPEN_CLIP_BLOCK = {
+    "layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}  # fmt: skip
 
 
 def is_single_file(path: str | os.PathLike) -> bool:
@@ -75,7 +98,7 @@ def _rename(key: str, renames: dict[str, str]) -> str:
             return new + key[len(old) :]
     raise ValueError(
         f"No original-layout name for the weight {key!r}: this model has parts the Stable "
-        "Diffusion 1.x / 2.x layout does not (save it with `save_pretrained` instead)."
+        "Diffusion 1.x / 2.x / SDXL layout does not (save it with `save_pretrained` instead)."
     )
 
 
@@ -148,34 +171,88 @@ def vae_to_ldm(state: dict[str, Tensor], num_up_blocks: int) -> dict[str, Tensor
     return out
 
 
+def clip_to_open_clip(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A transformers CLIP text model's state dict under OpenCLIP's names (SD 2.x's text encoder,
+    SDXL's second): each block's query, key and value joined into one ``in_proj``, and the text
+    projection (if any) transposed, as the original keeps them."""
+    state = _clip_names(state)
+    out, blocks = {}, set()
+    for key, value in state.items():
+        block = re.match(r"text_model\.encoder\.layers\.(\d+)\.(.*)", key)
+        if key in _OPEN_CLIP_FIXED:
+            out[_OPEN_CLIP_FIXED[key]] = value
+        elif key == "text_projection.weight":
+            out["text_projection"] = value.T.contiguous()
+        elif block and re.fullmatch(r"self_attn\.[qkv]_proj\.(weight|bias)", block.group(2)):
+            blocks.add(block.group(1))
+        elif block:
+            rest = _rename(block.group(2), _OPEN_CLIP_BLOCK)
+            out[f"transformer.resblocks.{block.group(1)}.{rest}"] = value
+        else:
+            _rename(key, {})  # raises: a weight OpenCLIP has no name for
+    for index in blocks:
+        for kind in ("weight", "bias"):
+            parts = [
+                state[f"text_model.encoder.layers.{index}.self_attn.{p}_proj.{kind}"] for p in "qkv"
+            ]
+            out[f"transformer.resblocks.{index}.attn.in_proj_{kind}"] = torch.cat(parts)
+    return out
+
+
 def ldm_state_dict(pipeline: DiffusionPipeline) -> dict[str, Tensor]:
-    """The pipeline's UNet, VAE and text encoder as one original-layout state dict."""
+    """The pipeline's UNet, VAE and text encoder(s) as one original-layout state dict."""
     from diffalign.models import UnsupportedModelError, pipeline_family
 
     family = pipeline_family(pipeline)
-    if family != "sd":
+    if family not in ("sd", "sdxl"):
         raise UnsupportedModelError(
-            f"Single-file export covers Stable Diffusion 1.x pipelines; this is {family}. "
-            "Save it with `pipeline.save_pretrained(DIR)` instead."
-        )
-    if type(pipeline.text_encoder).__name__ != "CLIPTextModel":
-        raise UnsupportedModelError(
-            f"Single-file export writes a CLIPTextModel text encoder (SD 1.x); this pipeline has "
-            f"{type(pipeline.text_encoder).__name__}."
+            f"Single-file export covers Stable Diffusion 1.x / 2.x and SDXL pipelines; this is "
+            f"{family}. Save it with `pipeline.save_pretrained(DIR)` instead."
         )
     unet = unet_to_ldm(_plain_state(pipeline.unet), pipeline.unet.config.layers_per_block)
     vae = vae_to_ldm(_plain_state(pipeline.vae), len(pipeline.vae.config.up_block_types))
-    text = {_original_clip_key(k): v for k, v in _plain_state(pipeline.text_encoder).items()}
     return {
-        **{UNET_PREFIX + k: v for k, v in unet.items()},
-        **{VAE_PREFIX + k: v for k, v in vae.items()},
-        **{TEXT_ENCODER_PREFIX + k: v for k, v in text.items()},
+        **_prefixed(unet, UNET_PREFIX),
+        **_prefixed(vae, VAE_PREFIX),
+        **_text_encoders_to_ldm(pipeline, family),
     }
 
 
-def _original_clip_key(key: str) -> str:
-    # transformers 5 dropped the CLIPTextModel's ``text_model`` level that the original keeps
-    return key if key.startswith("text_model.") else "text_model." + key
+def _text_encoders_to_ldm(pipeline: DiffusionPipeline, family: str) -> dict[str, Tensor]:
+    from diffalign.models import UnsupportedModelError
+
+    encoders = [pipeline.text_encoder] + ([pipeline.text_encoder_2] if family == "sdxl" else [])
+    for encoder in encoders:
+        if not type(encoder).__name__.startswith("CLIPTextModel"):
+            raise UnsupportedModelError(
+                f"Single-file export writes CLIP text encoders; this pipeline has "
+                f"{type(encoder).__name__}."
+            )
+    if family == "sdxl":
+        first, second = SDXL_TEXT_ENCODER_PREFIXES
+        return {
+            **_prefixed(_clip_names(_plain_state(encoders[0])), first),
+            **_prefixed(clip_to_open_clip(_plain_state(encoders[1])), second),
+        }
+    state = _plain_state(encoders[0])
+    if encoders[0].config.hidden_act == "gelu":  # OpenCLIP's text tower: SD 2.x
+        return _prefixed(clip_to_open_clip(state), OPEN_CLIP_PREFIX)
+    return _prefixed(_clip_names(state), TEXT_ENCODER_PREFIX)
+
+
+def _prefixed(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {prefix + key: value for key, value in state.items()}
+
+
+def _clip_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """transformers' CLIP text state under the original CLIP names: transformers 5 dropped the
+    ``CLIPTextModel``'s ``text_model`` level that the original keeps; the position-id buffer is
+    not a weight."""
+    return {
+        key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key: value
+        for key, value in state.items()
+        if not key.endswith("position_ids")
+    }
 
 
 def _plain_state(module: torch.nn.Module) -> dict[str, Tensor]:

@@ -15,7 +15,10 @@ from diffalign.models import (
     UnsupportedModelError,
     add_lora,
     build_tiny_pipeline,
+    build_tiny_sd3_pipeline,
     build_tiny_sdxl_pipeline,
+    build_tiny_text_encoder,
+    build_tiny_unet,
     load_pipeline,
 )
 from diffalign.pipelines.rollout import RolloutPipeline
@@ -80,7 +83,7 @@ def test_the_file_uses_the_original_names_that_other_tools_look_for():
 
 def test_what_cannot_be_written_is_refused_with_the_way_out(tmp_path):
     with pytest.raises(UnsupportedModelError, match="save_pretrained"):
-        ldm_state_dict(build_tiny_sdxl_pipeline(seed=0))
+        ldm_state_dict(build_tiny_sd3_pipeline(seed=0))
     pipe = build_tiny_pipeline(seed=0)
     with pytest.raises(ValueError, match=r"\.safetensors"):
         save_single_file(pipe, tmp_path / "model.ckpt")
@@ -229,3 +232,95 @@ def test_commands_sample_a_one_file_model_with_its_model_config(tmp_path):
         with pytest.raises(SystemExit, match=f"{flag}-config is for a one-file {flag} "):
             main([*argv, "--out", str(tmp_path / "refused")])
     assert not (tmp_path / "refused").exists()
+
+
+def _tiny_sdxl_pipeline():
+    """The tiny SDXL pipeline with text encoders of different widths, as SDXL's (768 and 1280):
+    diffusers tells the two apart by width when it reads a file."""
+    from diffusers import StableDiffusionXLPipeline
+
+    tiny = build_tiny_sdxl_pipeline(seed=4)
+    second = build_tiny_text_encoder(seed=5, hidden_size=48, with_projection=True)
+    unet = build_tiny_unet(seed=4, sample_size=16, cross_attention_dim=32 + 48, pooled_dim=48)
+    return StableDiffusionXLPipeline(**{**tiny.components, "text_encoder_2": second, "unet": unet})
+
+
+def _tiny_sd2_pipeline():
+    """The tiny SD pipeline with an OpenCLIP-style text encoder (``gelu``), as SD 2.x's."""
+    from transformers import CLIPTextModel
+
+    pipe = build_tiny_pipeline(seed=6)
+    config = pipe.text_encoder.config
+    config.hidden_act = "gelu"
+    torch.manual_seed(6)
+    pipe.text_encoder = CLIPTextModel(config)
+    return pipe
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd2"])
+def test_sdxl_and_sd2_files_use_their_text_encoders_names_and_read_back(family, tmp_path):
+    from diffalign.pipelines.rollout import SDXLRolloutPipeline
+
+    pipe = _tiny_sdxl_pipeline() if family == "sdxl" else _tiny_sd2_pipeline()
+    folder = tmp_path / "folder"
+    pipe.save_pretrained(folder)
+    path = save_single_file(pipe, tmp_path / "model.safetensors")
+    state = ldm_state_dict(pipe)
+    names = ["open_clip_sdxl", "clip_sdxl"] if family == "sdxl" else ["open_clip"]
+    assert all(CHECKPOINT_KEY_NAMES[name] in state for name in names)  # how diffusers knows them
+    assert CHECKPOINT_KEY_NAMES["clip"] not in state
+    encoders = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
+    tensors = sum(len(getattr(pipe, name).state_dict()) for name in ["unet", "vae", *encoders])
+    open_clip = getattr(pipe, encoders[-1]).config.num_hidden_layers  # SDXL's second, SD 2's
+    assert len(state) == tensors - 4 * open_clip  # OpenCLIP joins 6 q/k/v tensors into 2
+    assert single_file_family(path) == ("sdxl" if family == "sdxl" else "sd")
+    again = load_pipeline(path, RolloutPipeline, config=str(folder))
+    assert isinstance(again, SDXLRolloutPipeline) == (family == "sdxl")
+    for name in ["unet", "vae", *encoders]:
+        mine, theirs = getattr(pipe, name).state_dict(), getattr(again, name).state_dict()
+        assert mine.keys() == theirs.keys(), name
+        assert all(torch.equal(value, theirs[key]) for key, value in mine.items()), name
+    for name in encoders:
+        assert getattr(again, name).config.hidden_act == getattr(pipe, name).config.hidden_act
+
+
+def test_full_size_sdxl_gets_the_names_and_shapes_of_the_original_file():
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    from diffalign.benchmarks.rollout import build_sdxl_random_pipeline
+    from diffalign.single_file import UNET_PREFIX, clip_to_open_clip
+
+    pipe = build_sdxl_random_pipeline(device="meta")  # shapes only, no memory
+    unet = unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config.layers_per_block)
+    second = clip_to_open_clip(pipe.text_encoder_2.state_dict())
+    state = {
+        **{UNET_PREFIX + k: v for k, v in unet.items()},
+        **{"conditioner.embedders.1.model." + k: v for k, v in second.items()},
+    }
+    assert infer_diffusers_model_type(state) == "xl_base"  # what diffusers makes of the file
+    # names and shapes as they are in SDXL base 1.0's own checkpoint
+    shapes = {
+        "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+        "model.diffusion_model.label_emb.0.2.weight": (1280, 1280),
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight": (
+            640,
+            2048,
+        ),
+        "model.diffusion_model.input_blocks.6.0.op.weight": (640, 640, 3, 3),
+        "model.diffusion_model.middle_block.1.transformer_blocks.9.ff.net.2.weight": (1280, 5120),
+        "model.diffusion_model.output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
+        "model.diffusion_model.output_blocks.5.2.conv.weight": (640, 640, 3, 3),
+        "model.diffusion_model.output_blocks.8.0.skip_connection.weight": (320, 640, 1, 1),
+        "conditioner.embedders.1.model.positional_embedding": (77, 1280),
+        "conditioner.embedders.1.model.text_projection": (1280, 1280),
+        "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
+        "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_bias": (3840,),
+        "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight": (5120, 1280),
+        "conditioner.embedders.1.model.ln_final.weight": (1280,),
+    }
+    for key, shape in shapes.items():
+        assert tuple(state[key].shape) == shape, key
+    assert len(unet) == len(pipe.unet.state_dict())  # one to one: no tensor dropped or merged
+    assert len(second) == 4 + 1 + 32 * 12  # embeddings, final norm; projection; 12 per block
+    back = convert_ldm_unet_checkpoint(state, dict(pipe.unet.config))
+    assert back.keys() == pipe.unet.state_dict().keys()

@@ -518,6 +518,7 @@ def _load_single_file(path: Path, pipeline_cls, config: str | None = None, **kwa
     if config is not None and not _HUB_ID.fullmatch(str(config)) and not Path(config).is_dir():
         raise FileNotFoundError(f"config={config}: no such diffusers folder.")
     offline = hub_is_offline_by_setting() or (config is None and not hub_is_reachable())
+    kwargs = {**_components_left_out(config, pipeline_cls, offline), **kwargs}
     try:
         return pipeline_cls.from_single_file(
             str(path), config=config, local_files_only=offline, **kwargs
@@ -532,6 +533,23 @@ def _load_single_file(path: Path, pipeline_cls, config: str | None = None, **kwa
             "line, or convert the file once with `diffalign convert --model FILE --config "
             f"FOLDER --out DIR` and use DIR. ({error})"
         ) from error
+
+
+def _components_left_out(config: str | None, pipeline_cls, offline: bool) -> dict[str, None]:
+    """The required components ``config``'s ``model_index.json`` sets to null (SD3 saved without
+    T5, say): ``from_pretrained`` leaves them out itself, ``from_single_file`` must be told."""
+    if config is None:
+        return {}
+    try:
+        index = pipeline_cls.load_config(config, local_files_only=offline)
+    except OSError:
+        return {}  # the load that follows reports the missing configs
+    optional = set(getattr(pipeline_cls, "_optional_components", []))
+    return {
+        name: None
+        for name, value in index.items()
+        if isinstance(value, list) and value[0] is None and name not in optional
+    }
 
 
 def _load_hub(name: str, pipeline_cls, **kwargs):

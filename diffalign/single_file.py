@@ -1,10 +1,11 @@
-"""Stable Diffusion 1.x / 2.x and SDXL pipelines as one checkpoint file in the original layout.
+"""Stable Diffusion 1.x / 2.x, SDXL and SD3 pipelines as one checkpoint in the original layout.
 
 A1111, ComfyUI and most shared fine-tunes keep Stable Diffusion as a single ``.safetensors``
 file with the original repositories' names (``model.diffusion_model.*``, ``first_stage_model.*``
 and the text encoders: ``cond_stage_model.transformer.*``, OpenAI's CLIP, for SD 1.x;
 ``cond_stage_model.model.*``, OpenCLIP, for SD 2.x; ``conditioner.embedders.0.transformer.*``
-and ``conditioner.embedders.1.model.*`` for SDXL's two). :func:`save_single_file` writes a
+and ``conditioner.embedders.1.model.*`` for SDXL's two; ``text_encoders.clip_l|clip_g|t5xxl.
+transformer.*`` for SD3's, beside its MMDiT's ``joint_blocks``). :func:`save_single_file` writes a
 diffusers pipeline (a trained run's ``final/`` for instance) in that layout;
 :func:`diffalign.models.load_pipeline` and every ``--model`` read such files back through
 diffusers' ``from_single_file``. The names are the inverse of diffusers' own single-file
@@ -39,6 +40,9 @@ SDXL_TEXT_ENCODER_PREFIXES = (
     "conditioner.embedders.0.transformer.",
     "conditioner.embedders.1.model.",
 )
+SD3_TEXT_ENCODER_PREFIXES = tuple(
+    f"text_encoders.{name}.transformer." for name in ("clip_l", "clip_g", "t5xxl")
+)
 _UNET_FIXED = {
     "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
     "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
@@ -65,6 +69,29 @@ _OPEN_CLIP_FIXED = {
 _OPEN_CLIP_BLOCK = {
     "layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
     "self_attn.out_proj": "attn.out_proj",
+}  # fmt: skip
+
+
+_SD3_FIXED = {
+    "pos_embed.proj": "x_embedder.proj",
+    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+    "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+    "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+    "context_embedder": "context_embedder",
+    "proj_out": "final_layer.linear",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",
+}
+_SD3_BLOCK = {  # within transformer_blocks.i -> within joint_blocks.i (q, k and v: joined apart)
+    "attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+    "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
+    "attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+    "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k",
+    "attn2.to_out.0": "x_block.attn2.proj",
+    "norm1.linear": "x_block.adaLN_modulation.1",
+    "norm1_context.linear": "context_block.adaLN_modulation.1",
+    "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+    "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2",
 }  # fmt: skip
 
 
@@ -199,20 +226,56 @@ def clip_to_open_clip(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def sd3_transformer_to_ldm(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A diffusers ``SD3Transformer2DModel`` state dict under the original MMDiT's names: each
+    attention's query, key and value joined into one ``qkv``, and the final modulations (the
+    last block's context one and the output layer's) with their shift and scale halves in the
+    original order (diffusers swaps them)."""
+    last = max(int(key.split(".")[1]) for key in state if key.startswith("transformer_blocks."))
+    out, joined = {}, {}
+    for key, value in state.items():
+        block = re.match(r"transformer_blocks\.(\d+)\.(.*)", key)
+        if key == "pos_embed.pos_embed":
+            out["pos_embed"] = value
+        elif not block:
+            out[_rename(key, _SD3_FIXED)] = _swap_halves(value) if "norm_out." in key else value
+        elif qkv := re.fullmatch(r"(attn2?)\.(to|add)_([qkv])(?:_proj)?\.(weight|bias)", block[2]):
+            attention, stream, part, kind = qkv.groups()
+            side = "context_block" if stream == "add" else "x_block"
+            joined.setdefault(f"joint_blocks.{block[1]}.{side}.{attention}.qkv.{kind}", {})[
+                part
+            ] = value
+        else:
+            last_context = int(block[1]) == last and block[2].startswith("norm1_context.")
+            value = _swap_halves(value) if last_context else value
+            out[f"joint_blocks.{block[1]}.{_rename(block[2], _SD3_BLOCK)}"] = value
+    out.update({key: torch.cat([parts[p] for p in "qkv"]) for key, parts in joined.items()})
+    return out
+
+
+def _swap_halves(value: Tensor) -> Tensor:
+    first, second = value.chunk(2, dim=0)
+    return torch.cat([second, first])
+
+
 def ldm_state_dict(pipeline: DiffusionPipeline) -> dict[str, Tensor]:
-    """The pipeline's UNet, VAE and text encoder(s) as one original-layout state dict."""
+    """The pipeline's UNet (SD3: MMDiT), VAE and text encoders as one original-layout state
+    dict."""
     from diffalign.models import UnsupportedModelError, pipeline_family
 
     family = pipeline_family(pipeline)
-    if family not in ("sd", "sdxl"):
+    if family not in ("sd", "sdxl", "sd3"):
         raise UnsupportedModelError(
-            f"Single-file export covers Stable Diffusion 1.x / 2.x and SDXL pipelines; this is "
-            f"{family}. Save it with `pipeline.save_pretrained(DIR)` instead."
+            f"Single-file export covers Stable Diffusion 1.x / 2.x, SDXL and SD3 pipelines; this "
+            f"is {family}. Save it with `pipeline.save_pretrained(DIR)` instead."
         )
-    unet = unet_to_ldm(_plain_state(pipeline.unet), pipeline.unet.config.layers_per_block)
+    if family == "sd3":
+        denoiser = sd3_transformer_to_ldm(_plain_state(pipeline.transformer))
+    else:
+        denoiser = unet_to_ldm(_plain_state(pipeline.unet), pipeline.unet.config.layers_per_block)
     vae = vae_to_ldm(_plain_state(pipeline.vae), len(pipeline.vae.config.up_block_types))
     return {
-        **_prefixed(unet, UNET_PREFIX),
+        **_prefixed(denoiser, UNET_PREFIX),
         **_prefixed(vae, VAE_PREFIX),
         **_text_encoders_to_ldm(pipeline, family),
     }
@@ -221,13 +284,15 @@ def ldm_state_dict(pipeline: DiffusionPipeline) -> dict[str, Tensor]:
 def _text_encoders_to_ldm(pipeline: DiffusionPipeline, family: str) -> dict[str, Tensor]:
     from diffalign.models import UnsupportedModelError
 
-    encoders = [pipeline.text_encoder] + ([pipeline.text_encoder_2] if family == "sdxl" else [])
+    encoders = [pipeline.text_encoder] + ([pipeline.text_encoder_2] if family != "sd" else [])
     for encoder in encoders:
         if not type(encoder).__name__.startswith("CLIPTextModel"):
             raise UnsupportedModelError(
                 f"Single-file export writes CLIP text encoders; this pipeline has "
                 f"{type(encoder).__name__}."
             )
+    if family == "sd3":
+        return _sd3_text_encoders(pipeline)
     if family == "sdxl":
         first, second = SDXL_TEXT_ENCODER_PREFIXES
         return {
@@ -238,6 +303,24 @@ def _text_encoders_to_ldm(pipeline: DiffusionPipeline, family: str) -> dict[str,
     if encoders[0].config.hidden_act == "gelu":  # OpenCLIP's text tower: SD 2.x
         return _prefixed(clip_to_open_clip(state), OPEN_CLIP_PREFIX)
     return _prefixed(_clip_names(state), TEXT_ENCODER_PREFIX)
+
+
+def _sd3_text_encoders(pipeline: DiffusionPipeline) -> dict[str, Tensor]:
+    """SD3's CLIP-L and CLIP-G under transformers' names, and T5 when the pipeline has it. The
+    original's CLIP-L has no text projection (its readers put the identity in its place), so a
+    trained one cannot be written."""
+    clip_l, clip_g = _plain_state(pipeline.text_encoder), _plain_state(pipeline.text_encoder_2)
+    projection = clip_l.get("text_projection.weight")
+    if projection is not None and not torch.equal(projection, torch.eye(*projection.shape)):
+        raise ValueError(
+            "SD3's CLIP-L text projection is not the identity, and the original layout has no "
+            "place for it (readers use the identity): save it with `save_pretrained` instead."
+        )
+    first, second, third = SD3_TEXT_ENCODER_PREFIXES
+    out = {**_prefixed(_clip_names(clip_l), first), **_prefixed(_clip_names(clip_g), second)}
+    if getattr(pipeline, "text_encoder_3", None) is not None:
+        out.update(_prefixed(_plain_state(pipeline.text_encoder_3), third))
+    return out
 
 
 def _prefixed(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -263,7 +346,16 @@ def _plain_state(module: torch.nn.Module) -> dict[str, Tensor]:
             "The pipeline still carries LoRA adapters: merge them first "
             "(`diffalign.models.merge_lora(pipeline.unet)`) or save the run's final/ folder."
         )
-    return {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
+    state, seen = {}, set()
+    for key, value in module.state_dict().items():
+        value = value.detach().cpu()
+        # a tied weight (T5's embedding is ``shared`` and the encoder's ``embed_tokens``) is
+        # written under each name, as diffusers' reader wants both; safetensors refuses to
+        # write one tensor twice, so the second is a copy
+        tied = value.numel() > 0 and value.data_ptr() in seen
+        seen.add(value.data_ptr())
+        state[key] = value.clone() if tied else value.contiguous()
+    return state
 
 
 def save_single_file(pipeline: DiffusionPipeline, path: str | os.PathLike) -> Path:

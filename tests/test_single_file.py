@@ -3,12 +3,14 @@
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 from diffusers.loaders.single_file_utils import (
     CHECKPOINT_KEY_NAMES,
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
 )
 from safetensors.torch import save_file
+from torch import nn
 
 from diffalign.models import (
     ModelNotAvailableError,
@@ -16,6 +18,7 @@ from diffalign.models import (
     add_lora,
     build_tiny_pipeline,
     build_tiny_sd3_pipeline,
+    build_tiny_sd3_transformer,
     build_tiny_sdxl_pipeline,
     build_tiny_text_encoder,
     build_tiny_unet,
@@ -82,9 +85,13 @@ def test_the_file_uses_the_original_names_that_other_tools_look_for():
 
 
 def test_what_cannot_be_written_is_refused_with_the_way_out(tmp_path):
-    with pytest.raises(UnsupportedModelError, match="save_pretrained"):
+    with pytest.raises(ValueError, match="identity"):  # SD3's CLIP-L projection: no place for it
         ldm_state_dict(build_tiny_sd3_pipeline(seed=0))
     pipe = build_tiny_pipeline(seed=0)
+    with pytest.raises(UnsupportedModelError, match="CLIP text encoders"):
+        ldm_state_dict(
+            StableDiffusionPipeline(**{**pipe.components, "text_encoder": nn.Linear(1, 1)})
+        )
     with pytest.raises(ValueError, match=r"\.safetensors"):
         save_single_file(pipe, tmp_path / "model.ckpt")
     add_lora(pipe.unet, rank=2)
@@ -245,6 +252,24 @@ def _tiny_sdxl_pipeline():
     return StableDiffusionXLPipeline(**{**tiny.components, "text_encoder_2": second, "unet": unet})
 
 
+def _tiny_sd3_pipeline():
+    """The tiny SD3 pipeline with text encoders of different widths, as SD3's, an identity
+    projection on the first, as SD3's CLIP-L (the original has none), and a tiny T5 encoder
+    (weights only: its tokenizer cannot be built offline)."""
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    tiny = build_tiny_sd3_pipeline(seed=7)
+    clip_l = build_tiny_text_encoder(seed=7, hidden_size=32, with_projection=True)
+    torch.nn.init.eye_(clip_l.text_projection.weight)
+    clip_g = build_tiny_text_encoder(seed=8, hidden_size=48, with_projection=True)
+    transformer = build_tiny_sd3_transformer(seed=7, joint_attention_dim=80, pooled_dim=80)
+    t5 = T5EncoderModel(T5Config(vocab_size=128, d_model=16, d_kv=4, d_ff=32, num_layers=1))
+    parts = {"text_encoder": clip_l, "text_encoder_2": clip_g, "text_encoder_3": t5,
+             "transformer": transformer}  # fmt: skip
+    return StableDiffusion3Pipeline(**{**tiny.components, **parts})
+
+
 def _tiny_sd2_pipeline():
     """The tiny SD pipeline with an OpenCLIP-style text encoder (``gelu``), as SD 2.x's."""
     from transformers import CLIPTextModel
@@ -257,30 +282,43 @@ def _tiny_sd2_pipeline():
     return pipe
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd2"])
-def test_sdxl_and_sd2_files_use_their_text_encoders_names_and_read_back(family, tmp_path):
-    from diffalign.pipelines.rollout import SDXLRolloutPipeline
+FAMILIES = {  # a tiny pipeline, the names diffusers knows its text encoders by, its class
+    "sdxl": (_tiny_sdxl_pipeline, ["clip_sdxl", "open_clip_sdxl"], "SDXLRolloutPipeline"),
+    "sd2": (_tiny_sd2_pipeline, ["open_clip"], "RolloutPipeline"),
+    "sd3": (_tiny_sd3_pipeline, ["clip_sd3", "open_clip_sd3", "t5"], "SD3RolloutPipeline"),
+}
 
-    pipe = _tiny_sdxl_pipeline() if family == "sdxl" else _tiny_sd2_pipeline()
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sd2_sdxl_and_sd3_files_use_the_original_names_and_read_back(family, tmp_path):
+    build, names, pipeline_class = FAMILIES[family]
+    pipe = build()
     folder = tmp_path / "folder"
     pipe.save_pretrained(folder)
     path = save_single_file(pipe, tmp_path / "model.safetensors")
     state = ldm_state_dict(pipe)
-    names = ["open_clip_sdxl", "clip_sdxl"] if family == "sdxl" else ["open_clip"]
-    assert all(CHECKPOINT_KEY_NAMES[name] in state for name in names)  # how diffusers knows them
+    known = {**CHECKPOINT_KEY_NAMES, "t5": "text_encoders.t5xxl.transformer.shared.weight"}
+    assert all(known[name] in state for name in names)  # how diffusers knows them
     assert CHECKPOINT_KEY_NAMES["clip"] not in state
-    encoders = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
-    tensors = sum(len(getattr(pipe, name).state_dict()) for name in ["unet", "vae", *encoders])
-    open_clip = getattr(pipe, encoders[-1]).config.num_hidden_layers  # SDXL's second, SD 2's
-    assert len(state) == tensors - 4 * open_clip  # OpenCLIP joins 6 q/k/v tensors into 2
-    assert single_file_family(path) == ("sdxl" if family == "sdxl" else "sd")
+    denoiser = "transformer" if family == "sd3" else "unet"
+    encoders = {"sd2": ["text_encoder"], "sdxl": ["text_encoder", "text_encoder_2"],
+                "sd3": ["text_encoder", "text_encoder_2", "text_encoder_3"]}[family]  # fmt: skip
+    tensors = sum(len(getattr(pipe, name).state_dict()) for name in [denoiser, "vae", *encoders])
+    # attentions whose q, k and v the original keeps as one (6 tensors become 2): OpenCLIP's
+    # blocks (SD 2's encoder, SDXL's second), or the MMDiT's image and text streams
+    if family == "sd3":
+        joined = 2 * pipe.transformer.config.num_layers
+    else:
+        joined = getattr(pipe, encoders[-1]).config.num_hidden_layers
+    assert len(state) == tensors - 4 * joined
+    assert single_file_family(path) == {"sd2": "sd"}.get(family, family)
     again = load_pipeline(path, RolloutPipeline, config=str(folder))
-    assert isinstance(again, SDXLRolloutPipeline) == (family == "sdxl")
-    for name in ["unet", "vae", *encoders]:
+    assert type(again).__name__ == pipeline_class
+    for name in [denoiser, "vae", *encoders]:
         mine, theirs = getattr(pipe, name).state_dict(), getattr(again, name).state_dict()
         assert mine.keys() == theirs.keys(), name
         assert all(torch.equal(value, theirs[key]) for key, value in mine.items()), name
-    for name in encoders:
+    for name in set(encoders) - {"text_encoder_3"}:  # CLIP's activation: OpenCLIP or OpenAI
         assert getattr(again, name).config.hidden_act == getattr(pipe, name).config.hidden_act
 
 
@@ -324,3 +362,40 @@ def test_full_size_sdxl_gets_the_names_and_shapes_of_the_original_file():
     assert len(second) == 4 + 1 + 32 * 12  # embeddings, final norm; projection; 12 per block
     back = convert_ldm_unet_checkpoint(state, dict(pipe.unet.config))
     assert back.keys() == pipe.unet.state_dict().keys()
+
+
+def test_full_size_sd35_medium_gets_the_names_and_shapes_of_the_original_file():
+    from diffusers.loaders.single_file_utils import (
+        convert_sd3_transformer_checkpoint_to_diffusers,
+        infer_diffusers_model_type,
+    )
+
+    from diffalign.benchmarks.rollout import build_sd35_random_pipeline
+    from diffalign.single_file import UNET_PREFIX, sd3_transformer_to_ldm
+
+    transformer = build_sd35_random_pipeline(device="meta").transformer  # shapes only
+    mmdit = sd3_transformer_to_ldm(transformer.state_dict())
+    state = {UNET_PREFIX + k: v for k, v in mmdit.items()}
+    assert infer_diffusers_model_type(state) == "sd35_medium"  # what diffusers makes of the file
+    # names and shapes as they are in SD 3.5 Medium's own checkpoint
+    shapes = {
+        "pos_embed": (1, 384 * 384, 1536),
+        "x_embedder.proj.weight": (1536, 16, 2, 2),
+        "context_embedder.weight": (1536, 4096),
+        "y_embedder.mlp.0.weight": (1536, 2048),
+        "t_embedder.mlp.2.weight": (1536, 1536),
+        "joint_blocks.0.x_block.attn.qkv.weight": (3 * 1536, 1536),
+        "joint_blocks.0.x_block.attn2.qkv.bias": (3 * 1536,),  # the dual attention (0 to 12)
+        "joint_blocks.0.x_block.attn.ln_q.weight": (64,),
+        "joint_blocks.0.x_block.adaLN_modulation.1.weight": (9 * 1536, 1536),
+        "joint_blocks.13.x_block.adaLN_modulation.1.weight": (6 * 1536, 1536),
+        "joint_blocks.22.context_block.attn.qkv.weight": (3 * 1536, 1536),
+        "joint_blocks.23.context_block.adaLN_modulation.1.weight": (2 * 1536, 1536),
+        "final_layer.adaLN_modulation.1.weight": (2 * 1536, 1536),
+        "final_layer.linear.weight": (2 * 2 * 16, 1536),
+    }
+    for key, shape in shapes.items():
+        assert tuple(mmdit[key].shape) == shape, key
+    assert "joint_blocks.23.context_block.attn.proj.weight" not in mmdit  # the last is pre-only
+    back = convert_sd3_transformer_checkpoint_to_diffusers(dict(state))
+    assert back.keys() == transformer.state_dict().keys()

@@ -5,8 +5,8 @@ run's ``final/`` or checkpoint (LoRA already merged in), or a hub id as one orig
 A1111 / ComfyUI. ``diffalign convert --model FILE.safetensors --config FOLDER --out DIR`` reads
 such a file (a community fine-tune, say) into a diffusers folder that every ``--model`` takes;
 ``FOLDER`` is any diffusers folder of the same architecture (for its configs, tokenizer and
-scheduler; without it, diffusers' default from the hub cache). Writes SD 1.x / 2.x and
-SDXL; SD3 stays a folder.
+scheduler; without it, diffusers' default from the hub cache). Writes SD 1.x / 2.x, SDXL
+and SD3 / 3.5.
 """
 
 from __future__ import annotations

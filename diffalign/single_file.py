@@ -310,8 +310,8 @@ def _sd3_text_encoders(pipeline: DiffusionPipeline) -> dict[str, Tensor]:
     original's CLIP-L has no text projection (its readers put the identity in its place), so a
     trained one cannot be written."""
     clip_l, clip_g = _plain_state(pipeline.text_encoder), _plain_state(pipeline.text_encoder_2)
-    projection = clip_l.get("text_projection.weight")
-    if projection is not None and not torch.equal(projection, torch.eye(*projection.shape)):
+    projection = clip_l.get("text_projection.weight", torch.eye(1))
+    if not torch.equal(projection, torch.eye(*projection.shape, dtype=projection.dtype)):
         raise ValueError(
             "SD3's CLIP-L text projection is not the identity, and the original layout has no "
             "place for it (readers use the identity): save it with `save_pretrained` instead."

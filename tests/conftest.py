@@ -25,18 +25,18 @@ requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA de
 
 
 def launch_two_processes(script: Path | str, *args, env: dict[str, str] | None = None,
-                         processes: int = 2) -> None:  # fmt: skip
+                         processes: int = 2, torchrun: bool = False) -> None:  # fmt: skip
     """Run ``script ARGS`` (or ``-m MODULE ARGS``) in 2 (or ``processes``) CPU processes
     (gloo), 1 thread each, with ``env`` added to the environment: forked from a server that has
-    imported the libraries (:mod:`tests.forked_launch`), or with torch.distributed.run where
-    CUDA is present or ``DIFFALIGN_TEST_TORCHRUN`` is set."""
+    imported the libraries (:mod:`tests.forked_launch`), or with torch.distributed.run when
+    ``torchrun`` is asked for, CUDA is present or ``DIFFALIGN_TEST_TORCHRUN`` is set."""
     with socket.socket() as sock:  # a free port, so that tests never meet a stale rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     # a process that aborts in C++ (once seen: "terminate called without an active exception",
     # rank 1, at start-up) prints every thread's Python stack, to show where
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
-    if not cuda_available() and not os.environ.get("DIFFALIGN_TEST_TORCHRUN"):
+    if not (torchrun or cuda_available() or os.environ.get("DIFFALIGN_TEST_TORCHRUN")):
         log_dir = Path(tempfile.mkdtemp(prefix="launch-"))
         launch_forked([str(script), *map(str, args)], env, processes, port, log_dir)
         shutil.rmtree(log_dir)

@@ -827,8 +827,10 @@ def test_train_command_launched_as_accelerate_multi_gpu_runs_ddp_on_cpus(tmp_pat
                 "num_inference_steps=3", "train_batch_size=2", "num_heldout_prompts=2",
                 "heldout_samples_per_prompt=1", "eval_every=1", "log_with=none",
                 "progress=false"]  # fmt: skip
+    # through torch.distributed.run itself, as `accelerate launch` runs it (the other
+    # distributed tests fork their processes, see conftest)
     launch_two_processes("-m", "diffalign", "train", "awm", "--recipe", "tiny-shapes", "--set",
-                         *settings, "--out", tmp_path, env=env)  # fmt: skip
+                         *settings, "--out", tmp_path, env=env, torchrun=True)  # fmt: skip
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 1] and rows[1]["samples_seen"] == 4
     assert (tmp_path / "final" / "unet").is_dir()

@@ -214,9 +214,8 @@ def test_commands_sample_a_one_file_model_with_its_model_config(tmp_path):
 
     folder = shipped_model_path("tiny-shapes")
     one_file = save_single_file(load_pipeline(folder), tmp_path / "tiny.safetensors")
-    # the CFG scale too: a folder's recorded one is not in the file
-    common = ["--prompt", "a red circle", "--steps", "2", "--guidance-scale", "3", "--device",
-              "cpu", "--quiet"]  # fmt: skip
+    # no --guidance-scale: the file's is the one recorded in its config folder, as the folder's
+    common = ["--prompt", "a red circle", "--steps", "2", "--device", "cpu", "--quiet"]
     for name, model in (("folder", [str(folder)]),
                         ("file", [str(one_file), "--model-config", str(folder)])):  # fmt: skip
         assert main(["sample", "--model", *model, *common, "--out", str(tmp_path / name)]) == 0

@@ -268,11 +268,10 @@ def _chain_setup(args: argparse.Namespace):
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipeline = load_benchmark_pipeline(
-        args.model, device, dtype, DTSPipeline, model_config_of(args)
-    )
+    model_config = model_config_of(args)
+    pipeline = load_benchmark_pipeline(args.model, device, dtype, DTSPipeline, model_config)
     pipeline.set_progress_bar_config(disable=True)
-    guidance = args.guidance_scale or model_guidance_scale(args.model)
+    guidance = args.guidance_scale or model_guidance_scale(args.model, config=model_config)
     return device, dtype, pipeline, guidance, _world_prompts(args.num_prompts, args.split)
 
 

@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     for name, stat in stats.items():
         stat.save(args.out / f"reference_{name}.safetensors")
     if args.guidance_scale is None:  # one scale for both models: the model's recorded one
-        args.guidance_scale = model_guidance_scale(args.model, default=7.5)
+        args.guidance_scale = model_guidance_scale(args.model, 7.5, configs["--model"])
     columns: dict[str, dict[str, Any]] = {}
     images = _sample(args.model, configs["--model"], prompts, args, device, dtype)
     baseline_images = None

@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device)
     pipeline = load_sampling_pipeline(args.model, device, dtype, model_config)
     if args.guidance_scale is None:
-        args.guidance_scale = model_guidance_scale(args.model, default=7.5)
+        args.guidance_scale = model_guidance_scale(args.model, 7.5, model_config)
     pipeline.set_progress_bar_config(disable=args.quiet)
     reports = enable_fused_attention(pipeline, args.attention)
     reward = load_optional_reward(args.reward, device)

@@ -121,8 +121,8 @@ def _load(args: argparse.Namespace):
     pipeline = plain_sampling_pipeline(loaded)
     pipeline.set_progress_bar_config(disable=True)
     scale = args.guidance_scale
-    if scale is None:
-        scale = recorded_guidance_scale(path)
+    if scale is None:  # a one-file model's: its config folder's
+        scale = recorded_guidance_scale(config or path)
     return path, pipeline, scale
 
 

@@ -47,9 +47,12 @@ def recorded_guidance_scale(path: str | Path, default: float = 3.0) -> float:
     return float((data.get("sampling") or data["config"])["guidance_scale"])
 
 
-def model_guidance_scale(model: str, default: float = 3.0) -> float:
-    """The CFG scale recorded with ``model`` (``diffalign:<shipped>`` or a folder), else
-    ``default`` (hub ids and models without a record)."""
+def model_guidance_scale(model: str, default: float = 3.0, config: str | None = None) -> float:
+    """The CFG scale recorded with ``model`` (``diffalign:<shipped>`` or a folder; a one-file
+    model: with its ``config`` folder), else ``default`` (hub ids and models without a
+    record)."""
+    if config is not None:
+        model = config  # a file holds weights only; its configs come from there
     if model.startswith("diffalign:") and model != "diffalign:tiny-random":
         return recorded_guidance_scale(
             shipped_model_path(model.removeprefix("diffalign:")), default

@@ -123,9 +123,13 @@ def _rename(key: str, renames: dict[str, str]) -> str:
     for old, new in renames.items():
         if key.startswith(old + "."):
             return new + key[len(old) :]
-    raise ValueError(
-        f"No original-layout name for the weight {key!r}: this model has parts the Stable "
-        "Diffusion 1.x / 2.x / SDXL layout does not (save it with `save_pretrained` instead)."
+    raise _no_original_name(key)
+
+
+def _no_original_name(key: str) -> ValueError:
+    return ValueError(
+        f"No original-layout name for the weight {key!r}: this model has parts the original "
+        "layout does not (save it with `save_pretrained` instead)."
     )
 
 
@@ -216,7 +220,7 @@ def clip_to_open_clip(state: dict[str, Tensor]) -> dict[str, Tensor]:
             rest = _rename(block.group(2), _OPEN_CLIP_BLOCK)
             out[f"transformer.resblocks.{block.group(1)}.{rest}"] = value
         else:
-            _rename(key, {})  # raises: a weight OpenCLIP has no name for
+            raise _no_original_name(key)
     for index in blocks:
         for kind in ("weight", "bias"):
             parts = [
@@ -242,9 +246,8 @@ def sd3_transformer_to_ldm(state: dict[str, Tensor]) -> dict[str, Tensor]:
         elif qkv := re.fullmatch(r"(attn2?)\.(to|add)_([qkv])(?:_proj)?\.(weight|bias)", block[2]):
             attention, stream, part, kind = qkv.groups()
             side = "context_block" if stream == "add" else "x_block"
-            joined.setdefault(f"joint_blocks.{block[1]}.{side}.{attention}.qkv.{kind}", {})[
-                part
-            ] = value
+            target = f"joint_blocks.{block[1]}.{side}.{attention}.qkv.{kind}"
+            joined.setdefault(target, {})[part] = value
         else:
             last_context = int(block[1]) == last and block[2].startswith("norm1_context.")
             value = _swap_halves(value) if last_context else value

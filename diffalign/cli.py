@@ -49,13 +49,19 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that mean "fix your input": shown as one line, without a traceback."""
     from diffalign.checkpoint import CheckpointError
     from diffalign.config import ConfigError
-    from diffalign.models import LoraTargetError, ModelNotAvailableError, UnsupportedModelError
+    from diffalign.models import (
+        LoraLayoutError,
+        LoraTargetError,
+        ModelNotAvailableError,
+        UnsupportedModelError,
+    )
     from diffalign.rewards import UnknownRewardError
     from diffalign.train.hub import HubUploadError
 
     return (
         ModelNotAvailableError, ConfigError, CheckpointError, FileNotFoundError, FileExistsError,
-        UnknownRewardError, UnsupportedModelError, LoraTargetError, HubUploadError,
+        UnknownRewardError, UnsupportedModelError, LoraTargetError, LoraLayoutError,
+        HubUploadError,
     )  # fmt: skip
 
 

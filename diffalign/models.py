@@ -16,6 +16,7 @@ import contextlib
 import functools
 import gzip
 import json
+import math
 import os
 import re
 import socket
@@ -750,11 +751,92 @@ def save_lora(
     return Path(directory)
 
 
+class LoraLayoutError(ValueError):
+    """A LoRA adapter that does not fit the adapter it should fill (other layers, rank or scale)."""
+
+
+def copy_lora_weights(
+    pipeline: DiffusionPipeline, path: str | os.PathLike, adapter_name: str = "default"
+) -> None:
+    """Fill the denoiser's existing adapter ``adapter_name`` with the weights of the LoRA at
+    ``path`` (a folder or file, as :func:`load_lora` reads): a trainer's start from a saved
+    adapter. The saved one must adapt the same layers at the same rank and scale, and only the
+    denoiser.
+
+    Raises:
+        LoraLayoutError: it does not (the message says which setting to change).
+    """
+    import warnings
+
+    staging = "diffalign_copy_source"
+    with warnings.catch_warnings():  # peft's notes on a second adapter and on deleting it
+        warnings.simplefilter("ignore", UserWarning)
+        load_lora(pipeline, path, adapter_name=staging)
+        try:
+            _check_lora_fits(pipeline, path, staging, adapter_name)
+            with torch.no_grad():
+                for layer in lora_layers(denoiser_of(pipeline), adapter_name).values():
+                    for weights in (layer.lora_A, layer.lora_B):
+                        weights[adapter_name].weight.copy_(weights[staging].weight)
+        finally:
+            pipeline.delete_adapters(staging)
+            denoiser_of(pipeline).set_adapter(adapter_name)
+
+
+def lora_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Module]:
+    """The peft LoRA layers of ``model`` that the adapter ``adapter_name`` adapts, by path."""
+    from peft.tuners.lora import LoraLayer
+
+    return {path: module for path, module in model.named_modules()
+            if isinstance(module, LoraLayer) and adapter_name in module.lora_A}  # fmt: skip
+
+
+def _check_lora_fits(pipeline, path, source: str, target: str) -> None:
+    name = denoiser_name(pipeline)
+    others = [
+        part
+        for part, module in pipeline.components.items()
+        if part != name and source in (getattr(module, "peft_config", None) or {})
+    ]
+    if others:
+        raise LoraLayoutError(
+            f"The LoRA at {path} also adapts the {', '.join(others)}; diffalign trains the "
+            f"{name} alone. Start from an adapter of the {name} only."
+        )
+    given = lora_layers(getattr(pipeline, name), source)
+    wanted = lora_layers(getattr(pipeline, name), target)
+    if given.keys() != wanted.keys():
+        extra, missing = sorted(given.keys() - wanted.keys()), sorted(wanted.keys() - given.keys())
+        targets = sorted(getattr(pipeline, name).peft_config[source].target_modules)
+        raise LoraLayoutError(
+            f"The LoRA at {path} adapts {len(given)} layers of the {name}, the run's "
+            f"lora_target_modules {len(wanted)}"
+            + (f"; only the LoRA: {extra[:2]}" if extra else "")
+            + (f"; only the run: {missing[:2]}" if missing else "")
+            + f". Set lora_target_modules=[{', '.join(targets)}] (the LoRA's targets)."
+        )
+    for path_in_model, layer in given.items():
+        rank, run_rank = layer.r[source], wanted[path_in_model].r[target]
+        if rank != run_rank:
+            raise LoraLayoutError(
+                f"The LoRA at {path} has rank {rank} at {path_in_model}, the run {run_rank}: "
+                f"set lora_rank={rank}."
+            )
+        alpha, run_scale = layer.scaling[source] * rank, wanted[path_in_model].scaling[target]
+        if not math.isclose(layer.scaling[source], run_scale, rel_tol=1e-6):
+            raise LoraLayoutError(
+                f"The LoRA at {path} has alpha {alpha:g} at {path_in_model}, the run "
+                f"{run_scale * rank:g}: set lora_alpha={alpha:g}."
+            )
+
+
 def load_lora(
-    pipeline: DiffusionPipeline, directory: str | os.PathLike, adapter_name: str = "default"
+    pipeline: DiffusionPipeline, path: str | os.PathLike, adapter_name: str = "default"
 ) -> DiffusionPipeline:
-    """Load a LoRA adapter saved by ``save_lora`` (or any diffusers SD LoRA) into ``pipeline``."""
-    if not Path(directory).exists():
-        raise FileNotFoundError(f"No LoRA folder at {directory}.")
-    pipeline.load_lora_weights(directory, adapter_name=adapter_name)
+    """Load a LoRA adapter into ``pipeline``: a folder saved by ``save_lora`` (or any diffusers
+    LoRA folder), or one ``.safetensors`` file, diffusers' or kohya's layout (A1111 / ComfyUI
+    LoRAs, :func:`diffalign.kohya_lora.save_kohya_lora`)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"No LoRA folder or file at {path}.")
+    pipeline.load_lora_weights(path, adapter_name=adapter_name)
     return pipeline

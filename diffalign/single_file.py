@@ -30,6 +30,8 @@ from torch import Tensor
 from diffalign.files import atomic_path
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from diffusers import DiffusionPipeline
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -135,27 +137,35 @@ def _no_original_name(key: str) -> ValueError:
 
 def unet_to_ldm(state: dict[str, Tensor], layers_per_block: int) -> dict[str, Tensor]:
     """A diffusers ``UNet2DConditionModel`` state dict under the original UNet's names."""
+    names = unet_ldm_names(state, layers_per_block)
+    return {names[key]: value for key, value in state.items()}
+
+
+def unet_ldm_names(keys: Iterable[str], layers_per_block: int) -> dict[str, str]:
+    """Each key of a diffusers UNet state dict (all of them: which levels have attention is read
+    from them) with its name in the original UNet. Whatever follows a module's path is kept, so
+    peft's ``<module>.lora_A.<adapter>.weight`` keys map as well."""
+    keys = list(keys)
     per_level = layers_per_block + 1
     attention_levels = {
-        int(k.split(".")[1]) for k in state if re.match(r"up_blocks\.\d+\.attentions\.", k)
+        int(k.split(".")[1]) for k in keys if re.match(r"up_blocks\.\d+\.attentions\.", k)
     }
-    out = {}
-    for key, value in state.items():
+    names = {}
+    for key in keys:
         block = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)"
                          r"\.(\d+)\.(.*)", key)  # fmt: skip
         mid = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key)
         if block:
             side, level, kind, index, rest = block.groups()
-            ldm_key = _unet_block_key(side, int(level), kind, int(index), rest, per_level,
-                                      int(level) in attention_levels)  # fmt: skip
-            out[ldm_key] = value
+            names[key] = _unet_block_key(side, int(level), kind, int(index), rest, per_level,
+                                         int(level) in attention_levels)  # fmt: skip
         elif mid:
             kind, index, rest = mid.groups()
             position = 1 if kind == "attentions" else 2 * int(index)
-            out[f"middle_block.{position}.{_resnet_rest(kind, rest)}"] = value
+            names[key] = f"middle_block.{position}.{_resnet_rest(kind, rest)}"
         else:
-            out[_rename(key, _UNET_FIXED)] = value
-    return out
+            names[key] = _rename(key, _UNET_FIXED)
+    return names
 
 
 def _resnet_rest(kind: str, rest: str) -> str:

@@ -29,6 +29,9 @@ def test_the_card_says_what_was_trained_how_and_which_weights_it_holds():
     assert "LoRA rank 4, merged, learning rate 0.001" in card
     assert "| heldout_tiny_clip_mean | 16 | 14 |" in card and "round 4)" in card
     assert "StableDiffusionPipeline.from_pretrained" in card and "Stopped early" not in card
+    assert "`kohya_lora.safetensors`, the same adapter for A1111" in card
+    sd3 = model_card("awm", config, ROWS, trip=None, pipeline_class="StableDiffusion3Pipeline")
+    assert "kohya" not in sd3  # an SD3 adapter is kept in diffusers' format only
     trip = GuardTrip("heldout_tiny_clip_mean", 16.0, 14.0, 0.125, 0.05, step=4, passed_step=2)
     card = model_card("awm", config, ROWS, trip=trip, flow=True)
     assert "Stopped early by the reward-hacking guard: heldout_tiny_clip_mean fell 12.50%" in card

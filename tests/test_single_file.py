@@ -133,7 +133,7 @@ def test_convert_writes_a_folder_as_one_file_and_back(tmp_path):
     args = ["convert", "--model", str(one_file), "--model-config", str(folder), "--out", str(back)]
     assert main(args) == 0
     _assert_same_weights(load_pipeline(folder), load_pipeline(back))
-    with pytest.raises(SystemExit, match="single-file"):
+    with pytest.raises(SystemExit, match="--model-config is for a one-file --model"):
         main(["convert", "--model", str(folder), "--config", str(folder), "--out", str(back)])
     with pytest.raises(SystemExit, match=r"FILE\.safetensors"):
         main(["convert", "--model", str(folder), "--out", str(tmp_path / "tiny.ckpt")])

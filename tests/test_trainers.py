@@ -10,6 +10,7 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 from PIL import Image
+from safetensors import safe_open
 
 from diffalign.cli import main
 from diffalign.config import ConfigError
@@ -100,10 +101,50 @@ def test_lora_on_conv_layers_trains_and_its_adapter_reloads_onto_the_base(tmp_pa
     conv = "down_blocks.0.resnets.0.conv1.weight"
     moved = (final.unet.state_dict()[conv] - base.unet.state_dict()[conv]).abs().max()
     assert moved > 1e-6  # the conv layers were trained
-    load_lora(base, tmp_path / "lora")
-    merge_lora(base.unet)
-    for name, weight in final.unet.state_dict().items():
-        torch.testing.assert_close(base.unet.state_dict()[name], weight, atol=1e-5, rtol=1e-4)
+    kohya = tmp_path / "lora" / "kohya_lora.safetensors"  # the same adapter for A1111 / ComfyUI
+    for adapter in (tmp_path / "lora", kohya):  # lora/ itself loads diffusers' file
+        base = load_pipeline(shipped_model_path())
+        load_lora(base, adapter)
+        merge_lora(base.unet)
+        for name, weight in final.unet.state_dict().items():
+            torch.testing.assert_close(base.unet.state_dict()[name], weight, atol=1e-5, rtol=1e-4)
+    # the last checkpoint's adapter (no EMA: the live weights, as final/'s) converts to the same
+    checkpoint = sorted((tmp_path / "checkpoints").glob("checkpoint-*"))[-1]
+    converted = tmp_path / "from_checkpoint.safetensors"
+    assert main(["convert", "--lora", str(checkpoint), "--out", str(converted)]) == 0
+    with safe_open(str(kohya), framework="pt") as one, safe_open(str(converted), "pt") as other:
+        assert set(one.keys()) == set(other.keys())
+        assert all(torch.equal(one.get_tensor(key), other.get_tensor(key)) for key in one.keys())  # noqa: SIM118
+    with pytest.raises(SystemExit, match="brings its run's base model; drop --model"):
+        main(["convert", "--lora", str(checkpoint), "--model", str(shipped_model_path()),
+              "--out", str(converted)])  # fmt: skip
+
+
+def test_a_run_started_from_a_saved_adapter_begins_where_that_run_ended(tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["train", "awm", "--recipe", "tiny-shapes", *TINY, "--set", "learning_rate=1e-2",
+              "max_heldout_drop=0"]  # fmt: skip
+    assert main([*common, "--out", str(first)]) == 0
+    kohya = first / "lora" / "kohya_lora.safetensors"  # kohya's layout, as a web UI user's LoRA
+    assert main([*common, f"init_lora={kohya}", "--out", str(second)]) == 0
+    rows = {run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for run in (first, second)}  # fmt: skip
+    # the same held-out prompts and seeds: round 0 of the second run is the first run's end
+    for key in ("heldout_reward_mean", "heldout_tiny_clip_mean"):
+        assert rows[second][0][key] == rows[first][-1][key]
+        assert rows[first][0][key] != rows[first][-1][key]  # which is not where it began
+    assert "started from `" in (second / "final" / "README.md").read_text()
+    # an adapter of another rank or other layers is refused with the setting to change
+    for setting, fix in (("lora_rank=2", "set lora_rank=16"),  # the recipe's rank
+                         ("lora_target_modules=[to_q]", "Set lora_target_modules=[to_k, to_out.0, "
+                                                        "to_q, to_v]")):  # fmt: skip
+        argv = [*common, f"init_lora={kohya}", setting, "--out", str(tmp_path / "refused")]
+        assert main(argv) == 2
+        assert fix in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="no such LoRA folder or file"):
+        AWMConfig(init_lora=str(tmp_path / "nothing")).validate()
+    with pytest.raises(ConfigError, match="needs use_lora=true"):
+        AWMConfig(init_lora=str(kohya), use_lora=False).validate()
 
 
 def test_unknown_lora_targets_fail_before_training(tmp_path, capsys):

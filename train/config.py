@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from diffalign.config import BaseConfig, ConfigError
 from diffalign.models import DEFAULT_LORA_TARGETS
@@ -125,6 +126,12 @@ class TrainConfig(BaseConfig):
         default_factory=lambda: list(DEFAULT_LORA_TARGETS),
         metadata={"help": "UNet layer-name suffixes that get LoRA (default: attention)"},
     )
+    init_lora: str | None = field(
+        default=None,
+        metadata={"help": "start the adapter from this LoRA: a diffusers LoRA folder (a run's "
+                          "lora/) or a .safetensors file (kohya's too); lora_rank, lora_alpha and "
+                          "lora_target_modules must describe it"},
+    )  # fmt: skip
     gradient_checkpointing: bool = False
     cast_frozen_weights: bool = field(
         default=True,
@@ -167,6 +174,10 @@ class TrainConfig(BaseConfig):
         return ["heldout_reward_mean", *extras]
 
     def validate(self) -> None:
+        if self.init_lora is not None and not self.use_lora:
+            raise ConfigError("init_lora starts a LoRA adapter: it needs use_lora=true.")
+        if self.init_lora is not None and not Path(self.init_lora).exists():
+            raise ConfigError(f"init_lora {self.init_lora}: no such LoRA folder or file.")
         if self.model_config is not None and not is_single_file(self.model):
             raise ConfigError(
                 f"model_config is for a one-file model (.safetensors / .ckpt); model is "

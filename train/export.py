@@ -27,9 +27,11 @@ def is_training_checkpoint(path: str | Path) -> bool:
 
 
 def pipeline_from_checkpoint(path: str | Path, pipeline_cls: type | None = None,
-                             use_ema: bool = True, **kwargs: Any) -> DiffusionPipeline:  # fmt: skip
+                             use_ema: bool = True, merge: bool = True,
+                             **kwargs: Any) -> DiffusionPipeline:  # fmt: skip
     """Load the checkpoint at ``path`` as a pipeline of ``pipeline_cls`` (default: the base
-    model's own class); ``use_ema=False`` takes the live weights instead of the EMA's.
+    model's own class); ``use_ema=False`` takes the live weights instead of the EMA's;
+    ``merge=False`` leaves a LoRA adapter attached (to save it alone) instead of merging it.
 
     Raises:
         CheckpointError: the checkpoint is damaged, or its weights do not fit the base model.
@@ -53,7 +55,7 @@ def pipeline_from_checkpoint(path: str | Path, pipeline_cls: type | None = None,
     with torch.no_grad():
         for name, value in weights.items():
             trained[name].copy_(value)
-    if has_lora(unet):
+    if merge and has_lora(unet):
         merge_lora(unet)
     unet.requires_grad_(False).eval()
     return pipeline

@@ -43,6 +43,8 @@ def model_card(method: str, config: TrainConfig, rows: list[dict], trip: GuardTr
     if best is not None:
         kept_step = best.step
     adapter = f"LoRA rank {config.lora_rank}, merged" if config.use_lora else "full fine-tuning"
+    if config.use_lora and config.init_lora:
+        adapter = f"LoRA rank {config.lora_rank} started from `{config.init_lora}`, merged"
     lines = [
         "---",
         "library_name: diffusers",
@@ -84,8 +86,12 @@ def model_card(method: str, config: TrainConfig, rows: list[dict], trip: GuardTr
     else:
         load = [f"from diffusers import {pipeline_class}", "",
                 f"pipe = {pipeline_class}.from_pretrained({folder}{load_kwargs})"]  # fmt: skip
+    kohya = "; `kohya_lora.safetensors`, the same adapter for A1111 / ComfyUI"
+    if pipeline_class.startswith("StableDiffusion3"):  # an SD3 adapter: diffusers' format only
+        kohya = ""
     lines += ["```python", *load, "```", "",
               "The run's settings are in `training.json`; the LoRA adapter alone, when trained "
-              f"with LoRA, in {'this repository' if repo_id else 'the run folder'}'s `lora/`.",
+              f"with LoRA, in {'this repository' if repo_id else 'the run folder'}'s `lora/` "
+              f"(`pytorch_lora_weights.safetensors` for diffusers' `load_lora_weights`{kohya}).",
               ""]  # fmt: skip
     return "\n".join(lines)

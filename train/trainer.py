@@ -246,7 +246,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def _setup_model(self) -> None:
-        from diffalign.models import add_lora
+        from diffalign.models import add_lora, copy_lora_weights
 
         config = self.config
         self.reference_denoiser = None  # the KL reference: the adapter-disabled network under
@@ -261,6 +261,8 @@ class Trainer:
                 alpha=config.lora_alpha,
                 target_modules=config.lora_target_modules,
             )
+            if config.init_lora is not None:  # the KL reference stays the base model
+                copy_lora_weights(self.pipeline, config.init_lora)
         else:
             self.denoiser.requires_grad_(True)
         if config.gradient_checkpointing:
@@ -867,7 +869,9 @@ class Trainer:
     def save_final(self) -> Path:
         """Save ``final/`` (a standard StableDiffusionPipeline, StableDiffusionXLPipeline or
         StableDiffusion3Pipeline folder, LoRA merged, EMA weights when on, with a model card
-        ``README.md``), ``lora/`` (the adapter alone) and ``reward_curve.png``."""
+        ``README.md``), ``lora/`` (the adapter alone: diffusers' format, and for a UNet kohya's
+        one file for A1111 / ComfyUI) and ``reward_curve.png``."""
+        from diffalign.kohya_lora import KOHYA_LORA_FILE, save_kohya_lora
         from diffalign.models import has_lora, merge_lora, save_lora
         from diffalign.plots import plot_reward_curve
 
@@ -880,6 +884,8 @@ class Trainer:
             plain = plain_pipeline(self.pipeline, **{denoiser_name(self.pipeline): denoiser})
             if has_lora(denoiser):
                 save_lora(plain, self.out / "lora")
+                if denoiser_name(plain) == "unet":  # SD3's stays in diffusers' format only
+                    save_kohya_lora(plain, self.out / "lora" / KOHYA_LORA_FILE)
                 merge_lora(denoiser)
             plain.save_pretrained(final)
             self._record_sampling(final)

@@ -54,6 +54,19 @@ def add_model_config_argument(parser: argparse.ArgumentParser, model_flag: str =
     )
 
 
+def add_lora_argument(parser: argparse.ArgumentParser, model_flag: str = "--model") -> None:
+    """``--lora`` (``--baseline-lora`` for ``--baseline``): a LoRA adapter applied to that model
+    before sampling."""
+    flag = "--lora" if model_flag == "--model" else f"{model_flag}-lora"
+    parser.add_argument(
+        flag,
+        default=None,
+        metavar="LORA",
+        help=f"a LoRA adapter for {model_flag}, merged before sampling: a diffusers LoRA folder "
+        "(a run's lora/) or a .safetensors file (diffusers' or kohya's layout, A1111 / ComfyUI)",
+    )
+
+
 def model_config_of(args: argparse.Namespace, model_flag: str = "--model") -> str | None:
     """The ``--model-config`` given for ``model_flag``; exits when the model is not one file."""
     from diffalign.single_file import is_single_file

@@ -1,4 +1,5 @@
-"""``diffalign convert``: a Stable Diffusion model between a diffusers folder and one file.
+"""``diffalign convert``: a Stable Diffusion model between a diffusers folder and one file, and a
+LoRA adapter between diffusers' format and kohya's one file.
 
 ``diffalign convert --model M --out FILE.safetensors`` writes a diffusers folder, a training
 run's ``final/`` or checkpoint (LoRA already merged in), or a hub id as one original-layout file for
@@ -7,6 +8,12 @@ such a file (a community fine-tune, say) into a diffusers folder that every ``--
 ``FOLDER`` is any diffusers folder of the same architecture (for its configs, tokenizer and
 scheduler; without it, diffusers' default from the hub cache). Writes SD 1.x / 2.x, SDXL
 and SD3 / 3.5.
+
+``diffalign convert --lora L --model BASE --out OUT`` converts the LoRA adapter ``L`` (a diffusers
+LoRA folder such as a run's ``lora/``, or one ``.safetensors`` file in diffusers' or kohya's
+layout) for the base model ``BASE``: ``OUT.safetensors`` is written in kohya's layout (A1111 /
+ComfyUI), any other ``OUT`` as a diffusers LoRA folder. A training checkpoint as ``L`` brings its
+own base model (no ``--model``).
 """
 
 from __future__ import annotations
@@ -14,41 +21,80 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diffalign.commands._common import quiet_libraries
+from diffalign.commands._common import model_config_of, quiet_libraries
 
 NAME = "convert"
-HELP = "a model between a diffusers folder and one original-layout .safetensors file"
+HELP = "a model between a diffusers folder and one original-layout file; a LoRA to kohya's"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--config`` and ``--out``."""
-    parser.add_argument("--model", required=True,
+    """``--model``, ``--config``, ``--lora`` and ``--out``."""
+    parser.add_argument("--model", default=None,
                         help="diffusers folder, run's final/ or checkpoint, hub id, or a "
-                             ".safetensors / .ckpt file")  # fmt: skip
-    parser.add_argument("--config", "--model-config", dest="config", default=None,
+                             ".safetensors / .ckpt file; with --lora, the adapter's base "
+                             "model")  # fmt: skip
+    parser.add_argument("--config", "--model-config", dest="model_config", default=None,
                         help="for a single-file --model: a diffusers folder or hub id of the same "
                              "architecture")  # fmt: skip
+    parser.add_argument("--lora", default=None,
+                        help="convert this LoRA adapter instead: a diffusers LoRA folder (a "
+                             "run's lora/), a .safetensors LoRA file, or a training "
+                             "checkpoint")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True,
-                        help="FILE.safetensors to write one file, else a folder")  # fmt: skip
+                        help="FILE.safetensors to write one file (a LoRA: kohya's layout), else "
+                             "a folder")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load ``--model`` and write it the other way."""
-    from diffalign.models import load_pipeline
-    from diffalign.single_file import is_single_file, save_single_file
-
+    """Load ``--model`` (and ``--lora``) and write it the other way."""
     quiet_libraries()
-    if args.config and not is_single_file(args.model):
-        raise SystemExit("error: diffalign convert: --config is for a single-file --model.")
+    config = model_config_of(args)  # exits when --model is not one file
     if args.out.suffix == ".ckpt":
         raise SystemExit(
             "error: diffalign convert: writes .safetensors only (a pickled .ckpt can run code "
             "when it is loaded): use --out FILE.safetensors."
         )
-    pipeline = load_pipeline(args.model, config=args.config)
+    if args.lora:
+        _convert_lora(args, config)
+    elif args.model:
+        _convert_model(args, config)
+    else:
+        raise SystemExit("error: diffalign convert: give --model (a model) or --lora (an adapter).")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _convert_model(args: argparse.Namespace, config: str | None) -> None:
+    from diffalign.models import load_pipeline
+    from diffalign.single_file import save_single_file
+
+    pipeline = load_pipeline(args.model, config=config)
     if args.out.suffix == ".safetensors":
         save_single_file(pipeline, args.out)
     else:
         pipeline.save_pretrained(args.out)
-    print(f"wrote {args.out}")
-    return 0
+
+
+def _convert_lora(args: argparse.Namespace, config: str | None) -> None:
+    from diffalign.kohya_lora import save_kohya_lora
+    from diffalign.models import load_lora, load_pipeline, save_lora
+    from diffalign.train.export import is_training_checkpoint, pipeline_from_checkpoint
+
+    if is_training_checkpoint(args.lora):
+        if args.model:
+            raise SystemExit(
+                "error: diffalign convert: a training checkpoint as --lora brings its run's base "
+                "model; drop --model."
+            )
+        pipeline = pipeline_from_checkpoint(args.lora, merge=False)
+    elif not args.model:
+        raise SystemExit(
+            "error: diffalign convert: --lora needs the base model it adapts: add --model BASE "
+            "(the run's `model` setting, for a run's lora/)."
+        )
+    else:
+        pipeline = load_lora(load_pipeline(args.model, config=config), args.lora)
+    if args.out.suffix == ".safetensors":
+        save_kohya_lora(pipeline, args.out)
+    else:
+        save_lora(pipeline, args.out)

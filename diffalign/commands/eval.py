@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from diffalign.commands._common import (
     add_device_arguments,
+    add_lora_argument,
     add_model_config_argument,
     add_out_argument,
     add_tree_arguments,
@@ -49,8 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", required=True, help="folder, hub id, one-file model or diffalign:tiny-shapes"
     )
     add_model_config_argument(parser)
+    add_lora_argument(parser)
     parser.add_argument("--baseline", default=None, help="a second model to compare against")
     add_model_config_argument(parser, "--baseline")
+    add_lora_argument(parser, "--baseline")
     parser.add_argument("--prompts", required=True, help="a prompt file or world:SPLIT")
     parser.add_argument("--num-prompts", type=int, default=64, help="for --prompts world:SPLIT")
     parser.add_argument(
@@ -133,10 +136,10 @@ def _reference(args: argparse.Namespace, prompts: list[str]):
     raise SystemExit(f"error: --reference {path} is not a folder, a file or 'world'.")
 
 
-def _sample(model: str, config: str | None, prompts: list[str], args: argparse.Namespace, device,
-            dtype):  # fmt: skip
-    """Images of one model (``config``: a one-file model's configs) for the repeated prompt list
-    (same seeds and CFG for every model)."""
+def _sample(model: str, config: str | None, lora: str | None, prompts: list[str],
+            args: argparse.Namespace, device, dtype):  # fmt: skip
+    """Images of one model (``config``: a one-file model's configs; ``lora``: an adapter merged
+    into it) for the repeated prompt list (same seeds and CFG for every model)."""
     from diffalign.commands.sample import (
         load_optional_reward,
         load_sampling_pipeline,
@@ -144,7 +147,7 @@ def _sample(model: str, config: str | None, prompts: list[str], args: argparse.N
     )
     from diffalign.models import denoiser_of
 
-    pipeline = load_sampling_pipeline(model, device, dtype, config)
+    pipeline = load_sampling_pipeline(model, device, dtype, config, lora)
     pipeline.set_progress_bar_config(disable=args.quiet, desc=f"sampling {model}")
     size = args.resolution or denoiser_of(pipeline).config.sample_size * pipeline.vae_scale_factor
     reward = load_optional_reward(args.reward, device)
@@ -164,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {error}") from None
     check_search_arguments(args)
     configs = {flag: model_config_of(args, flag) for flag in ("--model", "--baseline")}
+    if args.baseline_lora and not args.baseline:
+        raise SystemExit("error: --baseline-lora adapts --baseline: give --baseline as well.")
     if args.quiet:
         quiet_libraries()
     prompts = read_prompts(args.prompts, args.num_prompts)
@@ -183,11 +188,11 @@ def run(args: argparse.Namespace) -> int:
     if args.guidance_scale is None:  # one scale for both models: the model's recorded one
         args.guidance_scale = model_guidance_scale(args.model, 7.5, configs["--model"])
     columns: dict[str, dict[str, Any]] = {}
-    images = _sample(args.model, configs["--model"], prompts, args, device, dtype)
+    images = _sample(args.model, configs["--model"], args.lora, prompts, args, device, dtype)
     baseline_images = None
     if args.baseline:
-        baseline_images = _sample(args.baseline, configs["--baseline"], prompts, args, device,
-                                  dtype)  # fmt: skip
+        baseline_images = _sample(args.baseline, configs["--baseline"], args.baseline_lora,
+                                  prompts, args, device, dtype)  # fmt: skip
     common = {"reference": stats, "fid_weights": args.fid_weights, "device": device,
               "seed": args.seed, "quiet": args.quiet}  # fmt: skip
     columns["model"] = evaluate(images, repeated, args.metrics, baseline=baseline_images, **common)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from diffalign.commands._common import (
     add_device_arguments,
+    add_lora_argument,
     add_model_config_argument,
     add_out_argument,
     add_tree_arguments,
@@ -55,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"folder, hub id, .safetensors / .ckpt file, diffalign:tiny-shapes "
                              f"or {TINY_RANDOM}")  # fmt: skip
     add_model_config_argument(parser)
+    add_lora_argument(parser)
     parser.add_argument("--prompt", action="append", default=[], help="repeatable")
     parser.add_argument("--prompts", "--prompts-file", dest="prompts_file", type=Path,
                         help="a file with one prompt per line")  # fmt: skip
@@ -109,16 +111,28 @@ def check_search_arguments(args: argparse.Namespace) -> None:
 
 
 def load_sampling_pipeline(
-    model: str, device: torch.device | str, dtype: torch.dtype, config: str | None = None
+    model: str,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    config: str | None = None,
+    lora: str | None = None,
 ) -> DiffusionPipeline:
     """A DDIM-scheduled Stable Diffusion (or SDXL) pipeline for ``--model`` (folder, hub id,
-    shipped, or a one-file checkpoint with its ``config`` folder); a flow-matching model (SD3 too)
-    keeps its scheduler and comes as a rollout pipeline, which steps it (the search samplers use
-    the same components either way)."""
+    shipped, or a one-file checkpoint with its ``config`` folder), with the LoRA adapter ``lora``
+    (a folder or file, :func:`diffalign.models.load_lora`) merged in when given; a flow-matching
+    model (SD3 too) keeps its scheduler and comes as a rollout pipeline, which steps it (the
+    search samplers use the same components either way)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from diffalign.models import as_ddim_scheduler, build_tiny_pipeline, load_pipeline
+    from diffalign.models import (
+        as_ddim_scheduler,
+        build_tiny_pipeline,
+        denoiser_of,
+        load_lora,
+        load_pipeline,
+        merge_lora,
+    )
     from diffalign.pipelines.rollout import plain_sampling_pipeline
 
     if model == TINY_RANDOM:
@@ -130,6 +144,8 @@ def load_sampling_pipeline(
 
         pipeline = load_pipeline(resolve_shipped(model), StableDiffusionPipeline,
                                  torch_dtype=dtype, device=device, config=config)  # fmt: skip
+    if lora is not None:  # merged: sampling then costs what the plain model costs
+        merge_lora(denoiser_of(load_lora(pipeline, lora)))
     pipeline.scheduler = as_ddim_scheduler(pipeline.scheduler)
     return plain_sampling_pipeline(pipeline)
 
@@ -226,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
         quiet_libraries()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipeline = load_sampling_pipeline(args.model, device, dtype, model_config)
+    pipeline = load_sampling_pipeline(args.model, device, dtype, model_config, args.lora)
     if args.guidance_scale is None:
         args.guidance_scale = model_guidance_scale(args.model, 7.5, model_config)
     pipeline.set_progress_bar_config(disable=args.quiet)

@@ -1,0 +1,132 @@
+"""A LoRA adapter as one ``.safetensors`` file in kohya's layout, for A1111 / ComfyUI.
+
+Most LoRAs that people share were trained with kohya's sd-scripts, and the web UIs read that
+layout: one entry per adapted layer, ``lora_unet_<layer path, dots as underscores>`` with
+``.lora_down.weight`` (peft's ``lora_A``), ``.lora_up.weight`` (``lora_B``) and ``.alpha`` (the
+layer's scale is ``alpha / rank``, as peft's ``lora_alpha / r``). The layer paths follow the
+network kohya trains on: diffusers' UNet names for SD 1.x / 2.x, the original (``input_blocks``)
+names for SDXL. diffusers reads both back (``pipeline.load_lora_weights(FILE)``,
+:func:`diffalign.models.load_lora`), which the tests use to check the round trip. SD3 adapters
+stay in diffusers' format (:func:`diffalign.models.save_lora`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from diffalign.files import atomic_path
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+UNET_PREFIX = "lora_unet_"
+KOHYA_LORA_FILE = "kohya_lora.safetensors"  # its name in a training run's lora/ folder
+# what sd-scripts writes in ``ss_base_model_version``; the web UIs show it
+BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+
+def kohya_family(pipeline: DiffusionPipeline) -> str:
+    """``"sd1"``, ``"sd2"`` or ``"sdxl"``: the base model a kohya LoRA file names (SD3:
+    refused)."""
+    from diffalign.models import UnsupportedModelError, pipeline_family
+
+    family = pipeline_family(pipeline)
+    if family == "sd3":
+        raise UnsupportedModelError(
+            "kohya-layout LoRA files are written for SD 1.x / 2.x and SDXL UNets; keep an SD3 "
+            "adapter in diffusers' format (`diffalign.models.save_lora(pipeline, DIR)`), which "
+            "`pipeline.load_lora_weights(DIR)` reads."
+        )
+    if family == "sdxl":
+        return "sdxl"
+    return "sd2" if pipeline.text_encoder.config.hidden_act == "gelu" else "sd1"
+
+
+def kohya_lora_state_dict(
+    pipeline: DiffusionPipeline, adapter_name: str = "default"
+) -> dict[str, Tensor]:
+    """The UNet's LoRA adapter ``adapter_name`` under kohya's names (see the module docstring).
+
+    Raises:
+        ValueError: the UNet has no adapter of that name, or it is a DoRA adapter.
+        UnsupportedModelError: an SD3 pipeline.
+    """
+    names = kohya_lora_names(pipeline, adapter_name)  # refuses SD3 first
+    layers = _lora_layers(pipeline.unet, adapter_name)
+    state = {}
+    for path, layer in layers.items():
+        down = layer.lora_A[adapter_name].weight.detach().cpu().contiguous()
+        up = layer.lora_B[adapter_name].weight.detach().cpu().contiguous()
+        # alpha / rank is the scale peft applies (whatever its own alpha, rsLoRA included)
+        alpha = float(layer.scaling[adapter_name]) * down.shape[0]
+        state[f"{names[path]}.lora_down.weight"] = down
+        state[f"{names[path]}.lora_up.weight"] = up
+        state[f"{names[path]}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    return state
+
+
+def kohya_lora_names(pipeline: DiffusionPipeline, adapter_name: str = "default") -> dict[str, str]:
+    """Each UNet layer that ``adapter_name`` adapts (its diffusers path) with its kohya entry
+    name, ``lora_unet_`` and its path in the network kohya trains on (diffusers' own for SD 1.x /
+    2.x, the original UNet's for SDXL), dots as underscores."""
+    sdxl = kohya_family(pipeline) == "sdxl"
+    paths = list(_lora_layers(pipeline.unet, adapter_name))
+    if sdxl:
+        from diffalign.single_file import unet_ldm_names
+
+        keys = list(pipeline.unet.state_dict())  # all: the original names depend on the whole UNet
+        original = unet_ldm_names(keys, pipeline.unet.config.layers_per_block)
+        suffix = ".base_layer.weight"  # a peft-wrapped layer's own weight
+        paths_in_kohya = {path: original[path + suffix].removesuffix(suffix) for path in paths}
+    else:
+        paths_in_kohya = {path: path for path in paths}
+    return {path: UNET_PREFIX + name.replace(".", "_") for path, name in paths_in_kohya.items()}
+
+
+def _lora_layers(unet: torch.nn.Module, adapter_name: str) -> dict[str, torch.nn.Module]:
+    """The UNet's layers that ``adapter_name`` adapts, by path; refuses none and DoRA."""
+    from diffalign.models import lora_layers
+
+    layers = lora_layers(unet, adapter_name)
+    if not layers:
+        raise ValueError(f"The unet has no LoRA adapter named {adapter_name!r}.")
+    if any(layer.use_dora.get(adapter_name, False) for layer in layers.values()):
+        raise ValueError(
+            f"The adapter {adapter_name!r} is a DoRA adapter, which the kohya layout written here "
+            "does not hold: save it with `diffalign.models.save_lora` instead."
+        )
+    return layers
+
+
+def save_kohya_lora(
+    pipeline: DiffusionPipeline, path: str | os.PathLike, adapter_name: str = "default"
+) -> Path:
+    """Write the UNet's LoRA adapter as one kohya-layout ``.safetensors`` file (atomically), with
+    sd-scripts' metadata (network module, rank, alpha, base model version) that the web UIs
+    show. Read it back with :func:`diffalign.models.load_lora` or ``load_lora_weights``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"Write LoRA files as .safetensors, got {path.name!r}.")
+    state = kohya_lora_state_dict(pipeline, adapter_name)
+    ranks = {value.shape[0] for key, value in state.items() if key.endswith(".lora_down.weight")}
+    alphas = {value.item() for key, value in state.items() if key.endswith(".alpha")}
+    metadata = {
+        "format": "pt",
+        "written_by": "diffalign",
+        "ss_network_module": "networks.lora",
+        "ss_base_model_version": BASE_MODEL_VERSIONS[kohya_family(pipeline)],
+    }
+    if len(ranks) == 1:  # one rank and one alpha for the whole network, as sd-scripts records
+        metadata["ss_network_dim"] = str(ranks.pop())
+    if len(alphas) == 1:
+        metadata["ss_network_alpha"] = f"{alphas.pop():g}"
+    with atomic_path(path) as staging:
+        save_file(state, staging, metadata=metadata)
+    return path

@@ -1,0 +1,219 @@
+"""LoRA adapters as one kohya-layout file (A1111 / ComfyUI): names, round trips, refusals, CLI.
+A training run's own kohya file: test_trainers.py."""
+
+import pytest
+import torch
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+
+from diffalign import models
+from diffalign.cli import main
+from diffalign.kohya_lora import kohya_lora_names, kohya_lora_state_dict, save_kohya_lora
+
+from .test_models import perturb_lora
+from .test_single_file import _tiny_sd2_pipeline, _tiny_sd3_pipeline, _tiny_sdxl_pipeline
+
+CONV_AND_ATTENTION = ("conv1", "conv2", "conv_shortcut", "time_emb_proj", "proj_in", "proj_out",
+                      "to_q", "to_k", "to_v", "to_out.0", "ff.net.2")  # fmt: skip
+
+
+def _images(pipeline):
+    return pipeline("a red circle", num_inference_steps=2, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+
+
+def _adapted(build, tmp_path, targets=models.DEFAULT_LORA_TARGETS):
+    """A tiny pipeline saved as the base under ``tmp_path/base``, then given a LoRA adapter
+    (rank 4, alpha 8) with non-zero up weights."""
+    pipe = build()
+    pipe.save_pretrained(tmp_path / "base")
+    models.add_lora(pipe.unet, rank=4, alpha=8, target_modules=targets)
+    perturb_lora(pipe.unet)
+    return pipe
+
+
+def _same_adapter(one, other):
+    mine, theirs = get_peft_model_state_dict(one.unet), get_peft_model_state_dict(other.unet)
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(value, theirs[key]) for key, value in mine.items())
+
+
+@pytest.mark.parametrize("targets", [models.DEFAULT_LORA_TARGETS, CONV_AND_ATTENTION])
+def test_an_sd_adapter_is_written_under_kohya_names_and_reads_back_the_same(targets, tmp_path):
+    pipe = _adapted(models.build_tiny_pipeline, tmp_path, targets)
+    path = save_kohya_lora(pipe, tmp_path / "lora.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        metadata = handle.metadata()
+    # SD 1.x: diffusers' layer paths, dots as underscores, as kohya's sd-scripts writes them
+    name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    to_q = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+    assert torch.equal(state[f"{name}.lora_down.weight"], to_q.lora_A["default"].weight)
+    assert torch.equal(state[f"{name}.lora_up.weight"], to_q.lora_B["default"].weight)
+    assert state[f"{name}.alpha"].item() == 8.0 and state[f"{name}.alpha"].dim() == 0
+    assert len(state) == 3 * len(kohya_lora_names(pipe))  # down, up and alpha for each layer
+    assert metadata["ss_base_model_version"] == "sd_v1"
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("4", "8")
+    fresh = models.load_pipeline(tmp_path / "base")
+    base_images = _images(fresh)
+    models.load_lora(fresh, path)  # diffusers' kohya reader
+    _same_adapter(fresh, pipe)
+    assert fresh.unet.peft_config["default"].lora_alpha == 8
+    torch.testing.assert_close(_images(fresh), _images(pipe))
+    assert not torch.allclose(_images(fresh), base_images)  # the adapter does change the images
+
+
+def test_an_sdxl_adapter_is_written_under_the_original_unet_names_and_reads_back(tmp_path):
+    pipe = _adapted(_tiny_sdxl_pipeline, tmp_path, (*CONV_AND_ATTENTION, "conv_in", "conv_out"))
+    names = set(kohya_lora_names(pipe).values())
+    # SDXL: the original UNet's names, as kohya trains SDXL on it
+    assert "lora_unet_input_blocks_0_0" in names  # conv_in
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q" in names
+    assert "lora_unet_input_blocks_3_0_skip_connection" in names
+    assert "lora_unet_middle_block_0_emb_layers_1" in names
+    assert "lora_unet_output_blocks_1_0_in_layers_2" in names
+    assert "lora_unet_out_2" in names  # conv_out
+    assert not any("down_blocks" in name or "up_blocks" in name for name in names)
+    path = save_kohya_lora(pipe, tmp_path / "lora.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+    fresh = models.load_lora(models.load_pipeline(tmp_path / "base"), path)
+    _same_adapter(fresh, pipe)
+    torch.testing.assert_close(_images(fresh), _images(pipe))
+
+
+def test_full_size_sdxl_layers_get_the_names_of_kohya_sdxl_loras():
+    from diffalign.benchmarks.rollout import build_sdxl_random_pipeline
+
+    pipe = build_sdxl_random_pipeline(device="meta")  # names only, no memory
+    models.add_lora(pipe.unet, rank=4)
+    names = kohya_lora_names(pipe)
+    assert len(names) == 70 * 2 * 4  # SDXL's 70 transformer blocks, two attentions, q/k/v/out
+    unet = pipe.unet
+    where = {  # a diffusers layer and the entry an SDXL LoRA trained by sd-scripts has for it
+        unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q:
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+        unet.down_blocks[2].attentions[1].transformer_blocks[9].attn2.to_k:
+            "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_k",
+        unet.mid_block.attentions[0].transformer_blocks[9].attn2.to_out[0]:
+            "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_out_0",
+        unet.up_blocks[0].attentions[2].transformer_blocks[0].attn1.to_v:
+            "lora_unet_output_blocks_2_1_transformer_blocks_0_attn1_to_v",
+        unet.up_blocks[1].attentions[2].transformer_blocks[1].attn2.to_q:
+            "lora_unet_output_blocks_5_1_transformer_blocks_1_attn2_to_q",
+    }  # fmt: skip
+    path_of = {module: path for path, module in unet.named_modules()}
+    for module, name in where.items():
+        assert names[path_of[module]] == name
+
+
+def test_sd2_files_name_their_base_model():
+    pipe = _tiny_sd2_pipeline()
+    models.add_lora(pipe.unet, rank=2)
+    assert "lora_unet_up_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v" in set(
+        kohya_lora_names(pipe).values()
+    )
+    from diffalign.kohya_lora import kohya_family
+
+    assert kohya_family(pipe) == "sd2"
+
+
+def test_what_cannot_be_written_is_refused_with_the_way_out(tmp_path):
+    from peft import LoraConfig
+
+    pipe = models.build_tiny_pipeline(seed=0)
+    with pytest.raises(ValueError, match="no LoRA adapter named 'default'"):
+        kohya_lora_state_dict(pipe)
+    pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"], use_dora=True))
+    with pytest.raises(ValueError, match="DoRA.*save_lora"):
+        save_kohya_lora(pipe, tmp_path / "dora.safetensors")
+    sd3 = _tiny_sd3_pipeline()
+    models.add_lora(sd3.transformer, rank=2)
+    with pytest.raises(models.UnsupportedModelError, match="SD3.*save_lora"):
+        save_kohya_lora(sd3, tmp_path / "sd3.safetensors")
+    with pytest.raises(ValueError, match=r"\.safetensors"):
+        save_kohya_lora(pipe, tmp_path / "lora.pt")
+    assert not list(tmp_path.glob("*"))  # nothing half-written
+
+
+def test_convert_turns_a_lora_folder_into_a_kohya_file_and_back(tmp_path):
+    pipe = _adapted(models.build_tiny_pipeline, tmp_path)
+    models.save_lora(pipe, tmp_path / "lora")
+    base, kohya, back = tmp_path / "base", tmp_path / "kohya.safetensors", tmp_path / "back"
+    convert = ["convert", "--model", str(base), "--lora"]
+    assert main([*convert, str(tmp_path / "lora"), "--out", str(kohya)]) == 0
+    with safe_open(str(kohya), framework="pt") as handle:
+        assert set(kohya_lora_state_dict(pipe)) == set(handle.keys())
+    assert main([*convert, str(kohya), "--out", str(back)]) == 0  # kohya -> diffusers' folder
+    assert (back / "pytorch_lora_weights.safetensors").is_file()
+    _same_adapter(models.load_lora(models.load_pipeline(base), back), pipe)
+    with pytest.raises(SystemExit, match="needs the base model it adapts: add --model"):
+        main(["convert", "--lora", str(kohya), "--out", str(tmp_path / "again.safetensors")])
+    with pytest.raises(SystemExit, match="give --model .* or --lora"):
+        main(["convert", "--out", str(back)])
+
+
+def test_sample_and_eval_apply_a_lora_file_to_the_base_model(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from diffalign.world import shipped_model_path
+
+    pipe = models.load_pipeline(shipped_model_path())
+    models.add_lora(pipe.unet, rank=4, alpha=4)
+    perturb_lora(pipe.unet)
+    kohya = save_kohya_lora(pipe, tmp_path / "adapter.safetensors")
+    models.merge_lora(pipe.unet)
+    pipe.save_pretrained(tmp_path / "merged")
+    # one CFG scale for all: the merged folder lacks the one the shipped model records
+    common = ["--prompt", "a red circle", "--steps", "2", "--guidance-scale", "4.5", "--quiet"]
+    for name, model in (("lora", ["diffalign:tiny-shapes", "--lora", str(kohya)]),
+                        ("merged", [str(tmp_path / "merged")]),
+                        ("base", ["diffalign:tiny-shapes"])):  # fmt: skip
+        assert main(["sample", "--model", *model, *common, "--out", str(tmp_path / name)]) == 0
+    grid = {name: np.asarray(Image.open(tmp_path / name / "grid.png"), dtype=np.int16)
+            for name in ("lora", "merged", "base")}  # fmt: skip
+    assert np.abs(grid["lora"] - grid["merged"]).max() <= 1  # merged on load: float rounding
+    assert np.abs(grid["lora"] - grid["base"]).max() > 10
+    evaluate = ["eval", "--model", "diffalign:tiny-shapes", "--lora", str(kohya), "--baseline",
+                "diffalign:tiny-shapes", "--prompts", "world:heldout", "--num-prompts", "2",
+                "--metrics", "tiny-clip", "--steps", "2", "--quiet"]  # fmt: skip
+    results = {}
+    for name, extra in (("one", []), ("both", ["--baseline-lora", str(kohya)])):
+        assert main([*evaluate, *extra, "--out", str(tmp_path / name)]) == 0
+        results[name] = json.loads((tmp_path / name / "metrics.json").read_text())["results"]
+    assert results["one"]["tiny_clip_mean"] != results["one"]["baseline"]["tiny_clip_mean"]
+    assert results["both"]["tiny_clip_mean"] == results["both"]["baseline"]["tiny_clip_mean"]
+    assert results["both"]["tiny_clip_mean"] == results["one"]["tiny_clip_mean"]
+    with pytest.raises(SystemExit, match="--baseline-lora adapts --baseline"):
+        main([*evaluate[:5], "--baseline-lora", str(kohya), *evaluate[7:], "--out", "x"])
+
+
+def test_an_adapter_to_start_from_must_fit_the_one_it_fills(tmp_path):
+    from peft import LoraConfig
+
+    pipe = _adapted(models.build_tiny_pipeline, tmp_path)  # rank 4, alpha 8
+    kohya = save_kohya_lora(pipe, tmp_path / "adapter.safetensors")
+    run = models.build_tiny_pipeline(seed=0)
+    models.add_lora(run.unet, rank=4, alpha=8)
+    models.copy_lora_weights(run, kohya)
+    _same_adapter(run, pipe)
+    trainable = {name for name, p in run.unet.named_parameters() if p.requires_grad}
+    assert trainable == {name for name, _ in pipe.unet.named_parameters() if ".lora_" in name}
+    other_scale = models.build_tiny_pipeline(seed=0)
+    models.add_lora(other_scale.unet, rank=4, alpha=4)
+    with pytest.raises(models.LoraLayoutError, match="alpha 8 at .* run 4: set lora_alpha=8"):
+        models.copy_lora_weights(other_scale, kohya)
+    assert list(other_scale.unet.peft_config) == ["default"]  # the loaded copy is gone again
+    pipe.text_encoder.add_adapter(LoraConfig(r=2, target_modules=["q_proj"]))
+    type(pipe).save_lora_weights(tmp_path / "with_text_encoder",
+                                 unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                 text_encoder_lora_layers=get_peft_model_state_dict(
+                                     pipe.text_encoder))  # fmt: skip
+    fresh = models.build_tiny_pipeline(seed=0)
+    models.add_lora(fresh.unet, rank=4, alpha=8)
+    with pytest.raises(models.LoraLayoutError, match="also adapts the text_encoder; .* unet alone"):
+        models.copy_lora_weights(fresh, tmp_path / "with_text_encoder")
+    assert not hasattr(fresh.text_encoder, "peft_config") or not fresh.text_encoder.peft_config

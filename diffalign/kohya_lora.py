@@ -5,9 +5,12 @@ layout: one entry per adapted layer, ``lora_unet_<layer path, dots as underscore
 ``.lora_down.weight`` (peft's ``lora_A``), ``.lora_up.weight`` (``lora_B``) and ``.alpha`` (the
 layer's scale is ``alpha / rank``, as peft's ``lora_alpha / r``). The layer paths follow the
 network kohya trains on: diffusers' UNet names for SD 1.x / 2.x, the original (``input_blocks``)
-names for SDXL. diffusers reads both back (``pipeline.load_lora_weights(FILE)``,
-:func:`diffalign.models.load_lora`), which the tests use to check the round trip. SD3 adapters
-stay in diffusers' format (:func:`diffalign.models.save_lora`).
+names for SDXL. Text-encoder layers, when the adapter has them (diffalign's trainers adapt the
+UNet alone; LoRAs from elsewhere may not), are ``lora_te_text_model_<path>`` (SDXL:
+``lora_te1_`` and ``lora_te2_`` for its two encoders). diffusers reads all of it back
+(``pipeline.load_lora_weights(FILE)``, :func:`diffalign.models.load_lora`), which the tests use
+to check the round trip. SD3 adapters stay in diffusers' format
+(:func:`diffalign.models.save_lora`).
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from diffalign.files import atomic_path
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-UNET_PREFIX = "lora_unet_"
 KOHYA_LORA_FILE = "kohya_lora.safetensors"  # its name in a training run's lora/ folder
+# each adapted component's entry prefix
+_PREFIXES_SD = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+_PREFIXES_SDXL = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 # what sd-scripts writes in ``ss_base_model_version``; the web UIs show it
 BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
@@ -50,51 +55,71 @@ def kohya_family(pipeline: DiffusionPipeline) -> str:
 def kohya_lora_state_dict(
     pipeline: DiffusionPipeline, adapter_name: str = "default"
 ) -> dict[str, Tensor]:
-    """The UNet's LoRA adapter ``adapter_name`` under kohya's names (see the module docstring).
+    """The LoRA adapter ``adapter_name`` (the UNet's and any text encoder's layers) under kohya's
+    names (see the module docstring).
 
     Raises:
-        ValueError: the UNet has no adapter of that name, or it is a DoRA adapter.
+        ValueError: no component has an adapter of that name, or it is a DoRA adapter.
         UnsupportedModelError: an SD3 pipeline.
     """
-    names = kohya_lora_names(pipeline, adapter_name)  # refuses SD3 first
-    layers = _lora_layers(pipeline.unet, adapter_name)
     state = {}
-    for path, layer in layers.items():
-        down = layer.lora_A[adapter_name].weight.detach().cpu().contiguous()
-        up = layer.lora_B[adapter_name].weight.detach().cpu().contiguous()
-        # alpha / rank is the scale peft applies (whatever its own alpha, rsLoRA included)
-        alpha = float(layer.scaling[adapter_name]) * down.shape[0]
-        state[f"{names[path]}.lora_down.weight"] = down
-        state[f"{names[path]}.lora_up.weight"] = up
-        state[f"{names[path]}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    for component, names in kohya_lora_names(pipeline, adapter_name).items():
+        layers = _lora_layers(getattr(pipeline, component), adapter_name)
+        for path, name in names.items():
+            layer = layers[path]
+            down = layer.lora_A[adapter_name].weight.detach().cpu().contiguous()
+            up = layer.lora_B[adapter_name].weight.detach().cpu().contiguous()
+            # alpha / rank is the scale peft applies (whatever its own alpha, rsLoRA included)
+            alpha = float(layer.scaling[adapter_name]) * down.shape[0]
+            state[f"{name}.lora_down.weight"] = down
+            state[f"{name}.lora_up.weight"] = up
+            state[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return state
 
 
-def kohya_lora_names(pipeline: DiffusionPipeline, adapter_name: str = "default") -> dict[str, str]:
-    """Each UNet layer that ``adapter_name`` adapts (its diffusers path) with its kohya entry
-    name, ``lora_unet_`` and its path in the network kohya trains on (diffusers' own for SD 1.x /
-    2.x, the original UNet's for SDXL), dots as underscores."""
-    sdxl = kohya_family(pipeline) == "sdxl"
-    paths = list(_lora_layers(pipeline.unet, adapter_name))
-    if sdxl:
-        from diffalign.single_file import unet_ldm_names
+def kohya_lora_names(
+    pipeline: DiffusionPipeline, adapter_name: str = "default"
+) -> dict[str, dict[str, str]]:
+    """For each component that ``adapter_name`` adapts (``unet``, ``text_encoder``,
+    ``text_encoder_2``), its adapted layers' paths with their kohya entry names: a prefix
+    (``lora_unet_``, ``lora_te_``; SDXL ``lora_te1_`` / ``lora_te2_``) and the layer's path in the
+    network kohya trains on, dots as underscores."""
+    family = kohya_family(pipeline)  # refuses SD3 first
+    prefixes = _PREFIXES_SDXL if family == "sdxl" else _PREFIXES_SD
+    names = {}
+    for component, prefix in prefixes.items():
+        module = getattr(pipeline, component, None)
+        if module is None or adapter_name not in (getattr(module, "peft_config", None) or {}):
+            continue
+        paths = list(_lora_layers(module, adapter_name))
+        if component == "unet":
+            in_kohya = _unet_paths(module, paths, original=family == "sdxl")
+        else:  # transformers' CLIP, under the original's text_model level
+            in_kohya = {path: path if path.startswith("text_model.") else f"text_model.{path}"
+                        for path in paths}  # fmt: skip
+        names[component] = {path: prefix + in_kohya[path].replace(".", "_") for path in paths}
+    if not names:
+        raise ValueError(f"The pipeline has no LoRA adapter named {adapter_name!r}.")
+    return names
 
-        keys = list(pipeline.unet.state_dict())  # all: the original names depend on the whole UNet
-        original = unet_ldm_names(keys, pipeline.unet.config.layers_per_block)
-        suffix = ".base_layer.weight"  # a peft-wrapped layer's own weight
-        paths_in_kohya = {path: original[path + suffix].removesuffix(suffix) for path in paths}
-    else:
-        paths_in_kohya = {path: path for path in paths}
-    return {path: UNET_PREFIX + name.replace(".", "_") for path, name in paths_in_kohya.items()}
+
+def _unet_paths(unet: torch.nn.Module, paths: list[str], original: bool) -> dict[str, str]:
+    """The UNet layers' paths in diffusers' UNet, or (``original``, SDXL) in the original one."""
+    if not original:
+        return {path: path for path in paths}
+    from diffalign.single_file import unet_ldm_names
+
+    keys = list(unet.state_dict())  # all of them: the original names depend on the whole UNet
+    names = unet_ldm_names(keys, unet.config.layers_per_block)
+    suffix = ".base_layer.weight"  # a peft-wrapped layer's own weight
+    return {path: names[path + suffix].removesuffix(suffix) for path in paths}
 
 
-def _lora_layers(unet: torch.nn.Module, adapter_name: str) -> dict[str, torch.nn.Module]:
-    """The UNet's layers that ``adapter_name`` adapts, by path; refuses none and DoRA."""
+def _lora_layers(module: torch.nn.Module, adapter_name: str) -> dict[str, torch.nn.Module]:
+    """The layers of ``module`` that ``adapter_name`` adapts, by path; refuses DoRA."""
     from diffalign.models import lora_layers
 
-    layers = lora_layers(unet, adapter_name)
-    if not layers:
-        raise ValueError(f"The unet has no LoRA adapter named {adapter_name!r}.")
+    layers = lora_layers(module, adapter_name)
     if any(layer.use_dora.get(adapter_name, False) for layer in layers.values()):
         raise ValueError(
             f"The adapter {adapter_name!r} is a DoRA adapter, which the kohya layout written here "

@@ -732,22 +732,23 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def save_lora(
     pipeline: DiffusionPipeline, directory: str | os.PathLike, adapter_name: str = "default"
 ) -> Path:
-    """Save the denoiser's LoRA adapter (the UNet's; SD3's transformer's) in diffusers' format
+    """Save the LoRA adapter ``adapter_name`` in diffusers' format
     (``pytorch_lora_weights.safetensors`` with its rank/alpha metadata), loadable with
-    ``pipeline.load_lora_weights(directory)``."""
+    ``pipeline.load_lora_weights(directory)``: the denoiser's layers (the UNet's; SD3's
+    transformer's) and the text encoders' when it adapts them too (LoRAs from elsewhere may)."""
     from peft.utils import get_peft_model_state_dict
 
-    name = denoiser_name(pipeline)
-    denoiser = getattr(pipeline, name)
-    if adapter_name not in getattr(denoiser, "peft_config", {}):
-        raise ValueError(f"The {name} has no LoRA adapter named {adapter_name!r}.")
-    type(pipeline).save_lora_weights(
-        save_directory=directory,
-        **{
-            f"{name}_lora_layers": get_peft_model_state_dict(denoiser, adapter_name=adapter_name),
-            f"{name}_lora_adapter_metadata": denoiser.peft_config[adapter_name].to_dict(),
-        },
-    )
+    parts = {}
+    for name in (denoiser_name(pipeline), "text_encoder", "text_encoder_2"):
+        module = getattr(pipeline, name, None)
+        if module is not None and adapter_name in (getattr(module, "peft_config", None) or {}):
+            parts[f"{name}_lora_layers"] = get_peft_model_state_dict(
+                module, adapter_name=adapter_name
+            )
+            parts[f"{name}_lora_adapter_metadata"] = module.peft_config[adapter_name].to_dict()
+    if not parts:
+        raise ValueError(f"The pipeline has no LoRA adapter named {adapter_name!r}.")
+    type(pipeline).save_lora_weights(save_directory=directory, **parts)
     return Path(directory)
 
 

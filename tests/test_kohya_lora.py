@@ -51,7 +51,7 @@ def test_an_sd_adapter_is_written_under_kohya_names_and_reads_back_the_same(targ
     assert torch.equal(state[f"{name}.lora_down.weight"], to_q.lora_A["default"].weight)
     assert torch.equal(state[f"{name}.lora_up.weight"], to_q.lora_B["default"].weight)
     assert state[f"{name}.alpha"].item() == 8.0 and state[f"{name}.alpha"].dim() == 0
-    assert len(state) == 3 * len(kohya_lora_names(pipe))  # down, up and alpha for each layer
+    assert len(state) == 3 * len(kohya_lora_names(pipe)["unet"])  # down, up and alpha each
     assert metadata["ss_base_model_version"] == "sd_v1"
     assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("4", "8")
     fresh = models.load_pipeline(tmp_path / "base")
@@ -65,7 +65,7 @@ def test_an_sd_adapter_is_written_under_kohya_names_and_reads_back_the_same(targ
 
 def test_an_sdxl_adapter_is_written_under_the_original_unet_names_and_reads_back(tmp_path):
     pipe = _adapted(_tiny_sdxl_pipeline, tmp_path, (*CONV_AND_ATTENTION, "conv_in", "conv_out"))
-    names = set(kohya_lora_names(pipe).values())
+    names = set(kohya_lora_names(pipe)["unet"].values())
     # SDXL: the original UNet's names, as kohya trains SDXL on it
     assert "lora_unet_input_blocks_0_0" in names  # conv_in
     assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q" in names
@@ -87,7 +87,7 @@ def test_full_size_sdxl_layers_get_the_names_of_kohya_sdxl_loras():
 
     pipe = build_sdxl_random_pipeline(device="meta")  # names only, no memory
     models.add_lora(pipe.unet, rank=4)
-    names = kohya_lora_names(pipe)
+    names = kohya_lora_names(pipe)["unet"]
     assert len(names) == 70 * 2 * 4  # SDXL's 70 transformer blocks, two attentions, q/k/v/out
     unet = pipe.unet
     where = {  # a diffusers layer and the entry an SDXL LoRA trained by sd-scripts has for it
@@ -107,11 +107,52 @@ def test_full_size_sdxl_layers_get_the_names_of_kohya_sdxl_loras():
         assert names[path_of[module]] == name
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_text_encoder_layers_travel_with_the_unet_s_in_both_formats(family, tmp_path):
+    from peft import LoraConfig
+
+    build = {"sd": models.build_tiny_pipeline, "sdxl": _tiny_sdxl_pipeline}[family]
+    pipe = _adapted(build, tmp_path)  # a LoRA from elsewhere may adapt the text encoders too
+    encoders = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
+    for index, name in enumerate(encoders):
+        # all four projections, as kohya's LoRAs have: diffusers' reader tells the old format
+        # of their text-encoder entries by the out_proj ones
+        targets = ["q_proj", "k_proj", "v_proj", "out_proj"]
+        getattr(pipe, name).add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=targets))
+        perturb_lora(getattr(pipe, name), seed=index + 1)
+    names = kohya_lora_names(pipe)
+    assert sorted(names) == sorted(["unet", *encoders])
+    prefixes = {"sd": ["lora_te_"], "sdxl": ["lora_te1_", "lora_te2_"]}[family]
+    for name, prefix in zip(encoders, prefixes, strict=True):  # as kohya and ComfyUI name them
+        assert f"{prefix}text_model_encoder_layers_0_self_attn_q_proj" in names[name].values()
+    kohya = save_kohya_lora(pipe, tmp_path / "adapter.safetensors")
+    models.save_lora(pipe, tmp_path / "folder")
+    for saved in (kohya, tmp_path / "folder"):
+        fresh = models.load_lora(models.load_pipeline(tmp_path / "base"), saved)
+        for name in ["unet", *encoders]:
+            mine = get_peft_model_state_dict(getattr(pipe, name))
+            theirs = get_peft_model_state_dict(getattr(fresh, name))
+            assert mine.keys() == theirs.keys(), (saved, name)
+            assert all(torch.equal(value, theirs[key]) for key, value in mine.items())
+        torch.testing.assert_close(_images(fresh), _images(pipe))
+    # sampling commands merge every adapted component
+    from diffalign.commands.sample import load_sampling_pipeline
+
+    merged = load_sampling_pipeline(str(tmp_path / "base"), "cpu", torch.float32, lora=str(kohya))
+    base = models.load_pipeline(tmp_path / "base")
+    for name in ["unet", *encoders]:
+        assert not models.has_lora(getattr(merged, name))
+        state, base_state = getattr(merged, name).state_dict(), getattr(base, name).state_dict()
+        query = next(key for key in state if key.endswith(("0.self_attn.q_proj.weight",
+                                                           "0.attn1.to_q.weight")))  # fmt: skip
+        assert not torch.equal(state[query], base_state[query])  # the adapter is in the weights
+
+
 def test_sd2_files_name_their_base_model():
     pipe = _tiny_sd2_pipeline()
     models.add_lora(pipe.unet, rank=2)
     assert "lora_unet_up_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v" in set(
-        kohya_lora_names(pipe).values()
+        kohya_lora_names(pipe)["unet"].values()
     )
     from diffalign.kohya_lora import kohya_family
 

@@ -125,14 +125,7 @@ def load_sampling_pipeline(
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from diffalign.models import (
-        as_ddim_scheduler,
-        build_tiny_pipeline,
-        denoiser_of,
-        load_lora,
-        load_pipeline,
-        merge_lora,
-    )
+    from diffalign.models import as_ddim_scheduler, build_tiny_pipeline, load_lora, load_pipeline
     from diffalign.pipelines.rollout import plain_sampling_pipeline
 
     if model == TINY_RANDOM:
@@ -145,7 +138,8 @@ def load_sampling_pipeline(
         pipeline = load_pipeline(resolve_shipped(model), StableDiffusionPipeline,
                                  torch_dtype=dtype, device=device, config=config)  # fmt: skip
     if lora is not None:  # merged: sampling then costs what the plain model costs
-        merge_lora(denoiser_of(load_lora(pipeline, lora)))
+        load_lora(pipeline, lora).fuse_lora()  # every component it adapts
+        pipeline.unload_lora_weights()
     pipeline.scheduler = as_ddim_scheduler(pipeline.scheduler)
     return plain_sampling_pipeline(pipeline)
 

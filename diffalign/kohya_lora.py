@@ -131,7 +131,7 @@ def _lora_layers(module: torch.nn.Module, adapter_name: str) -> dict[str, torch.
 def save_kohya_lora(
     pipeline: DiffusionPipeline, path: str | os.PathLike, adapter_name: str = "default"
 ) -> Path:
-    """Write the UNet's LoRA adapter as one kohya-layout ``.safetensors`` file (atomically), with
+    """Write the LoRA adapter as one kohya-layout ``.safetensors`` file (atomically), with
     sd-scripts' metadata (network module, rank, alpha, base model version) that the web UIs
     show. Read it back with :func:`diffalign.models.load_lora` or ``load_lora_weights``."""
     from safetensors.torch import save_file

@@ -210,14 +210,23 @@ def test_sample_and_eval_apply_a_lora_file_to_the_base_model(tmp_path):
     pipe.save_pretrained(tmp_path / "merged")
     # one CFG scale for all: the merged folder lacks the one the shipped model records
     common = ["--prompt", "a red circle", "--steps", "2", "--guidance-scale", "4.5", "--quiet"]
-    for name, model in (("lora", ["diffalign:tiny-shapes", "--lora", str(kohya)]),
-                        ("merged", [str(tmp_path / "merged")]),
-                        ("base", ["diffalign:tiny-shapes"])):  # fmt: skip
+    shipped, adapter = "diffalign:tiny-shapes", ["--lora", str(kohya)]
+    runs = {"lora": [shipped, *adapter], "merged": [str(tmp_path / "merged")], "base": [shipped],
+            "off": [shipped, *adapter, "--lora-scale", "0"],
+            "half": [shipped, *adapter, "--lora-scale", "0.5"]}  # fmt: skip
+    for name, model in runs.items():
         assert main(["sample", "--model", *model, *common, "--out", str(tmp_path / name)]) == 0
     grid = {name: np.asarray(Image.open(tmp_path / name / "grid.png"), dtype=np.int16)
-            for name in ("lora", "merged", "base")}  # fmt: skip
+            for name in runs}  # fmt: skip
     assert np.abs(grid["lora"] - grid["merged"]).max() <= 1  # merged on load: float rounding
     assert np.abs(grid["lora"] - grid["base"]).max() > 10
+    assert np.array_equal(grid["off"], grid["base"])  # at strength 0 the weights are the base's
+    assert np.abs(grid["half"] - grid["base"]).max() > 0 and not np.array_equal(
+        grid["half"], grid["lora"]
+    )
+    with pytest.raises(SystemExit, match="--lora-scale is the strength of --lora: give --lora"):
+        main(["sample", "--model", "diffalign:tiny-shapes", "--lora-scale", "0.5", *common,
+              "--out", str(tmp_path / "refused")])  # fmt: skip
     evaluate = ["eval", "--model", "diffalign:tiny-shapes", "--lora", str(kohya), "--baseline",
                 "diffalign:tiny-shapes", "--prompts", "world:heldout", "--num-prompts", "2",
                 "--metrics", "tiny-clip", "--steps", "2", "--quiet"]  # fmt: skip

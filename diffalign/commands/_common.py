@@ -55,9 +55,9 @@ def add_model_config_argument(parser: argparse.ArgumentParser, model_flag: str =
 
 
 def add_lora_argument(parser: argparse.ArgumentParser, model_flag: str = "--model") -> None:
-    """``--lora`` (``--baseline-lora`` for ``--baseline``): a LoRA adapter applied to that model
-    before sampling."""
-    flag = "--lora" if model_flag == "--model" else f"{model_flag}-lora"
+    """``--lora`` and ``--lora-scale`` (``--baseline-lora`` and ``--baseline-lora-scale`` for
+    ``--baseline``): a LoRA adapter merged into that model before sampling, at a strength."""
+    flag = _lora_flag(model_flag)
     parser.add_argument(
         flag,
         default=None,
@@ -65,6 +65,30 @@ def add_lora_argument(parser: argparse.ArgumentParser, model_flag: str = "--mode
         help=f"a LoRA adapter for {model_flag}, merged before sampling: a diffusers LoRA folder "
         "(a run's lora/) or a .safetensors file (diffusers' or kohya's layout, A1111 / ComfyUI)",
     )
+    parser.add_argument(
+        f"{flag}-scale",
+        type=float,
+        default=None,
+        metavar="S",
+        help=f"the strength {flag} is merged at (default 1: as trained; 0: not at all)",
+    )
+
+
+def _lora_flag(model_flag: str) -> str:
+    return "--lora" if model_flag == "--model" else f"{model_flag}-lora"
+
+
+def lora_of(args: argparse.Namespace, model_flag: str = "--model") -> tuple[str | None, float]:
+    """The ``--lora`` given for ``model_flag`` and its scale; exits when a scale comes without
+    an adapter, or an adapter without its model."""
+    flag = _lora_flag(model_flag)
+    name = flag.removeprefix("--").replace("-", "_")
+    lora, scale = getattr(args, name), getattr(args, f"{name}_scale")
+    if scale is not None and lora is None:
+        raise SystemExit(f"error: {flag}-scale is the strength of {flag}: give {flag} as well.")
+    if lora is not None and getattr(args, model_flag.removeprefix("--")) is None:
+        raise SystemExit(f"error: {flag} adapts {model_flag}: give {model_flag} as well.")
+    return lora, 1.0 if scale is None else scale
 
 
 def model_config_of(args: argparse.Namespace, model_flag: str = "--model") -> str | None:

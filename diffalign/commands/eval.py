@@ -27,6 +27,7 @@ from diffalign.commands._common import (
     add_model_config_argument,
     add_out_argument,
     add_tree_arguments,
+    lora_of,
     model_config_of,
     quiet_libraries,
     resolve_device,
@@ -136,10 +137,10 @@ def _reference(args: argparse.Namespace, prompts: list[str]):
     raise SystemExit(f"error: --reference {path} is not a folder, a file or 'world'.")
 
 
-def _sample(model: str, config: str | None, lora: str | None, prompts: list[str],
+def _sample(model: str, config: str | None, lora: tuple[str | None, float], prompts: list[str],
             args: argparse.Namespace, device, dtype):  # fmt: skip
     """Images of one model (``config``: a one-file model's configs; ``lora``: an adapter merged
-    into it) for the repeated prompt list (same seeds and CFG for every model)."""
+    into it and its scale) for the repeated prompt list (same seeds and CFG for every model)."""
     from diffalign.commands.sample import (
         load_optional_reward,
         load_sampling_pipeline,
@@ -147,7 +148,7 @@ def _sample(model: str, config: str | None, lora: str | None, prompts: list[str]
     )
     from diffalign.models import denoiser_of
 
-    pipeline = load_sampling_pipeline(model, device, dtype, config, lora)
+    pipeline = load_sampling_pipeline(model, device, dtype, config, *lora)
     pipeline.set_progress_bar_config(disable=args.quiet, desc=f"sampling {model}")
     size = args.resolution or denoiser_of(pipeline).config.sample_size * pipeline.vae_scale_factor
     reward = load_optional_reward(args.reward, device)
@@ -167,8 +168,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {error}") from None
     check_search_arguments(args)
     configs = {flag: model_config_of(args, flag) for flag in ("--model", "--baseline")}
-    if args.baseline_lora and not args.baseline:
-        raise SystemExit("error: --baseline-lora adapts --baseline: give --baseline as well.")
+    loras = {flag: lora_of(args, flag) for flag in ("--model", "--baseline")}
     if args.quiet:
         quiet_libraries()
     prompts = read_prompts(args.prompts, args.num_prompts)
@@ -188,10 +188,10 @@ def run(args: argparse.Namespace) -> int:
     if args.guidance_scale is None:  # one scale for both models: the model's recorded one
         args.guidance_scale = model_guidance_scale(args.model, 7.5, configs["--model"])
     columns: dict[str, dict[str, Any]] = {}
-    images = _sample(args.model, configs["--model"], args.lora, prompts, args, device, dtype)
+    images = _sample(args.model, configs["--model"], loras["--model"], prompts, args, device, dtype)
     baseline_images = None
     if args.baseline:
-        baseline_images = _sample(args.baseline, configs["--baseline"], args.baseline_lora,
+        baseline_images = _sample(args.baseline, configs["--baseline"], loras["--baseline"],
                                   prompts, args, device, dtype)  # fmt: skip
     common = {"reference": stats, "fid_weights": args.fid_weights, "device": device,
               "seed": args.seed, "quiet": args.quiet}  # fmt: skip

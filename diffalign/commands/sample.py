@@ -25,6 +25,7 @@ from diffalign.commands._common import (
     add_model_config_argument,
     add_out_argument,
     add_tree_arguments,
+    lora_of,
     model_config_of,
     quiet_libraries,
     resolve_device,
@@ -116,10 +117,12 @@ def load_sampling_pipeline(
     dtype: torch.dtype,
     config: str | None = None,
     lora: str | None = None,
+    lora_scale: float = 1.0,
 ) -> DiffusionPipeline:
     """A DDIM-scheduled Stable Diffusion (or SDXL) pipeline for ``--model`` (folder, hub id,
     shipped, or a one-file checkpoint with its ``config`` folder), with the LoRA adapter ``lora``
-    (a folder or file, :func:`diffalign.models.load_lora`) merged in when given; a flow-matching
+    (a folder or file, :func:`diffalign.models.load_lora`) merged in at ``lora_scale`` when
+    given; a flow-matching
     model (SD3 too) keeps its scheduler and comes as a rollout pipeline, which steps it (the
     search samplers use the same components either way)."""
     import torch
@@ -138,7 +141,7 @@ def load_sampling_pipeline(
         pipeline = load_pipeline(resolve_shipped(model), StableDiffusionPipeline,
                                  torch_dtype=dtype, device=device, config=config)  # fmt: skip
     if lora is not None:  # merged: sampling then costs what the plain model costs
-        load_lora(pipeline, lora).fuse_lora()  # every component it adapts
+        load_lora(pipeline, lora).fuse_lora(lora_scale=lora_scale)  # every component it adapts
         pipeline.unload_lora_weights()
     pipeline.scheduler = as_ddim_scheduler(pipeline.scheduler)
     return plain_sampling_pipeline(pipeline)
@@ -236,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
         quiet_libraries()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipeline = load_sampling_pipeline(args.model, device, dtype, model_config, args.lora)
+    lora, lora_scale = lora_of(args)
+    pipeline = load_sampling_pipeline(args.model, device, dtype, model_config, lora, lora_scale)
     if args.guidance_scale is None:
         args.guidance_scale = model_guidance_scale(args.model, 7.5, model_config)
     pipeline.set_progress_bar_config(disable=args.quiet)

@@ -267,3 +267,18 @@ def test_an_adapter_to_start_from_must_fit_the_one_it_fills(tmp_path):
     with pytest.raises(models.LoraLayoutError, match="also adapts the text_encoder; .* unet alone"):
         models.copy_lora_weights(fresh, tmp_path / "with_text_encoder")
     assert not hasattr(fresh.text_encoder, "peft_config") or not fresh.text_encoder.peft_config
+
+
+def test_an_sd3_run_starts_from_a_saved_transformer_adapter(tmp_path):
+    pipe = models.build_tiny_sd3_pipeline(seed=0)
+    models.add_lora(pipe.transformer, rank=2, alpha=4)
+    perturb_lora(pipe.transformer)
+    models.save_lora(pipe, tmp_path / "lora")  # diffusers' format: the one SD3 adapters keep
+    run = models.build_tiny_sd3_pipeline(seed=0)
+    models.add_lora(run.transformer, rank=2, alpha=4)
+    models.copy_lora_weights(run, tmp_path / "lora")
+    mine = get_peft_model_state_dict(pipe.transformer)
+    theirs = get_peft_model_state_dict(run.transformer)
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(value, theirs[key]) for key, value in mine.items())
+    assert any(value.abs().max() > 0 for key, value in theirs.items() if "lora_B" in key)

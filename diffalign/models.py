@@ -753,7 +753,9 @@ def save_lora(
 
 
 class LoraLayoutError(ValueError):
-    """A LoRA adapter that does not fit the adapter it should fill (other layers, rank or scale)."""
+    """A LoRA adapter that does not fit the model it is loaded into (made for another base
+    model, or of a kind diffusers cannot read), or the adapter it should fill (other layers,
+    rank or scale)."""
 
 
 def copy_lora_weights(
@@ -836,8 +838,24 @@ def load_lora(
 ) -> DiffusionPipeline:
     """Load a LoRA adapter into ``pipeline``: a folder saved by ``save_lora`` (or any diffusers
     LoRA folder), or one ``.safetensors`` file, diffusers' or kohya's layout (A1111 / ComfyUI
-    LoRAs, :func:`diffalign.kohya_lora.save_kohya_lora`)."""
+    LoRAs, :func:`diffalign.kohya_lora.save_kohya_lora`).
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        LoraLayoutError: it does not fit the pipeline (another base model, another kind of
+            adapter); the pipeline may then hold a half-loaded adapter: load it afresh.
+    """
     if not Path(path).exists():
         raise FileNotFoundError(f"No LoRA folder or file at {path}.")
-    pipeline.load_lora_weights(path, adapter_name=adapter_name)
+    try:
+        pipeline.load_lora_weights(path, adapter_name=adapter_name)
+    except (RuntimeError, ValueError, KeyError) as error:  # diffusers' and torch's, pages long
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        gist = " ".join(lines[:2])
+        gist = gist if len(gist) <= 300 else gist[:300] + "..."
+        raise LoraLayoutError(
+            f"The LoRA at {path} does not load into this {type(pipeline).__name__} "
+            f"({type(error).__name__}: {gist}). Is it made for another base model (SD 1.x, SD "
+            "2.x, SDXL, SD3), or another kind of adapter than LoRA?"
+        ) from error
     return pipeline

@@ -282,3 +282,18 @@ def test_an_sd3_run_starts_from_a_saved_transformer_adapter(tmp_path):
     assert mine.keys() == theirs.keys()
     assert all(torch.equal(value, theirs[key]) for key, value in mine.items())
     assert any(value.abs().max() > 0 for key, value in theirs.items() if "lora_B" in key)
+
+
+def test_a_lora_made_for_another_base_model_is_refused_in_a_line(tmp_path, capsys):
+    xl = _tiny_sdxl_pipeline()
+    models.add_lora(xl.unet, rank=2)
+    kohya = save_kohya_lora(xl, tmp_path / "sdxl.safetensors")
+    models.save_lora(xl, tmp_path / "sdxl")
+    for adapter in (kohya, tmp_path / "sdxl"):  # no matching layers; layers of other widths
+        with pytest.raises(models.LoraLayoutError, match="another base model"):
+            models.load_lora(models.build_tiny_pipeline(seed=0), adapter)
+    argv = ["sample", "--model", "diffalign:tiny-shapes", "--lora", str(kohya), "--prompt", "a",
+            "--steps", "2", "--quiet", "--out", str(tmp_path / "refused")]  # fmt: skip
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "does not load into this StableDiffusionPipeline" in error and "Traceback" not in error

@@ -59,7 +59,7 @@ def kohya_lora_state_dict(
     names (see the module docstring).
 
     Raises:
-        ValueError: no component has an adapter of that name, or it is a DoRA adapter.
+        LoraLayoutError: no component has an adapter of that name, or it is a DoRA adapter.
         UnsupportedModelError: an SD3 pipeline.
     """
     state = {}
@@ -99,7 +99,9 @@ def kohya_lora_names(
                         for path in paths}  # fmt: skip
         names[component] = {path: prefix + in_kohya[path].replace(".", "_") for path in paths}
     if not names:
-        raise ValueError(f"The pipeline has no LoRA adapter named {adapter_name!r}.")
+        from diffalign.models import LoraLayoutError
+
+        raise LoraLayoutError(f"The pipeline has no LoRA adapter named {adapter_name!r}.")
     return names
 
 
@@ -117,11 +119,11 @@ def _unet_paths(unet: torch.nn.Module, paths: list[str], original: bool) -> dict
 
 def _lora_layers(module: torch.nn.Module, adapter_name: str) -> dict[str, torch.nn.Module]:
     """The layers of ``module`` that ``adapter_name`` adapts, by path; refuses DoRA."""
-    from diffalign.models import lora_layers
+    from diffalign.models import LoraLayoutError, lora_layers
 
     layers = lora_layers(module, adapter_name)
     if any(layer.use_dora.get(adapter_name, False) for layer in layers.values()):
-        raise ValueError(
+        raise LoraLayoutError(
             f"The adapter {adapter_name!r} is a DoRA adapter, which the kohya layout written here "
             "does not hold: save it with `diffalign.models.save_lora` instead."
         )

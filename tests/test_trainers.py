@@ -147,6 +147,16 @@ def test_a_run_started_from_a_saved_adapter_begins_where_that_run_ended(tmp_path
         AWMConfig(init_lora=str(kohya), use_lora=False).validate()
 
 
+def test_a_fully_fine_tuned_checkpoint_is_no_adapter_to_convert(tmp_path):
+    argv = ["train", "awm", "--recipe", "tiny-shapes", *TINY, "--set", "use_lora=false",
+            "max_steps=1", "max_heldout_drop=0", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    checkpoint = sorted((tmp_path / "checkpoints").glob("checkpoint-*"))[-1]
+    with pytest.raises(SystemExit, match="trained every weight .* convert it as a model"):
+        main(["convert", "--lora", str(checkpoint), "--out", str(tmp_path / "x.safetensors")])
+    assert not (tmp_path / "lora").exists()  # nor does the run write an adapter
+
+
 def test_unknown_lora_targets_fail_before_training(tmp_path, capsys):
     argv = ["train", "awm", "--recipe", "tiny-shapes", *TINY, "--set",
             "lora_target_modules=[to_q, attn1]", "--out", str(tmp_path)]  # fmt: skip

@@ -77,7 +77,7 @@ def _convert_model(args: argparse.Namespace, config: str | None) -> None:
 
 def _convert_lora(args: argparse.Namespace, config: str | None) -> None:
     from diffalign.kohya_lora import save_kohya_lora
-    from diffalign.models import load_lora, load_pipeline, save_lora
+    from diffalign.models import denoiser_of, has_lora, load_lora, load_pipeline, save_lora
     from diffalign.train.export import is_training_checkpoint, pipeline_from_checkpoint
 
     if is_training_checkpoint(args.lora):
@@ -87,6 +87,11 @@ def _convert_lora(args: argparse.Namespace, config: str | None) -> None:
                 "model; drop --model."
             )
         pipeline = pipeline_from_checkpoint(args.lora, merge=False)
+        if not has_lora(denoiser_of(pipeline)):
+            raise SystemExit(
+                f"error: diffalign convert: {args.lora} is from a run that trained every weight "
+                "(use_lora: false), so it holds no adapter: convert it as a model, with --model."
+            )
     elif not args.model:
         raise SystemExit(
             "error: diffalign convert: --lora needs the base model it adapts: add --model BASE "

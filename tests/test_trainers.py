@@ -147,14 +147,30 @@ def test_a_run_started_from_a_saved_adapter_begins_where_that_run_ended(tmp_path
         AWMConfig(init_lora=str(kohya), use_lora=False).validate()
 
 
-def test_a_fully_fine_tuned_checkpoint_is_no_adapter_to_convert(tmp_path):
+def test_a_fully_fine_tuned_run_gives_an_adapter_by_extraction_not_conversion(tmp_path, capsys):
     argv = ["train", "awm", "--recipe", "tiny-shapes", *TINY, "--set", "use_lora=false",
             "max_steps=1", "max_heldout_drop=0", "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
     checkpoint = sorted((tmp_path / "checkpoints").glob("checkpoint-*"))[-1]
-    with pytest.raises(SystemExit, match="trained every weight .* convert it as a model"):
-        main(["convert", "--lora", str(checkpoint), "--out", str(tmp_path / "x.safetensors")])
+    adapter = tmp_path / "adapter.safetensors"
+    with pytest.raises(SystemExit, match="trained every weight .* extract one"):
+        main(["convert", "--lora", str(checkpoint), "--out", str(adapter)])
     assert not (tmp_path / "lora").exists()  # nor does the run write an adapter
+    capsys.readouterr()
+    extract = ["convert", "--model", str(tmp_path / "final"), "--base", "diffalign:tiny-shapes"]
+    assert main([*extract, "--lora-rank", "128", "--out", str(adapter)]) == 0
+    # the tiny UNet's layers have at most 128 directions: all of their change is kept; the
+    # trained biases and norms are named as left out
+    report = capsys.readouterr().out
+    assert "keeps 100.0% of the change" in report and "no LoRA holds are left out" in report
+    final = load_pipeline(tmp_path / "final").unet.state_dict()
+    base = load_pipeline(shipped_model_path())
+    load_lora(base, adapter)
+    merge_lora(base.unet)
+    query = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    torch.testing.assert_close(base.unet.state_dict()[query], final[query], atol=1e-5, rtol=0)
+    with pytest.raises(SystemExit, match="--lora converts an adapter and --base extracts one"):
+        main([*extract, "--lora", str(adapter), "--out", str(adapter)])
 
 
 def test_unknown_lora_targets_fail_before_training(tmp_path, capsys):

@@ -14,6 +14,10 @@ LoRA folder such as a run's ``lora/``, or one ``.safetensors`` file in diffusers
 layout) for the base model ``BASE``: ``OUT.safetensors`` is written in kohya's layout (A1111 /
 ComfyUI), any other ``OUT`` as a diffusers LoRA folder. A training checkpoint as ``L`` brings its
 own base model (no ``--model``).
+
+``diffalign convert --model TUNED --base BASE [--lora-rank 32] --out OUT`` extracts a LoRA adapter
+from a fully fine-tuned model instead (:mod:`diffalign.lora_extract`): the low-rank part of how
+``TUNED``'s denoiser differs from ``BASE``'s, written as above.
 """
 
 from __future__ import annotations
@@ -40,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="convert this LoRA adapter instead: a diffusers LoRA folder (a "
                              "run's lora/), a .safetensors LoRA file, or a training "
                              "checkpoint")  # fmt: skip
+    parser.add_argument("--base", default=None,
+                        help="extract a LoRA adapter from --model instead: the model it was "
+                             "fine-tuned from")  # fmt: skip
+    parser.add_argument("--lora-rank", type=int, default=32,
+                        help="the extracted adapter's rank (with --base)")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True,
                         help="FILE.safetensors to write one file (a LoRA: kohya's layout), else "
                              "a folder")  # fmt: skip
@@ -47,14 +56,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load ``--model`` (and ``--lora``) and write it the other way."""
+    from diffalign.world import resolve_shipped
+
     quiet_libraries()
+    args.model = resolve_shipped(args.model) if args.model else None  # diffalign:tiny-shapes
+    args.base = resolve_shipped(args.base) if args.base else None
     config = model_config_of(args)  # exits when --model is not one file
     if args.out.suffix == ".ckpt":
         raise SystemExit(
             "error: diffalign convert: writes .safetensors only (a pickled .ckpt can run code "
             "when it is loaded): use --out FILE.safetensors."
         )
-    if args.lora:
+    if args.lora and args.base:
+        raise SystemExit("error: diffalign convert: --lora converts an adapter and --base "
+                         "extracts one: give one of them.")  # fmt: skip
+    if args.base:
+        _extract_lora(args, config)
+    elif args.lora:
         _convert_lora(args, config)
     elif args.model:
         _convert_model(args, config)
@@ -76,8 +94,7 @@ def _convert_model(args: argparse.Namespace, config: str | None) -> None:
 
 
 def _convert_lora(args: argparse.Namespace, config: str | None) -> None:
-    from diffalign.kohya_lora import save_kohya_lora
-    from diffalign.models import denoiser_of, has_lora, load_lora, load_pipeline, save_lora
+    from diffalign.models import denoiser_of, has_lora, load_lora, load_pipeline
     from diffalign.train.export import is_training_checkpoint, pipeline_from_checkpoint
 
     if is_training_checkpoint(args.lora):
@@ -90,7 +107,8 @@ def _convert_lora(args: argparse.Namespace, config: str | None) -> None:
         if not has_lora(denoiser_of(pipeline)):
             raise SystemExit(
                 f"error: diffalign convert: {args.lora} is from a run that trained every weight "
-                "(use_lora: false), so it holds no adapter: convert it as a model, with --model."
+                "(use_lora: false), so it holds no adapter: convert it as a model, with --model, "
+                "or extract one, with --model CHECKPOINT --base BASE."
             )
     elif not args.model:
         raise SystemExit(
@@ -99,7 +117,32 @@ def _convert_lora(args: argparse.Namespace, config: str | None) -> None:
         )
     else:
         pipeline = load_lora(load_pipeline(args.model, config=config), args.lora)
-    if args.out.suffix == ".safetensors":
-        save_kohya_lora(pipeline, args.out)
+    _write_lora(pipeline, args.out)
+
+
+def _extract_lora(args: argparse.Namespace, config: str | None) -> None:
+    from diffalign.lora_extract import extract_lora
+    from diffalign.models import denoiser_of, load_pipeline
+
+    if not args.model:
+        raise SystemExit("error: diffalign convert: --base extracts a LoRA from --model: give "
+                         "--model TUNED as well.")  # fmt: skip
+    tuned = load_pipeline(args.model, config=config)
+    base = load_pipeline(args.base)
+    try:
+        report = extract_lora(denoiser_of(tuned), denoiser_of(base), args.lora_rank)
+    except ValueError as error:
+        raise SystemExit(f"error: diffalign convert: {error}") from None
+    print(report.describe())
+    _write_lora(base, args.out)
+
+
+def _write_lora(pipeline, out: Path) -> None:
+    """Kohya's one file for ``OUT.safetensors``, else a diffusers LoRA folder."""
+    from diffalign.kohya_lora import save_kohya_lora
+    from diffalign.models import save_lora
+
+    if out.suffix == ".safetensors":
+        save_kohya_lora(pipeline, out)
     else:
-        save_lora(pipeline, args.out)
+        save_lora(pipeline, out)

@@ -1,0 +1,120 @@
+"""A LoRA adapter extracted from a fine-tuned model: the low-rank part of its weights' change.
+
+A fully fine-tuned denoiser (a run with ``use_lora: false``) is as large as its base model. For
+each Linear and Conv2d layer that training changed, :func:`extract_lora` keeps the ``rank``
+largest singular directions of the change ``W_tuned - W_base`` (a truncated SVD: the closest
+matrix of that rank, in Frobenius norm) and attaches them to the base model as a peft LoRA
+adapter (scale 1), which :func:`diffalign.models.save_lora` or
+:func:`diffalign.kohya_lora.save_kohya_lora` then writes: a file of megabytes instead of
+gigabytes. How much of the change the adapter keeps is reported, and so is what no LoRA can
+hold (changed biases, normalization and embedding weights): nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclasses.dataclass
+class LoraExtraction:
+    """What :func:`extract_lora` attached and what it could not.
+
+    Attributes:
+        rank: the adapter's rank.
+        layers: the layers given an adapter (those whose weights changed).
+        kept: the fraction of the change (its squared Frobenius norm, over all those layers) that
+            the adapter reproduces; 1.0 when every change has at most ``rank`` directions.
+        left_out: changed tensors that a LoRA cannot hold (biases, norms, embeddings).
+    """
+
+    rank: int
+    layers: list[str]
+    kept: float
+    left_out: list[str]
+
+    def describe(self) -> str:
+        """One line for a log or a command's output."""
+        line = (f"a rank-{self.rank} LoRA on {len(self.layers)} changed layers keeps "
+                f"{100 * self.kept:.1f}% of the change")  # fmt: skip
+        if self.left_out:
+            shown = ", ".join(self.left_out[:3]) + (", ..." if len(self.left_out) > 3 else "")
+            line += f"; {len(self.left_out)} changed tensors no LoRA holds are left out ({shown})"
+        return line
+
+
+def extract_lora(
+    tuned: nn.Module, base: nn.Module, rank: int, adapter_name: str = "default"
+) -> LoraExtraction:
+    """Attach to ``base`` (in place) the rank-``rank`` LoRA adapter closest to ``tuned``'s change
+    of each Linear / Conv2d weight, and report it.
+
+    Args:
+        tuned: the fine-tuned network (a UNet or SD3 transformer), the same architecture as
+            ``base``.
+        base: the network it was fine-tuned from; gets the adapter.
+        rank: the adapter's rank (a layer whose change has fewer directions keeps all of them).
+
+    Raises:
+        ValueError: ``rank`` < 1, the two networks differ in architecture, or nothing changed.
+    """
+    from diffalign.models import add_lora, lora_layers
+
+    if rank < 1:
+        raise ValueError(f"The LoRA rank must be >= 1, got {rank}.")
+    tuned_state, base_state = tuned.state_dict(), base.state_dict()
+    if tuned_state.keys() != base_state.keys() or any(
+        tuned_state[key].shape != value.shape for key, value in base_state.items()
+    ):
+        raise ValueError("The tuned and base networks differ in architecture: no LoRA turns one "
+                         "into the other.")  # fmt: skip
+    factors, energy, kept = {}, 0.0, 0.0
+    for path, module in _adaptable_layers(base).items():
+        change = tuned_state[f"{path}.weight"].float() - module.weight.detach().float()
+        if not change.any():
+            continue
+        down, up, total, reproduced = _low_rank(change, rank)
+        factors[path] = (down, up)
+        energy, kept = energy + total, kept + reproduced
+    if not factors:
+        raise ValueError("The tuned network's Linear and Conv2d weights equal the base's: there is "
+                         "no change to extract.")  # fmt: skip
+    handled = {f"{path}.weight" for path in factors}
+    left_out = sorted(key for key, value in base_state.items()
+                      if key not in handled
+                      and not torch.equal(value, tuned_state[key]))  # fmt: skip
+    add_lora(base, rank=rank, alpha=rank, target_modules=list(factors), adapter_name=adapter_name)
+    layers = lora_layers(base, adapter_name)
+    with torch.no_grad():
+        for path, (down, up) in factors.items():
+            layer = layers[path]
+            weights = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            for weight, factor in zip(weights, (down, up), strict=True):
+                weight.copy_(factor.reshape(weight.shape))  # a convolution's: 4-D
+    return LoraExtraction(rank, sorted(factors), kept / energy, left_out)
+
+
+def _adaptable_layers(network: nn.Module) -> dict[str, nn.Module]:
+    """The Linear and (ungrouped) Conv2d layers a peft LoRA can adapt, by path."""
+    return {path: module for path, module in network.named_modules()
+            if isinstance(module, nn.Linear)
+            or (isinstance(module, nn.Conv2d) and module.groups == 1)}  # fmt: skip
+
+
+def _low_rank(change: Tensor, rank: int) -> tuple[Tensor, Tensor, float, float]:
+    """``(down, up, energy, kept)``: ``up @ down`` is the closest rank-``rank`` matrix to
+    ``change`` (flattened to ``out x rest`` for a convolution), the singular values split evenly
+    between the factors; zero rows and columns pad a change of fewer directions to ``rank``;
+    ``energy`` is the change's squared norm and ``kept`` the part the factors reproduce."""
+    matrix = change.reshape(change.shape[0], -1)
+    left, values, right = torch.linalg.svd(matrix, full_matrices=False)
+    used = min(rank, values.numel())
+    root = values[:used].sqrt()
+    down = torch.zeros(rank, matrix.shape[1])
+    up = torch.zeros(matrix.shape[0], rank)
+    down[:used] = root[:, None] * right[:used]
+    up[:, :used] = left[:, :used] * root
+    squares = values.square()
+    return down, up, float(squares.sum()), float(squares[:used].sum())

@@ -795,6 +795,8 @@ def lora_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, nn
 
 
 def _check_lora_fits(pipeline, path, source: str, target: str) -> None:
+    """Raise a LoraLayoutError unless the adapter ``source`` (loaded from ``path``) adapts the
+    denoiser alone, at the layers, rank and scale of ``target``."""
     name = denoiser_name(pipeline)
     others = [
         part
@@ -806,31 +808,32 @@ def _check_lora_fits(pipeline, path, source: str, target: str) -> None:
             f"The LoRA at {path} also adapts the {', '.join(others)}; diffalign trains the "
             f"{name} alone. Start from an adapter of the {name} only."
         )
-    given = lora_layers(getattr(pipeline, name), source)
-    wanted = lora_layers(getattr(pipeline, name), target)
+    denoiser = getattr(pipeline, name)
+    given, wanted = lora_layers(denoiser, source), lora_layers(denoiser, target)
     if given.keys() != wanted.keys():
-        extra, missing = sorted(given.keys() - wanted.keys()), sorted(wanted.keys() - given.keys())
-        targets = sorted(getattr(pipeline, name).peft_config[source].target_modules)
+        targets = ", ".join(sorted(denoiser.peft_config[source].target_modules))
         raise LoraLayoutError(
             f"The LoRA at {path} adapts {len(given)} layers of the {name}, the run's "
-            f"lora_target_modules {len(wanted)}"
-            + (f"; only the LoRA: {extra[:2]}" if extra else "")
-            + (f"; only the run: {missing[:2]}" if missing else "")
-            + f". Set lora_target_modules=[{', '.join(targets)}] (the LoRA's targets)."
+            f"lora_target_modules {len(wanted)}{_layer_differences(given, wanted)}. Set "
+            f"lora_target_modules=[{targets}] (the LoRA's targets)."
         )
-    for path_in_model, layer in given.items():
-        rank, run_rank = layer.r[source], wanted[path_in_model].r[target]
-        if rank != run_rank:
-            raise LoraLayoutError(
-                f"The LoRA at {path} has rank {rank} at {path_in_model}, the run {run_rank}: "
-                f"set lora_rank={rank}."
-            )
-        alpha, run_scale = layer.scaling[source] * rank, wanted[path_in_model].scaling[target]
-        if not math.isclose(layer.scaling[source], run_scale, rel_tol=1e-6):
-            raise LoraLayoutError(
-                f"The LoRA at {path} has alpha {alpha:g} at {path_in_model}, the run "
-                f"{run_scale * rank:g}: set lora_alpha={alpha:g}."
-            )
+    for layer_path, layer in given.items():
+        rank, run = layer.r[source], wanted[layer_path]
+        if rank != run.r[target]:
+            raise LoraLayoutError(f"The LoRA at {path} has rank {rank} at {layer_path}, the run "
+                                  f"{run.r[target]}: set lora_rank={rank}.")  # fmt: skip
+        if not math.isclose(layer.scaling[source], run.scaling[target], rel_tol=1e-6):
+            alpha, run_alpha = layer.scaling[source] * rank, run.scaling[target] * rank
+            raise LoraLayoutError(f"The LoRA at {path} has alpha {alpha:g} at {layer_path}, the "
+                                  f"run {run_alpha:g}: set lora_alpha={alpha:g}.")  # fmt: skip
+
+
+def _layer_differences(given: dict, wanted: dict) -> str:
+    """A few of the layers only one of two adapters adapts, for a message."""
+    extra, missing = sorted(given.keys() - wanted.keys()), sorted(wanted.keys() - given.keys())
+    return (f"; only the LoRA: {extra[:2]}" if extra else "") + (
+        f"; only the run: {missing[:2]}" if missing else ""
+    )
 
 
 def load_lora(

@@ -141,8 +141,9 @@ def test_a_run_started_from_a_saved_adapter_begins_where_that_run_ended(tmp_path
         argv = [*common, f"init_lora={kohya}", setting, "--out", str(tmp_path / "refused")]
         assert main(argv) == 2
         assert fix in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="no such LoRA folder or file"):
-        AWMConfig(init_lora=str(tmp_path / "nothing")).validate()
+    missing = [*common, f"init_lora={tmp_path / 'nothing'}", "--out", str(tmp_path / "refused")]
+    assert main(missing) == 2
+    assert "No LoRA folder or file at" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="needs use_lora=true"):
         AWMConfig(init_lora=str(kohya), use_lora=False).validate()
 

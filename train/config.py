@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from diffalign.config import BaseConfig, ConfigError
 from diffalign.models import DEFAULT_LORA_TARGETS
@@ -176,8 +175,6 @@ class TrainConfig(BaseConfig):
     def validate(self) -> None:
         if self.init_lora is not None and not self.use_lora:
             raise ConfigError("init_lora starts a LoRA adapter: it needs use_lora=true.")
-        if self.init_lora is not None and not Path(self.init_lora).exists():
-            raise ConfigError(f"init_lora {self.init_lora}: no such LoRA folder or file.")
         if self.model_config is not None and not is_single_file(self.model):
             raise ConfigError(
                 f"model_config is for a one-file model (.safetensors / .ckpt); model is "

@@ -224,6 +224,8 @@ def test_sample_and_eval_apply_a_lora_file_to_the_base_model(tmp_path):
     assert np.abs(grid["half"] - grid["base"]).max() > 0 and not np.array_equal(
         grid["half"], grid["lora"]
     )
+    recorded = json.loads((tmp_path / "half" / "metrics.json").read_text())["results"]
+    assert (recorded["lora"], recorded["lora_scale"]) == (str(kohya), 0.5)
     with pytest.raises(SystemExit, match="--lora-scale is the strength of --lora: give --lora"):
         main(["sample", "--model", "diffalign:tiny-shapes", "--lora-scale", "0.5", *common,
               "--out", str(tmp_path / "refused")])  # fmt: skip
@@ -237,6 +239,11 @@ def test_sample_and_eval_apply_a_lora_file_to_the_base_model(tmp_path):
     assert results["one"]["tiny_clip_mean"] != results["one"]["baseline"]["tiny_clip_mean"]
     assert results["both"]["tiny_clip_mean"] == results["both"]["baseline"]["tiny_clip_mean"]
     assert results["both"]["tiny_clip_mean"] == results["one"]["tiny_clip_mean"]
+    assert (results["one"]["lora"], results["one"]["baseline_lora"]) == (str(kohya), None)
+    assert (
+        f"model: diffalign:tiny-shapes + LoRA {kohya};"
+        in (tmp_path / "one" / "report.md").read_text()
+    )
     with pytest.raises(SystemExit, match="--baseline-lora adapts --baseline"):
         main([*evaluate[:5], "--baseline-lora", str(kohya), *evaluate[7:], "--out", "x"])
 

@@ -91,6 +91,13 @@ def lora_of(args: argparse.Namespace, model_flag: str = "--model") -> tuple[str 
     return lora, 1.0 if scale is None else scale
 
 
+def model_label(model: str, lora: str | None, scale: float = 1.0) -> str:
+    """``model``, with its LoRA and the strength it is merged at when there is one."""
+    if lora is None:
+        return model
+    return f"{model} + LoRA {lora}" + (f" at {scale:g}" if scale != 1.0 else "")
+
+
 def model_config_of(args: argparse.Namespace, model_flag: str = "--model") -> str | None:
     """The ``--model-config`` given for ``model_flag``; exits when the model is not one file."""
     from diffalign.single_file import is_single_file

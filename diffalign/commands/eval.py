@@ -29,6 +29,7 @@ from diffalign.commands._common import (
     add_tree_arguments,
     lora_of,
     model_config_of,
+    model_label,
     quiet_libraries,
     resolve_device,
     resolve_dtype,
@@ -209,10 +210,14 @@ def _write_outputs(args, columns, images, baseline_images, device) -> None:
     grids = [("model", images)] + ([("baseline", baseline_images)] if args.baseline else [])
     side_by_side(grids, columns=args.num_images_per_prompt).save(args.out / "grid.png")
     rows = metric_rows(columns)
-    names = {"model": args.model, "baseline": args.baseline}
+    loras = {"model": lora_of(args, "--model"), "baseline": lora_of(args, "--baseline")}
+    names = {
+        "model": model_label(args.model, *loras["model"]),
+        "baseline": args.baseline and model_label(args.baseline, *loras["baseline"]),
+    }
     text = (f"{len(images)} images per model, sampler {args.sampler}, {args.steps} steps, "
-            f"CFG {args.guidance_scale}, seed {args.seed}; model: {args.model}"
-            + (f"; baseline: {args.baseline}" if args.baseline else "")
+            f"CFG {args.guidance_scale}, seed {args.seed}; model: {names['model']}"
+            + (f"; baseline: {names['baseline']}" if args.baseline else "")
             + ". Values with their 95% bootstrap intervals.")  # fmt: skip
     warnings = columns["model"].get("warnings", [])
     sections = [Section("Metrics", text, rows), Section("Samples", figures=[
@@ -221,9 +226,13 @@ def _write_outputs(args, columns, images, baseline_images, device) -> None:
         sections.append(Section("Warnings", " ".join(warnings)))
     Report("diffalign eval", sections).write(args.out)
     settings = {key: getattr(args, key) for key in ("prompts", "sampler", "steps", "seed")}
+    (lora, scale), (baseline_lora, baseline_scale) = loras["model"], loras["baseline"]
+    adapters = {"lora": lora, "lora_scale": scale if lora else None,
+                "baseline_lora": baseline_lora,
+                "baseline_lora_scale": baseline_scale if baseline_lora else None}  # fmt: skip
     results = {**columns["model"], "baseline": columns.get("baseline"), "model": args.model,
-               "baseline_model": args.baseline, "guidance_scale": args.guidance_scale,
-               **settings}  # fmt: skip
+               "baseline_model": args.baseline, **adapters,
+               "guidance_scale": args.guidance_scale, **settings}  # fmt: skip
     path = write_metrics(args.out, "eval", results, device)
     print(markdown_table(rows))
     print(f"\nwrote {path} and {args.out / 'report.md'}")

@@ -259,7 +259,8 @@ def run(args: argparse.Namespace) -> int:
     records = _sample_records(repeated, rewards, per_image, [Path(f).name for f in files])
     atomic_write_text(args.out / "samples.json", json.dumps(records, indent=2))
     results = {
-        "model": args.model, "sampler": args.sampler, "prompts": prompts,
+        "model": args.model, "lora": lora, "lora_scale": lora_scale if lora else None,
+        "sampler": args.sampler, "prompts": prompts,
         "num_images": len(images), "resolution": size, "steps": args.steps, "eta": args.eta,
         "guidance_scale": args.guidance_scale, "seed": args.seed, "reward": args.reward,
         "reward_mean": rewards.nanmean().item() if reward is not None else None,

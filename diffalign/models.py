@@ -850,6 +850,12 @@ def load_lora(
     """
     if not Path(path).exists():
         raise FileNotFoundError(f"No LoRA folder or file at {path}.")
+    weights = [*Path(path).glob("*.safetensors"), *Path(path).glob("*.bin")]
+    if Path(path).is_dir() and not weights:
+        raise FileNotFoundError(
+            f"The folder {path} holds no LoRA weights (pytorch_lora_weights.safetensors, or "
+            "another .safetensors / .bin file)."
+        )
     try:
         pipeline.load_lora_weights(path, adapter_name=adapter_name)
     except (RuntimeError, ValueError, KeyError) as error:  # diffusers' and torch's, pages long

@@ -200,8 +200,11 @@ def test_lora_bad_arguments(tiny_pipeline, tmp_path):
     assert not models.has_lora(tiny_pipeline.unet)  # nothing half-attached
     with pytest.raises(ValueError, match="no LoRA adapter named"):
         models.save_lora(tiny_pipeline, tmp_path)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="No LoRA folder or file"):
         models.load_lora(tiny_pipeline, tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no LoRA weights"):
+        models.load_lora(tiny_pipeline, tmp_path / "empty")
 
 
 def test_hub_probe_answers_for_open_and_closed_ports(monkeypatch):

@@ -817,6 +817,12 @@ def _check_lora_fits(pipeline, path, source: str, target: str) -> None:
             f"lora_target_modules {len(wanted)}{_layer_differences(given, wanted)}. Set "
             f"lora_target_modules=[{targets}] (the LoRA's targets)."
         )
+    ranks = sorted({layer.r[source] for layer in given.values()})
+    if len(ranks) > 1:
+        raise LoraLayoutError(
+            f"The LoRA at {path} has ranks {ranks[0]} to {ranks[-1]} across its layers; a run "
+            "trains one rank everywhere: start from an adapter of one rank."
+        )
     for layer_path, layer in given.items():
         rank, run = layer.r[source], wanted[layer_path]
         if rank != run.r[target]:

@@ -264,6 +264,13 @@ def test_an_adapter_to_start_from_must_fit_the_one_it_fills(tmp_path):
     with pytest.raises(models.LoraLayoutError, match="alpha 8 at .* run 4: set lora_alpha=8"):
         models.copy_lora_weights(other_scale, kohya)
     assert list(other_scale.unet.peft_config) == ["default"]  # the loaded copy is gone again
+    mixed = models.build_tiny_pipeline(seed=0)  # LoCon-style: other ranks on some layers
+    targets = list(models.DEFAULT_LORA_TARGETS)
+    mixed.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                      rank_pattern={"to_q": 2}))  # fmt: skip
+    save_kohya_lora(mixed, tmp_path / "mixed.safetensors")
+    with pytest.raises(models.LoraLayoutError, match="ranks 2 to 4 across its layers"):
+        models.copy_lora_weights(run, tmp_path / "mixed.safetensors")
     pipe.text_encoder.add_adapter(LoraConfig(r=2, target_modules=["q_proj"]))
     type(pipe).save_lora_weights(tmp_path / "with_text_encoder",
                                  unet_lora_layers=get_peft_model_state_dict(pipe.unet),

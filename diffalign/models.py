@@ -794,6 +794,25 @@ def lora_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, nn
             if isinstance(module, LoraLayer) and adapter_name in module.lora_A}  # fmt: skip
 
 
+def describe_lora(pipeline: DiffusionPipeline, adapter_name: str = "default") -> str:
+    """What the adapter ``adapter_name`` adapts, in a line: its layers per component, with their
+    rank(s) and alpha(s), e.g. ``"32 layers of the unet (rank 4, alpha 8)"``."""
+    parts = []
+    for name, component in pipeline.components.items():
+        layers = lora_layers(component, adapter_name) if isinstance(component, nn.Module) else {}
+        if layers:
+            ranks = sorted({layer.r[adapter_name] for layer in layers.values()})
+            alphas = sorted({layer.scaling[adapter_name] * layer.r[adapter_name]
+                             for layer in layers.values()})  # fmt: skip
+            parts.append(f"{len(layers)} layers of the {name} (rank {_span(ranks)}, alpha "
+                         f"{_span(alphas)})")  # fmt: skip
+    return "; ".join(parts) or f"no LoRA adapter named {adapter_name!r}"
+
+
+def _span(values: list[float]) -> str:
+    return f"{values[0]:g}" if len(values) == 1 else f"{values[0]:g} to {values[-1]:g}"
+
+
 def _check_lora_fits(pipeline, path, source: str, target: str) -> None:
     """Raise a LoraLayoutError unless the adapter ``source`` (loaded from ``path``) adapts the
     denoiser alone, at the layers, rank and scale of ``target``."""

@@ -177,12 +177,13 @@ def test_what_cannot_be_written_is_refused_with_the_way_out(tmp_path):
     assert not list(tmp_path.glob("*"))  # nothing half-written
 
 
-def test_convert_turns_a_lora_folder_into_a_kohya_file_and_back(tmp_path):
+def test_convert_turns_a_lora_folder_into_a_kohya_file_and_back(tmp_path, capsys):
     pipe = _adapted(models.build_tiny_pipeline, tmp_path)
     models.save_lora(pipe, tmp_path / "lora")
     base, kohya, back = tmp_path / "base", tmp_path / "kohya.safetensors", tmp_path / "back"
     convert = ["convert", "--model", str(base), "--lora"]
     assert main([*convert, str(tmp_path / "lora"), "--out", str(kohya)]) == 0
+    assert "LoRA adapter: 32 layers of the unet (rank 4, alpha 8)" in capsys.readouterr().out
     with safe_open(str(kohya), framework="pt") as handle:
         assert set(kohya_lora_state_dict(pipe)) == set(handle.keys())
     assert main([*convert, str(kohya), "--out", str(back)]) == 0  # kohya -> diffusers' folder

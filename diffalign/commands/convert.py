@@ -140,9 +140,10 @@ def _extract_lora(args: argparse.Namespace, config: str | None) -> None:
 def _write_lora(pipeline, out: Path) -> None:
     """Kohya's one file for ``OUT.safetensors``, else a diffusers LoRA folder."""
     from diffalign.kohya_lora import save_kohya_lora
-    from diffalign.models import save_lora
+    from diffalign.models import describe_lora, save_lora
 
     if out.suffix == ".safetensors":
         save_kohya_lora(pipeline, out)
     else:
         save_lora(pipeline, out)
+    print(f"LoRA adapter: {describe_lora(pipeline)}")

@@ -186,6 +186,14 @@ def test_convert_turns_a_lora_folder_into_a_kohya_file_and_back(tmp_path, capsys
     assert "LoRA adapter: 32 layers of the unet (rank 4, alpha 8)" in capsys.readouterr().out
     with safe_open(str(kohya), framework="pt") as handle:
         assert set(kohya_lora_state_dict(pipe)) == set(handle.keys())
+    half = tmp_path / "half.safetensors"
+    assert (
+        main([*convert, str(tmp_path / "lora"), "--save-precision", "fp16", "--out", str(half)])
+        == 0
+    )
+    with safe_open(str(half), framework="pt") as handle:
+        assert {handle.get_slice(key).get_dtype() for key in handle.keys()  # noqa: SIM118
+                if key.endswith(".weight")} == {"F16"}  # fmt: skip
     assert main([*convert, str(kohya), "--out", str(back)]) == 0  # kohya -> diffusers' folder
     assert (back / "pytorch_lora_weights.safetensors").is_file()
     _same_adapter(models.load_lora(models.load_pipeline(base), back), pipe)

@@ -139,6 +139,29 @@ def test_convert_writes_a_folder_as_one_file_and_back(tmp_path):
         main(["convert", "--model", str(folder), "--out", str(tmp_path / "tiny.ckpt")])
 
 
+def test_convert_writes_half_precision_files_on_request(tmp_path):
+    from safetensors import safe_open
+
+    from diffalign.cli import main
+
+    folder = shipped_model_path("tiny-shapes")
+    full, half = tmp_path / "full.safetensors", tmp_path / "half.safetensors"
+    assert main(["convert", "--model", str(folder), "--out", str(full)]) == 0
+    assert main(["convert", "--model", str(folder), "--save-precision", "fp16",
+                 "--out", str(half)]) == 0  # fmt: skip
+    with safe_open(str(half), framework="pt") as handle:
+        dtypes = {handle.get_slice(key).get_dtype() for key in handle.keys()}  # noqa: SIM118
+    assert dtypes <= {"F16", "I64"}  # every weight in half precision (position ids stay ints)
+    assert half.stat().st_size < 0.55 * full.stat().st_size
+    back = load_pipeline(half, config=str(folder))
+    original = load_pipeline(folder)
+    for name in ("unet", "vae", "text_encoder"):
+        theirs = getattr(back, name).state_dict()
+        for key, value in getattr(original, name).state_dict().items():
+            if value.is_floating_point():
+                assert torch.equal(theirs[key].half(), value.half()), (name, key)
+
+
 def test_a_run_trains_from_a_one_file_model_and_its_checkpoints_load(tmp_path):
     from diffalign.cli import main
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from diffalign.commands._common import model_config_of, quiet_libraries
 
+SAVE_PRECISIONS = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 NAME = "convert"
 HELP = "a model between a diffusers folder and one original-layout file; a LoRA to kohya's"
 
@@ -49,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "fine-tuned from")  # fmt: skip
     parser.add_argument("--lora-rank", type=int, default=32,
                         help="the extracted adapter's rank (with --base)")  # fmt: skip
+    parser.add_argument("--save-precision", choices=tuple(SAVE_PRECISIONS), default=None,
+                        help="the written weights' precision (default: as loaded; fp16 halves "
+                             "a file, as A1111 / ComfyUI models and kohya LoRAs usually "
+                             "are)")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True,
                         help="FILE.safetensors to write one file (a LoRA: kohya's layout), else "
                              "a folder")  # fmt: skip
@@ -67,33 +72,48 @@ def run(args: argparse.Namespace) -> int:
             "error: diffalign convert: writes .safetensors only (a pickled .ckpt can run code "
             "when it is loaded): use --out FILE.safetensors."
         )
-    if args.lora and args.base:
-        raise SystemExit("error: diffalign convert: --lora converts an adapter and --base "
-                         "extracts one: give one of them.")  # fmt: skip
-    if args.base:
-        _extract_lora(args, config)
-    elif args.lora:
-        _convert_lora(args, config)
-    elif args.model:
-        _convert_model(args, config)
+    pipeline = _to_write(args, config)
+    if args.save_precision is not None:
+        import torch
+
+        pipeline.to(dtype=getattr(torch, SAVE_PRECISIONS[args.save_precision]))
+    if args.lora or args.base:
+        _write_lora(pipeline, args.out)
     else:
-        raise SystemExit("error: diffalign convert: give --model (a model) or --lora (an adapter).")
+        _write_model(pipeline, args.out)
     print(f"wrote {args.out}")
     return 0
 
 
-def _convert_model(args: argparse.Namespace, config: str | None) -> None:
+def _to_write(args: argparse.Namespace, config: str | None):
+    """The pipeline to write: ``--model``; with ``--lora``, a base model and that adapter; with
+    ``--base``, the base and the adapter extracted from ``--model``."""
+    if args.lora and args.base:
+        raise SystemExit("error: diffalign convert: --lora converts an adapter and --base "
+                         "extracts one: give one of them.")  # fmt: skip
+    if args.base:
+        return _extracted_lora(args, config)
+    if args.lora:
+        return _pipeline_with_lora(args, config)
+    if not args.model:
+        raise SystemExit("error: diffalign convert: give --model (a model) or --lora (an adapter).")
     from diffalign.models import load_pipeline
+
+    return load_pipeline(args.model, config=config)
+
+
+def _write_model(pipeline, out: Path) -> None:
+    """One original-layout file for ``OUT.safetensors``, else a diffusers folder."""
     from diffalign.single_file import save_single_file
 
-    pipeline = load_pipeline(args.model, config=config)
-    if args.out.suffix == ".safetensors":
-        save_single_file(pipeline, args.out)
+    if out.suffix == ".safetensors":
+        save_single_file(pipeline, out)
     else:
-        pipeline.save_pretrained(args.out)
+        pipeline.save_pretrained(out)
 
 
-def _convert_lora(args: argparse.Namespace, config: str | None) -> None:
+def _pipeline_with_lora(args: argparse.Namespace, config: str | None):
+    """``--model`` with the adapter ``--lora`` (a training checkpoint: its run's base with it)."""
     from diffalign.models import denoiser_of, has_lora, load_lora, load_pipeline
     from diffalign.train.export import is_training_checkpoint, pipeline_from_checkpoint
 
@@ -117,10 +137,11 @@ def _convert_lora(args: argparse.Namespace, config: str | None) -> None:
         )
     else:
         pipeline = load_lora(load_pipeline(args.model, config=config), args.lora)
-    _write_lora(pipeline, args.out)
+    return pipeline
 
 
-def _extract_lora(args: argparse.Namespace, config: str | None) -> None:
+def _extracted_lora(args: argparse.Namespace, config: str | None):
+    """``--base`` with the adapter extracted from ``--model``'s change of it."""
     from diffalign.lora_extract import extract_lora
     from diffalign.models import denoiser_of, load_pipeline
 
@@ -134,7 +155,7 @@ def _extract_lora(args: argparse.Namespace, config: str | None) -> None:
     except ValueError as error:
         raise SystemExit(f"error: diffalign convert: {error}") from None
     print(report.describe())
-    _write_lora(base, args.out)
+    return base
 
 
 def _write_lora(pipeline, out: Path) -> None:

@@ -63,10 +63,8 @@ def kohya_lora_state_dict(
         UnsupportedModelError: an SD3 pipeline.
     """
     state = {}
-    for component, names in kohya_lora_names(pipeline, adapter_name).items():
-        layers = _lora_layers(getattr(pipeline, component), adapter_name)
-        for path, name in names.items():
-            layer = layers[path]
+    for layers in _named_layers(pipeline, adapter_name).values():
+        for name, layer in layers.values():
             down = layer.lora_A[adapter_name].weight.detach().cpu().contiguous()
             up = layer.lora_B[adapter_name].weight.detach().cpu().contiguous()
             # alpha / rank is the scale peft applies (whatever its own alpha, rsLoRA included)
@@ -84,20 +82,32 @@ def kohya_lora_names(
     ``text_encoder_2``), its adapted layers' paths with their kohya entry names: a prefix
     (``lora_unet_``, ``lora_te_``; SDXL ``lora_te1_`` / ``lora_te2_``) and the layer's path in the
     network kohya trains on, dots as underscores."""
+    return {component: {path: name for path, (name, _) in layers.items()}
+            for component, layers in _named_layers(pipeline, adapter_name).items()}  # fmt: skip
+
+
+def _named_layers(
+    pipeline: DiffusionPipeline, adapter_name: str
+) -> dict[str, dict[str, tuple[str, torch.nn.Module]]]:
+    """Per adapted component, each adapted layer's path with its kohya name and the layer."""
+    from diffalign.models import has_adapter
+
     family = kohya_family(pipeline)  # refuses SD3 first
     prefixes = _PREFIXES_SDXL if family == "sdxl" else _PREFIXES_SD
     names = {}
     for component, prefix in prefixes.items():
         module = getattr(pipeline, component, None)
-        if module is None or adapter_name not in (getattr(module, "peft_config", None) or {}):
+        if not has_adapter(module, adapter_name):
             continue
-        paths = list(_lora_layers(module, adapter_name))
+        layers = _lora_layers(module, adapter_name)
+        paths = list(layers)
         if component == "unet":
             in_kohya = _unet_paths(module, paths, original=family == "sdxl")
         else:  # transformers' CLIP, under the original's text_model level
             in_kohya = {path: path if path.startswith("text_model.") else f"text_model.{path}"
                         for path in paths}  # fmt: skip
-        names[component] = {path: prefix + in_kohya[path].replace(".", "_") for path in paths}
+        names[component] = {path: (prefix + in_kohya[path].replace(".", "_"), layers[path])
+                            for path in paths}  # fmt: skip
     if not names:
         from diffalign.models import LoraLayoutError
 

@@ -702,6 +702,12 @@ def _check_lora_targets(model: nn.Module, target_modules: Sequence[str]) -> None
         )
 
 
+def has_adapter(module: nn.Module | None, adapter_name: str = "default") -> bool:
+    """Whether ``module`` (a pipeline component, or None) carries the peft adapter
+    ``adapter_name``."""
+    return module is not None and adapter_name in (getattr(module, "peft_config", None) or {})
+
+
 def has_lora(model: nn.Module) -> bool:
     """Whether any peft LoRA layer sits in ``model``."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -741,7 +747,7 @@ def save_lora(
     parts = {}
     for name in (denoiser_name(pipeline), "text_encoder", "text_encoder_2"):
         module = getattr(pipeline, name, None)
-        if module is not None and adapter_name in (getattr(module, "peft_config", None) or {}):
+        if has_adapter(module, adapter_name):
             parts[f"{name}_lora_layers"] = get_peft_model_state_dict(
                 module, adapter_name=adapter_name
             )
@@ -817,11 +823,8 @@ def _check_lora_fits(pipeline, path, source: str, target: str) -> None:
     """Raise a LoraLayoutError unless the adapter ``source`` (loaded from ``path``) adapts the
     denoiser alone, at the layers, rank and scale of ``target``."""
     name = denoiser_name(pipeline)
-    others = [
-        part
-        for part, module in pipeline.components.items()
-        if part != name and source in (getattr(module, "peft_config", None) or {})
-    ]
+    others = [part for part, module in pipeline.components.items()
+              if part != name and has_adapter(module, source)]  # fmt: skip
     if others:
         raise LoraLayoutError(
             f"The LoRA at {path} also adapts the {', '.join(others)}; diffalign trains the "

@@ -78,15 +78,19 @@ def _lora_flag(model_flag: str) -> str:
     return "--lora" if model_flag == "--model" else f"{model_flag}-lora"
 
 
+def _dest(flag: str) -> str:
+    """The attribute argparse stores ``flag`` under."""
+    return flag.removeprefix("--").replace("-", "_")
+
+
 def lora_of(args: argparse.Namespace, model_flag: str = "--model") -> tuple[str | None, float]:
     """The ``--lora`` given for ``model_flag`` and its scale; exits when a scale comes without
     an adapter, or an adapter without its model."""
     flag = _lora_flag(model_flag)
-    name = flag.removeprefix("--").replace("-", "_")
-    lora, scale = getattr(args, name), getattr(args, f"{name}_scale")
+    lora, scale = getattr(args, _dest(flag)), getattr(args, f"{_dest(flag)}_scale")
     if scale is not None and lora is None:
         raise SystemExit(f"error: {flag}-scale is the strength of {flag}: give {flag} as well.")
-    if lora is not None and getattr(args, model_flag.removeprefix("--")) is None:
+    if lora is not None and getattr(args, _dest(model_flag)) is None:
         raise SystemExit(f"error: {flag} adapts {model_flag}: give {model_flag} as well.")
     return lora, 1.0 if scale is None else scale
 
@@ -102,7 +106,7 @@ def model_config_of(args: argparse.Namespace, model_flag: str = "--model") -> st
     """The ``--model-config`` given for ``model_flag``; exits when the model is not one file."""
     from diffalign.single_file import is_single_file
 
-    name = model_flag.removeprefix("--").replace("-", "_")
+    name = _dest(model_flag)
     model, config = getattr(args, name), getattr(args, f"{name}_config")
     if config is not None and (model is None or not is_single_file(model)):
         raise SystemExit(

@@ -199,21 +199,20 @@ def run(args: argparse.Namespace) -> int:
     columns["model"] = evaluate(images, repeated, args.metrics, baseline=baseline_images, **common)
     if baseline_images is not None:
         columns["baseline"] = evaluate(baseline_images, repeated, args.metrics, **common)
-    _write_outputs(args, columns, images, baseline_images, device)
+    _write_outputs(args, columns, images, baseline_images, loras, device)
     return 0
 
 
-def _write_outputs(args, columns, images, baseline_images, device) -> None:
+def _write_outputs(args, columns, images, baseline_images, loras, device) -> None:
     from diffalign.imaging import side_by_side
     from diffalign.report import Report, Section, markdown_table, metric_rows
 
     grids = [("model", images)] + ([("baseline", baseline_images)] if args.baseline else [])
     side_by_side(grids, columns=args.num_images_per_prompt).save(args.out / "grid.png")
     rows = metric_rows(columns)
-    loras = {"model": lora_of(args, "--model"), "baseline": lora_of(args, "--baseline")}
     names = {
-        "model": model_label(args.model, *loras["model"]),
-        "baseline": args.baseline and model_label(args.baseline, *loras["baseline"]),
+        "model": model_label(args.model, *loras["--model"]),
+        "baseline": args.baseline and model_label(args.baseline, *loras["--baseline"]),
     }
     text = (f"{len(images)} images per model, sampler {args.sampler}, {args.steps} steps, "
             f"CFG {args.guidance_scale}, seed {args.seed}; model: {names['model']}"
@@ -226,7 +225,7 @@ def _write_outputs(args, columns, images, baseline_images, device) -> None:
         sections.append(Section("Warnings", " ".join(warnings)))
     Report("diffalign eval", sections).write(args.out)
     settings = {key: getattr(args, key) for key in ("prompts", "sampler", "steps", "seed")}
-    (lora, scale), (baseline_lora, baseline_scale) = loras["model"], loras["baseline"]
+    (lora, scale), (baseline_lora, baseline_scale) = loras["--model"], loras["--baseline"]
     adapters = {"lora": lora, "lora_scale": scale if lora else None,
                 "baseline_lora": baseline_lora,
                 "baseline_lora_scale": baseline_scale if baseline_lora else None}  # fmt: skip

@@ -277,7 +277,7 @@ def _enable_diffusers(model: nn.Module, backend: str, fuse_qkv: bool) -> Attenti
         if any(_lora_on_projections(module) for module in modules):
             raise ValueError(
                 "Refusing to fuse QKV while LoRA adapters sit on to_q/to_k/to_v: the fused layer "
-                "would bypass them. Merge the adapter first (diffalign.models.merge_lora) or "
+                "would bypass them. Merge the adapter first (diffalign.lora.merge_lora) or "
                 "enable attention without fuse_qkv."
             )
     unfuse_qkv(model)

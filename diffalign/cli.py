@@ -49,12 +49,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that mean "fix your input": shown as one line, without a traceback."""
     from diffalign.checkpoint import CheckpointError
     from diffalign.config import ConfigError
-    from diffalign.models import (
-        LoraLayoutError,
-        LoraTargetError,
-        ModelNotAvailableError,
-        UnsupportedModelError,
-    )
+    from diffalign.lora import LoraLayoutError, LoraTargetError
+    from diffalign.models import ModelNotAvailableError, UnsupportedModelError
     from diffalign.rewards import UnknownRewardError
     from diffalign.train.hub import HubUploadError
 

@@ -8,9 +8,9 @@ network kohya trains on: diffusers' UNet names for SD 1.x / 2.x, the original (`
 names for SDXL. Text-encoder layers, when the adapter has them (diffalign's trainers adapt the
 UNet alone; LoRAs from elsewhere may not), are ``lora_te_text_model_<path>`` (SDXL:
 ``lora_te1_`` and ``lora_te2_`` for its two encoders). diffusers reads all of it back
-(``pipeline.load_lora_weights(FILE)``, :func:`diffalign.models.load_lora`), which the tests use
+(``pipeline.load_lora_weights(FILE)``, :func:`diffalign.lora.load_lora`), which the tests use
 to check the round trip. SD3 adapters stay in diffusers' format
-(:func:`diffalign.models.save_lora`).
+(:func:`diffalign.lora.save_lora`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def kohya_family(pipeline: DiffusionPipeline) -> str:
     if family == "sd3":
         raise UnsupportedModelError(
             "kohya-layout LoRA files are written for SD 1.x / 2.x and SDXL UNets; keep an SD3 "
-            "adapter in diffusers' format (`diffalign.models.save_lora(pipeline, DIR)`), which "
+            "adapter in diffusers' format (`diffalign.lora.save_lora(pipeline, DIR)`), which "
             "`pipeline.load_lora_weights(DIR)` reads."
         )
     if family == "sdxl":
@@ -90,7 +90,7 @@ def _named_layers(
     pipeline: DiffusionPipeline, adapter_name: str
 ) -> dict[str, dict[str, tuple[str, torch.nn.Module]]]:
     """Per adapted component, each adapted layer's path with its kohya name and the layer."""
-    from diffalign.models import has_adapter
+    from diffalign.lora import has_adapter
 
     family = kohya_family(pipeline)  # refuses SD3 first
     prefixes = _PREFIXES_SDXL if family == "sdxl" else _PREFIXES_SD
@@ -109,7 +109,7 @@ def _named_layers(
         names[component] = {path: (prefix + in_kohya[path].replace(".", "_"), layers[path])
                             for path in paths}  # fmt: skip
     if not names:
-        from diffalign.models import LoraLayoutError
+        from diffalign.lora import LoraLayoutError
 
         raise LoraLayoutError(f"The pipeline has no LoRA adapter named {adapter_name!r}.")
     return names
@@ -129,13 +129,13 @@ def _unet_paths(unet: torch.nn.Module, paths: list[str], original: bool) -> dict
 
 def _lora_layers(module: torch.nn.Module, adapter_name: str) -> dict[str, torch.nn.Module]:
     """The layers of ``module`` that ``adapter_name`` adapts, by path; refuses DoRA."""
-    from diffalign.models import LoraLayoutError, lora_layers
+    from diffalign.lora import LoraLayoutError, lora_layers
 
     layers = lora_layers(module, adapter_name)
     if any(layer.use_dora.get(adapter_name, False) for layer in layers.values()):
         raise LoraLayoutError(
             f"The adapter {adapter_name!r} is a DoRA adapter, which the kohya layout written here "
-            "does not hold: save it with `diffalign.models.save_lora` instead."
+            "does not hold: save it with `diffalign.lora.save_lora` instead."
         )
     return layers
 
@@ -145,7 +145,7 @@ def save_kohya_lora(
 ) -> Path:
     """Write the LoRA adapter as one kohya-layout ``.safetensors`` file (atomically), with
     sd-scripts' metadata (network module, rank, alpha, base model version) that the web UIs
-    show. Read it back with :func:`diffalign.models.load_lora` or ``load_lora_weights``."""
+    show. Read it back with :func:`diffalign.lora.load_lora` or ``load_lora_weights``."""
     from safetensors.torch import save_file
 
     path = Path(path)

@@ -4,7 +4,7 @@ A fully fine-tuned denoiser (a run with ``use_lora: false``) is as large as its 
 each Linear and Conv2d layer that training changed, :func:`extract_lora` keeps the ``rank``
 largest singular directions of the change ``W_tuned - W_base`` (a truncated SVD: the closest
 matrix of that rank, in Frobenius norm) and attaches them to the base model as a peft LoRA
-adapter (scale 1), which :func:`diffalign.models.save_lora` or
+adapter (scale 1), which :func:`diffalign.lora.save_lora` or
 :func:`diffalign.kohya_lora.save_kohya_lora` then writes: a file of megabytes instead of
 gigabytes. How much of the change the adapter keeps is reported, and so is what no LoRA can
 hold (changed biases, normalization and embedding weights): nothing is dropped silently.
@@ -60,7 +60,7 @@ def extract_lora(
     Raises:
         ValueError: ``rank`` < 1, the two networks differ in architecture, or nothing changed.
     """
-    from diffalign.models import add_lora, lora_layers
+    from diffalign.lora import add_lora, lora_layers
 
     if rank < 1:
         raise ValueError(f"The LoRA rank must be >= 1, got {rank}.")

@@ -1,4 +1,5 @@
-"""Loading, saving and LoRA for Stable-Diffusion-family pipelines, and the tiny test components.
+"""Loading Stable-Diffusion-family pipelines, their families, and the tiny test components
+(LoRA on them: :mod:`diffalign.lora`).
 
 ``load_pipeline`` is offline-first: a local folder loads directly; a hub id loads from the local
 Hugging Face cache when it is there, and only goes to the network when the hub is reachable. When
@@ -12,16 +13,13 @@ loads Stable Diffusion can be exercised offline in seconds.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gzip
 import json
-import math
 import os
 import re
 import socket
 import threading
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -50,7 +48,6 @@ if TYPE_CHECKING:
         PreTrainedTokenizerBase,
     )
 
-DEFAULT_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 CLIP_MAX_LENGTH = 77
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 _CLIP_NUM_MERGES = 49152 - 256 - 2  # vocabulary size minus bytes and the two special tokens
@@ -640,259 +637,18 @@ def load_pipeline(
     return pipeline
 
 
-# --------------------------------------------------------------------------- LoRA
+_LORA_NAMES = frozenset({
+    "DEFAULT_LORA_TARGETS", "add_lora", "LoraTargetError", "LoraLayoutError", "has_adapter",
+    "has_lora", "adapters_disabled", "merge_lora", "save_lora", "load_lora", "copy_lora_weights",
+    "lora_layers", "describe_lora",
+})  # fmt: skip
 
 
-def add_lora(
-    model: nn.Module,
-    rank: int = 4,
-    alpha: float | None = None,
-    target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
-    init: str | bool = "gaussian",
-    dropout: float = 0.0,
-    adapter_name: str = "default",
-) -> nn.Module:
-    """Attach a peft LoRA adapter to a diffusers model (UNet / transformer) in place.
+def __getattr__(name: str) -> Any:
+    """The LoRA helpers that lived here before :mod:`diffalign.lora` held them, so that code
+    written as ``models.add_lora(...)`` keeps working (imported lazily: lora imports models)."""
+    if name in _LORA_NAMES:
+        from diffalign import lora
 
-    Args:
-        rank: LoRA rank ``r``.
-        alpha: LoRA scaling numerator (scale = alpha / rank); defaults to ``rank`` (scale 1).
-        target_modules: module-name suffixes to adapt; the default is the attention projections.
-        init: peft's ``init_lora_weights`` (``"gaussian"``: A Gaussian, B zero, so the adapter
-            starts as the identity).
-        dropout: LoRA dropout.
-    Returns the same model, with only the LoRA parameters left trainable.
-    """
-    from peft import LoraConfig
-
-    if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}.")
-    if not hasattr(model, "add_adapter"):
-        raise TypeError(f"{type(model).__name__} does not support peft adapters (no add_adapter).")
-    _check_lora_targets(model, target_modules)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha if alpha is not None else rank,
-        target_modules=list(target_modules),
-        init_lora_weights=init,
-        lora_dropout=dropout,
-    )
-    model.requires_grad_(False)
-    model.add_adapter(config, adapter_name=adapter_name)
-    return model
-
-
-class LoraTargetError(ValueError):
-    """LoRA target modules that name no layer of the model (peft would silently skip them)."""
-
-
-def _check_lora_targets(model: nn.Module, target_modules: Sequence[str]) -> None:
-    """Raise a LoraTargetError naming the targets that match no Linear / Conv2d of ``model``."""
-    layers = [name for name, module in model.named_modules()
-              if isinstance(module, (nn.Linear, nn.Conv2d))]  # fmt: skip
-    if not target_modules:
-        raise LoraTargetError("No LoRA target modules given: name at least one (e.g. to_q).")
-    missing = [t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n in layers)]
-    if missing:
-        suffixes = sorted({n.rsplit(".", 1)[-1] for n in layers} - {str(i) for i in range(10)})
-        raise LoraTargetError(
-            f"LoRA targets {missing} match no Linear or Conv2d layer of "
-            f"{type(model).__name__}; its layer names end in: {', '.join(suffixes)} "
-            "(attention projections: to_q, to_k, to_v, to_out.0)."
-        )
-
-
-def has_adapter(module: nn.Module | None, adapter_name: str = "default") -> bool:
-    """Whether ``module`` (a pipeline component, or None) carries the peft adapter
-    ``adapter_name``."""
-    return module is not None and adapter_name in (getattr(module, "peft_config", None) or {})
-
-
-def has_lora(model: nn.Module) -> bool:
-    """Whether any peft LoRA layer sits in ``model``."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return any(isinstance(module, BaseTunerLayer) for module in model.modules())
-
-
-@contextlib.contextmanager
-def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` as its base network (LoRA off) inside the block: the reference model of KL
-    and DPO terms, with no second copy of the weights in memory."""
-    model.disable_adapters()
-    try:
-        yield model
-    finally:
-        model.enable_adapters()
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold the active LoRA adapter into the base weights and remove the adapter layers."""
-    if not has_lora(model):
-        raise ValueError("The model has no LoRA adapter to merge.")
-    model.fuse_lora(lora_scale=1.0)
-    model.unload_lora()
-    return model
-
-
-def save_lora(
-    pipeline: DiffusionPipeline, directory: str | os.PathLike, adapter_name: str = "default"
-) -> Path:
-    """Save the LoRA adapter ``adapter_name`` in diffusers' format
-    (``pytorch_lora_weights.safetensors`` with its rank/alpha metadata), loadable with
-    ``pipeline.load_lora_weights(directory)``: the denoiser's layers (the UNet's; SD3's
-    transformer's) and the text encoders' when it adapts them too (LoRAs from elsewhere may)."""
-    from peft.utils import get_peft_model_state_dict
-
-    parts = {}
-    for name in (denoiser_name(pipeline), "text_encoder", "text_encoder_2"):
-        module = getattr(pipeline, name, None)
-        if has_adapter(module, adapter_name):
-            parts[f"{name}_lora_layers"] = get_peft_model_state_dict(
-                module, adapter_name=adapter_name
-            )
-            parts[f"{name}_lora_adapter_metadata"] = module.peft_config[adapter_name].to_dict()
-    if not parts:
-        raise ValueError(f"The pipeline has no LoRA adapter named {adapter_name!r}.")
-    type(pipeline).save_lora_weights(save_directory=directory, **parts)
-    return Path(directory)
-
-
-class LoraLayoutError(ValueError):
-    """A LoRA adapter that does not fit the model it is loaded into (made for another base
-    model, or of a kind diffusers cannot read), or the adapter it should fill (other layers,
-    rank or scale)."""
-
-
-def copy_lora_weights(
-    pipeline: DiffusionPipeline, path: str | os.PathLike, adapter_name: str = "default"
-) -> None:
-    """Fill the denoiser's existing adapter ``adapter_name`` with the weights of the LoRA at
-    ``path`` (a folder or file, as :func:`load_lora` reads): a trainer's start from a saved
-    adapter. The saved one must adapt the same layers at the same rank and scale, and only the
-    denoiser.
-
-    Raises:
-        LoraLayoutError: it does not (the message says which setting to change).
-    """
-    import warnings
-
-    staging = "diffalign_copy_source"
-    with warnings.catch_warnings():  # peft's notes on a second adapter and on deleting it
-        warnings.simplefilter("ignore", UserWarning)
-        load_lora(pipeline, path, adapter_name=staging)
-        try:
-            _check_lora_fits(pipeline, path, staging, adapter_name)
-            with torch.no_grad():
-                for layer in lora_layers(denoiser_of(pipeline), adapter_name).values():
-                    for weights in (layer.lora_A, layer.lora_B):
-                        weights[adapter_name].weight.copy_(weights[staging].weight)
-        finally:
-            pipeline.delete_adapters(staging)
-            denoiser_of(pipeline).set_adapter(adapter_name)
-
-
-def lora_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Module]:
-    """The peft LoRA layers of ``model`` that the adapter ``adapter_name`` adapts, by path."""
-    from peft.tuners.lora import LoraLayer
-
-    return {path: module for path, module in model.named_modules()
-            if isinstance(module, LoraLayer) and adapter_name in module.lora_A}  # fmt: skip
-
-
-def describe_lora(pipeline: DiffusionPipeline, adapter_name: str = "default") -> str:
-    """What the adapter ``adapter_name`` adapts, in a line: its layers per component, with their
-    rank(s) and alpha(s), e.g. ``"32 layers of the unet (rank 4, alpha 8)"``."""
-    parts = []
-    for name, component in pipeline.components.items():
-        layers = lora_layers(component, adapter_name) if isinstance(component, nn.Module) else {}
-        if layers:
-            ranks = sorted({layer.r[adapter_name] for layer in layers.values()})
-            alphas = sorted({layer.scaling[adapter_name] * layer.r[adapter_name]
-                             for layer in layers.values()})  # fmt: skip
-            parts.append(f"{len(layers)} layers of the {name} (rank {_span(ranks)}, alpha "
-                         f"{_span(alphas)})")  # fmt: skip
-    return "; ".join(parts) or f"no LoRA adapter named {adapter_name!r}"
-
-
-def _span(values: list[float]) -> str:
-    return f"{values[0]:g}" if len(values) == 1 else f"{values[0]:g} to {values[-1]:g}"
-
-
-def _check_lora_fits(pipeline, path, source: str, target: str) -> None:
-    """Raise a LoraLayoutError unless the adapter ``source`` (loaded from ``path``) adapts the
-    denoiser alone, at the layers, rank and scale of ``target``."""
-    name = denoiser_name(pipeline)
-    others = [part for part, module in pipeline.components.items()
-              if part != name and has_adapter(module, source)]  # fmt: skip
-    if others:
-        raise LoraLayoutError(
-            f"The LoRA at {path} also adapts the {', '.join(others)}; diffalign trains the "
-            f"{name} alone. Start from an adapter of the {name} only."
-        )
-    denoiser = getattr(pipeline, name)
-    given, wanted = lora_layers(denoiser, source), lora_layers(denoiser, target)
-    if given.keys() != wanted.keys():
-        targets = ", ".join(sorted(denoiser.peft_config[source].target_modules))
-        raise LoraLayoutError(
-            f"The LoRA at {path} adapts {len(given)} layers of the {name}, the run's "
-            f"lora_target_modules {len(wanted)}{_layer_differences(given, wanted)}. Set "
-            f"lora_target_modules=[{targets}] (the LoRA's targets)."
-        )
-    ranks = sorted({layer.r[source] for layer in given.values()})
-    if len(ranks) > 1:
-        raise LoraLayoutError(
-            f"The LoRA at {path} has ranks {ranks[0]} to {ranks[-1]} across its layers; a run "
-            "trains one rank everywhere: start from an adapter of one rank."
-        )
-    for layer_path, layer in given.items():
-        rank, run = layer.r[source], wanted[layer_path]
-        if rank != run.r[target]:
-            raise LoraLayoutError(f"The LoRA at {path} has rank {rank} at {layer_path}, the run "
-                                  f"{run.r[target]}: set lora_rank={rank}.")  # fmt: skip
-        if not math.isclose(layer.scaling[source], run.scaling[target], rel_tol=1e-6):
-            alpha, run_alpha = layer.scaling[source] * rank, run.scaling[target] * rank
-            raise LoraLayoutError(f"The LoRA at {path} has alpha {alpha:g} at {layer_path}, the "
-                                  f"run {run_alpha:g}: set lora_alpha={alpha:g}.")  # fmt: skip
-
-
-def _layer_differences(given: dict, wanted: dict) -> str:
-    """A few of the layers only one of two adapters adapts, for a message."""
-    extra, missing = sorted(given.keys() - wanted.keys()), sorted(wanted.keys() - given.keys())
-    return (f"; only the LoRA: {extra[:2]}" if extra else "") + (
-        f"; only the run: {missing[:2]}" if missing else ""
-    )
-
-
-def load_lora(
-    pipeline: DiffusionPipeline, path: str | os.PathLike, adapter_name: str = "default"
-) -> DiffusionPipeline:
-    """Load a LoRA adapter into ``pipeline``: a folder saved by ``save_lora`` (or any diffusers
-    LoRA folder), or one ``.safetensors`` file, diffusers' or kohya's layout (A1111 / ComfyUI
-    LoRAs, :func:`diffalign.kohya_lora.save_kohya_lora`).
-
-    Raises:
-        FileNotFoundError: nothing at ``path``.
-        LoraLayoutError: it does not fit the pipeline (another base model, another kind of
-            adapter); the pipeline may then hold a half-loaded adapter: load it afresh.
-    """
-    if not Path(path).exists():
-        raise FileNotFoundError(f"No LoRA folder or file at {path}.")
-    weights = [*Path(path).glob("*.safetensors"), *Path(path).glob("*.bin")]
-    if Path(path).is_dir() and not weights:
-        raise FileNotFoundError(
-            f"The folder {path} holds no LoRA weights (pytorch_lora_weights.safetensors, or "
-            "another .safetensors / .bin file)."
-        )
-    try:
-        pipeline.load_lora_weights(path, adapter_name=adapter_name)
-    except (RuntimeError, ValueError, KeyError) as error:  # diffusers' and torch's, pages long
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        gist = " ".join(lines[:2])
-        gist = gist if len(gist) <= 300 else gist[:300] + "..."
-        raise LoraLayoutError(
-            f"The LoRA at {path} does not load into this {type(pipeline).__name__} "
-            f"({type(error).__name__}: {gist}). Is it made for another base model (SD 1.x, SD "
-            "2.x, SDXL, SD3), or another kind of adapter than LoRA?"
-        ) from error
-    return pipeline
+        return getattr(lora, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -352,12 +352,12 @@ def _clip_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _plain_state(module: torch.nn.Module) -> dict[str, Tensor]:
-    from diffalign.models import has_lora
+    from diffalign.lora import has_lora
 
     if has_lora(module):
         raise ValueError(
             "The pipeline still carries LoRA adapters: merge them first "
-            "(`diffalign.models.merge_lora(pipeline.unet)`) or save the run's final/ folder."
+            "(`diffalign.lora.merge_lora(pipeline.unet)`) or save the run's final/ folder."
         )
     state, seen = {}, set()
     for key, value in module.state_dict().items():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffalign import attention, models
+from diffalign import attention, lora, models
 from diffalign.attention import enable_fused_attention, has_fused_qkv, unfuse_qkv
 
 from .conftest import requires_cuda, unet_inputs
@@ -92,7 +92,7 @@ def test_switching_backend_after_fusion_unfuses_first(tiny_unet):
 
 
 def test_fusion_is_refused_while_lora_sits_on_qkv(tiny_unet):
-    models.add_lora(tiny_unet, rank=2)
+    lora.add_lora(tiny_unet, rank=2)
     with pytest.raises(ValueError, match="LoRA"):
         enable_fused_attention(tiny_unet, "sdpa", fuse_qkv=True)
     assert not has_fused_qkv(tiny_unet)
@@ -235,7 +235,7 @@ def test_sd3_joint_attention_fuses_and_unfuses_cleanly_and_has_no_classic_path()
 
 
 def test_sd3_fusion_is_refused_while_lora_sits_on_the_text_projections():
-    model = models.add_lora(tiny_sd3_transformer(), rank=2, target_modules=["add_q_proj"])
+    model = lora.add_lora(tiny_sd3_transformer(), rank=2, target_modules=["add_q_proj"])
     with pytest.raises(ValueError, match="LoRA adapters"):
         enable_fused_attention(model, "sdpa", fuse_qkv=True)
 

@@ -1,16 +1,18 @@
 """LoRA adapters as one kohya-layout file (A1111 / ComfyUI): names, round trips, refusals, CLI.
 A training run's own kohya file: test_trainers.py."""
 
+import logging
+
 import pytest
 import torch
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
-from diffalign import models
+from diffalign import lora, models
 from diffalign.cli import main
 from diffalign.kohya_lora import kohya_lora_names, kohya_lora_state_dict, save_kohya_lora
 
-from .test_models import perturb_lora
+from .test_lora import perturb_lora
 from .test_single_file import _tiny_sd2_pipeline, _tiny_sd3_pipeline, _tiny_sdxl_pipeline
 
 CONV_AND_ATTENTION = ("conv1", "conv2", "conv_shortcut", "time_emb_proj", "proj_in", "proj_out",
@@ -22,12 +24,12 @@ def _images(pipeline):
                     generator=torch.Generator().manual_seed(0)).images  # fmt: skip
 
 
-def _adapted(build, tmp_path, targets=models.DEFAULT_LORA_TARGETS):
+def _adapted(build, tmp_path, targets=lora.DEFAULT_LORA_TARGETS):
     """A tiny pipeline saved as the base under ``tmp_path/base``, then given a LoRA adapter
     (rank 4, alpha 8) with non-zero up weights."""
     pipe = build()
     pipe.save_pretrained(tmp_path / "base")
-    models.add_lora(pipe.unet, rank=4, alpha=8, target_modules=targets)
+    lora.add_lora(pipe.unet, rank=4, alpha=8, target_modules=targets)
     perturb_lora(pipe.unet)
     return pipe
 
@@ -38,7 +40,7 @@ def _same_adapter(one, other):
     assert all(torch.equal(value, theirs[key]) for key, value in mine.items())
 
 
-@pytest.mark.parametrize("targets", [models.DEFAULT_LORA_TARGETS, CONV_AND_ATTENTION])
+@pytest.mark.parametrize("targets", [lora.DEFAULT_LORA_TARGETS, CONV_AND_ATTENTION])
 def test_an_sd_adapter_is_written_under_kohya_names_and_reads_back_the_same(targets, tmp_path):
     pipe = _adapted(models.build_tiny_pipeline, tmp_path, targets)
     path = save_kohya_lora(pipe, tmp_path / "lora.safetensors")
@@ -56,7 +58,7 @@ def test_an_sd_adapter_is_written_under_kohya_names_and_reads_back_the_same(targ
     assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("4", "8")
     fresh = models.load_pipeline(tmp_path / "base")
     base_images = _images(fresh)
-    models.load_lora(fresh, path)  # diffusers' kohya reader
+    lora.load_lora(fresh, path)  # diffusers' kohya reader
     _same_adapter(fresh, pipe)
     assert fresh.unet.peft_config["default"].lora_alpha == 8
     torch.testing.assert_close(_images(fresh), _images(pipe))
@@ -77,7 +79,7 @@ def test_an_sdxl_adapter_is_written_under_the_original_unet_names_and_reads_back
     path = save_kohya_lora(pipe, tmp_path / "lora.safetensors")
     with safe_open(str(path), framework="pt") as handle:
         assert handle.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
-    fresh = models.load_lora(models.load_pipeline(tmp_path / "base"), path)
+    fresh = lora.load_lora(models.load_pipeline(tmp_path / "base"), path)
     _same_adapter(fresh, pipe)
     torch.testing.assert_close(_images(fresh), _images(pipe))
 
@@ -86,7 +88,7 @@ def test_full_size_sdxl_layers_get_the_names_of_kohya_sdxl_loras():
     from diffalign.benchmarks.rollout import build_sdxl_random_pipeline
 
     pipe = build_sdxl_random_pipeline(device="meta")  # names only, no memory
-    models.add_lora(pipe.unet, rank=4)
+    lora.add_lora(pipe.unet, rank=4)
     names = kohya_lora_names(pipe)["unet"]
     assert len(names) == 70 * 2 * 4  # SDXL's 70 transformer blocks, two attentions, q/k/v/out
     unet = pipe.unet
@@ -126,9 +128,9 @@ def test_text_encoder_layers_travel_with_the_unet_s_in_both_formats(family, tmp_
     for name, prefix in zip(encoders, prefixes, strict=True):  # as kohya and ComfyUI name them
         assert f"{prefix}text_model_encoder_layers_0_self_attn_q_proj" in names[name].values()
     kohya = save_kohya_lora(pipe, tmp_path / "adapter.safetensors")
-    models.save_lora(pipe, tmp_path / "folder")
+    lora.save_lora(pipe, tmp_path / "folder")
     for saved in (kohya, tmp_path / "folder"):
-        fresh = models.load_lora(models.load_pipeline(tmp_path / "base"), saved)
+        fresh = lora.load_lora(models.load_pipeline(tmp_path / "base"), saved)
         for name in ["unet", *encoders]:
             mine = get_peft_model_state_dict(getattr(pipe, name))
             theirs = get_peft_model_state_dict(getattr(fresh, name))
@@ -141,7 +143,7 @@ def test_text_encoder_layers_travel_with_the_unet_s_in_both_formats(family, tmp_
     merged = load_sampling_pipeline(str(tmp_path / "base"), "cpu", torch.float32, lora=str(kohya))
     base = models.load_pipeline(tmp_path / "base")
     for name in ["unet", *encoders]:
-        assert not models.has_lora(getattr(merged, name))
+        assert not lora.has_lora(getattr(merged, name))
         state, base_state = getattr(merged, name).state_dict(), getattr(base, name).state_dict()
         query = next(key for key in state if key.endswith(("0.self_attn.q_proj.weight",
                                                            "0.attn1.to_q.weight")))  # fmt: skip
@@ -150,7 +152,7 @@ def test_text_encoder_layers_travel_with_the_unet_s_in_both_formats(family, tmp_
 
 def test_sd2_files_name_their_base_model():
     pipe = _tiny_sd2_pipeline()
-    models.add_lora(pipe.unet, rank=2)
+    lora.add_lora(pipe.unet, rank=2)
     assert "lora_unet_up_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v" in set(
         kohya_lora_names(pipe)["unet"].values()
     )
@@ -169,7 +171,7 @@ def test_what_cannot_be_written_is_refused_with_the_way_out(tmp_path):
     with pytest.raises(ValueError, match="DoRA.*save_lora"):
         save_kohya_lora(pipe, tmp_path / "dora.safetensors")
     sd3 = _tiny_sd3_pipeline()
-    models.add_lora(sd3.transformer, rank=2)
+    lora.add_lora(sd3.transformer, rank=2)
     with pytest.raises(models.UnsupportedModelError, match="SD3.*save_lora"):
         save_kohya_lora(sd3, tmp_path / "sd3.safetensors")
     with pytest.raises(ValueError, match=r"\.safetensors"):
@@ -179,7 +181,7 @@ def test_what_cannot_be_written_is_refused_with_the_way_out(tmp_path):
 
 def test_convert_turns_a_lora_folder_into_a_kohya_file_and_back(tmp_path, capsys):
     pipe = _adapted(models.build_tiny_pipeline, tmp_path)
-    models.save_lora(pipe, tmp_path / "lora")
+    lora.save_lora(pipe, tmp_path / "lora")
     base, kohya, back = tmp_path / "base", tmp_path / "kohya.safetensors", tmp_path / "back"
     convert = ["convert", "--model", str(base), "--lora"]
     assert main([*convert, str(tmp_path / "lora"), "--out", str(kohya)]) == 0
@@ -196,7 +198,7 @@ def test_convert_turns_a_lora_folder_into_a_kohya_file_and_back(tmp_path, capsys
                 if key.endswith(".weight")} == {"F16"}  # fmt: skip
     assert main([*convert, str(kohya), "--out", str(back)]) == 0  # kohya -> diffusers' folder
     assert (back / "pytorch_lora_weights.safetensors").is_file()
-    _same_adapter(models.load_lora(models.load_pipeline(base), back), pipe)
+    _same_adapter(lora.load_lora(models.load_pipeline(base), back), pipe)
     with pytest.raises(SystemExit, match="needs the base model it adapts: add --model"):
         main(["convert", "--lora", str(kohya), "--out", str(tmp_path / "again.safetensors")])
     with pytest.raises(SystemExit, match="give --model .* or --lora"):
@@ -212,10 +214,10 @@ def test_sample_and_eval_apply_a_lora_file_to_the_base_model(tmp_path):
     from diffalign.world import shipped_model_path
 
     pipe = models.load_pipeline(shipped_model_path())
-    models.add_lora(pipe.unet, rank=4, alpha=4)
+    lora.add_lora(pipe.unet, rank=4, alpha=4)
     perturb_lora(pipe.unet)
     kohya = save_kohya_lora(pipe, tmp_path / "adapter.safetensors")
-    models.merge_lora(pipe.unet)
+    lora.merge_lora(pipe.unet)
     pipe.save_pretrained(tmp_path / "merged")
     # one CFG scale for all: the merged folder lacks the one the shipped model records
     common = ["--prompt", "a red circle", "--steps", "2", "--guidance-scale", "4.5", "--quiet"]
@@ -263,43 +265,43 @@ def test_an_adapter_to_start_from_must_fit_the_one_it_fills(tmp_path):
     pipe = _adapted(models.build_tiny_pipeline, tmp_path)  # rank 4, alpha 8
     kohya = save_kohya_lora(pipe, tmp_path / "adapter.safetensors")
     run = models.build_tiny_pipeline(seed=0)
-    models.add_lora(run.unet, rank=4, alpha=8)
-    models.copy_lora_weights(run, kohya)
+    lora.add_lora(run.unet, rank=4, alpha=8)
+    lora.copy_lora_weights(run, kohya)
     _same_adapter(run, pipe)
     trainable = {name for name, p in run.unet.named_parameters() if p.requires_grad}
     assert trainable == {name for name, _ in pipe.unet.named_parameters() if ".lora_" in name}
     other_scale = models.build_tiny_pipeline(seed=0)
-    models.add_lora(other_scale.unet, rank=4, alpha=4)
-    with pytest.raises(models.LoraLayoutError, match="alpha 8 at .* run 4: set lora_alpha=8"):
-        models.copy_lora_weights(other_scale, kohya)
+    lora.add_lora(other_scale.unet, rank=4, alpha=4)
+    with pytest.raises(lora.LoraLayoutError, match="alpha 8 at .* run 4: set lora_alpha=8"):
+        lora.copy_lora_weights(other_scale, kohya)
     assert list(other_scale.unet.peft_config) == ["default"]  # the loaded copy is gone again
     mixed = models.build_tiny_pipeline(seed=0)  # LoCon-style: other ranks on some layers
-    targets = list(models.DEFAULT_LORA_TARGETS)
+    targets = list(lora.DEFAULT_LORA_TARGETS)
     mixed.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                       rank_pattern={"to_q": 2}))  # fmt: skip
     save_kohya_lora(mixed, tmp_path / "mixed.safetensors")
-    with pytest.raises(models.LoraLayoutError, match="ranks 2 to 4 across its layers"):
-        models.copy_lora_weights(run, tmp_path / "mixed.safetensors")
+    with pytest.raises(lora.LoraLayoutError, match="ranks 2 to 4 across its layers"):
+        lora.copy_lora_weights(run, tmp_path / "mixed.safetensors")
     pipe.text_encoder.add_adapter(LoraConfig(r=2, target_modules=["q_proj"]))
     type(pipe).save_lora_weights(tmp_path / "with_text_encoder",
                                  unet_lora_layers=get_peft_model_state_dict(pipe.unet),
                                  text_encoder_lora_layers=get_peft_model_state_dict(
                                      pipe.text_encoder))  # fmt: skip
     fresh = models.build_tiny_pipeline(seed=0)
-    models.add_lora(fresh.unet, rank=4, alpha=8)
-    with pytest.raises(models.LoraLayoutError, match="also adapts the text_encoder; .* unet alone"):
-        models.copy_lora_weights(fresh, tmp_path / "with_text_encoder")
+    lora.add_lora(fresh.unet, rank=4, alpha=8)
+    with pytest.raises(lora.LoraLayoutError, match="also adapts the text_encoder; .* unet alone"):
+        lora.copy_lora_weights(fresh, tmp_path / "with_text_encoder")
     assert not hasattr(fresh.text_encoder, "peft_config") or not fresh.text_encoder.peft_config
 
 
 def test_an_sd3_run_starts_from_a_saved_transformer_adapter(tmp_path):
     pipe = models.build_tiny_sd3_pipeline(seed=0)
-    models.add_lora(pipe.transformer, rank=2, alpha=4)
+    lora.add_lora(pipe.transformer, rank=2, alpha=4)
     perturb_lora(pipe.transformer)
-    models.save_lora(pipe, tmp_path / "lora")  # diffusers' format: the one SD3 adapters keep
+    lora.save_lora(pipe, tmp_path / "lora")  # diffusers' format: the one SD3 adapters keep
     run = models.build_tiny_sd3_pipeline(seed=0)
-    models.add_lora(run.transformer, rank=2, alpha=4)
-    models.copy_lora_weights(run, tmp_path / "lora")
+    lora.add_lora(run.transformer, rank=2, alpha=4)
+    lora.copy_lora_weights(run, tmp_path / "lora")
     mine = get_peft_model_state_dict(pipe.transformer)
     theirs = get_peft_model_state_dict(run.transformer)
     assert mine.keys() == theirs.keys()
@@ -309,12 +311,20 @@ def test_an_sd3_run_starts_from_a_saved_transformer_adapter(tmp_path):
 
 def test_a_lora_made_for_another_base_model_is_refused_in_a_line(tmp_path, capsys):
     xl = _tiny_sdxl_pipeline()
-    models.add_lora(xl.unet, rank=2)
+    lora.add_lora(xl.unet, rank=2)
     kohya = save_kohya_lora(xl, tmp_path / "sdxl.safetensors")
-    models.save_lora(xl, tmp_path / "sdxl")
-    for adapter in (kohya, tmp_path / "sdxl"):  # no matching layers; layers of other widths
-        with pytest.raises(models.LoraLayoutError, match="another base model"):
-            models.load_lora(models.build_tiny_pipeline(seed=0), adapter)
+    lora.save_lora(xl, tmp_path / "sdxl")
+    logged = []  # what diffusers' adapter loader logs (its own handler writes to stderr)
+    catcher = logging.Handler()
+    catcher.emit = logged.append
+    logging.getLogger("diffusers.loaders.peft").addHandler(catcher)
+    try:
+        for adapter in (kohya, tmp_path / "sdxl"):  # no matching layers; layers of other widths
+            with pytest.raises(lora.LoraLayoutError, match="another base model"):
+                lora.load_lora(models.build_tiny_pipeline(seed=0), adapter)
+    finally:
+        logging.getLogger("diffusers.loaders.peft").removeHandler(catcher)
+    assert not [record for record in logged if "size mismatch" in record.getMessage()]
     argv = ["sample", "--model", "diffalign:tiny-shapes", "--lora", str(kohya), "--prompt", "a",
             "--steps", "2", "--quiet", "--out", str(tmp_path / "refused")]  # fmt: skip
     assert main(argv) == 2

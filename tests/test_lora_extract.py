@@ -6,10 +6,10 @@ import copy
 import pytest
 import torch
 
-from diffalign import models
+from diffalign import lora, models
 from diffalign.lora_extract import extract_lora
 
-from .test_models import perturb_lora
+from .test_lora import perturb_lora
 
 QUERY = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 
@@ -34,7 +34,7 @@ def test_a_change_of_three_directions_keeps_its_largest_at_rank_one():
     report = extract_lora(tuned, base_unet, rank=1)
     assert report.layers == [QUERY] and report.left_out == []
     assert report.kept == pytest.approx(9 / 14)  # 3^2 of 3^2 + 2^2 + 1^2
-    models.merge_lora(base_unet)
+    lora.merge_lora(base_unet)
     moved = _layer(base_unet).weight.detach() - original
     expected = torch.zeros_like(change)
     expected[0, 0] = 3.0  # the closest rank-1 matrix keeps the largest direction alone
@@ -44,10 +44,10 @@ def test_a_change_of_three_directions_keeps_its_largest_at_rank_one():
 def test_a_lora_fine_tune_is_recovered_exactly_and_a_smaller_rank_keeps_part(tmp_path):
     targets = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")  # linear and 3x3 conv layers
     tuned = models.build_tiny_pipeline(seed=0)
-    models.add_lora(tuned.unet, rank=4, alpha=4, target_modules=targets)
+    lora.add_lora(tuned.unet, rank=4, alpha=4, target_modules=targets)
     perturb_lora(tuned.unet)
     expected = _images(tuned)
-    models.merge_lora(tuned.unet)  # as a fully fine-tuned model: the change is in the weights
+    lora.merge_lora(tuned.unet)  # as a fully fine-tuned model: the change is in the weights
     for rank, kept in ((4, 1.0), (6, 1.0), (2, None)):
         base = models.build_tiny_pipeline(seed=0)
         report = extract_lora(tuned.unet, base.unet, rank=rank)
@@ -59,7 +59,7 @@ def test_a_lora_fine_tune_is_recovered_exactly_and_a_smaller_rank_keeps_part(tmp
         else:
             assert report.kept == pytest.approx(kept)
             torch.testing.assert_close(_images(base), expected, atol=1e-4, rtol=0)
-    models.save_lora(base, tmp_path / "lora")  # written as any adapter is
+    lora.save_lora(base, tmp_path / "lora")  # written as any adapter is
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 

@@ -17,15 +17,14 @@ from diffusers import (
 
 from diffalign.cli import main
 from diffalign.commands.sample import count_calls
+from diffalign.lora import load_lora, merge_lora
 from diffalign.models import (
     FAMILY_NAMES,
     UnsupportedModelError,
     build_tiny_sd3_pipeline,
     build_tiny_sdxl_pipeline,
     denoiser_of,
-    load_lora,
     load_pipeline,
-    merge_lora,
 )
 from diffalign.pipelines.chain import PipelineChain
 from diffalign.pipelines.dts import DTSPipeline, SD3DTSPipeline, SDXLDTSPipeline, search_pipeline

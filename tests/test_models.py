@@ -1,4 +1,4 @@
-"""Loading, saving and LoRA for SD-family pipelines, offline."""
+"""Loading and saving SD-family pipelines, offline (LoRA on them: test_lora.py)."""
 
 import json
 
@@ -6,8 +6,6 @@ import pytest
 import torch
 
 from diffalign import models
-
-from .conftest import unet_inputs
 
 
 def sample(pipeline, seed=0):
@@ -133,78 +131,6 @@ def test_cli_reports_an_unsupported_model_in_one_line(tmp_path, capsys, command)
     assert main(argv) == 2
     error = capsys.readouterr().err
     assert "error:" in error and "FLUX" in error and "Traceback" not in error
-
-
-def perturb_lora(unet, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in unet.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=gen))
-
-
-def unet_output(unet):
-    with torch.no_grad():
-        return unet(*unet_inputs(unet)).sample
-
-
-def test_lora_attach_disable_merge(tiny_unet):
-    base = unet_output(tiny_unet)
-    models.add_lora(tiny_unet, rank=2)
-    assert models.has_lora(tiny_unet)
-    trainable = [n for n, p in tiny_unet.named_parameters() if p.requires_grad]
-    assert trainable and all("lora" in n for n in trainable)
-    torch.testing.assert_close(unet_output(tiny_unet), base)  # B starts at zero
-    perturb_lora(tiny_unet)
-    adapted = unet_output(tiny_unet)
-    assert not torch.allclose(adapted, base, atol=1e-3)
-    with models.adapters_disabled(tiny_unet):
-        torch.testing.assert_close(unet_output(tiny_unet), base)
-    torch.testing.assert_close(unet_output(tiny_unet), adapted)  # back on after the block
-    models.merge_lora(tiny_unet)
-    assert not models.has_lora(tiny_unet)
-    torch.testing.assert_close(unet_output(tiny_unet), adapted, atol=1e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match="no LoRA"):
-        models.merge_lora(tiny_unet)
-
-
-CONV_AND_ATTENTION = ("conv1", "conv2", "proj_in", "proj_out", "to_q", "to_out.0")
-
-
-@pytest.mark.parametrize("targets", [models.DEFAULT_LORA_TARGETS, CONV_AND_ATTENTION])
-def test_lora_save_and_load_round_trip(targets, tiny_pipeline, tmp_path):
-    tiny_pipeline.save_pretrained(tmp_path / "base")
-    models.add_lora(tiny_pipeline.unet, rank=4, alpha=8, target_modules=targets)
-    adapted = {n.split(".lora_")[0] for n, p in tiny_pipeline.unet.named_parameters()
-               if p.requires_grad}  # fmt: skip
-    suffix_of = {module: [t for t in targets if module.endswith(f".{t}")] for module in adapted}
-    assert all(suffix_of.values())  # every adapted layer is a target ...
-    assert {t for hits in suffix_of.values() for t in hits} == set(targets)  # ... and vice versa
-    perturb_lora(tiny_pipeline.unet)
-    expected = sample(tiny_pipeline)
-    models.save_lora(tiny_pipeline, tmp_path / "lora")
-    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    fresh = models.load_pipeline(tmp_path / "base")
-    models.load_lora(fresh, tmp_path / "lora")
-    torch.testing.assert_close(sample(fresh), expected)
-    assert fresh.unet.peft_config["default"].lora_alpha == 8
-
-
-def test_lora_bad_arguments(tiny_pipeline, tmp_path):
-    with pytest.raises(ValueError, match="rank"):
-        models.add_lora(tiny_pipeline.unet, rank=0)
-    with pytest.raises(ValueError, match=r"\['to_qq'\] match no Linear or Conv2d .*conv_shortcut"):
-        models.add_lora(tiny_pipeline.unet, rank=2, target_modules=["to_q", "to_qq"])
-    with pytest.raises(ValueError, match="No LoRA target modules"):
-        models.add_lora(tiny_pipeline.unet, rank=2, target_modules=[])
-    assert not models.has_lora(tiny_pipeline.unet)  # nothing half-attached
-    with pytest.raises(ValueError, match="no LoRA adapter named"):
-        models.save_lora(tiny_pipeline, tmp_path)
-    with pytest.raises(FileNotFoundError, match="No LoRA folder or file"):
-        models.load_lora(tiny_pipeline, tmp_path / "nothing")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="holds no LoRA weights"):
-        models.load_lora(tiny_pipeline, tmp_path / "empty")
 
 
 def test_hub_probe_answers_for_open_and_closed_ports(monkeypatch):

@@ -12,10 +12,10 @@ from diffusers.loaders.single_file_utils import (
 from safetensors.torch import save_file
 from torch import nn
 
+from diffalign.lora import add_lora
 from diffalign.models import (
     ModelNotAvailableError,
     UnsupportedModelError,
-    add_lora,
     build_tiny_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_sd3_transformer,

@@ -14,13 +14,12 @@ from safetensors import safe_open
 
 from diffalign.cli import main
 from diffalign.config import ConfigError
+from diffalign.lora import load_lora, merge_lora
 from diffalign.models import (
     build_tiny_pipeline,
     build_tiny_sd3_pipeline,
     build_tiny_sdxl_pipeline,
-    load_lora,
     load_pipeline,
-    merge_lora,
 )
 from diffalign.pipelines.rollout import rollout_pipeline
 from diffalign.rewards import load_reward, registry
@@ -970,7 +969,7 @@ def test_frozen_weights_in_half_precision_and_final_saved_from_float32(source, t
     for name in ("vae", "text_encoder"):
         for key, value in getattr(original, name).state_dict().items():
             assert torch.equal(getattr(final, name).state_dict()[key], value), key
-    from diffalign.models import add_lora
+    from diffalign.lora import add_lora
 
     expected = original.unet
     add_lora(expected, rank=halved.config.lora_rank, alpha=halved.config.lora_alpha,

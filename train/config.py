@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from diffalign.config import BaseConfig, ConfigError
-from diffalign.models import DEFAULT_LORA_TARGETS
+from diffalign.lora import DEFAULT_LORA_TARGETS
 from diffalign.rewards.function import reward_label
 from diffalign.single_file import is_single_file
 from diffalign.train.losses import AWM_WEIGHTINGS

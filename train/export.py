@@ -37,7 +37,8 @@ def pipeline_from_checkpoint(path: str | Path, pipeline_cls: type | None = None,
         CheckpointError: the checkpoint is damaged, or its weights do not fit the base model.
         ModelNotAvailableError: the run's base model cannot be found.
     """
-    from diffalign.models import add_lora, denoiser_of, has_lora, load_pipeline, merge_lora
+    from diffalign.lora import add_lora, has_lora, merge_lora
+    from diffalign.models import denoiser_of, load_pipeline
     from diffalign.world import resolve_shipped
 
     checkpoint = load_checkpoint(path)

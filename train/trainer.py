@@ -246,7 +246,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def _setup_model(self) -> None:
-        from diffalign.models import add_lora, copy_lora_weights
+        from diffalign.lora import add_lora, copy_lora_weights
 
         config = self.config
         self.reference_denoiser = None  # the KL reference: the adapter-disabled network under
@@ -340,7 +340,7 @@ class Trainer:
         """A context giving the KL terms' reference network: the denoiser with its LoRA adapter
         disabled (no second copy in memory), or under full fine-tuning the frozen copy of the
         starting weights."""
-        from diffalign.models import adapters_disabled
+        from diffalign.lora import adapters_disabled
 
         if self.reference_denoiser is not None:
             return contextlib.nullcontext(self.reference_denoiser)
@@ -872,7 +872,7 @@ class Trainer:
         ``README.md``), ``lora/`` (the adapter alone: diffusers' format, and for a UNet kohya's
         one file for A1111 / ComfyUI) and ``reward_curve.png``."""
         from diffalign.kohya_lora import KOHYA_LORA_FILE, save_kohya_lora
-        from diffalign.models import has_lora, merge_lora, save_lora
+        from diffalign.lora import has_lora, merge_lora, save_lora
         from diffalign.plots import plot_reward_curve
 
         final = self.out / "final"
@@ -928,7 +928,7 @@ class Trainer:
             return None
         copy = unsharded_class(denoiser).from_config(denoiser.config)
         if self.config.use_lora:
-            from diffalign.models import add_lora
+            from diffalign.lora import add_lora
 
             add_lora(copy, rank=self.config.lora_rank, alpha=self.config.lora_alpha,
                      target_modules=self.config.lora_target_modules)  # fmt: skip

@@ -114,7 +114,8 @@ def _write_model(pipeline, out: Path) -> None:
 
 def _pipeline_with_lora(args: argparse.Namespace, config: str | None):
     """``--model`` with the adapter ``--lora`` (a training checkpoint: its run's base with it)."""
-    from diffalign.models import denoiser_of, has_lora, load_lora, load_pipeline
+    from diffalign.lora import has_lora, load_lora
+    from diffalign.models import denoiser_of, load_pipeline
     from diffalign.train.export import is_training_checkpoint, pipeline_from_checkpoint
 
     if is_training_checkpoint(args.lora):
@@ -161,7 +162,7 @@ def _extracted_lora(args: argparse.Namespace, config: str | None):
 def _write_lora(pipeline, out: Path) -> None:
     """Kohya's one file for ``OUT.safetensors``, else a diffusers LoRA folder."""
     from diffalign.kohya_lora import save_kohya_lora
-    from diffalign.models import describe_lora, save_lora
+    from diffalign.lora import describe_lora, save_lora
 
     if out.suffix == ".safetensors":
         save_kohya_lora(pipeline, out)

@@ -121,14 +121,15 @@ def load_sampling_pipeline(
 ) -> DiffusionPipeline:
     """A DDIM-scheduled Stable Diffusion (or SDXL) pipeline for ``--model`` (folder, hub id,
     shipped, or a one-file checkpoint with its ``config`` folder), with the LoRA adapter ``lora``
-    (a folder or file, :func:`diffalign.models.load_lora`) merged in at ``lora_scale`` when
+    (a folder or file, :func:`diffalign.lora.load_lora`) merged in at ``lora_scale`` when
     given; a flow-matching
     model (SD3 too) keeps its scheduler and comes as a rollout pipeline, which steps it (the
     search samplers use the same components either way)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from diffalign.models import as_ddim_scheduler, build_tiny_pipeline, load_lora, load_pipeline
+    from diffalign.lora import load_lora
+    from diffalign.models import as_ddim_scheduler, build_tiny_pipeline, load_pipeline
     from diffalign.pipelines.rollout import plain_sampling_pipeline
 
     if model == TINY_RANDOM:

@@ -9,6 +9,7 @@ from a fully fine-tuned model is :mod:`diffalign.lora_extract`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -71,11 +72,10 @@ class LoraTargetError(ValueError):
 
 def _check_lora_targets(model: nn.Module, target_modules: Sequence[str]) -> None:
     """Raise a LoraTargetError naming the targets that match no Linear / Conv2d of ``model``."""
-    layers = [name for name, module in model.named_modules()
-              if isinstance(module, (nn.Linear, nn.Conv2d))]  # fmt: skip
+    layers = _adaptable_layers(model)
     if not target_modules:
         raise LoraTargetError("No LoRA target modules given: name at least one (e.g. to_q).")
-    missing = [t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n in layers)]
+    missing = [t for t in target_modules if not any(_matches(n, t) for n in layers)]
     if missing:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in layers} - {str(i) for i in range(10)})
         raise LoraTargetError(
@@ -83,6 +83,25 @@ def _check_lora_targets(model: nn.Module, target_modules: Sequence[str]) -> None
             f"{type(model).__name__}; its layer names end in: {', '.join(suffixes)} "
             "(attention projections: to_q, to_k, to_v, to_out.0)."
         )
+
+
+def _adaptable_layers(model: nn.Module) -> list[str]:
+    """The paths of the Linear and Conv2d layers of ``model`` a LoRA can adapt (those under a
+    peft layer by the path they had before it)."""
+    return [name.removesuffix(".base_layer") for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and ".lora_" not in name]  # fmt: skip
+
+
+def _matches(path: str, target: str) -> bool:
+    """Whether a LoRA target (a layer-name suffix, as peft reads ``target_modules``) names the
+    layer at ``path``."""
+    return path == target or path.endswith(f".{target}")
+
+
+def layers_matching(model: nn.Module, target_modules: Sequence[str]) -> set[str]:
+    """The paths of the layers of ``model`` that ``target_modules`` would adapt."""
+    return {path for path in _adaptable_layers(model)
+            if any(_matches(path, target) for target in target_modules)}  # fmt: skip
 
 
 def has_adapter(module: nn.Module | None, adapter_name: str = "default") -> bool:
@@ -158,21 +177,87 @@ def copy_lora_weights(
     Raises:
         LoraLayoutError: it does not (the message says which setting to change).
     """
+    with _staged_lora(pipeline, path) as staging:
+        _check_lora_fits(pipeline, path, staging, adapter_name)
+        with torch.no_grad():
+            for layer in lora_layers(denoiser_of(pipeline), adapter_name).values():
+                for weights in (layer.lora_A, layer.lora_B):
+                    weights[adapter_name].weight.copy_(weights[staging].weight)
+    denoiser_of(pipeline).set_adapter(adapter_name)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraLayout:
+    """What a saved LoRA adapts, in a run's terms: its ``rank`` and ``alpha`` (one each), the
+    shortest ``target_modules`` (layer-name suffixes) that pick out exactly its ``layers``."""
+
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    layers: frozenset[str]
+
+
+def lora_layout(pipeline: DiffusionPipeline, path: str | os.PathLike) -> LoraLayout:
+    """The layout of the LoRA at ``path`` (a folder or file, as :func:`load_lora` reads), read
+    by loading it into ``pipeline`` beside its adapters and taking it out again: the settings a
+    run needs to train that adapter on.
+
+    Raises:
+        LoraLayoutError: it adapts a text encoder too, or its rank or alpha varies from layer to
+            layer (a run trains one of each), or it does not load.
+    """
+    candidates = _adaptable_layers(denoiser_of(pipeline))
+    with _staged_lora(pipeline, path) as staging:
+        _check_denoiser_only(pipeline, path, staging)
+        layers = lora_layers(denoiser_of(pipeline), staging)
+        rank, alpha = _one_rank_and_alpha(path, layers, staging)
+    return LoraLayout(rank, alpha, _target_suffixes(candidates, set(layers)), frozenset(layers))
+
+
+def _target_suffixes(candidates: Sequence[str], adapted: set[str]) -> tuple[str, ...]:
+    """The shortest layer-name suffixes that, among the ``candidates``, pick out exactly the
+    ``adapted`` layer paths (``to_q`` where every ``to_q`` is adapted; longer where only some
+    are; a whole path at worst)."""
+    chosen: set[str] = set()
+    for path in sorted(adapted):
+        if any(_matches(path, suffix) for suffix in chosen):
+            continue
+        parts = path.split(".")
+        for length in range(1, len(parts)):
+            suffix = ".".join(parts[-length:])
+            picked = [name for name in candidates if _matches(name, suffix)]
+            starts_at_a_name = not parts[-length].isdigit()  # not at a block's index
+            if starts_at_a_name and all(name in adapted for name in picked):
+                chosen.add(suffix)
+                break
+        else:
+            chosen.add(path)
+    return tuple(sorted(chosen))
+
+
+@contextlib.contextmanager
+def _staged_lora(pipeline: DiffusionPipeline, path: str | os.PathLike) -> Iterator[str]:
+    """The LoRA at ``path`` loaded into ``pipeline`` under a staging name for the block, taken
+    out after it (with the peft layers it added to components that had none)."""
     import warnings
 
-    staging = "diffalign_copy_source"
+    staging = "diffalign_staged"
+    components = _components(pipeline)
+    had_lora = {name for name, module in components.items() if has_lora(module)}
     with warnings.catch_warnings():  # peft's notes on a second adapter and on deleting it
         warnings.simplefilter("ignore", UserWarning)
         load_lora(pipeline, path, adapter_name=staging)
         try:
-            _check_lora_fits(pipeline, path, staging, adapter_name)
-            with torch.no_grad():
-                for layer in lora_layers(denoiser_of(pipeline), adapter_name).values():
-                    for weights in (layer.lora_A, layer.lora_B):
-                        weights[adapter_name].weight.copy_(weights[staging].weight)
+            yield staging
         finally:
-            pipeline.delete_adapters(staging)
-            denoiser_of(pipeline).set_adapter(adapter_name)
+            for name, module in components.items():
+                _drop_adapter(module, staging, strip=name not in had_lora)
+
+
+def _components(pipeline: DiffusionPipeline) -> dict[str, nn.Module]:
+    """The pipeline's components that are torch modules (those a LoRA can adapt), by name."""
+    return {name: module for name, module in pipeline.components.items()
+            if isinstance(module, nn.Module)}  # fmt: skip
 
 
 def lora_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Module]:
@@ -205,38 +290,54 @@ def _span(values: list[float]) -> str:
 def _check_lora_fits(pipeline, path, source: str, target: str) -> None:
     """Raise a LoraLayoutError unless the adapter ``source`` (loaded from ``path``) adapts the
     denoiser alone, at the layers, rank and scale of ``target``."""
+    _check_denoiser_only(pipeline, path, source)
     name = denoiser_name(pipeline)
-    others = [part for part, module in pipeline.components.items()
-              if part != name and has_adapter(module, source)]  # fmt: skip
-    if others:
-        raise LoraLayoutError(
-            f"The LoRA at {path} also adapts the {', '.join(others)}; diffalign trains the "
-            f"{name} alone. Start from an adapter of the {name} only."
-        )
     denoiser = getattr(pipeline, name)
     given, wanted = lora_layers(denoiser, source), lora_layers(denoiser, target)
     if given.keys() != wanted.keys():
-        targets = ", ".join(sorted(denoiser.peft_config[source].target_modules))
+        targets = ", ".join(_target_suffixes(_adaptable_layers(denoiser), set(given)))
         raise LoraLayoutError(
             f"The LoRA at {path} adapts {len(given)} layers of the {name}, the run's "
             f"lora_target_modules {len(wanted)}{_layer_differences(given, wanted)}. Set "
             f"lora_target_modules=[{targets}] (the LoRA's targets)."
         )
-    ranks = sorted({layer.r[source] for layer in given.values()})
-    if len(ranks) > 1:
+    rank, alpha = _one_rank_and_alpha(path, given, source)
+    run_rank, run_alpha = _one_rank_and_alpha("the run", wanted, target)
+    if rank != run_rank:
+        raise LoraLayoutError(f"The LoRA at {path} has rank {rank}, the run {run_rank}: set "
+                              f"lora_rank={rank}.")  # fmt: skip
+    if not math.isclose(alpha, run_alpha, rel_tol=1e-6):
+        raise LoraLayoutError(f"The LoRA at {path} has alpha {alpha:g}, the run {run_alpha:g}: "
+                              f"set lora_alpha={alpha:g}.")  # fmt: skip
+
+
+def _check_denoiser_only(pipeline: DiffusionPipeline, path, adapter_name: str) -> None:
+    """Raise a LoraLayoutError if the adapter ``adapter_name`` (loaded from ``path``) adapts a
+    component besides the denoiser (a text encoder)."""
+    name = denoiser_name(pipeline)
+    others = [part for part, module in pipeline.components.items()
+              if part != name and has_adapter(module, adapter_name)]  # fmt: skip
+    if others:
         raise LoraLayoutError(
-            f"The LoRA at {path} has ranks {ranks[0]} to {ranks[-1]} across its layers; a run "
-            "trains one rank everywhere: start from an adapter of one rank."
+            f"The LoRA at {path} also adapts the {', '.join(others)}; diffalign trains the "
+            f"{name} alone. Start from an adapter of the {name} only."
         )
-    for layer_path, layer in given.items():
-        rank, run = layer.r[source], wanted[layer_path]
-        if rank != run.r[target]:
-            raise LoraLayoutError(f"The LoRA at {path} has rank {rank} at {layer_path}, the run "
-                                  f"{run.r[target]}: set lora_rank={rank}.")  # fmt: skip
-        if not math.isclose(layer.scaling[source], run.scaling[target], rel_tol=1e-6):
-            alpha, run_alpha = layer.scaling[source] * rank, run.scaling[target] * rank
-            raise LoraLayoutError(f"The LoRA at {path} has alpha {alpha:g} at {layer_path}, the "
-                                  f"run {run_alpha:g}: set lora_alpha={alpha:g}.")  # fmt: skip
+
+
+def _one_rank_and_alpha(path, layers: dict[str, nn.Module], adapter_name: str) -> tuple[int, float]:
+    """The one rank and alpha of the adapter ``adapter_name`` over ``layers``; a LoraLayoutError
+    when either varies from layer to layer (kohya LoCon-style files)."""
+    ranks = sorted({layer.r[adapter_name] for layer in layers.values()})
+    alphas = sorted({round(layer.scaling[adapter_name] * layer.r[adapter_name], 6)
+                     for layer in layers.values()})  # fmt: skip
+    for what, values in (("ranks", ranks), ("alphas", alphas)):
+        if len(values) > 1:
+            raise LoraLayoutError(
+                f"The LoRA at {path} has {what} {values[0]:g} to {values[-1]:g} across its "
+                f"layers; a run trains one rank and one alpha everywhere: start from an adapter "
+                "with one of each."
+            )
+    return ranks[0], alphas[0]
 
 
 def _layer_differences(given: dict, wanted: dict) -> str:
@@ -262,8 +363,7 @@ def load_lora(
             adapter).
     """
     _check_lora_path(path)
-    components = {name: module for name, module in pipeline.components.items()
-                  if isinstance(module, nn.Module)}  # fmt: skip
+    components = _components(pipeline)
     taken = [name for name, module in components.items() if has_adapter(module, adapter_name)]
     if taken:
         raise ValueError(

@@ -138,3 +138,36 @@ def test_models_still_offers_the_lora_helpers():
     assert models.add_lora is lora.add_lora and models.LoraLayoutError is lora.LoraLayoutError
     with pytest.raises(AttributeError, match="no attribute 'add_loraa'"):
         models.add_loraa  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("targets", "suffixes"),
+    [
+        (lora.DEFAULT_LORA_TARGETS, ("to_k", "to_out.0", "to_q", "to_v")),
+        (CONV_AND_ATTENTION, ("conv1", "conv2", "proj_in", "proj_out", "to_out.0", "to_q")),
+        # some of the to_q layers only: suffixes long enough to leave the others out
+        (["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "attn2.to_k"],
+         ("attn2.to_k", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")),
+    ],
+)  # fmt: skip
+def test_a_saved_adapters_layout_is_read_as_run_settings(targets, suffixes, tmp_path):
+    saved = models.build_tiny_pipeline(seed=0)
+    lora.add_lora(saved.unet, rank=4, alpha=8, target_modules=targets)
+    lora.save_lora(saved, tmp_path / "lora")
+    pipe = models.build_tiny_pipeline(seed=0)
+    layout = lora.lora_layout(pipe, tmp_path / "lora")
+    assert (layout.rank, layout.alpha, layout.target_modules) == (4, 8, suffixes)
+    assert layout.layers == lora.layers_matching(saved.unet, targets)  # the same layers
+    assert lora.layers_matching(pipe.unet, layout.target_modules) == layout.layers
+    assert not lora.has_lora(pipe.unet)  # read, then taken out again
+
+
+def test_a_layout_with_text_encoder_layers_is_refused(tmp_path):
+    saved = models.build_tiny_pipeline(seed=0)
+    lora.add_lora(saved.unet, rank=2)
+    saved.text_encoder.add_adapter(LoraConfig(r=2, target_modules=["q_proj", "out_proj"]))
+    lora.save_lora(saved, tmp_path / "lora")
+    pipe = models.build_tiny_pipeline(seed=0)
+    with pytest.raises(lora.LoraLayoutError, match="also adapts the text_encoder"):
+        lora.lora_layout(pipe, tmp_path / "lora")
+    assert not lora.has_lora(pipe.unet) and not lora.has_lora(pipe.text_encoder)

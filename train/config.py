@@ -128,8 +128,8 @@ class TrainConfig(BaseConfig):
     init_lora: str | None = field(
         default=None,
         metadata={"help": "start the adapter from this LoRA: a diffusers LoRA folder (a run's "
-                          "lora/) or a .safetensors file (kohya's too); lora_rank, lora_alpha and "
-                          "lora_target_modules must describe it"},
+                          "lora/) or a .safetensors file (kohya's too); its rank, alpha and layers "
+                          "replace lora_rank, lora_alpha and lora_target_modules"},
     )  # fmt: skip
     gradient_checkpointing: bool = False
     cast_frozen_weights: bool = field(

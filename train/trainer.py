@@ -22,9 +22,9 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -245,9 +245,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
+    def _adopt_init_lora_layout(self) -> None:
+        """Set lora_rank, lora_alpha and lora_target_modules to the layout of the adapter the
+        run starts from (``init_lora``), as peft's ``from_pretrained`` takes a saved adapter's
+        config, saying what it changed."""
+        from diffalign.lora import layers_matching, lora_layout
+
+        config = self.config
+        layout = lora_layout(self.pipeline, config.init_lora)
+        changes: dict[str, Any] = {}
+        if layout.rank != config.lora_rank:
+            changes["lora_rank"] = layout.rank
+        alpha = config.lora_alpha if config.lora_alpha is not None else layout.rank
+        if not math.isclose(alpha, layout.alpha, rel_tol=1e-6):
+            changes["lora_alpha"] = layout.alpha
+        if layers_matching(self.denoiser, config.lora_target_modules) != layout.layers:
+            changes["lora_target_modules"] = list(layout.target_modules)
+        if changes:
+            said = ", ".join(f"{key}: {getattr(config, key)} -> {value}"
+                             for key, value in changes.items())  # fmt: skip
+            logger.warning("init_lora: the run takes the layout of %s: %s.", config.init_lora, said)
+            self.config = replace(config, **changes)
+
     def _setup_model(self) -> None:
         from diffalign.lora import add_lora, copy_lora_weights
 
+        if self.config.use_lora and self.config.init_lora is not None:
+            self._adopt_init_lora_layout()
         config = self.config
         self.reference_denoiser = None  # the KL reference: the adapter-disabled network under
         if config.beta_kl > 0 and not config.use_lora:  # LoRA, else a copy, made before sharding

@@ -15,6 +15,7 @@ to check the round trip. SD3 adapters stay in diffusers' format
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -87,9 +88,10 @@ def kohya_lora_names(
 
 
 def _named_layers(
-    pipeline: DiffusionPipeline, adapter_name: str
+    pipeline: DiffusionPipeline, adapter_name: str, refuse_dora: bool = True
 ) -> dict[str, dict[str, tuple[str, torch.nn.Module]]]:
-    """Per adapted component, each adapted layer's path with its kohya name and the layer."""
+    """Per adapted component, each adapted layer's path with its kohya name and the layer
+    (``refuse_dora``: a LoraLayoutError for a DoRA adapter, which the writer cannot hold)."""
     from diffalign.lora import has_adapter
 
     family = kohya_family(pipeline)  # refuses SD3 first
@@ -99,7 +101,7 @@ def _named_layers(
         module = getattr(pipeline, component, None)
         if not has_adapter(module, adapter_name):
             continue
-        layers = _lora_layers(module, adapter_name)
+        layers = _lora_layers(module, adapter_name, refuse_dora)
         paths = list(layers)
         if component == "unet":
             in_kohya = _unet_paths(module, paths, original=family == "sdxl")
@@ -127,12 +129,14 @@ def _unet_paths(unet: torch.nn.Module, paths: list[str], original: bool) -> dict
     return {path: names[path + suffix].removesuffix(suffix) for path in paths}
 
 
-def _lora_layers(module: torch.nn.Module, adapter_name: str) -> dict[str, torch.nn.Module]:
+def _lora_layers(
+    module: torch.nn.Module, adapter_name: str, refuse_dora: bool = True
+) -> dict[str, torch.nn.Module]:
     """The layers of ``module`` that ``adapter_name`` adapts, by path; refuses DoRA."""
     from diffalign.lora import LoraLayoutError, lora_layers
 
     layers = lora_layers(module, adapter_name)
-    if any(layer.use_dora.get(adapter_name, False) for layer in layers.values()):
+    if refuse_dora and any(layer.use_dora.get(adapter_name, False) for layer in layers.values()):
         raise LoraLayoutError(
             f"The adapter {adapter_name!r} is a DoRA adapter, which the kohya layout written here "
             "does not hold: save it with `diffalign.lora.save_lora` instead."
@@ -167,3 +171,57 @@ def save_kohya_lora(
     with atomic_path(path) as staging:
         save_file(state, staging, metadata=metadata)
     return path
+
+
+def apply_kohya_alphas(
+    pipeline: DiffusionPipeline, path: str | os.PathLike, adapter_name: str = "default"
+) -> int:
+    """Give each layer of the adapter ``adapter_name``, just loaded from the kohya file at
+    ``path``, the alpha the file holds for it; returns how many layers changed.
+
+    diffusers (0.42) files the alphas of attention layers (``to_q`` ... ``to_out.0``) under
+    names no layer has, so those layers take the file's most common alpha instead of their own:
+    a file whose alpha varies by layer (kohya's resized LoRAs) loads at the wrong strength
+    there. The layers' scales and the adapter's config (``alpha_pattern``, what
+    :func:`diffalign.lora.save_lora` writes) are both set right. Files of diffusers' layout and
+    other models (SD3) are left alone.
+    """
+    from diffalign.models import pipeline_family
+
+    alphas = _kohya_alphas(path)
+    if not alphas or pipeline_family(pipeline) == "sd3":
+        return 0
+    changed = 0
+    for component, layers in _named_layers(pipeline, adapter_name, refuse_dora=False).items():
+        config = getattr(pipeline, component).peft_config[adapter_name]
+        for layer_path, (name, layer) in layers.items():
+            alpha, rank = alphas.get(name), layer.r[adapter_name]
+            loaded = layer.scaling[adapter_name] * rank
+            if alpha is None or math.isclose(loaded, alpha, rel_tol=1e-6):
+                continue
+            layer.lora_alpha[adapter_name] = alpha
+            layer.scaling[adapter_name] = alpha / rank
+            config.alpha_pattern = {**config.alpha_pattern, layer_path: alpha}
+            changed += 1
+    return changed
+
+
+def _kohya_alphas(path: str | os.PathLike) -> dict[str, float]:
+    """The per-layer alphas of the kohya file diffusers reads at ``path`` (a file, or a folder
+    with ``pytorch_lora_weights.safetensors`` or a single ``.safetensors``), by kohya name;
+    empty for a file in diffusers' layout."""
+    from safetensors import safe_open
+
+    file = Path(path)
+    if file.is_dir():
+        found = sorted(file.glob("*.safetensors"))
+        default = file / "pytorch_lora_weights.safetensors"
+        file = default if default.is_file() else found[0] if len(found) == 1 else None
+    if file is None or file.suffix != ".safetensors":
+        return {}
+    with safe_open(str(file), framework="pt") as weights:
+        keys = list(weights.keys())
+        if not all(key.startswith(("lora_unet_", "lora_te")) for key in keys):
+            return {}
+        return {key.removesuffix(".alpha"): weights.get_tensor(key).item()
+                for key in keys if key.endswith(".alpha")}  # fmt: skip

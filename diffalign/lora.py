@@ -8,13 +8,13 @@ from a fully fine-tuned model is :mod:`diffalign.lora_extract`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
-import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -35,6 +35,8 @@ def add_lora(
     init: str | bool = "gaussian",
     dropout: float = 0.0,
     adapter_name: str = "default",
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
 ) -> nn.Module:
     """Attach a peft LoRA adapter to a diffusers model (UNet / transformer) in place.
 
@@ -45,12 +47,14 @@ def add_lora(
         init: peft's ``init_lora_weights`` (``"gaussian"``: A Gaussian, B zero, so the adapter
             starts as the identity).
         dropout: LoRA dropout.
+        rank_pattern, alpha_pattern: other ranks / alphas for some layers, by layer path or
+            name suffix (peft's ``rank_pattern`` / ``alpha_pattern``).
     Returns the same model, with only the LoRA parameters left trainable.
     """
     from peft import LoraConfig
 
-    if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}.")
+    if rank < 1 or any(value < 1 for value in (rank_pattern or {}).values()):
+        raise ValueError(f"LoRA ranks must be >= 1, got {rank} and {dict(rank_pattern or {})}.")
     if not hasattr(model, "add_adapter"):
         raise TypeError(f"{type(model).__name__} does not support peft adapters (no add_adapter).")
     _check_lora_targets(model, target_modules)
@@ -60,6 +64,8 @@ def add_lora(
         target_modules=list(target_modules),
         init_lora_weights=init,
         lora_dropout=dropout,
+        rank_pattern=dict(rank_pattern or {}),
+        alpha_pattern=dict(alpha_pattern or {}),
     )
     model.requires_grad_(False)
     model.add_adapter(config, adapter_name=adapter_name)
@@ -188,13 +194,24 @@ def copy_lora_weights(
 
 @dataclasses.dataclass(frozen=True)
 class LoraLayout:
-    """What a saved LoRA adapts, in a run's terms: its ``rank`` and ``alpha`` (one each), the
-    shortest ``target_modules`` (layer-name suffixes) that pick out exactly its ``layers``."""
+    """What a saved LoRA adapts, in a run's terms: its most common ``rank`` and ``alpha``, the
+    layers of other ones (``rank_pattern`` / ``alpha_pattern``, by layer path, as kohya's
+    resized LoRAs have them), and the shortest ``target_modules`` (layer-name suffixes) that
+    pick out exactly its ``layers``."""
 
     rank: int
     alpha: float
     target_modules: tuple[str, ...]
     layers: frozenset[str]
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def settings(self) -> dict[str, Any]:
+        """The layout as training settings (``lora_rank``, ``lora_alpha``, ...)."""
+        return {"lora_rank": self.rank, "lora_alpha": self.alpha,
+                "lora_target_modules": list(self.target_modules),
+                "lora_rank_pattern": dict(self.rank_pattern),
+                "lora_alpha_pattern": dict(self.alpha_pattern)}  # fmt: skip
 
 
 def lora_layout(pipeline: DiffusionPipeline, path: str | os.PathLike) -> LoraLayout:
@@ -203,15 +220,38 @@ def lora_layout(pipeline: DiffusionPipeline, path: str | os.PathLike) -> LoraLay
     run needs to train that adapter on.
 
     Raises:
-        LoraLayoutError: it adapts a text encoder too, or its rank or alpha varies from layer to
-            layer (a run trains one of each), or it does not load.
+        LoraLayoutError: it adapts a text encoder too, or it does not load.
     """
     candidates = _adaptable_layers(denoiser_of(pipeline))
     with _staged_lora(pipeline, path) as staging:
         _check_denoiser_only(pipeline, path, staging)
         layers = lora_layers(denoiser_of(pipeline), staging)
-        rank, alpha = _one_rank_and_alpha(path, layers, staging)
-    return LoraLayout(rank, alpha, _target_suffixes(candidates, set(layers)), frozenset(layers))
+        return _layout_of(layers, staging, _target_suffixes(candidates, set(layers)))
+
+
+def _layout_of(
+    layers: dict[str, nn.Module], adapter_name: str, target_modules: tuple[str, ...] = ()
+) -> LoraLayout:
+    """The layout of the adapter ``adapter_name`` over its ``layers``."""
+    ranks = {path: layer.r[adapter_name] for path, layer in layers.items()}
+    alphas = {path: _alpha(layer, adapter_name) for path, layer in layers.items()}
+    rank, alpha = _most_common(ranks.values()), _most_common(alphas.values())
+    return LoraLayout(
+        rank, alpha, target_modules, frozenset(layers),
+        rank_pattern={path: value for path, value in sorted(ranks.items()) if value != rank},
+        alpha_pattern={path: value for path, value in sorted(alphas.items()) if value != alpha},
+    )  # fmt: skip
+
+
+def _alpha(layer: nn.Module, adapter_name: str) -> float:
+    """A peft LoRA layer's alpha (its scale times its rank), rounded off float noise."""
+    return round(layer.scaling[adapter_name] * layer.r[adapter_name], 6)
+
+
+def _most_common(values: Iterable[float]) -> Any:
+    """The value most layers have (the larger one on a tie)."""
+    counts = collections.Counter(values)
+    return max(counts, key=lambda value: (counts[value], value))
 
 
 def _target_suffixes(candidates: Sequence[str], adapted: set[str]) -> tuple[str, ...]:
@@ -301,14 +341,22 @@ def _check_lora_fits(pipeline, path, source: str, target: str) -> None:
             f"lora_target_modules {len(wanted)}{_layer_differences(given, wanted)}. Set "
             f"lora_target_modules=[{targets}] (the LoRA's targets)."
         )
-    rank, alpha = _one_rank_and_alpha(path, given, source)
-    run_rank, run_alpha = _one_rank_and_alpha("the run", wanted, target)
-    if rank != run_rank:
-        raise LoraLayoutError(f"The LoRA at {path} has rank {rank}, the run {run_rank}: set "
-                              f"lora_rank={rank}.")  # fmt: skip
-    if not math.isclose(alpha, run_alpha, rel_tol=1e-6):
-        raise LoraLayoutError(f"The LoRA at {path} has alpha {alpha:g}, the run {run_alpha:g}: "
-                              f"set lora_alpha={alpha:g}.")  # fmt: skip
+    mine, run = _layout_of(given, source), _layout_of(wanted, target)
+    differing = [key for key in ("rank", "alpha", "rank_pattern", "alpha_pattern")
+                 if getattr(mine, key) != getattr(run, key)]  # fmt: skip
+    if differing:
+        said = ", ".join(_setting(key, getattr(mine, key)) for key in differing)
+        raise LoraLayoutError(
+            f"The LoRA at {path} has other ranks or alphas than the run's adapter: set {said} "
+            "(as diffalign.lora.lora_layout reads them; a training run's init_lora does so itself)."
+        )
+
+
+def _setting(key: str, value: Any) -> str:
+    """A layout value as the training setting that holds it, shortened for a message."""
+    if isinstance(value, dict):
+        return f"lora_{key}=<{len(value)} layers>" if value else f"lora_{key}={{}}"
+    return f"lora_{key}={value:g}"
 
 
 def _check_denoiser_only(pipeline: DiffusionPipeline, path, adapter_name: str) -> None:
@@ -322,22 +370,6 @@ def _check_denoiser_only(pipeline: DiffusionPipeline, path, adapter_name: str) -
             f"The LoRA at {path} also adapts the {', '.join(others)}; diffalign trains the "
             f"{name} alone. Start from an adapter of the {name} only."
         )
-
-
-def _one_rank_and_alpha(path, layers: dict[str, nn.Module], adapter_name: str) -> tuple[int, float]:
-    """The one rank and alpha of the adapter ``adapter_name`` over ``layers``; a LoraLayoutError
-    when either varies from layer to layer (kohya LoCon-style files)."""
-    ranks = sorted({layer.r[adapter_name] for layer in layers.values()})
-    alphas = sorted({round(layer.scaling[adapter_name] * layer.r[adapter_name], 6)
-                     for layer in layers.values()})  # fmt: skip
-    for what, values in (("ranks", ranks), ("alphas", alphas)):
-        if len(values) > 1:
-            raise LoraLayoutError(
-                f"The LoRA at {path} has {what} {values[0]:g} to {values[-1]:g} across its "
-                f"layers; a run trains one rank and one alpha everywhere: start from an adapter "
-                "with one of each."
-            )
-    return ranks[0], alphas[0]
 
 
 def _layer_differences(given: dict, wanted: dict) -> str:
@@ -362,6 +394,8 @@ def load_lora(
         LoraLayoutError: it does not fit the pipeline (another base model, another kind of
             adapter).
     """
+    from diffalign.kohya_lora import apply_kohya_alphas
+
     _check_lora_path(path)
     components = _components(pipeline)
     taken = [name for name, module in components.items() if has_adapter(module, adapter_name)]
@@ -383,6 +417,7 @@ def load_lora(
             f"({type(error).__name__}: {_gist(error)}). Is it made for another base model (SD "
             "1.x, SD 2.x, SDXL, SD3), or another kind of adapter than LoRA?"
         ) from error
+    apply_kohya_alphas(pipeline, path, adapter_name)  # diffusers' reader loses some of them
     return pipeline
 
 

@@ -272,16 +272,24 @@ def test_an_adapter_to_start_from_must_fit_the_one_it_fills(tmp_path):
     assert trainable == {name for name, _ in pipe.unet.named_parameters() if ".lora_" in name}
     other_scale = models.build_tiny_pipeline(seed=0)
     lora.add_lora(other_scale.unet, rank=4, alpha=4)
-    with pytest.raises(lora.LoraLayoutError, match="alpha 8, the run 4: set lora_alpha=8"):
+    with pytest.raises(lora.LoraLayoutError, match="the run's adapter: set lora_alpha=8 "):
         lora.copy_lora_weights(other_scale, kohya)
     assert list(other_scale.unet.peft_config) == ["default"]  # the loaded copy is gone again
     mixed = models.build_tiny_pipeline(seed=0)  # LoCon-style: other ranks on some layers
     targets = list(lora.DEFAULT_LORA_TARGETS)
     mixed.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                       rank_pattern={"to_q": 2}))  # fmt: skip
+    perturb_lora(mixed.unet)
     save_kohya_lora(mixed, tmp_path / "mixed.safetensors")
-    with pytest.raises(lora.LoraLayoutError, match="ranks 2 to 4 across its layers"):
-        lora.copy_lora_weights(run, tmp_path / "mixed.safetensors")
+    with pytest.raises(lora.LoraLayoutError, match=r"set lora_rank_pattern=<8 layers> \("):
+        lora.copy_lora_weights(run, tmp_path / "mixed.safetensors")  # one rank everywhere
+    layout = lora.lora_layout(models.build_tiny_pipeline(seed=0), tmp_path / "mixed.safetensors")
+    same_pattern = models.build_tiny_pipeline(seed=0)
+    lora.add_lora(same_pattern.unet, rank=layout.rank, alpha=layout.alpha,
+                  target_modules=layout.target_modules, rank_pattern=layout.rank_pattern,
+                  alpha_pattern=layout.alpha_pattern)  # fmt: skip
+    lora.copy_lora_weights(same_pattern, tmp_path / "mixed.safetensors")
+    _same_adapter(same_pattern, mixed)
     pipe.text_encoder.add_adapter(LoraConfig(r=2, target_modules=["q_proj"]))
     type(pipe).save_lora_weights(tmp_path / "with_text_encoder",
                                  unet_lora_layers=get_peft_model_state_dict(pipe.unet),
@@ -330,3 +338,33 @@ def test_a_lora_made_for_another_base_model_is_refused_in_a_line(tmp_path, capsy
     assert main(argv) == 2
     error = capsys.readouterr().err
     assert "does not load into this StableDiffusionPipeline" in error and "Traceback" not in error
+
+
+def _scales(pipeline):
+    """Every LoRA layer's (rank, scale), by component and path."""
+    return {(name, path): (layer.r["default"], round(layer.scaling["default"], 6))
+            for name, module in pipeline.components.items() if isinstance(module, torch.nn.Module)
+            for path, layer in lora.lora_layers(module).items()}  # fmt: skip
+
+
+@pytest.mark.parametrize("build", [models.build_tiny_pipeline, _tiny_sdxl_pipeline])
+def test_a_kohya_file_whose_alpha_varies_by_layer_loads_at_each_layers_alpha(build, tmp_path):
+    from peft import LoraConfig
+
+    pipe = build()  # as kohya's resized LoRAs: the alpha follows the rank, layer by layer
+    pipe.save_pretrained(tmp_path / "base")
+    lora.add_lora(pipe.unet, rank=8, alpha=8, target_modules=CONV_AND_ATTENTION,
+                  rank_pattern={"to_q": 2, "conv1": 2}, alpha_pattern={"to_q": 2, "to_out.0": 4,
+                                                                       "conv1": 3})  # fmt: skip
+    encoder_lora = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "out_proj"],
+                              alpha_pattern={"q_proj": 1})  # fmt: skip
+    pipe.text_encoder.add_adapter(encoder_lora)
+    perturb_lora(pipe.unet)
+    kohya = save_kohya_lora(pipe, tmp_path / "resized.safetensors")
+    loaded = lora.load_lora(models.load_pipeline(tmp_path / "base"), kohya)
+    assert _scales(loaded) == _scales(pipe)  # diffusers alone gives to_q, to_out.0, q_proj 8 / 4
+    assert len({scale for _, scale in _scales(pipe).values()}) == 4
+    torch.testing.assert_close(_images(loaded), _images(pipe))
+    lora.save_lora(loaded, tmp_path / "diffusers")  # its config now says so too
+    again = lora.load_lora(models.load_pipeline(tmp_path / "base"), tmp_path / "diffusers")
+    assert _scales(again) == _scales(pipe)

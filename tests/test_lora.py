@@ -171,3 +171,23 @@ def test_a_layout_with_text_encoder_layers_is_refused(tmp_path):
     with pytest.raises(lora.LoraLayoutError, match="also adapts the text_encoder"):
         lora.lora_layout(pipe, tmp_path / "lora")
     assert not lora.has_lora(pipe.unet) and not lora.has_lora(pipe.text_encoder)
+
+
+def test_a_layout_keeps_the_layers_of_other_ranks_and_alphas(tmp_path):
+    saved = models.build_tiny_pipeline(seed=0)
+    lora.add_lora(saved.unet, rank=4, alpha=8, rank_pattern={"to_q": 2},
+                  alpha_pattern={"attn2.to_k": 3})  # fmt: skip
+    lora.save_lora(saved, tmp_path / "lora")
+    layout = lora.lora_layout(models.build_tiny_pipeline(seed=0), tmp_path / "lora")
+    to_q, attn2_to_k = (lora.layers_matching(saved.unet, [t]) for t in ("to_q", "attn2.to_k"))
+    assert (layout.rank, layout.alpha) == (4, 8)  # what most layers have
+    assert layout.rank_pattern == dict.fromkeys(sorted(to_q), 2)
+    assert layout.alpha_pattern == dict.fromkeys(sorted(attn2_to_k), 3)
+    rebuilt = models.build_tiny_pipeline(seed=0)  # the settings give the same adapter back
+    lora.add_lora(rebuilt.unet, rank=layout.rank, alpha=layout.alpha,
+                  target_modules=layout.target_modules, rank_pattern=layout.rank_pattern,
+                  alpha_pattern=layout.alpha_pattern)  # fmt: skip
+    for path, layer in lora.lora_layers(saved.unet).items():
+        twin = lora.lora_layers(rebuilt.unet)[path]
+        assert (twin.r["default"], twin.scaling["default"]) == (
+            layer.r["default"], layer.scaling["default"])  # fmt: skip

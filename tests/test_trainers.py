@@ -111,12 +111,17 @@ def test_lora_on_conv_layers_trains_and_its_adapter_reloads_onto_the_base(tmp_pa
     checkpoint = sorted((tmp_path / "checkpoints").glob("checkpoint-*"))[-1]
     converted = tmp_path / "from_checkpoint.safetensors"
     assert main(["convert", "--lora", str(checkpoint), "--out", str(converted)]) == 0
-    with safe_open(str(kohya), framework="pt") as one, safe_open(str(converted), "pt") as other:
-        assert set(one.keys()) == set(other.keys())
-        assert all(torch.equal(one.get_tensor(key), other.get_tensor(key)) for key in one.keys())  # noqa: SIM118
+    _same_tensors(kohya, converted)
     with pytest.raises(SystemExit, match="brings its run's base model; drop --model"):
         main(["convert", "--lora", str(checkpoint), "--model", str(shipped_model_path()),
               "--out", str(converted)])  # fmt: skip
+
+
+def _same_tensors(one_file, other_file):
+    """Assert two .safetensors files hold the same tensors under the same names."""
+    with safe_open(str(one_file), "pt") as one, safe_open(str(other_file), "pt") as other:
+        assert set(one.keys()) == set(other.keys())
+        assert all(torch.equal(one.get_tensor(key), other.get_tensor(key)) for key in one.keys())  # noqa: SIM118
 
 
 def test_a_run_started_from_a_saved_adapter_begins_where_that_run_ended(tmp_path, capsys, caplog):
@@ -146,6 +151,34 @@ def test_a_run_started_from_a_saved_adapter_begins_where_that_run_ended(tmp_path
     assert "No LoRA folder or file at" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="needs use_lora=true"):
         AWMConfig(init_lora=str(kohya), use_lora=False).validate()
+
+
+def test_a_run_starts_from_an_adapter_whose_ranks_vary_by_layer(tmp_path):
+    from diffalign.kohya_lora import save_kohya_lora
+    from diffalign.lora import add_lora, layers_matching, lora_layout
+
+    web_ui = load_pipeline(shipped_model_path())  # a kohya file resized per layer, as web UIs have
+    add_lora(web_ui.unet, rank=8, alpha=8, rank_pattern={"attn2.to_k": 2, "attn2.to_v": 2},
+             alpha_pattern={"to_out.0": 4})  # fmt: skip
+    kohya = save_kohya_lora(web_ui, tmp_path / "resized.safetensors")
+    run = tmp_path / "run"
+    argv = ["train", "awm", "--recipe", "tiny-shapes", *TINY, "--set", f"init_lora={kohya}"]
+    assert main([*argv, "--out", str(run)]) == 0
+    given = lora_layout(load_pipeline(shipped_model_path()), kohya)
+    trained = lora_layout(load_pipeline(shipped_model_path()), run / "lora")  # the same layout
+    for key in ("rank", "alpha", "rank_pattern", "alpha_pattern", "layers"):
+        assert getattr(trained, key) == getattr(given, key)
+    cross_kv = sorted(layers_matching(web_ui.unet, ["attn2.to_k", "attn2.to_v"]))
+    assert given.rank_pattern == dict.fromkeys(cross_kv, 2)
+    out = sorted(layers_matching(web_ui.unet, ["to_out.0"]))
+    assert given.alpha_pattern == dict.fromkeys(out, 4)
+    settings = AWMConfig.from_yaml(run / "config.yaml")
+    assert settings.lora_rank_pattern == given.rank_pattern
+    assert "LoRA rank 8 (2 to 8 by layer) started from" in (run / "final" / "README.md").read_text()
+    checkpoint = sorted((run / "checkpoints").glob("checkpoint-*"))[-1]  # rebuilt from its config
+    converted = tmp_path / "from_checkpoint.safetensors"
+    assert main(["convert", "--lora", str(checkpoint), "--out", str(converted)]) == 0
+    _same_tensors(run / "lora" / "kohya_lora.safetensors", converted)
 
 
 def test_a_fully_fine_tuned_run_gives_an_adapter_by_extraction_not_conversion(tmp_path, capsys):

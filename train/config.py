@@ -8,7 +8,9 @@ tiny model. Every field can be set from YAML or ``--set key=value``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from diffalign.config import BaseConfig, ConfigError
 from diffalign.lora import DEFAULT_LORA_TARGETS
@@ -125,11 +127,20 @@ class TrainConfig(BaseConfig):
         default_factory=lambda: list(DEFAULT_LORA_TARGETS),
         metadata={"help": "UNet layer-name suffixes that get LoRA (default: attention)"},
     )
+    lora_rank_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "other ranks for some layers, by layer path or name suffix (peft's "
+                          "rank_pattern)"},
+    )  # fmt: skip
+    lora_alpha_pattern: dict[str, float] = field(
+        default_factory=dict,
+        metadata={"help": "other alphas for some layers (peft's alpha_pattern)"},
+    )
     init_lora: str | None = field(
         default=None,
         metadata={"help": "start the adapter from this LoRA: a diffusers LoRA folder (a run's "
-                          "lora/) or a .safetensors file (kohya's too); its rank, alpha and layers "
-                          "replace lora_rank, lora_alpha and lora_target_modules"},
+                          "lora/) or a .safetensors file (kohya's too); its ranks, alphas and "
+                          "layers replace the lora_* settings"},
     )  # fmt: skip
     gradient_checkpointing: bool = False
     cast_frozen_weights: bool = field(
@@ -172,9 +183,15 @@ class TrainConfig(BaseConfig):
         extras = [f"heldout_{reward_label(spec)}_mean" for spec in self.heldout_extra_rewards]
         return ["heldout_reward_mean", *extras]
 
+    def lora_options(self) -> dict[str, Any]:
+        """The LoRA settings as :func:`diffalign.lora.add_lora`'s keyword arguments."""
+        return lora_options(dataclasses.asdict(self))
+
     def validate(self) -> None:
         if self.init_lora is not None and not self.use_lora:
             raise ConfigError("init_lora starts a LoRA adapter: it needs use_lora=true.")
+        if min([self.lora_rank, *self.lora_rank_pattern.values()]) < 1:
+            raise ConfigError("LoRA ranks (lora_rank, lora_rank_pattern's) must be at least 1.")
         if self.model_config is not None and not is_single_file(self.model):
             raise ConfigError(
                 f"model_config is for a one-file model (.safetensors / .ckpt); model is "
@@ -342,3 +359,16 @@ class AWMConfig(TrainConfig):
             raise ConfigError(
                 f"advantage_std_floor must be >= 0 (reward units), got {self.advantage_std_floor}."
             )
+
+
+def lora_options(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's LoRA settings (a config, or a checkpoint's saved one, as a mapping) as
+    :func:`diffalign.lora.add_lora`'s keyword arguments; the patterns are absent from runs saved
+    before they existed."""
+    return {
+        "rank": settings["lora_rank"],
+        "alpha": settings["lora_alpha"],
+        "target_modules": settings["lora_target_modules"],
+        "rank_pattern": settings.get("lora_rank_pattern") or {},
+        "alpha_pattern": settings.get("lora_alpha_pattern") or {},
+    }

@@ -39,6 +39,7 @@ def pipeline_from_checkpoint(path: str | Path, pipeline_cls: type | None = None,
     """
     from diffalign.lora import add_lora, has_lora, merge_lora
     from diffalign.models import denoiser_of, load_pipeline
+    from diffalign.train.config import lora_options
     from diffalign.world import resolve_shipped
 
     checkpoint = load_checkpoint(path)
@@ -47,8 +48,7 @@ def pipeline_from_checkpoint(path: str | Path, pipeline_cls: type | None = None,
     pipeline = load_pipeline(base, pipeline_cls, config=config.get("model_config"), **kwargs)
     unet = denoiser_of(pipeline)  # the UNet, or SD3's transformer
     if config.get("use_lora", True):
-        add_lora(unet, rank=config["lora_rank"], alpha=config["lora_alpha"],
-                 target_modules=config["lora_target_modules"])  # fmt: skip
+        add_lora(unet, **lora_options(config))
     else:
         unet.requires_grad_(True)
     trained = {name: p for name, p in unet.named_parameters() if p.requires_grad}

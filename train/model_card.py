@@ -42,9 +42,9 @@ def model_card(method: str, config: TrainConfig, rows: list[dict], trip: GuardTr
     kept_step = trip.passed_step if trip is not None else last["step"]
     if best is not None:
         kept_step = best.step
-    adapter = f"LoRA rank {config.lora_rank}, merged" if config.use_lora else "full fine-tuning"
+    adapter = f"{_lora_rank(config)}, merged" if config.use_lora else "full fine-tuning"
     if config.use_lora and config.init_lora:
-        adapter = f"LoRA rank {config.lora_rank} started from `{config.init_lora}`, merged"
+        adapter = f"{_lora_rank(config)} started from `{config.init_lora}`, merged"
     lines = [
         "---",
         "library_name: diffusers",
@@ -95,3 +95,10 @@ def model_card(method: str, config: TrainConfig, rows: list[dict], trip: GuardTr
               f"(`pytorch_lora_weights.safetensors` for diffusers' `load_lora_weights`{kohya}).",
               ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _lora_rank(config: TrainConfig) -> str:
+    """ "LoRA rank 16", with the span when some layers have other ranks."""
+    ranks = sorted({config.lora_rank, *config.lora_rank_pattern.values()})
+    by_layer = f" ({ranks[0]} to {ranks[-1]} by layer)" if len(ranks) > 1 else ""
+    return f"LoRA rank {config.lora_rank}{by_layer}"

@@ -246,23 +246,21 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def _adopt_init_lora_layout(self) -> None:
-        """Set lora_rank, lora_alpha and lora_target_modules to the layout of the adapter the
-        run starts from (``init_lora``), as peft's ``from_pretrained`` takes a saved adapter's
-        config, saying what it changed."""
+        """Set the LoRA settings (rank, alpha, targets, per-layer patterns) to the layout of the
+        adapter the run starts from (``init_lora``), as peft's ``from_pretrained`` takes a saved
+        adapter's config, saying what it changed."""
         from diffalign.lora import layers_matching, lora_layout
 
         config = self.config
         layout = lora_layout(self.pipeline, config.init_lora)
-        changes: dict[str, Any] = {}
-        if layout.rank != config.lora_rank:
-            changes["lora_rank"] = layout.rank
-        alpha = config.lora_alpha if config.lora_alpha is not None else layout.rank
-        if not math.isclose(alpha, layout.alpha, rel_tol=1e-6):
-            changes["lora_alpha"] = layout.alpha
-        if layers_matching(self.denoiser, config.lora_target_modules) != layout.layers:
-            changes["lora_target_modules"] = list(layout.target_modules)
+        changes = {key: value for key, value in layout.settings().items()
+                   if getattr(config, key) != value}  # fmt: skip
+        if config.lora_alpha is None and layout.alpha == layout.rank:
+            changes.pop("lora_alpha", None)  # None means alpha = rank already
+        if layers_matching(self.denoiser, config.lora_target_modules) == layout.layers:
+            changes.pop("lora_target_modules", None)  # the same layers, named otherwise
         if changes:
-            said = ", ".join(f"{key}: {getattr(config, key)} -> {value}"
+            said = ", ".join(f"{key}: {_short(getattr(config, key))} -> {_short(value)}"
                              for key, value in changes.items())  # fmt: skip
             logger.warning("init_lora: the run takes the layout of %s: %s.", config.init_lora, said)
             self.config = replace(config, **changes)
@@ -279,12 +277,7 @@ class Trainer:
         for frozen in self._frozen_components().values():
             frozen.requires_grad_(False)
         if config.use_lora:
-            add_lora(
-                self.denoiser,
-                rank=config.lora_rank,
-                alpha=config.lora_alpha,
-                target_modules=config.lora_target_modules,
-            )
+            add_lora(self.denoiser, **config.lora_options())
             if config.init_lora is not None:  # the KL reference stays the base model
                 copy_lora_weights(self.pipeline, config.init_lora)
         else:
@@ -954,8 +947,7 @@ class Trainer:
         if self.config.use_lora:
             from diffalign.lora import add_lora
 
-            add_lora(copy, rank=self.config.lora_rank, alpha=self.config.lora_alpha,
-                     target_modules=self.config.lora_target_modules)  # fmt: skip
+            add_lora(copy, **self.config.lora_options())
         copy.load_state_dict(state)
         return copy.to(next(iter(state.values())).dtype)
 
@@ -972,3 +964,8 @@ class Trainer:
         if (best := self._kept_best()) is not None:
             record["kept_best"] = {"step": best.step, "metric": best.metric, "value": best.value}
         atomic_write_text(final / "training.json", json.dumps(record, indent=1))
+
+
+def _short(value: Any) -> str:
+    """A setting's value for a log line: a per-layer pattern by its size."""
+    return f"<{len(value)} layers>" if isinstance(value, dict) and value else str(value)

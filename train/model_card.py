@@ -98,7 +98,8 @@ def model_card(method: str, config: TrainConfig, rows: list[dict], trip: GuardTr
 
 
 def _lora_rank(config: TrainConfig) -> str:
-    """ "LoRA rank 16", with the span when some layers have other ranks."""
+    """The adapter's rank for the card (``LoRA rank 16``), with the span when some layers have
+    other ranks."""
     ranks = sorted({config.lora_rank, *config.lora_rank_pattern.values()})
     by_layer = f" ({ranks[0]} to {ranks[-1]} by layer)" if len(ranks) > 1 else ""
     return f"LoRA rank {config.lora_rank}{by_layer}"

@@ -140,7 +140,8 @@ def test_text_encoder_layers_travel_with_the_unet_s_in_both_formats(family, tmp_
     # sampling commands merge every adapted component
     from diffalign.commands.sample import load_sampling_pipeline
 
-    merged = load_sampling_pipeline(str(tmp_path / "base"), "cpu", torch.float32, lora=str(kohya))
+    merged = load_sampling_pipeline(str(tmp_path / "base"), "cpu", torch.float32,
+                                    loras=[(str(kohya), 1.0)])  # fmt: skip
     base = models.load_pipeline(tmp_path / "base")
     for name in ["unet", *encoders]:
         assert not lora.has_lora(getattr(merged, name))
@@ -224,19 +225,24 @@ def test_sample_and_eval_apply_a_lora_file_to_the_base_model(tmp_path):
     shipped, adapter = "diffalign:tiny-shapes", ["--lora", str(kohya)]
     runs = {"lora": [shipped, *adapter], "merged": [str(tmp_path / "merged")], "base": [shipped],
             "off": [shipped, *adapter, "--lora-scale", "0"],
-            "half": [shipped, *adapter, "--lora-scale", "0.5"]}  # fmt: skip
+            "half": [shipped, *adapter, "--lora-scale", "0.5"],
+            # two halves of one adapter stack to the whole of it
+            "halves": [shipped, *adapter, str(kohya), "--lora-scale", "0.5", "0.5"]}  # fmt: skip
     for name, model in runs.items():
         assert main(["sample", "--model", *model, *common, "--out", str(tmp_path / name)]) == 0
     grid = {name: np.asarray(Image.open(tmp_path / name / "grid.png"), dtype=np.int16)
             for name in runs}  # fmt: skip
     assert np.abs(grid["lora"] - grid["merged"]).max() <= 1  # merged on load: float rounding
+    assert np.abs(grid["halves"] - grid["lora"]).max() <= 1
     assert np.abs(grid["lora"] - grid["base"]).max() > 10
     assert np.array_equal(grid["off"], grid["base"])  # at strength 0 the weights are the base's
     assert np.abs(grid["half"] - grid["base"]).max() > 0 and not np.array_equal(
         grid["half"], grid["lora"]
     )
     recorded = json.loads((tmp_path / "half" / "metrics.json").read_text())["results"]
-    assert (recorded["lora"], recorded["lora_scale"]) == (str(kohya), 0.5)
+    assert (recorded["lora"], recorded["lora_scale"]) == ([str(kohya)], [0.5])
+    with pytest.raises(SystemExit, match="give one --lora-scale per --lora \\(2 adapters, 1 sc"):
+        main(["sample", "--model", *runs["halves"][:-1], *common, "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="--lora-scale is the strength of --lora: give --lora"):
         main(["sample", "--model", "diffalign:tiny-shapes", "--lora-scale", "0.5", *common,
               "--out", str(tmp_path / "refused")])  # fmt: skip
@@ -250,7 +256,7 @@ def test_sample_and_eval_apply_a_lora_file_to_the_base_model(tmp_path):
     assert results["one"]["tiny_clip_mean"] != results["one"]["baseline"]["tiny_clip_mean"]
     assert results["both"]["tiny_clip_mean"] == results["both"]["baseline"]["tiny_clip_mean"]
     assert results["both"]["tiny_clip_mean"] == results["one"]["tiny_clip_mean"]
-    assert (results["one"]["lora"], results["one"]["baseline_lora"]) == (str(kohya), None)
+    assert (results["one"]["lora"], results["one"]["baseline_lora"]) == ([str(kohya)], None)
     assert (
         f"model: diffalign:tiny-shapes + LoRA {kohya};"
         in (tmp_path / "one" / "report.md").read_text()

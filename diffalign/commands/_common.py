@@ -8,6 +8,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,21 +57,27 @@ def add_model_config_argument(parser: argparse.ArgumentParser, model_flag: str =
 
 def add_lora_argument(parser: argparse.ArgumentParser, model_flag: str = "--model") -> None:
     """``--lora`` and ``--lora-scale`` (``--baseline-lora`` and ``--baseline-lora-scale`` for
-    ``--baseline``): a LoRA adapter merged into that model before sampling, at a strength."""
+    ``--baseline``): LoRA adapters merged into that model before sampling, each at a strength."""
     flag = _lora_flag(model_flag)
     parser.add_argument(
         flag,
         default=None,
+        nargs="+",
+        action="extend",
         metavar="LORA",
-        help=f"a LoRA adapter for {model_flag}, merged before sampling: a diffusers LoRA folder "
-        "(a run's lora/) or a .safetensors file (diffusers' or kohya's layout, A1111 / ComfyUI)",
+        help=f"LoRA adapters for {model_flag}, merged before sampling (several stack, as in the "
+        "web UIs): a diffusers LoRA folder (a run's lora/) or a .safetensors file (diffusers' or "
+        "kohya's layout, A1111 / ComfyUI)",
     )
     parser.add_argument(
         f"{flag}-scale",
         type=float,
         default=None,
+        nargs="+",
+        action="extend",
         metavar="S",
-        help=f"the strength {flag} is merged at (default 1: as trained; 0: not at all)",
+        help=f"the strength each {flag} is merged at, one per adapter (default 1: as trained; "
+        "0: not at all)",
     )
 
 
@@ -83,23 +90,34 @@ def _dest(flag: str) -> str:
     return flag.removeprefix("--").replace("-", "_")
 
 
-def lora_of(args: argparse.Namespace, model_flag: str = "--model") -> tuple[str | None, float]:
-    """The ``--lora`` given for ``model_flag`` and its scale; exits when a scale comes without
-    an adapter, or an adapter without its model."""
+def lora_of(args: argparse.Namespace, model_flag: str = "--model") -> list[tuple[str, float]]:
+    """The ``--lora`` adapters given for ``model_flag``, each with its scale (none: empty);
+    exits when scales come without adapters or in another number, or adapters without their
+    model."""
     flag = _lora_flag(model_flag)
-    lora, scale = getattr(args, _dest(flag)), getattr(args, f"{_dest(flag)}_scale")
-    if scale is not None and lora is None:
+    loras, scales = getattr(args, _dest(flag)) or [], getattr(args, f"{_dest(flag)}_scale")
+    if scales is not None and not loras:
         raise SystemExit(f"error: {flag}-scale is the strength of {flag}: give {flag} as well.")
-    if lora is not None and getattr(args, _dest(model_flag)) is None:
+    if scales is not None and len(scales) != len(loras):
+        raise SystemExit(f"error: give one {flag}-scale per {flag} ({len(loras)} adapters, "
+                         f"{len(scales)} scales), or none for 1 each.")  # fmt: skip
+    if loras and getattr(args, _dest(model_flag)) is None:
         raise SystemExit(f"error: {flag} adapts {model_flag}: give {model_flag} as well.")
-    return lora, 1.0 if scale is None else scale
+    return list(zip(loras, scales or [1.0] * len(loras), strict=True))
 
 
-def model_label(model: str, lora: str | None, scale: float = 1.0) -> str:
-    """``model``, with its LoRA and the strength it is merged at when there is one."""
-    if lora is None:
-        return model
-    return f"{model} + LoRA {lora}" + (f" at {scale:g}" if scale != 1.0 else "")
+def model_label(model: str, loras: Sequence[tuple[str, float]] = ()) -> str:
+    """``model``, with its LoRA adapters and the strengths they are merged at."""
+    return model + "".join(f" + LoRA {lora}" + (f" at {scale:g}" if scale != 1.0 else "")
+                           for lora, scale in loras)  # fmt: skip
+
+
+def lora_record(loras: Sequence[tuple[str, float]], prefix: str = "") -> dict[str, Any]:
+    """The adapters for metrics.json: ``lora`` (their paths) and ``lora_scale`` (their
+    strengths), each a list in merge order, or None without adapters."""
+    paths = [lora for lora, _ in loras] or None
+    scales = [scale for _, scale in loras] or None
+    return {f"{prefix}lora": paths, f"{prefix}lora_scale": scales}
 
 
 def model_config_of(args: argparse.Namespace, model_flag: str = "--model") -> str | None:

@@ -28,6 +28,7 @@ from diffalign.commands._common import (
     add_out_argument,
     add_tree_arguments,
     lora_of,
+    lora_record,
     model_config_of,
     model_label,
     quiet_libraries,
@@ -138,10 +139,11 @@ def _reference(args: argparse.Namespace, prompts: list[str]):
     raise SystemExit(f"error: --reference {path} is not a folder, a file or 'world'.")
 
 
-def _sample(model: str, config: str | None, lora: tuple[str | None, float], prompts: list[str],
+def _sample(model: str, config: str | None, loras: list[tuple[str, float]], prompts: list[str],
             args: argparse.Namespace, device, dtype):  # fmt: skip
-    """Images of one model (``config``: a one-file model's configs; ``lora``: an adapter merged
-    into it and its scale) for the repeated prompt list (same seeds and CFG for every model)."""
+    """Images of one model (``config``: a one-file model's configs; ``loras``: adapters merged
+    into it, with their scales) for the repeated prompt list (same seeds and CFG for every
+    model)."""
     from diffalign.commands.sample import (
         load_optional_reward,
         load_sampling_pipeline,
@@ -149,7 +151,7 @@ def _sample(model: str, config: str | None, lora: tuple[str | None, float], prom
     )
     from diffalign.models import denoiser_of
 
-    pipeline = load_sampling_pipeline(model, device, dtype, config, *lora)
+    pipeline = load_sampling_pipeline(model, device, dtype, config, loras)
     pipeline.set_progress_bar_config(disable=args.quiet, desc=f"sampling {model}")
     size = args.resolution or denoiser_of(pipeline).config.sample_size * pipeline.vae_scale_factor
     reward = load_optional_reward(args.reward, device)
@@ -211,8 +213,8 @@ def _write_outputs(args, columns, images, baseline_images, loras, device) -> Non
     side_by_side(grids, columns=args.num_images_per_prompt).save(args.out / "grid.png")
     rows = metric_rows(columns)
     names = {
-        "model": model_label(args.model, *loras["--model"]),
-        "baseline": args.baseline and model_label(args.baseline, *loras["--baseline"]),
+        "model": model_label(args.model, loras["--model"]),
+        "baseline": args.baseline and model_label(args.baseline, loras["--baseline"]),
     }
     text = (f"{len(images)} images per model, sampler {args.sampler}, {args.steps} steps, "
             f"CFG {args.guidance_scale}, seed {args.seed}; model: {names['model']}"
@@ -225,10 +227,7 @@ def _write_outputs(args, columns, images, baseline_images, loras, device) -> Non
         sections.append(Section("Warnings", " ".join(warnings)))
     Report("diffalign eval", sections).write(args.out)
     settings = {key: getattr(args, key) for key in ("prompts", "sampler", "steps", "seed")}
-    (lora, scale), (baseline_lora, baseline_scale) = loras["--model"], loras["--baseline"]
-    adapters = {"lora": lora, "lora_scale": scale if lora else None,
-                "baseline_lora": baseline_lora,
-                "baseline_lora_scale": baseline_scale if baseline_lora else None}  # fmt: skip
+    adapters = {**lora_record(loras["--model"]), **lora_record(loras["--baseline"], "baseline_")}
     results = {**columns["model"], "baseline": columns.get("baseline"), "model": args.model,
                "baseline_model": args.baseline, **adapters,
                "guidance_scale": args.guidance_scale, **settings}  # fmt: skip

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from diffalign.commands._common import (
     add_out_argument,
     add_tree_arguments,
     lora_of,
+    lora_record,
     model_config_of,
     quiet_libraries,
     resolve_device,
@@ -116,13 +118,12 @@ def load_sampling_pipeline(
     device: torch.device | str,
     dtype: torch.dtype,
     config: str | None = None,
-    lora: str | None = None,
-    lora_scale: float = 1.0,
+    loras: Sequence[tuple[str, float]] = (),
 ) -> DiffusionPipeline:
     """A DDIM-scheduled Stable Diffusion (or SDXL) pipeline for ``--model`` (folder, hub id,
-    shipped, or a one-file checkpoint with its ``config`` folder), with the LoRA adapter ``lora``
-    (a folder or file, :func:`diffalign.lora.load_lora`) merged in at ``lora_scale`` when
-    given; a flow-matching
+    shipped, or a one-file checkpoint with its ``config`` folder), with the LoRA adapters
+    ``loras`` (each a folder or file, :func:`diffalign.lora.load_lora`, and the strength it is
+    merged in at; several add up, in order); a flow-matching
     model (SD3 too) keeps its scheduler and comes as a rollout pipeline, which steps it (the
     search samplers use the same components either way)."""
     import torch
@@ -141,9 +142,9 @@ def load_sampling_pipeline(
 
         pipeline = load_pipeline(resolve_shipped(model), StableDiffusionPipeline,
                                  torch_dtype=dtype, device=device, config=config)  # fmt: skip
-    if lora is not None:  # merged: sampling then costs what the plain model costs
-        load_lora(pipeline, lora).fuse_lora(lora_scale=lora_scale)  # every component it adapts
-        pipeline.unload_lora_weights()
+    for lora, scale in loras:  # merged: sampling then costs what the plain model costs
+        load_lora(pipeline, lora).fuse_lora(lora_scale=scale)  # every component it adapts
+        pipeline.unload_lora_weights()  # the next one loads onto the merged weights
     pipeline.scheduler = as_ddim_scheduler(pipeline.scheduler)
     return plain_sampling_pipeline(pipeline)
 
@@ -240,8 +241,8 @@ def run(args: argparse.Namespace) -> int:
         quiet_libraries()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    lora, lora_scale = lora_of(args)
-    pipeline = load_sampling_pipeline(args.model, device, dtype, model_config, lora, lora_scale)
+    loras = lora_of(args)
+    pipeline = load_sampling_pipeline(args.model, device, dtype, model_config, loras)
     if args.guidance_scale is None:
         args.guidance_scale = model_guidance_scale(args.model, 7.5, model_config)
     pipeline.set_progress_bar_config(disable=args.quiet)
@@ -260,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     records = _sample_records(repeated, rewards, per_image, [Path(f).name for f in files])
     atomic_write_text(args.out / "samples.json", json.dumps(records, indent=2))
     results = {
-        "model": args.model, "lora": lora, "lora_scale": lora_scale if lora else None,
+        "model": args.model, **lora_record(loras),
         "sampler": args.sampler, "prompts": prompts,
         "num_images": len(images), "resolution": size, "steps": args.steps, "eta": args.eta,
         "guidance_scale": args.guidance_scale, "seed": args.seed, "reward": args.reward,

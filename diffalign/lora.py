@@ -135,11 +135,19 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold the active LoRA adapter into the base weights and remove the adapter layers."""
+    """Fold the active LoRA adapter into the base weights and remove the adapter layers (a
+    diffusers UNet / transformer, or a transformers text encoder)."""
     if not has_lora(model):
         raise ValueError("The model has no LoRA adapter to merge.")
-    model.fuse_lora(lora_scale=1.0)
-    model.unload_lora()
+    if hasattr(model, "fuse_lora"):  # diffusers' models
+        model.fuse_lora(lora_scale=1.0)
+        model.unload_lora()
+        return model
+    from peft.tuners.lora import LoraLayer
+
+    for layer in [module for module in model.modules() if isinstance(module, LoraLayer)]:
+        layer.merge()  # its active adapters
+    _drop_adapter(model, "", strip=True)
     return model
 
 
@@ -177,8 +185,8 @@ def copy_lora_weights(
 ) -> None:
     """Fill the denoiser's existing adapter ``adapter_name`` with the weights of the LoRA at
     ``path`` (a folder or file, as :func:`load_lora` reads): a trainer's start from a saved
-    adapter. The saved one must adapt the same layers at the same rank and scale, and only the
-    denoiser.
+    adapter. The saved one must adapt the same layers at the same ranks and scales; its
+    text-encoder layers, if any, are not copied (:func:`load_text_encoder_lora` loads them).
 
     Raises:
         LoraLayoutError: it does not (the message says which setting to change).
@@ -205,6 +213,7 @@ class LoraLayout:
     layers: frozenset[str]
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    text_encoders: tuple[str, ...] = ()  # the other components it adapts (kept as they are)
 
     def settings(self) -> dict[str, Any]:
         """The layout as training settings (``lora_rank``, ``lora_alpha``, ...)."""
@@ -219,14 +228,42 @@ def lora_layout(pipeline: DiffusionPipeline, path: str | os.PathLike) -> LoraLay
     by loading it into ``pipeline`` beside its adapters and taking it out again: the settings a
     run needs to train that adapter on.
 
+    The layout describes the denoiser's layers; ``text_encoders`` names the other components
+    it adapts (:func:`load_text_encoder_lora` loads those as they are).
+
     Raises:
-        LoraLayoutError: it adapts a text encoder too, or it does not load.
+        LoraLayoutError: it does not load, or adapts no layer of the denoiser.
     """
-    candidates = _adaptable_layers(denoiser_of(pipeline))
+    name = denoiser_name(pipeline)
+    candidates = _adaptable_layers(getattr(pipeline, name))
     with _staged_lora(pipeline, path) as staging:
-        _check_denoiser_only(pipeline, path, staging)
-        layers = lora_layers(denoiser_of(pipeline), staging)
-        return _layout_of(layers, staging, _target_suffixes(candidates, set(layers)))
+        layers = lora_layers(getattr(pipeline, name), staging)
+        if not layers:
+            raise LoraLayoutError(f"The LoRA at {path} adapts no layer of the {name}.")
+        others = tuple(part for part, module in _components(pipeline).items()
+                       if part != name and has_adapter(module, staging))  # fmt: skip
+        layout = _layout_of(layers, staging, _target_suffixes(candidates, set(layers)))
+    return dataclasses.replace(layout, text_encoders=others)
+
+
+def load_text_encoder_lora(
+    pipeline: DiffusionPipeline, path: str | os.PathLike, adapter_name: str = "default"
+) -> tuple[str, ...]:
+    """Load the text-encoder layers of the LoRA at ``path`` (none: nothing changes) into the
+    pipeline's text encoders as the adapter ``adapter_name``, frozen, and not its denoiser
+    layers: a run that trains the denoiser part of a LoRA keeps its text-encoder part as it is.
+    Returns the components it adapted. The denoiser must not hold ``adapter_name`` yet."""
+    name = denoiser_name(pipeline)
+    denoiser = getattr(pipeline, name)
+    had_lora = has_lora(denoiser)
+    load_lora(pipeline, path, adapter_name)
+    _drop_adapter(denoiser, adapter_name, strip=not had_lora)
+    encoders = tuple(part for part, module in _components(pipeline).items()
+                     if part != name and has_adapter(module, adapter_name))  # fmt: skip
+    for part in encoders:
+        for layer in lora_layers(getattr(pipeline, part), adapter_name).values():
+            layer.requires_grad_(False)
+    return encoders
 
 
 def _layout_of(
@@ -278,12 +315,16 @@ def _target_suffixes(candidates: Sequence[str], adapted: set[str]) -> tuple[str,
 @contextlib.contextmanager
 def _staged_lora(pipeline: DiffusionPipeline, path: str | os.PathLike) -> Iterator[str]:
     """The LoRA at ``path`` loaded into ``pipeline`` under a staging name for the block, taken
-    out after it (with the peft layers it added to components that had none)."""
+    out after it (with the peft layers it added to components that had none), every parameter
+    as trainable or frozen as before (peft's adapter switching makes active adapters
+    trainable)."""
     import warnings
 
     staging = "diffalign_staged"
     components = _components(pipeline)
     had_lora = {name for name, module in components.items() if has_lora(module)}
+    trainable = {parameter: parameter.requires_grad for module in components.values()
+                 for parameter in module.parameters()}  # fmt: skip
     with warnings.catch_warnings():  # peft's notes on a second adapter and on deleting it
         warnings.simplefilter("ignore", UserWarning)
         load_lora(pipeline, path, adapter_name=staging)
@@ -292,6 +333,8 @@ def _staged_lora(pipeline: DiffusionPipeline, path: str | os.PathLike) -> Iterat
         finally:
             for name, module in components.items():
                 _drop_adapter(module, staging, strip=name not in had_lora)
+            for parameter, was_trainable in trainable.items():
+                parameter.requires_grad_(was_trainable)
 
 
 def _components(pipeline: DiffusionPipeline) -> dict[str, nn.Module]:
@@ -330,7 +373,6 @@ def _span(values: list[float]) -> str:
 def _check_lora_fits(pipeline, path, source: str, target: str) -> None:
     """Raise a LoraLayoutError unless the adapter ``source`` (loaded from ``path``) adapts the
     denoiser alone, at the layers, rank and scale of ``target``."""
-    _check_denoiser_only(pipeline, path, source)
     name = denoiser_name(pipeline)
     denoiser = getattr(pipeline, name)
     given, wanted = lora_layers(denoiser, source), lora_layers(denoiser, target)
@@ -357,19 +399,6 @@ def _setting(key: str, value: Any) -> str:
     if isinstance(value, dict):
         return f"lora_{key}=<{len(value)} layers>" if value else f"lora_{key}={{}}"
     return f"lora_{key}={value:g}"
-
-
-def _check_denoiser_only(pipeline: DiffusionPipeline, path, adapter_name: str) -> None:
-    """Raise a LoraLayoutError if the adapter ``adapter_name`` (loaded from ``path``) adapts a
-    component besides the denoiser (a text encoder)."""
-    name = denoiser_name(pipeline)
-    others = [part for part, module in pipeline.components.items()
-              if part != name and has_adapter(module, adapter_name)]  # fmt: skip
-    if others:
-        raise LoraLayoutError(
-            f"The LoRA at {path} also adapts the {', '.join(others)}; diffalign trains the "
-            f"{name} alone. Start from an adapter of the {name} only."
-        )
 
 
 def _layer_differences(given: dict, wanted: dict) -> str:

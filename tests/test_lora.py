@@ -162,15 +162,32 @@ def test_a_saved_adapters_layout_is_read_as_run_settings(targets, suffixes, tmp_
     assert not lora.has_lora(pipe.unet)  # read, then taken out again
 
 
-def test_a_layout_with_text_encoder_layers_is_refused(tmp_path):
+def test_the_text_encoder_part_of_a_lora_loads_alone_and_frozen(tmp_path):
     saved = models.build_tiny_pipeline(seed=0)
     lora.add_lora(saved.unet, rank=2)
     saved.text_encoder.add_adapter(LoraConfig(r=2, target_modules=["q_proj", "out_proj"]))
+    perturb_lora(saved.text_encoder)
     lora.save_lora(saved, tmp_path / "lora")
     pipe = models.build_tiny_pipeline(seed=0)
-    with pytest.raises(lora.LoraLayoutError, match="also adapts the text_encoder"):
-        lora.lora_layout(pipe, tmp_path / "lora")
+    layout = lora.lora_layout(pipe, tmp_path / "lora")
+    assert layout.text_encoders == ("text_encoder",) and layout.rank == 2
     assert not lora.has_lora(pipe.unet) and not lora.has_lora(pipe.text_encoder)
+    assert lora.load_text_encoder_lora(pipe, tmp_path / "lora") == ("text_encoder",)
+    assert not lora.has_lora(pipe.unet)
+    layers = lora.lora_layers(pipe.text_encoder)
+    assert len(layers) == 4 and not any(p.requires_grad for p in pipe.text_encoder.parameters())
+    prompt = pipe.tokenizer(["a red circle"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        adapted = pipe.text_encoder(prompt)[0]
+        torch.testing.assert_close(adapted, saved.text_encoder(prompt)[0])
+        lora.merge_lora(pipe.text_encoder)  # a transformers model: merged through peft
+        assert not lora.has_lora(pipe.text_encoder)
+        torch.testing.assert_close(pipe.text_encoder(prompt)[0], adapted)
+    with pytest.raises(lora.LoraLayoutError, match="adapts no layer of the unet"):
+        encoder_only = models.build_tiny_pipeline(seed=0)
+        encoder_only.text_encoder.add_adapter(LoraConfig(r=2, target_modules=["q_proj"]))
+        lora.save_lora(encoder_only, tmp_path / "encoder_only")
+        lora.lora_layout(models.build_tiny_pipeline(seed=0), tmp_path / "encoder_only")
 
 
 def test_a_layout_keeps_the_layers_of_other_ranks_and_alphas(tmp_path):

@@ -153,21 +153,38 @@ def test_a_run_started_from_a_saved_adapter_begins_where_that_run_ended(tmp_path
         AWMConfig(init_lora=str(kohya), use_lora=False).validate()
 
 
-def test_a_run_starts_from_an_adapter_whose_ranks_vary_by_layer(tmp_path):
+def test_a_run_starts_from_a_web_ui_lora_of_varying_ranks_and_with_text_encoder_layers(tmp_path):
+    from peft import LoraConfig
+
     from diffalign.kohya_lora import save_kohya_lora
     from diffalign.lora import add_lora, layers_matching, lora_layout
+
+    from .test_lora import perturb_lora
 
     web_ui = load_pipeline(shipped_model_path())  # a kohya file resized per layer, as web UIs have
     add_lora(web_ui.unet, rank=8, alpha=8, rank_pattern={"attn2.to_k": 2, "attn2.to_v": 2},
              alpha_pattern={"to_out.0": 4})  # fmt: skip
+    web_ui.text_encoder.add_adapter(LoraConfig(r=4, target_modules=["q_proj", "out_proj"]))
+    perturb_lora(web_ui.text_encoder)  # sd-scripts trains the text encoder too by default
     kohya = save_kohya_lora(web_ui, tmp_path / "resized.safetensors")
     run = tmp_path / "run"
     argv = ["train", "awm", "--recipe", "tiny-shapes", *TINY, "--set", f"init_lora={kohya}"]
     assert main([*argv, "--out", str(run)]) == 0
     given = lora_layout(load_pipeline(shipped_model_path()), kohya)
     trained = lora_layout(load_pipeline(shipped_model_path()), run / "lora")  # the same layout
-    for key in ("rank", "alpha", "rank_pattern", "alpha_pattern", "layers"):
+    for key in ("rank", "alpha", "rank_pattern", "alpha_pattern", "layers", "text_encoders"):
         assert getattr(trained, key) == getattr(given, key)
+    # the text encoder's part stays as the file has it, in lora/ and merged into final/
+    written = run / "lora" / "kohya_lora.safetensors"
+    with safe_open(str(kohya), "pt") as start, safe_open(str(written), "pt") as end:
+        encoder_keys = [key for key in start.keys() if key.startswith("lora_te_")]  # noqa: SIM118
+        assert encoder_keys and all(torch.equal(start.get_tensor(key), end.get_tensor(key))
+                                    for key in encoder_keys)  # fmt: skip
+    expected = load_lora(load_pipeline(shipped_model_path()), kohya)
+    merge_lora(expected.text_encoder)
+    final_encoder = load_pipeline(run / "final").text_encoder.state_dict()
+    for name, weight in expected.text_encoder.state_dict().items():
+        torch.testing.assert_close(final_encoder[name], weight)
     cross_kv = sorted(layers_matching(web_ui.unet, ["attn2.to_k", "attn2.to_v"]))
     assert given.rank_pattern == dict.fromkeys(cross_kv, 2)
     out = sorted(layers_matching(web_ui.unet, ["to_out.0"]))

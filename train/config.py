@@ -140,7 +140,7 @@ class TrainConfig(BaseConfig):
         default=None,
         metadata={"help": "start the adapter from this LoRA: a diffusers LoRA folder (a run's "
                           "lora/) or a .safetensors file (kohya's too); its ranks, alphas and "
-                          "layers replace the lora_* settings"},
+                          "layers replace the lora_* settings; text-encoder layers stay frozen"},
     )  # fmt: skip
     gradient_checkpointing: bool = False
     cast_frozen_weights: bool = field(

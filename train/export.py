@@ -9,6 +9,7 @@ and the LoRA merged: the same pipeline ``final/`` would have held, had the run e
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,8 @@ from diffalign.checkpoint import CheckpointError, load_checkpoint
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
+
+logger = logging.getLogger(__name__)
 
 
 def is_training_checkpoint(path: str | Path) -> bool:
@@ -48,6 +51,7 @@ def pipeline_from_checkpoint(path: str | Path, pipeline_cls: type | None = None,
     pipeline = load_pipeline(base, pipeline_cls, config=config.get("model_config"), **kwargs)
     unet = denoiser_of(pipeline)  # the UNet, or SD3's transformer
     if config.get("use_lora", True):
+        _load_init_text_encoders(pipeline, config.get("init_lora"))
         add_lora(unet, **lora_options(config))
     else:
         unet.requires_grad_(True)
@@ -56,10 +60,26 @@ def pipeline_from_checkpoint(path: str | Path, pipeline_cls: type | None = None,
     with torch.no_grad():
         for name, value in weights.items():
             trained[name].copy_(value)
-    if merge and has_lora(unet):
-        merge_lora(unet)
+    if merge:
+        for part in pipeline.components.values():
+            if isinstance(part, torch.nn.Module) and has_lora(part):
+                merge_lora(part)
     unet.requires_grad_(False).eval()
     return pipeline
+
+
+def _load_init_text_encoders(pipeline: DiffusionPipeline, init_lora: str | None) -> None:
+    """Put the text-encoder layers of the adapter a run started from (``init_lora``), which
+    it kept as they were and its checkpoints do not hold, back into the text encoders."""
+    from diffalign.lora import load_text_encoder_lora
+
+    if init_lora is None:
+        return
+    if not Path(init_lora).exists():
+        logger.warning("The run started from init_lora %s, which is not there now: text-encoder "
+                       "layers it may have had are left out.", init_lora)  # fmt: skip
+        return
+    load_text_encoder_lora(pipeline, init_lora)
 
 
 def _trained_weights(states: dict, names: list[str], use_ema: bool, path: Path) -> dict:

@@ -248,11 +248,17 @@ class Trainer:
     def _adopt_init_lora_layout(self) -> None:
         """Set the LoRA settings (rank, alpha, targets, per-layer patterns) to the layout of the
         adapter the run starts from (``init_lora``), as peft's ``from_pretrained`` takes a saved
-        adapter's config, saying what it changed."""
-        from diffalign.lora import layers_matching, lora_layout
+        adapter's config, saying what it changed; its text-encoder layers, if it has any, go
+        into the text encoders as they are (frozen: the run trains the denoiser's)."""
+        from diffalign.lora import layers_matching, load_text_encoder_lora, lora_layout
 
         config = self.config
         layout = lora_layout(self.pipeline, config.init_lora)
+        if layout.text_encoders:
+            load_text_encoder_lora(self.pipeline, config.init_lora)
+            logger.warning("init_lora: the %s layers of %s stay as they are (frozen); the run "
+                           "trains its %s layers.", " and ".join(layout.text_encoders),
+                           config.init_lora, denoiser_name(self.pipeline))  # fmt: skip
         changes = {key: value for key, value in layout.settings().items()
                    if getattr(config, key) != value}  # fmt: skip
         if config.lora_alpha is None and layout.alpha == layout.rank:
@@ -900,10 +906,12 @@ class Trainer:
         if self.accelerator.is_main_process:
             plain = plain_pipeline(self.pipeline, **{denoiser_name(self.pipeline): denoiser})
             if has_lora(denoiser):
-                save_lora(plain, self.out / "lora")
+                save_lora(plain, self.out / "lora")  # with init_lora's text-encoder layers
                 if denoiser_name(plain) == "unet":  # SD3's stays in diffusers' format only
                     save_kohya_lora(plain, self.out / "lora" / KOHYA_LORA_FILE)
-                merge_lora(denoiser)
+                for adapted in [denoiser, *self._frozen_components().values()]:
+                    if has_lora(adapted):
+                        merge_lora(adapted)
             plain.save_pretrained(final)
             self._record_sampling(final)
             rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]

@@ -245,7 +245,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
-    def _adopt_init_lora_layout(self) -> None:
+    def _start_from_init_lora(self) -> None:
         """Set the LoRA settings (rank, alpha, targets, per-layer patterns) to the layout of the
         adapter the run starts from (``init_lora``), as peft's ``from_pretrained`` takes a saved
         adapter's config, saying what it changed; its text-encoder layers, if it has any, go
@@ -275,7 +275,7 @@ class Trainer:
         from diffalign.lora import add_lora, copy_lora_weights
 
         if self.config.use_lora and self.config.init_lora is not None:
-            self._adopt_init_lora_layout()
+            self._start_from_init_lora()
         config = self.config
         self.reference_denoiser = None  # the KL reference: the adapter-disabled network under
         if config.beta_kl > 0 and not config.use_lora:  # LoRA, else a copy, made before sharding

@@ -1,6 +1,8 @@
 """LoRA adapters on diffusers pipelines, through peft: attach, switch off (the KL reference),
 merge, save in diffusers' format, load (diffusers' or kohya's layout, with a one-line error for a
-LoRA of another base model), describe, and fill an adapter from a saved one (a trainer's start).
+LoRA of another base model, leaving the pipeline as it was), describe, read a saved LoRA's
+layout as training settings, and start a run from one (its denoiser layers copied into the
+run's adapter, its text-encoder layers loaded frozen).
 
 kohya's single-file layout for A1111 / ComfyUI is :mod:`diffalign.kohya_lora`; extracting a LoRA
 from a fully fine-tuned model is :mod:`diffalign.lora_extract`.
@@ -147,7 +149,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     for layer in [module for module in model.modules() if isinstance(module, LoraLayer)]:
         layer.merge()  # its active adapters
-    _drop_adapter(model, "", strip=True)
+    _strip_peft(model)
     return model
 
 
@@ -497,17 +499,24 @@ class _BelowLevel:
 def _drop_adapter(module: nn.Module, adapter_name: str, strip: bool) -> None:
     """Remove the adapter ``adapter_name`` from ``module``; with ``strip``, every peft layer and
     config (a component that had no LoRA before)."""
-    from diffusers.utils.peft_utils import recurse_remove_peft_layers
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if strip:
-        recurse_remove_peft_layers(module)
-        if hasattr(module, "peft_config"):
-            del module.peft_config
-        if hasattr(module, "_hf_peft_config_loaded"):
-            module._hf_peft_config_loaded = False
+        _strip_peft(module)
         return
     for layer in module.modules():
         if isinstance(layer, BaseTunerLayer) and adapter_name in getattr(layer, "lora_A", {}):
             layer.delete_adapter(adapter_name)
     (getattr(module, "peft_config", None) or {}).pop(adapter_name, None)
+
+
+def _strip_peft(module: nn.Module) -> None:
+    """Put every peft layer of ``module`` back to the layer it wraps and forget its adapters'
+    configs (what a merged or never-adapted module should hold)."""
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+    recurse_remove_peft_layers(module)
+    if hasattr(module, "peft_config"):
+        del module.peft_config
+    if hasattr(module, "_hf_peft_config_loaded"):
+        module._hf_peft_config_loaded = False

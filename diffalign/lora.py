@@ -496,6 +496,13 @@ class _BelowLevel:
         return record.levelno < self.level
 
 
+def drop_adapter(module: nn.Module, adapter_name: str = "default") -> None:
+    """Remove the adapter ``adapter_name`` from ``module`` (a pipeline component); with no
+    adapter left, its peft layers too, so that it is the plain network again."""
+    others = [name for name in (getattr(module, "peft_config", None) or {}) if name != adapter_name]
+    _drop_adapter(module, adapter_name, strip=not others)
+
+
 def _drop_adapter(module: nn.Module, adapter_name: str, strip: bool) -> None:
     """Remove the adapter ``adapter_name`` from ``module``; with ``strip``, every peft layer and
     config (a component that had no LoRA before)."""

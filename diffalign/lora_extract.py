@@ -8,6 +8,9 @@ adapter (scale 1), which :func:`diffalign.lora.save_lora` or
 :func:`diffalign.kohya_lora.save_kohya_lora` then writes: a file of megabytes instead of
 gigabytes. How much of the change the adapter keeps is reported, and so is what no LoRA can
 hold (changed biases, normalization and embedding weights): nothing is dropped silently.
+
+:func:`resize_lora` does the same for a LoRA adapter itself (kohya's ``resize_lora``): each
+layer's change kept at a smaller rank.
 """
 
 from __future__ import annotations
@@ -111,10 +114,109 @@ def _low_rank(change: Tensor, rank: int) -> tuple[Tensor, Tensor, float, float]:
     matrix = change.reshape(change.shape[0], -1)
     left, values, right = torch.linalg.svd(matrix, full_matrices=False)
     used = min(rank, values.numel())
-    root = values[:used].sqrt()
+    kept_down, kept_up, energy, kept = _split_directions(left, values, right, used)
     down = torch.zeros(rank, matrix.shape[1])
     up = torch.zeros(matrix.shape[0], rank)
-    down[:used] = root[:, None] * right[:used]
-    up[:, :used] = left[:, :used] * root
+    down[:used], up[:, :used] = kept_down, kept_up
+    return down, up, energy, kept
+
+
+def _split_directions(left: Tensor, values: Tensor, right: Tensor, used: int):
+    """``(down, up, energy, kept)`` from an SVD ``left @ diag(values) @ right``: its ``used``
+    largest directions as LoRA factors, each taking the square root of the singular values;
+    ``energy`` is the squared norm of the whole, ``kept`` of the part kept."""
+    root = values[:used].sqrt()
     squares = values.square()
-    return down, up, float(squares.sum()), float(squares[:used].sum())
+    return (root[:, None] * right[:used], left[:, :used] * root, float(squares.sum()),
+            float(squares[:used].sum()))  # fmt: skip
+
+
+@dataclasses.dataclass
+class LoraResize:
+    """What :func:`resize_lora` did.
+
+    Attributes:
+        rank: the largest rank a layer now has.
+        layers: the adapted layers (``component.path``), all of them resized or kept.
+        kept: the fraction of the adapter's change (its squared Frobenius norm, over all layers)
+            the resized adapter reproduces; 1.0 when no layer had more than ``rank`` directions.
+        already_small: how many layers had at most ``rank`` directions (kept whole, at their
+            own rank).
+    """
+
+    rank: int
+    layers: list[str]
+    kept: float
+    already_small: int
+
+    def describe(self) -> str:
+        """One line for a log or a command's output."""
+        return (f"resized {len(self.layers)} layers to rank <= {self.rank} "
+                f"({self.already_small} already were), keeping {100 * self.kept:.1f}% of the "
+                "adapter's change")  # fmt: skip
+
+
+def resize_lora(pipeline, rank: int, adapter_name: str = "default") -> LoraResize:
+    """Replace the LoRA adapter ``adapter_name`` of every component of ``pipeline`` it adapts
+    by the closest one of rank ``rank`` (kohya's ``resize_lora``): per layer, the ``rank``
+    largest singular directions of its change ``scale * B @ A``, found through the QR factors of
+    ``B`` and ``A`` (an SVD of a rank x rank core, not of the whole weight). A layer of lower
+    rank keeps its own (the adapter's ``rank_pattern``); the new adapter has scale 1.
+
+    Raises:
+        ValueError: ``rank`` < 1, no component has the adapter, or it is a DoRA adapter.
+    """
+    from diffalign.lora import lora_layers
+
+    if rank < 1:
+        raise ValueError(f"The LoRA rank must be >= 1, got {rank}.")
+    components = {name: part for name, part in pipeline.components.items()
+                  if isinstance(part, nn.Module) and lora_layers(part, adapter_name)}  # fmt: skip
+    if not components:
+        raise ValueError(f"The pipeline has no LoRA adapter named {adapter_name!r} to resize.")
+    energy, kept, small, names = 0.0, 0.0, 0, []
+    for name, module in components.items():
+        factors = {}
+        for path, layer in lora_layers(module, adapter_name).items():
+            if layer.use_dora.get(adapter_name, False):
+                raise ValueError("A DoRA adapter cannot be resized as a LoRA (its magnitudes).")
+            down, up, total, reproduced = _resized_factors(layer, adapter_name, rank)
+            factors[path] = (down, up)
+            energy, kept = energy + total, kept + reproduced
+            small += layer.r[adapter_name] <= rank
+            names.append(f"{name}.{path}")
+        _replace_adapter(module, factors, rank, adapter_name)
+    return LoraResize(rank, names, kept / energy if energy else 1.0, small)
+
+
+def _resized_factors(layer: nn.Module, adapter_name: str, rank: int):
+    """``(down, up, energy, kept)`` for one peft LoRA layer: factors of its change at rank
+    ``min(rank, its rank)``, shaped as its own ``lora_A`` / ``lora_B`` weights are."""
+    a = layer.lora_A[adapter_name].weight.detach().float()
+    b = layer.lora_B[adapter_name].weight.detach().float()
+    down_flat, up_flat = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    q_up, r_up = torch.linalg.qr(up_flat)  # out x r, r x r
+    q_down, r_down = torch.linalg.qr(down_flat.T)  # in x r, r x r
+    core = float(layer.scaling[adapter_name]) * r_up @ r_down.T
+    left, values, right = torch.linalg.svd(core)
+    used = min(rank, values.numel())
+    down, up, energy, kept = _split_directions(q_up @ left, values, right @ q_down.T, used)
+    down, up = down.reshape(used, *a.shape[1:]), up.reshape(b.shape[0], used, *b.shape[2:])
+    return down, up, energy, kept
+
+
+def _replace_adapter(module: nn.Module, factors: dict, rank: int, adapter_name: str) -> None:
+    """Swap ``module``'s adapter ``adapter_name`` for one holding ``factors`` (by layer path),
+    at scale 1."""
+    from diffalign.lora import add_lora, drop_adapter, lora_layers
+
+    ranks = {path: down.shape[0] for path, (down, _) in factors.items()}
+    smaller = {path: value for path, value in ranks.items() if value != rank}
+    drop_adapter(module, adapter_name)
+    add_lora(module, rank=rank, alpha=rank, target_modules=list(factors),
+             adapter_name=adapter_name, rank_pattern=smaller, alpha_pattern=smaller)  # fmt: skip
+    layers = lora_layers(module, adapter_name)
+    with torch.no_grad():
+        for path, (down, up) in factors.items():
+            layers[path].lora_A[adapter_name].weight.copy_(down)
+            layers[path].lora_B[adapter_name].weight.copy_(up)

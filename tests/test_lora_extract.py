@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffalign import lora, models
-from diffalign.lora_extract import extract_lora
+from diffalign.lora_extract import extract_lora, resize_lora
 
 from .test_lora import perturb_lora
 
@@ -81,3 +81,87 @@ def test_what_no_lora_holds_is_reported_and_bad_inputs_are_refused():
     other = models.build_tiny_unet(seed=0, cross_attention_dim=48)
     with pytest.raises(ValueError, match="differ in architecture"):
         extract_lora(tuned, other, rank=2)
+
+
+def _changes(module):
+    """Each LoRA layer's change ``scale * B @ A``, flattened to a matrix, by path."""
+    changes = {}
+    for path, layer in lora.lora_layers(module).items():
+        down, up = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        product = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+        changes[path] = layer.scaling["default"] * product.detach()
+    return changes
+
+
+def test_resizing_keeps_each_layers_largest_directions_at_scale_one():
+    pipe = models.build_tiny_pipeline(seed=0)
+    lora.add_lora(pipe.unet, rank=3, alpha=6, target_modules=[QUERY])  # scale 2
+    layer = _layer(pipe.unet)
+    with torch.no_grad():  # scale * B @ A = diag(3, 2, 1) in the first three rows and columns
+        layer.lora_B["default"].weight.zero_()[:3, :3] = torch.diag(torch.tensor([1.5, 1.0, 0.5]))
+        layer.lora_A["default"].weight.zero_()[:3, :3] = torch.eye(3)
+    report = resize_lora(pipe, rank=1)
+    assert report.kept == pytest.approx(9 / 14) and report.already_small == 0
+    resized = _layer(pipe.unet)
+    assert (resized.r["default"], resized.scaling["default"]) == (1, 1.0)
+    expected = torch.zeros_like(_changes(pipe.unet)[QUERY])
+    expected[0, 0] = 3.0
+    torch.testing.assert_close(_changes(pipe.unet)[QUERY], expected)
+
+
+def test_resizing_a_whole_adapter_gives_the_best_approximation_per_layer():
+    from peft import LoraConfig
+
+    pipe = models.build_tiny_pipeline(seed=0)
+    lora.add_lora(pipe.unet, rank=8, alpha=4, target_modules=["to_q", "to_k", "conv1"],
+                  rank_pattern={"to_k": 2})  # fmt: skip
+    pipe.text_encoder.add_adapter(LoraConfig(r=8, target_modules=["q_proj"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for part in (pipe.unet, pipe.text_encoder):
+            for name, weight in part.named_parameters():
+                if "lora_" in name:
+                    weight.copy_(0.1 * torch.randn(weight.shape, generator=generator))
+    before = {part: _changes(getattr(pipe, part)) for part in ("unet", "text_encoder")}
+    images = _images(pipe)
+    same = resize_lora(pipe, rank=8)  # every layer already at most rank 8: the same adapter
+    assert same.kept == pytest.approx(1.0) and same.already_small == len(same.layers) == 26
+    torch.testing.assert_close(_images(pipe), images, atol=1e-5, rtol=1e-4)
+    report = resize_lora(pipe, rank=3)
+    assert 0.3 < report.kept < 1 and report.already_small == 8  # the rank-2 to_k layers
+    for part, changes in before.items():
+        for path, change in changes.items():
+            left, values, right = torch.linalg.svd(change)
+            best = (left[:, :3] * values[:3]) @ right[:3]
+            torch.testing.assert_close(_changes(getattr(pipe, part))[path], best,
+                                       atol=1e-5, rtol=1e-4)  # fmt: skip
+    ranks = {layer.r["default"] for layer in lora.lora_layers(pipe.unet).values()}
+    assert ranks == {2, 3}
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        resize_lora(pipe, rank=0)
+    with pytest.raises(ValueError, match="no LoRA adapter named 'other'"):
+        resize_lora(pipe, rank=2, adapter_name="other")
+
+
+def test_convert_resizes_a_lora_file(tmp_path, capsys):
+    from safetensors import safe_open
+
+    from diffalign.cli import main
+    from diffalign.kohya_lora import save_kohya_lora
+
+    base = tmp_path / "base"
+    pipe = models.build_tiny_pipeline(seed=0)
+    pipe.save_pretrained(base)
+    lora.add_lora(pipe.unet, rank=8)
+    perturb_lora(pipe.unet)
+    kohya = save_kohya_lora(pipe, tmp_path / "rank8.safetensors")
+    out = tmp_path / "rank2.safetensors"
+    argv = ["convert", "--lora", str(kohya), "--model", str(base), "--lora-rank", "2"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "resized 32 layers to rank <= 2" in capsys.readouterr().out
+    with safe_open(str(out), "pt") as written:
+        downs = [written.get_tensor(key) for key in written.keys()  # noqa: SIM118
+                 if key.endswith("lora_down.weight")]  # fmt: skip
+    assert len(downs) == 32 and {down.shape[0] for down in downs} == {2}
+    with pytest.raises(SystemExit, match="--lora-rank is the rank of an adapter"):
+        main(["convert", "--model", str(base), "--lora-rank", "2", "--out", str(tmp_path / "x")])

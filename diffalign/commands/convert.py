@@ -15,6 +15,9 @@ layout) for the base model ``BASE``: ``OUT.safetensors`` is written in kohya's l
 ComfyUI), any other ``OUT`` as a diffusers LoRA folder. A training checkpoint as ``L`` brings its
 own base model (no ``--model``).
 
+``--lora-rank R`` with ``--lora`` resizes the adapter to rank ``R`` on the way (kohya's
+``resize_lora``: each layer's ``R`` largest singular directions).
+
 ``diffalign convert --model TUNED --base BASE [--lora-rank 32] --out OUT`` extracts a LoRA adapter
 from a fully fine-tuned model instead (:mod:`diffalign.lora_extract`): the low-rank part of how
 ``TUNED``'s denoiser differs from ``BASE``'s, written as above.
@@ -48,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default=None,
                         help="extract a LoRA adapter from --model instead: the model it was "
                              "fine-tuned from")  # fmt: skip
-    parser.add_argument("--lora-rank", type=int, default=32,
-                        help="the extracted adapter's rank (with --base)")  # fmt: skip
+    parser.add_argument("--lora-rank", type=int, default=None,
+                        help="the extracted adapter's rank (with --base; default 32), or the "
+                             "rank to resize --lora to (its largest directions kept)")  # fmt: skip
     parser.add_argument("--save-precision", choices=tuple(SAVE_PRECISIONS), default=None,
                         help="the written weights' precision (default: as loaded; fp16 halves "
                              "a file, as A1111 / ComfyUI models and kohya LoRAs usually "
@@ -94,7 +98,10 @@ def _to_write(args: argparse.Namespace, config: str | None):
     if args.base:
         return _extracted_lora(args, config)
     if args.lora:
-        return _pipeline_with_lora(args, config)
+        return _resized(_pipeline_with_lora(args, config), args.lora_rank)
+    if args.lora_rank is not None:
+        raise SystemExit("error: diffalign convert: --lora-rank is the rank of an adapter: give "
+                         "--lora (to resize it) or --base (to extract one).")  # fmt: skip
     if not args.model:
         raise SystemExit("error: diffalign convert: give --model (a model) or --lora (an adapter).")
     from diffalign.models import load_pipeline
@@ -141,6 +148,19 @@ def _pipeline_with_lora(args: argparse.Namespace, config: str | None):
     return pipeline
 
 
+def _resized(pipeline, rank: int | None):
+    """``pipeline`` with its adapter resized to ``rank`` (None: as it is)."""
+    from diffalign.lora_extract import resize_lora
+
+    if rank is None:
+        return pipeline
+    try:
+        print(resize_lora(pipeline, rank).describe())
+    except ValueError as error:
+        raise SystemExit(f"error: diffalign convert: {error}") from None
+    return pipeline
+
+
 def _extracted_lora(args: argparse.Namespace, config: str | None):
     """``--base`` with the adapter extracted from ``--model``'s change of it."""
     from diffalign.lora_extract import extract_lora
@@ -152,7 +172,7 @@ def _extracted_lora(args: argparse.Namespace, config: str | None):
     tuned = load_pipeline(args.model, config=config)
     base = load_pipeline(args.base)
     try:
-        report = extract_lora(denoiser_of(tuned), denoiser_of(base), args.lora_rank)
+        report = extract_lora(denoiser_of(tuned), denoiser_of(base), args.lora_rank or 32)
     except ValueError as error:
         raise SystemExit(f"error: diffalign convert: {error}") from None
     print(report.describe())

@@ -140,58 +140,77 @@ class LoraResize:
         layers: the adapted layers (``component.path``), all of them resized or kept.
         kept: the fraction of the adapter's change (its squared Frobenius norm, over all layers)
             the resized adapter reproduces; 1.0 when no layer had more than ``rank`` directions.
-        already_small: how many layers had at most ``rank`` directions (kept whole, at their
-            own rank).
+        already_small: how many layers had at most ``rank`` directions.
+        keep: the share of each layer's change it was asked to keep (None: all ``rank``
+            directions, whatever they hold).
+        ranks: each layer's new rank, by ``component.path``.
     """
 
     rank: int
     layers: list[str]
     kept: float
     already_small: int
+    keep: float | None = None
+    ranks: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def describe(self) -> str:
         """One line for a log or a command's output."""
-        return (f"resized {len(self.layers)} layers to rank <= {self.rank} "
-                f"({self.already_small} already were), keeping {100 * self.kept:.1f}% of the "
-                "adapter's change")  # fmt: skip
+        chosen, by_share = sorted(set(self.ranks.values())), ""
+        if self.keep is not None:
+            by_share = (f", each to the rank that keeps {100 * self.keep:g}% of its change "
+                        f"(ranks {chosen[0]} to {chosen[-1]})")  # fmt: skip
+        return (f"resized {len(self.layers)} layers to rank <= {self.rank}{by_share} "
+                f"({self.already_small} already were at most {self.rank}), keeping "
+                f"{100 * self.kept:.1f}% of the adapter's change")  # fmt: skip
 
 
-def resize_lora(pipeline, rank: int, adapter_name: str = "default") -> LoraResize:
+def resize_lora(
+    pipeline, rank: int, adapter_name: str = "default", keep: float | None = None
+) -> LoraResize:
     """Replace the LoRA adapter ``adapter_name`` of every component of ``pipeline`` it adapts
     by the closest one of rank ``rank`` (kohya's ``resize_lora``): per layer, the ``rank``
     largest singular directions of its change ``scale * B @ A``, found through the QR factors of
     ``B`` and ``A`` (an SVD of a rank x rank core, not of the whole weight). A layer of lower
     rank keeps its own (the adapter's ``rank_pattern``); the new adapter has scale 1.
 
+    With ``keep`` (0 < keep <= 1), each layer gets the smallest rank, up to ``rank``, whose
+    directions hold that share of its change's squared norm (kohya's dynamic ``sv_fro``): layers
+    whose change is nearly low-rank shrink further.
+
     Raises:
-        ValueError: ``rank`` < 1, no component has the adapter, or it is a DoRA adapter.
+        ValueError: ``rank`` < 1, ``keep`` outside (0, 1], no component has the adapter, or it
+            is a DoRA adapter.
     """
     from diffalign.lora import lora_layers
 
     if rank < 1:
         raise ValueError(f"The LoRA rank must be >= 1, got {rank}.")
+    if keep is not None and not 0 < keep <= 1:
+        raise ValueError(f"keep is a share of each layer's change, in (0, 1]; got {keep}.")
     components = {name: part for name, part in pipeline.components.items()
                   if isinstance(part, nn.Module) and lora_layers(part, adapter_name)}  # fmt: skip
     if not components:
         raise ValueError(f"The pipeline has no LoRA adapter named {adapter_name!r} to resize.")
-    energy, kept, small, names = 0.0, 0.0, 0, []
+    energy, kept, small, ranks = 0.0, 0.0, 0, {}
     for name, module in components.items():
         factors = {}
         for path, layer in lora_layers(module, adapter_name).items():
             if layer.use_dora.get(adapter_name, False):
                 raise ValueError("A DoRA adapter cannot be resized as a LoRA (its magnitudes).")
-            down, up, total, reproduced = _resized_factors(layer, adapter_name, rank)
+            down, up, total, reproduced = _resized_factors(layer, adapter_name, rank, keep)
             factors[path] = (down, up)
             energy, kept = energy + total, kept + reproduced
             small += layer.r[adapter_name] <= rank
-            names.append(f"{name}.{path}")
+            ranks[f"{name}.{path}"] = down.shape[0]
         _replace_adapter(module, factors, rank, adapter_name)
-    return LoraResize(rank, names, kept / energy if energy else 1.0, small)
+    share = kept / energy if energy else 1.0
+    return LoraResize(rank, list(ranks), share, small, keep, ranks)
 
 
-def _resized_factors(layer: nn.Module, adapter_name: str, rank: int):
+def _resized_factors(layer: nn.Module, adapter_name: str, rank: int, keep: float | None):
     """``(down, up, energy, kept)`` for one peft LoRA layer: factors of its change at rank
-    ``min(rank, its rank)``, shaped as its own ``lora_A`` / ``lora_B`` weights are."""
+    ``min(rank, its rank)`` (with ``keep``, at most the rank holding that share of the change),
+    shaped as its own ``lora_A`` / ``lora_B`` weights are."""
     a = layer.lora_A[adapter_name].weight.detach().float()
     b = layer.lora_B[adapter_name].weight.detach().float()
     down_flat, up_flat = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
@@ -199,7 +218,7 @@ def _resized_factors(layer: nn.Module, adapter_name: str, rank: int):
     q_down, r_down = torch.linalg.qr(down_flat.T)  # in x r, r x r
     core = float(layer.scaling[adapter_name]) * r_up @ r_down.T
     left, values, right = torch.linalg.svd(core)
-    used = min(rank, values.numel())
+    used = min(rank, values.numel(), _rank_keeping(values, keep))
     down, up, energy, kept = _split_directions(q_up @ left, values, right @ q_down.T, used)
     down, up = down.reshape(used, *a.shape[1:]), up.reshape(b.shape[0], used, *b.shape[2:])
     return down, up, energy, kept
@@ -220,3 +239,13 @@ def _replace_adapter(module: nn.Module, factors: dict, rank: int, adapter_name: 
         for path, (down, up) in factors.items():
             layers[path].lora_A[adapter_name].weight.copy_(down)
             layers[path].lora_B[adapter_name].weight.copy_(up)
+
+
+def _rank_keeping(values: Tensor, keep: float | None) -> int:
+    """The fewest of the (descending) singular ``values`` whose squares hold the share ``keep``
+    of their sum (None, or a zero change: all of them)."""
+    squares = values.square()
+    if keep is None or not squares.sum() > 0:
+        return values.numel()
+    shares = squares.cumsum(0) / squares.sum()
+    return int((shares < keep * (1 - 1e-6)).sum()) + 1

@@ -93,13 +93,30 @@ def _changes(module):
     return changes
 
 
-def test_resizing_keeps_each_layers_largest_directions_at_scale_one():
+def _three_directions():
+    """The tiny pipeline with a rank-3 adapter (scale 2) on one layer whose change has singular
+    values 3, 2 and 1."""
     pipe = models.build_tiny_pipeline(seed=0)
     lora.add_lora(pipe.unet, rank=3, alpha=6, target_modules=[QUERY])  # scale 2
     layer = _layer(pipe.unet)
     with torch.no_grad():  # scale * B @ A = diag(3, 2, 1) in the first three rows and columns
         layer.lora_B["default"].weight.zero_()[:3, :3] = torch.diag(torch.tensor([1.5, 1.0, 0.5]))
         layer.lora_A["default"].weight.zero_()[:3, :3] = torch.eye(3)
+    return pipe
+
+
+@pytest.mark.parametrize(("keep", "rank", "kept"), [(0.6, 1, 9 / 14), (0.9, 2, 13 / 14),
+                                                    (0.95, 3, 1.0), (1.0, 3, 1.0)])  # fmt: skip
+def test_resizing_by_share_keeps_the_fewest_directions_that_hold_it(keep, rank, kept):
+    pipe = _three_directions()  # squared singular values 9, 4, 1 of 14
+    report = resize_lora(pipe, rank=3, keep=keep)
+    assert report.ranks == {f"unet.{QUERY}": rank} and report.kept == pytest.approx(kept)
+    assert _layer(pipe.unet).r["default"] == rank
+    assert f"keeps {100 * keep:g}% of its change (ranks {rank} to {rank})" in report.describe()
+
+
+def test_resizing_keeps_each_layers_largest_directions_at_scale_one():
+    pipe = _three_directions()
     report = resize_lora(pipe, rank=1)
     assert report.kept == pytest.approx(9 / 14) and report.already_small == 0
     resized = _layer(pipe.unet)
@@ -139,6 +156,8 @@ def test_resizing_a_whole_adapter_gives_the_best_approximation_per_layer():
     assert ranks == {2, 3}
     with pytest.raises(ValueError, match="rank must be >= 1"):
         resize_lora(pipe, rank=0)
+    with pytest.raises(ValueError, match=r"keep is a share of each layer's change, in \(0, 1\]"):
+        resize_lora(pipe, rank=2, keep=1.5)
     with pytest.raises(ValueError, match="no LoRA adapter named 'other'"):
         resize_lora(pipe, rank=2, adapter_name="other")
 
@@ -165,3 +184,7 @@ def test_convert_resizes_a_lora_file(tmp_path, capsys):
     assert len(downs) == 32 and {down.shape[0] for down in downs} == {2}
     with pytest.raises(SystemExit, match="--lora-rank is the rank of an adapter"):
         main(["convert", "--model", str(base), "--lora-rank", "2", "--out", str(tmp_path / "x")])
+    assert main([*argv, "--lora-keep", "0.5", "--out", str(tmp_path / "shrunk")]) == 0
+    assert "each to the rank that keeps 50% of its change" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--lora-keep picks each layer's rank when resizing"):
+        main([*argv[:-2], "--lora-keep", "0.5", "--out", str(tmp_path / "x")])

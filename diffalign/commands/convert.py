@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-rank", type=int, default=None,
                         help="the extracted adapter's rank (with --base; default 32), or the "
                              "rank to resize --lora to (its largest directions kept)")  # fmt: skip
+    parser.add_argument("--lora-keep", type=float, default=None, metavar="SHARE",
+                        help="resizing --lora: each layer's smallest rank (up to --lora-rank) "
+                             "that keeps this share of its change, e.g. 0.9")  # fmt: skip
     parser.add_argument("--save-precision", choices=tuple(SAVE_PRECISIONS), default=None,
                         help="the written weights' precision (default: as loaded; fp16 halves "
                              "a file, as A1111 / ComfyUI models and kohya LoRAs usually "
@@ -97,8 +100,11 @@ def _to_write(args: argparse.Namespace, config: str | None):
                          "extracts one: give one of them.")  # fmt: skip
     if args.base:
         return _extracted_lora(args, config)
+    if args.lora_keep is not None and not (args.lora and args.lora_rank):
+        raise SystemExit("error: diffalign convert: --lora-keep picks each layer's rank when "
+                         "resizing: give --lora and --lora-rank (the largest) too.")  # fmt: skip
     if args.lora:
-        return _resized(_pipeline_with_lora(args, config), args.lora_rank)
+        return _resized(_pipeline_with_lora(args, config), args.lora_rank, args.lora_keep)
     if args.lora_rank is not None:
         raise SystemExit("error: diffalign convert: --lora-rank is the rank of an adapter: give "
                          "--lora (to resize it) or --base (to extract one).")  # fmt: skip
@@ -148,14 +154,15 @@ def _pipeline_with_lora(args: argparse.Namespace, config: str | None):
     return pipeline
 
 
-def _resized(pipeline, rank: int | None):
-    """``pipeline`` with its adapter resized to ``rank`` (None: as it is)."""
+def _resized(pipeline, rank: int | None, keep: float | None = None):
+    """``pipeline`` with its adapter resized to ``rank`` (None: as it is), each layer to the
+    rank keeping the share ``keep`` of its change when given."""
     from diffalign.lora_extract import resize_lora
 
     if rank is None:
         return pipeline
     try:
-        print(resize_lora(pipeline, rank).describe())
+        print(resize_lora(pipeline, rank, keep=keep).describe())
     except ValueError as error:
         raise SystemExit(f"error: diffalign convert: {error}") from None
     return pipeline

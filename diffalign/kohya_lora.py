@@ -193,7 +193,7 @@ def apply_kohya_alphas(
         return 0
     changed = 0
     for component, layers in _named_layers(pipeline, adapter_name, refuse_dora=False).items():
-        config = getattr(pipeline, component).peft_config[adapter_name]
+        corrected = {}
         for layer_path, (name, layer) in layers.items():
             alpha, rank = alphas.get(name), layer.r[adapter_name]
             loaded = layer.scaling[adapter_name] * rank
@@ -201,8 +201,10 @@ def apply_kohya_alphas(
                 continue
             layer.lora_alpha[adapter_name] = alpha
             layer.scaling[adapter_name] = alpha / rank
-            config.alpha_pattern = {**config.alpha_pattern, layer_path: alpha}
-            changed += 1
+            corrected[layer_path] = alpha
+        config = getattr(pipeline, component).peft_config[adapter_name]
+        config.alpha_pattern = {**config.alpha_pattern, **corrected}
+        changed += len(corrected)
     return changed
 
 

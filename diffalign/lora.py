@@ -80,7 +80,7 @@ class LoraTargetError(ValueError):
 
 def _check_lora_targets(model: nn.Module, target_modules: Sequence[str]) -> None:
     """Raise a LoraTargetError naming the targets that match no Linear / Conv2d of ``model``."""
-    layers = _adaptable_layers(model)
+    layers = list(adaptable_layers(model))
     if not target_modules:
         raise LoraTargetError("No LoRA target modules given: name at least one (e.g. to_q).")
     missing = [t for t in target_modules if not any(_matches(n, t) for n in layers)]
@@ -93,11 +93,16 @@ def _check_lora_targets(model: nn.Module, target_modules: Sequence[str]) -> None
         )
 
 
-def _adaptable_layers(model: nn.Module) -> list[str]:
-    """The paths of the Linear and Conv2d layers of ``model`` a LoRA can adapt (those under a
-    peft layer by the path they had before it)."""
-    return [name.removesuffix(".base_layer") for name, module in model.named_modules()
-            if isinstance(module, (nn.Linear, nn.Conv2d)) and ".lora_" not in name]  # fmt: skip
+def adaptable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The Linear and (ungrouped) Conv2d layers of ``model`` a LoRA can adapt, by path (one
+    under a peft layer by the path it had before it)."""
+
+    def adaptable(module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d)
+                                                 and module.groups == 1)  # fmt: skip
+
+    return {name.removesuffix(".base_layer"): module for name, module in model.named_modules()
+            if ".lora_" not in name and adaptable(module)}  # fmt: skip
 
 
 def _matches(path: str, target: str) -> bool:
@@ -108,7 +113,7 @@ def _matches(path: str, target: str) -> bool:
 
 def layers_matching(model: nn.Module, target_modules: Sequence[str]) -> set[str]:
     """The paths of the layers of ``model`` that ``target_modules`` would adapt."""
-    return {path for path in _adaptable_layers(model)
+    return {path for path in adaptable_layers(model)
             if any(_matches(path, target) for target in target_modules)}  # fmt: skip
 
 
@@ -151,6 +156,15 @@ def merge_lora(model: nn.Module) -> nn.Module:
         layer.merge()  # its active adapters
     _strip_peft(model)
     return model
+
+
+def merge_every_lora(pipeline: DiffusionPipeline) -> DiffusionPipeline:
+    """Merge the LoRA layers of every component that has some (the denoiser's, and text
+    encoders' such as an ``init_lora``'s) into its weights."""
+    for component in _components(pipeline).values():
+        if has_lora(component):
+            merge_lora(component)
+    return pipeline
 
 
 def save_lora(
@@ -237,7 +251,7 @@ def lora_layout(pipeline: DiffusionPipeline, path: str | os.PathLike) -> LoraLay
         LoraLayoutError: it does not load, or adapts no layer of the denoiser.
     """
     name = denoiser_name(pipeline)
-    candidates = _adaptable_layers(getattr(pipeline, name))
+    candidates = list(adaptable_layers(getattr(pipeline, name)))
     with _staged_lora(pipeline, path) as staging:
         layers = lora_layers(getattr(pipeline, name), staging)
         if not layers:
@@ -379,7 +393,7 @@ def _check_lora_fits(pipeline, path, source: str, target: str) -> None:
     denoiser = getattr(pipeline, name)
     given, wanted = lora_layers(denoiser, source), lora_layers(denoiser, target)
     if given.keys() != wanted.keys():
-        targets = ", ".join(_target_suffixes(_adaptable_layers(denoiser), set(given)))
+        targets = ", ".join(_target_suffixes(list(adaptable_layers(denoiser)), set(given)))
         raise LoraLayoutError(
             f"The LoRA at {path} adapts {len(given)} layers of the {name}, the run's "
             f"lora_target_modules {len(wanted)}{_layer_differences(given, wanted)}. Set "

@@ -63,7 +63,7 @@ def extract_lora(
     Raises:
         ValueError: ``rank`` < 1, the two networks differ in architecture, or nothing changed.
     """
-    from diffalign.lora import add_lora, lora_layers
+    from diffalign.lora import adaptable_layers, add_lora, lora_layers
 
     if rank < 1:
         raise ValueError(f"The LoRA rank must be >= 1, got {rank}.")
@@ -74,7 +74,7 @@ def extract_lora(
         raise ValueError("The tuned and base networks differ in architecture: no LoRA turns one "
                          "into the other.")  # fmt: skip
     factors, energy, kept = {}, 0.0, 0.0
-    for path, module in _adaptable_layers(base).items():
+    for path, module in adaptable_layers(base).items():
         change = tuned_state[f"{path}.weight"].float() - module.weight.detach().float()
         if not change.any():
             continue
@@ -97,13 +97,6 @@ def extract_lora(
             for weight, factor in zip(weights, (down, up), strict=True):
                 weight.copy_(factor.reshape(weight.shape))  # a convolution's: 4-D
     return LoraExtraction(rank, sorted(factors), kept / energy, left_out)
-
-
-def _adaptable_layers(network: nn.Module) -> dict[str, nn.Module]:
-    """The Linear and (ungrouped) Conv2d layers a peft LoRA can adapt, by path."""
-    return {path: module for path, module in network.named_modules()
-            if isinstance(module, nn.Linear)
-            or (isinstance(module, nn.Conv2d) and module.groups == 1)}  # fmt: skip
 
 
 def _low_rank(change: Tensor, rank: int) -> tuple[Tensor, Tensor, float, float]:
@@ -137,21 +130,24 @@ class LoraResize:
 
     Attributes:
         rank: the largest rank a layer now has.
-        layers: the adapted layers (``component.path``), all of them resized or kept.
         kept: the fraction of the adapter's change (its squared Frobenius norm, over all layers)
             the resized adapter reproduces; 1.0 when no layer had more than ``rank`` directions.
         already_small: how many layers had at most ``rank`` directions.
         keep: the share of each layer's change it was asked to keep (None: all ``rank``
             directions, whatever they hold).
-        ranks: each layer's new rank, by ``component.path``.
+        ranks: each adapted layer's new rank, by ``component.path``.
     """
 
     rank: int
-    layers: list[str]
     kept: float
     already_small: int
     keep: float | None = None
     ranks: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[str]:
+        """The adapted layers (``component.path``), all of them resized or kept."""
+        return list(self.ranks)
 
     def describe(self) -> str:
         """One line for a log or a command's output."""
@@ -204,7 +200,7 @@ def resize_lora(
             ranks[f"{name}.{path}"] = down.shape[0]
         _replace_adapter(module, factors, rank, adapter_name)
     share = kept / energy if energy else 1.0
-    return LoraResize(rank, list(ranks), share, small, keep, ranks)
+    return LoraResize(rank, share, small, keep, ranks)
 
 
 def _resized_factors(layer: nn.Module, adapter_name: str, rank: int, keep: float | None):

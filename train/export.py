@@ -40,7 +40,7 @@ def pipeline_from_checkpoint(path: str | Path, pipeline_cls: type | None = None,
         CheckpointError: the checkpoint is damaged, or its weights do not fit the base model.
         ModelNotAvailableError: the run's base model cannot be found.
     """
-    from diffalign.lora import add_lora, has_lora, merge_lora
+    from diffalign.lora import add_lora, merge_every_lora
     from diffalign.models import denoiser_of, load_pipeline
     from diffalign.train.config import lora_options
     from diffalign.world import resolve_shipped
@@ -61,9 +61,7 @@ def pipeline_from_checkpoint(path: str | Path, pipeline_cls: type | None = None,
         for name, value in weights.items():
             trained[name].copy_(value)
     if merge:
-        for part in pipeline.components.values():
-            if isinstance(part, torch.nn.Module) and has_lora(part):
-                merge_lora(part)
+        merge_every_lora(pipeline)
     unet.requires_grad_(False).eval()
     return pipeline
 

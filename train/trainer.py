@@ -895,7 +895,7 @@ class Trainer:
         ``README.md``), ``lora/`` (the adapter alone: diffusers' format, and for a UNet kohya's
         one file for A1111 / ComfyUI) and ``reward_curve.png``."""
         from diffalign.kohya_lora import KOHYA_LORA_FILE, save_kohya_lora
-        from diffalign.lora import has_lora, merge_lora, save_lora
+        from diffalign.lora import has_lora, merge_every_lora, save_lora
         from diffalign.plots import plot_reward_curve
 
         final = self.out / "final"
@@ -909,9 +909,7 @@ class Trainer:
                 save_lora(plain, self.out / "lora")  # with init_lora's text-encoder layers
                 if denoiser_name(plain) == "unet":  # SD3's stays in diffusers' format only
                     save_kohya_lora(plain, self.out / "lora" / KOHYA_LORA_FILE)
-                for adapted in [denoiser, *self._frozen_components().values()]:
-                    if has_lora(adapted):
-                        merge_lora(adapted)
+                merge_every_lora(plain)  # with init_lora's text-encoder layers
             plain.save_pretrained(final)
             self._record_sampling(final)
             rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]

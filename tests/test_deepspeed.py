@@ -7,7 +7,10 @@ accelerator itself, as ``diffalign train`` does; without CUDA it runs DeepSpeed 
 """
 
 import itertools
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -186,6 +189,28 @@ def test_the_deepspeed_config_takes_batch_and_clipping_from_the_trainer():
         fill_deepspeed_config(ds_config, train_batch_size=4, num_processes=2, max_grad_norm=0.5)
     with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=4.*--set gradient_acc"):
         fill_deepspeed_config({"gradient_accumulation_steps": 4}, 4, 2, 1.0)
+
+
+UNWRAP_ON_CPU = """
+import logging, torch
+{imports}
+from accelerate import Accelerator
+Accelerator(cpu=True).unwrap_model(torch.nn.Linear(1, 1))  # imports DeepSpeed, as runs do
+logging.getLogger("DeepSpeed").warning("another DeepSpeed warning")
+"""
+
+
+@pytest.mark.parametrize("with_trainer", [False, True])
+def test_deepspeed_s_cpu_fallback_notice_stays_out_of_a_cpu_run_s_output(with_trainer):
+    # DeepSpeed prints "Setting accelerator to CPU. If you have GPU ..." to stdout on first use;
+    # accelerate imports it in every run, so the trainers drop that one notice (the control
+    # without them shows it is real); DeepSpeed's other warnings still pass
+    imports = "import diffalign.train.trainer" if with_trainer else ""
+    done = subprocess.run([sys.executable, "-c", UNWRAP_ON_CPU.format(imports=imports)],
+                          capture_output=True, text=True, check=True,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
+    assert ("Setting accelerator to CPU" in done.stdout) is not with_trainer
+    assert "another DeepSpeed warning" in done.stdout
 
 
 @requires_cuda

@@ -19,6 +19,7 @@ same parameter-group settings; it counts steps in an int, saved as AdamW's float
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,20 @@ BUCKET_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size",
                "stage3_param_persistence_threshold")  # fmt: skip
 """``zero_optimization`` keys accelerate can fill as ``auto`` only from a transformer's hidden
 size, which a UNet's config lacks; left out, they take DeepSpeed's defaults."""
+CPU_FALLBACK_NOTICE = "Setting accelerator to CPU"
+"""The start of the warning DeepSpeed prints to stdout on its first use without CUDA."""
+
+
+class _WithoutCpuFallbackNotice(logging.Filter):
+    """Drops DeepSpeed's "Setting accelerator to CPU. If you have GPU ..., we were unable to
+    detect it": accelerate imports DeepSpeed whenever it is installed (``unwrap_model`` does, in
+    every run), so a CPU run that never uses DeepSpeed printed it, misleadingly, to stdout."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(CPU_FALLBACK_NOTICE)
+
+
+logging.getLogger("DeepSpeed").addFilter(_WithoutCpuFallbackNotice())
 
 
 def deepspeed_launch() -> bool:

@@ -273,7 +273,8 @@ def run(args: argparse.Namespace) -> int:
     }  # fmt: skip
     path = write_metrics(args.out, "sample", results, device)
     mean = f", mean {args.reward} {results['reward_mean']:.3f}" if reward is not None else ""
-    print(f"{len(images)} images in {seconds:.1f} s ({nfe[1]} NFEs{mean}) -> {args.out}")
+    count = f"{len(images)} image" + ("s" if len(images) != 1 else "")
+    print(f"{count} in {seconds:.1f} s ({nfe[1]} NFEs{mean}) -> {args.out}")
     print(f"wrote {path}")
     return 0
 

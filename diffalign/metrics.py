@@ -151,6 +151,7 @@ def evaluate(
     samples_per_prompt: int = 1,
     steps: int = 25,
     guidance_scale: float | None = None,
+    negative_prompt: str | None = None,
     fid_weights: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
@@ -162,23 +163,29 @@ def evaluate(
         model_or_images: images, one per prompt; or a model (a Stable Diffusion pipeline, a
             folder, a hub id or ``diffalign:tiny-shapes``), sampled with deterministic DDIM,
             ``samples_per_prompt`` images per prompt (prompt-major), ``steps`` steps,
-            ``guidance_scale`` (default: the one recorded with a world model, else 7.5), ``seed``.
+            ``guidance_scale`` and ``negative_prompt`` (default: those recorded with a world
+            model or a trained run's ``final/``, else 7.5 and none), ``seed``.
         metrics: names as in the module docstring.
         reference: for FID / KID: real images (a tensor), a statistics file written by
             :meth:`FeatureStats.save`, a :class:`FeatureStats`, or a mapping from feature-network
             name to any of those.
         baseline: the baseline's images for the same prompts and seeds, or a baseline model
-            (sampled as the model is, with the same seeds), for win-rates.
+            (sampled as the model is: the same seeds and the model's guidance), for win-rates.
         fid_weights: the Inception weights file (or a CLIP folder for ``fid:NET``).
 
     Returns:
         ``{KEY: value, KEY_ci: [low, high], ..., "n": N, "fid_resize": ..., "warnings": [...]}``.
     """
-    sampling = {"samples_per_prompt": samples_per_prompt, "steps": steps,
-                "guidance_scale": guidance_scale, "seed": seed, "device": device,
-                "quiet": quiet}  # fmt: skip
+    from diffalign.world import model_guidance
+
     baseline_is_model = baseline is not None and not isinstance(baseline, torch.Tensor)
     if not isinstance(model_or_images, torch.Tensor):
+        guidance_scale, negative_prompt = model_guidance(  # one for the model and the baseline
+            _model_name(model_or_images), guidance_scale, negative_prompt
+        )
+        sampling = {"samples_per_prompt": samples_per_prompt, "steps": steps,
+                    "guidance_scale": guidance_scale, "negative_prompt": negative_prompt,
+                    "seed": seed, "device": device, "quiet": quiet}  # fmt: skip
         distinct = list(prompts)
         model_or_images, prompts = sample_model(model_or_images, distinct, **sampling)
         if baseline_is_model:
@@ -212,10 +219,13 @@ def sample_model(
     seed: int = 0,
     device: str | torch.device = "cpu",
     quiet: bool = True,
+    negative_prompt: str | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
     """Deterministic DDIM images of ``model`` (a pipeline or a model name) for every prompt,
-    ``samples_per_prompt`` each, and the prompt of each image (prompt-major)."""
-    from diffalign.world import model_guidance_scale
+    ``samples_per_prompt`` each, and the prompt of each image (prompt-major); the guidance
+    settings left unset are those recorded with a model name
+    (:func:`diffalign.world.model_guidance`)."""
+    from diffalign.world import model_guidance
     from diffalign.world.evaluate import generate
 
     if not prompts:
@@ -225,13 +235,17 @@ def sample_model(
         from diffalign.commands.sample import load_sampling_pipeline
 
         pipeline = load_sampling_pipeline(str(model), torch.device(device), torch.float32)
-    if guidance_scale is None:
-        name = str(model) if isinstance(model, (str, os.PathLike)) else ""
-        guidance_scale = model_guidance_scale(name, default=7.5)
+    guidance_scale, negative_prompt = model_guidance(_model_name(model), guidance_scale,
+                                                     negative_prompt)  # fmt: skip
     pipeline.set_progress_bar_config(disable=True)
     images = generate(pipeline, list(prompts), samples_per_prompt, steps, guidance_scale, seed,
-                      quiet=quiet)  # fmt: skip
+                      quiet=quiet, negative_prompt=negative_prompt)  # fmt: skip
     return images.float(), [p for p in prompts for _ in range(samples_per_prompt)]
+
+
+def _model_name(model: Any) -> str:
+    """A model given by name or folder as that name; a pipeline as "" (nothing recorded)."""
+    return str(model) if isinstance(model, (str, os.PathLike)) else ""
 
 
 def _check_inputs(images, prompts, baseline) -> None:

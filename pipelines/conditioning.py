@@ -169,10 +169,22 @@ def encode_conditioning(
     return positive, negative
 
 
+def negative_prompts(
+    prompt: str | list[str] | None, negative_prompt: str | list[str] | None
+) -> str | list[str] | None:
+    """``negative_prompt`` in the form of ``prompt``: one negative prompt for a list of prompts
+    becomes a list of it, which diffusers' SD ``encode_prompt`` insists on (a ``TypeError``
+    otherwise; SDXL and SD3 repeat it themselves)."""
+    if isinstance(negative_prompt, str) and isinstance(prompt, list):
+        return [negative_prompt] * len(prompt)
+    return negative_prompt
+
+
 def _encode(pipeline, prompt, device, num_images_per_prompt, use_cfg, negative_prompt, height,
             width, precomputed: dict) -> tuple[Conditioning, Conditioning | None]:  # fmt: skip
     """:func:`encode_conditioning` by the pipeline's ``encode_prompt``, every prompt as given."""
     family = pipeline_family(pipeline)
+    negative_prompt = negative_prompts(prompt, negative_prompt)
     if family == "sd":
         embeds, negative = pipeline.encode_prompt(
             prompt, device, num_images_per_prompt, use_cfg, negative_prompt, **precomputed

@@ -39,6 +39,7 @@ from diffalign.pipelines.conditioning import (
     Conditioning,
     as_conditioning,
     encode_conditioning,
+    negative_prompts,
 )
 from diffalign.sampling import load_schedule
 
@@ -440,4 +441,6 @@ def sample_images(pipeline: StableDiffusionPipeline, prompt: str | list[str], *,
     generator, ...) and DDIM's ``eta`` (on a flow model: Euler at 0, else the SDE's noise level)."""
     if isinstance(pipeline, _RolloutSampling):
         return pipeline(prompt, eta=eta, **call_kwargs).images
+    if "negative_prompt" in call_kwargs:
+        call_kwargs["negative_prompt"] = negative_prompts(prompt, call_kwargs["negative_prompt"])
     return pipeline(prompt, eta=eta, output_type="pt", **call_kwargs).images

@@ -405,6 +405,49 @@ def test_a_ddpo_update_moves_log_probs_the_way_of_the_advantages(tmp_path):
     assert (advantages * change).sum() > 0  # up for A > 0, down for A < 0, to first order
 
 
+@pytest.mark.parametrize("model", ["sd", "sdxl"])
+def test_rollouts_evaluations_and_final_take_the_negative_prompt(model, tmp_path, monkeypatch):
+    from diffalign.pipelines.conditioning import encode_conditioning
+    from diffalign.world import model_guidance
+
+    negative = "blurry, a red square"
+    config = DDPOConfig(max_steps=1, negative_prompt=negative, **SMALL)
+    trainer = _trainer(DDPOTrainer, config, tmp_path, model=model)
+    rollout = trainer.sample_round(0).rollout
+    device = trainer.pipeline._execution_device
+    for text, same in ((negative, True), (None, False)):  # None: diffusers' default
+        _, expected = encode_conditioning(trainer.pipeline, ["a"], device, 1, True, text)
+        assert torch.equal(rollout.negative_prompt_embeds[0], expected.embeds[0]) is same
+    called = []
+    sample = type(trainer.pipeline).__call__
+
+    def spy(self, *args, **kwargs):
+        called.append(kwargs)
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(trainer.pipeline), "__call__", spy)
+    trainer.train()  # rollouts, held-out evaluations, then final/ records it
+    assert len(called) >= 3 and all(kw["negative_prompt"] == negative for kw in called)
+    assert model_guidance(str(tmp_path / "final")) == (3.0, negative)  # sample / eval's
+    assert model_guidance(str(tmp_path / "final"), negative_prompt="") == (3.0, "")
+    assert model_guidance(str(tmp_path / "final"), 1.0) == (1.0, None)  # no CFG, none
+    assert negative in (tmp_path / "final" / "README.md").read_text()
+    out = tmp_path / "sampled"  # two prompts: diffusers' SD wants the negative prompt as a list
+    argv = ["sample", "--model", str(tmp_path / "final"), "--prompt", "a", "--prompt", "b",
+            "--steps", "2", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads((out / "metrics.json").read_text())["results"]["negative_prompt"] == negative
+
+
+def test_a_negative_prompt_without_guidance_is_refused(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="negative_prompt.*guidance_scale=1.0.*> 1"):
+        DDPOConfig(negative_prompt="blurry", guidance_scale=1.0)
+    argv = ["sample", "--model", "diffalign:tiny-random", "--prompt", "a", "--guidance-scale",
+            "1", "--negative-prompt", "blurry", "--out", str(tmp_path)]  # fmt: skip
+    with pytest.raises(SystemExit, match="--negative-prompt.*guidance scale 1 turns off"):
+        main(argv)
+
+
 def test_ddpo_noise_weighting_evens_out_the_steps_by_their_noise_level(tmp_path):
     config = DDPOConfig(max_steps=1, step_weighting="noise", **SMALL)
     trainer = _trainer(DDPOTrainer, config, tmp_path)

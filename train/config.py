@@ -95,6 +95,12 @@ class TrainConfig(BaseConfig):
     sample_batch_size: int = field(default=16, metadata={"help": "images per pipeline call"})
     num_inference_steps: int = 50
     guidance_scale: float = 5.0
+    negative_prompt: str | None = field(
+        default=None,
+        metadata={"help": "CFG's negative prompt for rollouts, held-out evaluations and the "
+                          "saved model's sampling (needs guidance_scale > 1); default: "
+                          "diffusers' (the empty prompt; zeros for SDXL)"},
+    )  # fmt: skip
     eta: float = field(
         default=1.0,
         metadata={"help": "DDIM eta of the rollouts (the SDE noise level on flow models)"},
@@ -201,6 +207,12 @@ class TrainConfig(BaseConfig):
             raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION}.")
         if self.log_with not in TRACKERS:
             raise ConfigError(f"log_with must be one of {TRACKERS}.")
+        if self.negative_prompt is not None and self.guidance_scale <= 1:
+            raise ConfigError(
+                f"negative_prompt is the unconditional side of classifier-free guidance, which "
+                f"guidance_scale={self.guidance_scale} turns off: set guidance_scale > 1, or "
+                "leave negative_prompt unset."
+            )
         if self.beta_kl < 0:
             raise ConfigError(
                 f"beta_kl must be >= 0 (0 turns the KL term off), got {self.beta_kl}."

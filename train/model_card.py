@@ -59,7 +59,7 @@ def model_card(method: str, config: TrainConfig, rows: list[dict], trip: GuardTr
         f"({config.prompts_per_step} prompts x {config.samples_per_prompt} images a round, "
         f"prompts from `{config.prompts}`), {adapter}, learning rate {config.learning_rate:g}, "
         f"seed {config.seed}. Sample it with {config.num_inference_steps} steps at CFG "
-        f"{config.guidance_scale:g}, as it was trained and evaluated.",
+        f"{config.guidance_scale:g}{_negative(config)}, as it was trained and evaluated.",
         "",
     ]
     if trip is not None:
@@ -95,6 +95,15 @@ def model_card(method: str, config: TrainConfig, rows: list[dict], trip: GuardTr
               f"(`pytorch_lora_weights.safetensors` for diffusers' `load_lora_weights`{kohya}).",
               ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _negative(config: TrainConfig) -> str:
+    """The card's words for the run's negative prompt (none when it had diffusers' default)."""
+    return (
+        ""
+        if config.negative_prompt is None
+        else f" with the negative prompt {config.negative_prompt!r}"
+    )
 
 
 def _lora_rank(config: TrainConfig) -> str:

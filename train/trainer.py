@@ -471,9 +471,11 @@ class Trainer:
     def _sampling_kwargs(self) -> dict:
         config = self.config
         size = {"height": config.resolution, "width": config.resolution}
+        negative = config.negative_prompt
+        negative = {} if negative is None else {"negative_prompt": negative}
         return {"num_inference_steps": config.num_inference_steps,
                 "guidance_scale": config.guidance_scale,
-                **(size if config.resolution else {})}  # fmt: skip
+                **(size if config.resolution else {}), **negative}  # fmt: skip
 
     def sample_round(self, step: int) -> RoundBatch:
         """Roll out this process's share of the round's prompts, score them, get advantages."""
@@ -962,6 +964,7 @@ class Trainer:
         trained and evaluated with, so that ``world eval`` / ``sample`` default to them as they
         do for the shipped models."""
         sampling = {"guidance_scale": self.config.guidance_scale,
+                    "negative_prompt": self.config.negative_prompt,
                     "num_inference_steps": self.config.num_inference_steps,
                     "chosen_on": f"the {self.method} run that trained this model"}  # fmt: skip
         record = {"config": self.config.to_dict(), "sampling": sampling}

@@ -55,6 +55,37 @@ def add_model_config_argument(parser: argparse.ArgumentParser, model_flag: str =
     )
 
 
+RECORDED_SCALE = "the one recorded with a world model or a trained run's final/, else 7.5"
+
+
+def add_guidance_arguments(parser: argparse.ArgumentParser,
+                           scale_default: str = RECORDED_SCALE) -> None:  # fmt: skip
+    """``--guidance-scale`` and ``--negative-prompt``: classifier-free guidance, by default as
+    recorded with the model (:func:`resolve_guidance`)."""
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help=f"CFG scale; default: {scale_default}")  # fmt: skip
+    parser.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                        help="CFG's negative prompt (needs a guidance scale > 1); default: the "
+                             "one a trained run's final/ was trained with, else diffusers' "
+                             "(empty)")  # fmt: skip
+
+
+def resolve_guidance(args: argparse.Namespace, model_config: str | None,
+                     model: str | None = None, default_scale: float = 7.5) -> None:  # fmt: skip
+    """Fill an unset ``--guidance-scale`` / ``--negative-prompt`` with what the model
+    (``model``, else ``--model``) records (:func:`diffalign.world.model_guidance`); exit when a
+    negative prompt is given without guidance."""
+    from diffalign.world import model_guidance
+
+    try:
+        args.guidance_scale, args.negative_prompt = model_guidance(
+            args.model if model is None else model, args.guidance_scale, args.negative_prompt,
+            default_scale, model_config,
+        )  # fmt: skip
+    except ValueError as error:
+        raise SystemExit(f"error: --negative-prompt: {error}.") from None
+
+
 def add_lora_argument(parser: argparse.ArgumentParser, model_flag: str = "--model") -> None:
     """``--lora`` and ``--lora-scale`` (``--baseline-lora`` and ``--baseline-lora-scale`` for
     ``--baseline``): LoRA adapters merged into that model before sampling, each at a strength."""

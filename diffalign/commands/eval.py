@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from diffalign.commands._common import (
     add_device_arguments,
+    add_guidance_arguments,
     add_lora_argument,
     add_model_config_argument,
     add_out_argument,
@@ -34,6 +35,7 @@ from diffalign.commands._common import (
     quiet_libraries,
     resolve_device,
     resolve_dtype,
+    resolve_guidance,
     write_metrics,
 )
 
@@ -76,8 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inverse-temperature", type=float, default=10.0)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--eta", type=float, default=None)
-    parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="default: the one recorded with a world model, else 7.5")  # fmt: skip
+    add_guidance_arguments(parser)
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -163,7 +164,6 @@ def run(args: argparse.Namespace) -> int:
     """Sample, measure, and write metrics.json, the report and the grids."""
     from diffalign.commands.sample import check_search_arguments
     from diffalign.metrics import evaluate, parse_metrics, reference_statistics
-    from diffalign.world import model_guidance_scale
 
     try:
         requests = parse_metrics(args.metrics)
@@ -172,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
     check_search_arguments(args)
     configs = {flag: model_config_of(args, flag) for flag in ("--model", "--baseline")}
     loras = {flag: lora_of(args, flag) for flag in ("--model", "--baseline")}
+    resolve_guidance(args, configs["--model"])  # one for both models: --model's recorded one
     if args.quiet:
         quiet_libraries()
     prompts = read_prompts(args.prompts, args.num_prompts)
@@ -188,8 +189,6 @@ def run(args: argparse.Namespace) -> int:
     stats = {n: reference_statistics(reference, n, args.fid_weights, device) for n in networks}
     for name, stat in stats.items():
         stat.save(args.out / f"reference_{name}.safetensors")
-    if args.guidance_scale is None:  # one scale for both models: the model's recorded one
-        args.guidance_scale = model_guidance_scale(args.model, 7.5, configs["--model"])
     columns: dict[str, dict[str, Any]] = {}
     images = _sample(args.model, configs["--model"], loras["--model"], prompts, args, device, dtype)
     baseline_images = None
@@ -216,8 +215,10 @@ def _write_outputs(args, columns, images, baseline_images, loras, device) -> Non
         "model": model_label(args.model, loras["--model"]),
         "baseline": args.baseline and model_label(args.baseline, loras["--baseline"]),
     }
+    negative = args.negative_prompt
+    negative = "" if negative is None else f" (negative prompt {negative!r})"
     text = (f"{len(images)} images per model, sampler {args.sampler}, {args.steps} steps, "
-            f"CFG {args.guidance_scale}, seed {args.seed}; model: {names['model']}"
+            f"CFG {args.guidance_scale}{negative}, seed {args.seed}; model: {names['model']}"
             + (f"; baseline: {names['baseline']}" if args.baseline else "")
             + ". Values with their 95% bootstrap intervals.")  # fmt: skip
     warnings = columns["model"].get("warnings", [])
@@ -226,7 +227,10 @@ def _write_outputs(args, columns, images, baseline_images, loras, device) -> Non
     if warnings:
         sections.append(Section("Warnings", " ".join(warnings)))
     Report("diffalign eval", sections).write(args.out)
-    settings = {key: getattr(args, key) for key in ("prompts", "sampler", "steps", "seed")}
+    settings = {
+        key: getattr(args, key)
+        for key in ("negative_prompt", "prompts", "sampler", "steps", "seed")
+    }
     adapters = {**lora_record(loras["--model"]), **lora_record(loras["--baseline"], "baseline_")}
     results = {**columns["model"], "baseline": columns.get("baseline"), "model": args.model,
                "baseline_model": args.baseline, **adapters,

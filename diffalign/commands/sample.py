@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from diffalign.commands._common import (
     add_device_arguments,
+    add_guidance_arguments,
     add_lora_argument,
     add_model_config_argument,
     add_out_argument,
@@ -32,6 +33,7 @@ from diffalign.commands._common import (
     quiet_libraries,
     resolve_device,
     resolve_dtype,
+    resolve_guidance,
     tree_settings_from_arguments,
     write_metrics,
 )
@@ -77,8 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="noise per step: DDIM's eta, or the SDE's noise level on a "
                              "flow-matching model (default: 0 for ddim, 1 for search "
                              "samplers)")  # fmt: skip
-    parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="default: the one recorded with a world model, else 7.5")  # fmt: skip
+    add_guidance_arguments(parser)
     parser.add_argument("--resolution", type=int, default=None, help="default: the model's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -173,7 +174,7 @@ def _sample_ddim(pipeline, prompts, args, size, reward):
     images = sample_images(
         pipeline, prompts, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
         eta=args.eta or 0.0, num_images_per_prompt=args.num_images_per_prompt, height=size,
-        width=size, generator=generator,
+        width=size, generator=generator, negative_prompt=args.negative_prompt,
     )  # fmt: skip
     repeated = [p for p in prompts for _ in range(args.num_images_per_prompt)]
     if reward is None:
@@ -193,7 +194,7 @@ def _sample_search(pipeline, prompts, args, size, reward):
         num_images_per_prompt=args.num_images_per_prompt, num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale, eta=1.0 if args.eta is None else args.eta,
         inverse_temperature=args.inverse_temperature, height=size, width=size, seed=args.seed,
-        output_type="pt", tree_settings=tree,
+        output_type="pt", tree_settings=tree, negative_prompt=args.negative_prompt,
     )  # fmt: skip
     extra = {"search": output.stats}
     if args.sampler in ("dts", "dts-star"):  # as the search ran them (mode and lambda set)
@@ -232,19 +233,17 @@ def run(args: argparse.Namespace) -> int:
     from diffalign.attention import enable_fused_attention
     from diffalign.imaging import make_grid, save_images
     from diffalign.models import denoiser_of
-    from diffalign.world import model_guidance_scale
 
     prompts = _prompts(args)
     check_search_arguments(args)
     model_config = model_config_of(args)
+    resolve_guidance(args, model_config)
     if args.quiet:
         quiet_libraries()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     loras = lora_of(args)
     pipeline = load_sampling_pipeline(args.model, device, dtype, model_config, loras)
-    if args.guidance_scale is None:
-        args.guidance_scale = model_guidance_scale(args.model, 7.5, model_config)
     pipeline.set_progress_bar_config(disable=args.quiet)
     reports = enable_fused_attention(pipeline, args.attention)
     reward = load_optional_reward(args.reward, device)
@@ -264,7 +263,8 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model, **lora_record(loras),
         "sampler": args.sampler, "prompts": prompts,
         "num_images": len(images), "resolution": size, "steps": args.steps, "eta": args.eta,
-        "guidance_scale": args.guidance_scale, "seed": args.seed, "reward": args.reward,
+        "guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt,
+        "seed": args.seed, "reward": args.reward,
         "reward_mean": rewards.nanmean().item() if reward is not None else None,
         "budget_nfe_per_prompt": args.budget_nfe, "nfe": nfe[1], "unet_evaluations": nfe[0],
         "nfe_per_image": per_image, "seconds": seconds,

@@ -22,11 +22,13 @@ import time
 from pathlib import Path
 
 from diffalign.commands._common import (
+    add_guidance_arguments,
     add_model_config_argument,
     add_out_argument,
     add_set_argument,
     model_config_of,
     quiet_libraries,
+    resolve_guidance,
     write_metrics,
 )
 from diffalign.world.grammar import SPLITS
@@ -41,8 +43,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_model_config_argument(parser)
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="CFG scale (default: the one recorded with the model)")  # fmt: skip
+    add_guidance_arguments(parser, "the one recorded with the model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_out_argument(parser)
@@ -111,7 +112,7 @@ def _load(args: argparse.Namespace):
 
     from diffalign.models import load_pipeline
     from diffalign.pipelines.rollout import plain_sampling_pipeline
-    from diffalign.world import recorded_guidance_scale, shipped_model_path
+    from diffalign.world import shipped_model_path
 
     config = model_config_of(args)
     if args.quiet:
@@ -120,42 +121,47 @@ def _load(args: argparse.Namespace):
     loaded = load_pipeline(path, pipeline_cls=StableDiffusionPipeline, config=config)
     pipeline = plain_sampling_pipeline(loaded)
     pipeline.set_progress_bar_config(disable=True)
-    scale = args.guidance_scale
-    if scale is None:  # a one-file model's: its config folder's
-        scale = recorded_guidance_scale(config or path)
-    return path, pipeline, scale
+    resolve_guidance(args, config, str(path), default_scale=3.0)
+    return path, pipeline
 
 
 def _sample(args: argparse.Namespace) -> int:
     from diffalign.imaging import make_grid
     from diffalign.world.evaluate import evaluate_prompts, generate
 
-    path, pipeline, scale = _load(args)
+    path, pipeline = _load(args)
     start = time.perf_counter()
-    images = generate(pipeline, args.prompt, args.num_images_per_prompt, args.steps, scale,
-                      args.seed, quiet=args.quiet)  # fmt: skip
+    images = generate(pipeline, args.prompt, args.num_images_per_prompt, args.steps,
+                      args.guidance_scale, args.seed, quiet=args.quiet,
+                      negative_prompt=args.negative_prompt)  # fmt: skip
     seconds = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     make_grid(images, columns=args.num_images_per_prompt).save(args.out / "grid.png")
     results = evaluate_prompts(images, args.prompt, args.num_images_per_prompt)
-    results.update(model=str(path), prompts=args.prompt, guidance_scale=scale, steps=args.steps,
+    results.update(model=str(path), prompts=args.prompt, **_guidance(args), steps=args.steps,
                    seed=args.seed, seconds=seconds)  # fmt: skip
     write_metrics(args.out, "world sample", results)
     print(f"shapes reward {results['shapes_mean']:.3f} over {len(images)} images -> {args.out}")
     return 0
 
 
+def _guidance(args: argparse.Namespace) -> dict:
+    """The CFG settings a sampled model ran with, for metrics.json."""
+    return {"guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt}
+
+
 def _eval(args: argparse.Namespace) -> int:
     from diffalign.world.evaluate import evaluate_prompts, generate, heldout_prompts
 
-    path, pipeline, scale = _load(args)
+    path, pipeline = _load(args)
     prompts = heldout_prompts(args.num_prompts, seed=args.seed, split=args.split)
     start = time.perf_counter()
-    images = generate(pipeline, prompts, args.samples_per_prompt, args.steps, scale, args.seed,
-                      quiet=args.quiet)  # fmt: skip
+    images = generate(pipeline, prompts, args.samples_per_prompt, args.steps,
+                      args.guidance_scale, args.seed, quiet=args.quiet,
+                      negative_prompt=args.negative_prompt)  # fmt: skip
     seconds = time.perf_counter() - start
     results = evaluate_prompts(images, prompts, args.samples_per_prompt)
-    results.update(model=str(path), split=args.split, guidance_scale=scale, steps=args.steps,
+    results.update(model=str(path), split=args.split, **_guidance(args), steps=args.steps,
                    seed=args.seed, seconds=seconds)  # fmt: skip
     write_metrics(args.out, "world eval", results)
     single = results["shapes_mean_single_object"]
@@ -173,7 +179,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     )
     from diffalign.world.evaluate import heldout_prompts
 
-    path, pipeline, _ = _load(args)
+    path, pipeline = _load(args)
     prompts = heldout_prompts(args.num_prompts, seed=args.seed, split=args.split)
     results = {
         "reward_ceiling": reward_ceiling(pipeline.vae, prompts, args.samples_per_prompt,

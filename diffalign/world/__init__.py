@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 TINY_SHAPES = "tiny-shapes"
 
@@ -34,27 +35,64 @@ def resolve_shipped(model: str) -> str:
     return model
 
 
+def recorded_sampling(path: str | Path, key: str, default: Any = None) -> Any:
+    """A sampling setting (``guidance_scale``, ``negative_prompt``) recorded with a model folder:
+    ``training.json``'s ``sampling`` entry (a world model's chosen on the validation split, a
+    trained run's as it trained), else its config, else a training checkpoint's run config
+    (``manifest.json``), else ``default``."""
+    record, manifest = Path(path) / "training.json", Path(path) / "manifest.json"
+    if record.is_file():
+        data = json.loads(record.read_text())
+        sections = [data.get("sampling"), data.get("config")]
+    elif manifest.is_file():
+        sections = [json.loads(manifest.read_text())["config"]]
+    else:
+        sections = []
+    return next((section[key] for section in sections if section and key in section), default)
+
+
 def recorded_guidance_scale(path: str | Path, default: float = 3.0) -> float:
-    """The CFG scale recorded with a world model: ``training.json``'s ``sampling`` entry (chosen on
-    the validation split), else the pretraining config's, else ``default``."""
-    record = Path(path) / "training.json"
-    manifest = Path(path) / "manifest.json"  # a training checkpoint: its run's setting
-    if not record.is_file() and manifest.is_file():
-        return float(json.loads(manifest.read_text())["config"].get("guidance_scale", default))
-    if not record.is_file():
+    """The CFG scale recorded with a world model or trained run (:func:`recorded_sampling`)."""
+    return float(recorded_sampling(path, "guidance_scale", default))
+
+
+def model_sampling(model: str, key: str, default: Any = None, config: str | None = None) -> Any:
+    """The sampling setting ``key`` recorded with ``model`` (``diffalign:<shipped>`` or a folder;
+    a one-file model: with its ``config`` folder), else ``default`` (hub ids and models without
+    a record)."""
+    if config is not None:
+        model = config  # a file holds weights only; its configs come from there
+    if not model:  # not a name (Path("") would be the working directory)
         return default
-    data = json.loads(record.read_text())
-    return float((data.get("sampling") or data["config"])["guidance_scale"])
+    if model.startswith(SHIPPED_PREFIX) and model != "diffalign:tiny-random":
+        return recorded_sampling(shipped_model_path(model.removeprefix(SHIPPED_PREFIX)), key,
+                                 default)  # fmt: skip
+    return recorded_sampling(model, key, default) if Path(model).is_dir() else default
 
 
 def model_guidance_scale(model: str, default: float = 3.0, config: str | None = None) -> float:
-    """The CFG scale recorded with ``model`` (``diffalign:<shipped>`` or a folder; a one-file
-    model: with its ``config`` folder), else ``default`` (hub ids and models without a
-    record)."""
-    if config is not None:
-        model = config  # a file holds weights only; its configs come from there
-    if model.startswith("diffalign:") and model != "diffalign:tiny-random":
-        return recorded_guidance_scale(
-            shipped_model_path(model.removeprefix("diffalign:")), default
+    """The CFG scale recorded with ``model`` (:func:`model_sampling`), else ``default``."""
+    return float(model_sampling(model, "guidance_scale", default, config))
+
+
+def model_guidance(
+    model: str,
+    guidance_scale: float | None = None,
+    negative_prompt: str | None = None,
+    default_scale: float = 7.5,
+    config: str | None = None,
+) -> tuple[float, str | None]:
+    """The classifier-free guidance to sample ``model`` with: ``guidance_scale`` and
+    ``negative_prompt`` as given, else as recorded with it (:func:`model_sampling`), else
+    ``default_scale`` and none (diffusers' default). A negative prompt is only taken with a scale
+    above 1; given with one at most 1, it raises ``ValueError``."""
+    if guidance_scale is None:
+        guidance_scale = model_guidance_scale(model, default_scale, config)
+    if negative_prompt is not None and guidance_scale <= 1:
+        raise ValueError(
+            f"a negative prompt is the unconditional side of classifier-free guidance, which "
+            f"guidance scale {guidance_scale:g} turns off: use a scale above 1"
         )
-    return recorded_guidance_scale(model, default) if Path(model).is_dir() else default
+    if negative_prompt is None and guidance_scale > 1:
+        negative_prompt = model_sampling(model, "negative_prompt", None, config)
+    return guidance_scale, negative_prompt

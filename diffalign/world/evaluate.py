@@ -38,8 +38,10 @@ def generate(
     seed: int = 0,
     batch_prompts: int = 16,
     quiet: bool = False,
+    negative_prompt: str | None = None,
 ) -> torch.Tensor:
-    """Images (len(prompts) * samples_per_prompt, 3, H, W) in [0, 1], prompt-major order.
+    """Images (len(prompts) * samples_per_prompt, 3, H, W) in [0, 1], prompt-major order
+    (``negative_prompt``: CFG's, else diffusers' default).
 
     ``pipeline`` is a ``StableDiffusionPipeline`` or, for flow-matching models, a
     :class:`~diffalign.pipelines.rollout.RolloutPipeline` (sampled deterministically, ``eta=0``).
@@ -52,7 +54,7 @@ def generate(
         chunk = list(prompts[start : start + batch_prompts])
         images = sample_images(
             pipeline, chunk, num_images_per_prompt=samples_per_prompt, num_inference_steps=steps,
-            guidance_scale=guidance_scale, generator=generator,
+            guidance_scale=guidance_scale, generator=generator, negative_prompt=negative_prompt,
         )  # fmt: skip
         chunks.append(images.cpu())
     return torch.cat(chunks)

@@ -204,12 +204,8 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
     return doomed
 
 
-def verify_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Check that every file of the checkpoint at ``path`` is present and intact.
-
-    Returns the manifest; raises ``CheckpointError`` naming the first problem found.
-    """
-    path = Path(path)
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the checkpoint at ``path``, in a format this diffalign reads."""
     manifest_file = path / MANIFEST
     if not manifest_file.is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST}).")
@@ -222,6 +218,22 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} has checkpoint format {manifest.get('format_version')!r}; this diffalign "
             f"reads format {FORMAT_VERSION}."
         )
+    return manifest
+
+
+def checkpoint_config(path: str | Path) -> dict[str, Any]:
+    """The run config recorded in the checkpoint at ``path`` (its manifest only: the weights
+    are neither read nor verified)."""
+    return _read_manifest(Path(path))["config"]
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check that every file of the checkpoint at ``path`` is present and intact.
+
+    Returns the manifest; raises ``CheckpointError`` naming the first problem found.
+    """
+    path = Path(path)
+    manifest = _read_manifest(path)
     for name, expected in manifest["files"].items():
         file = path / name
         if not file.is_file():

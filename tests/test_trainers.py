@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -70,6 +71,38 @@ def test_train_command_on_the_shipped_tiny_model_writes_a_loadable_run(method, t
     assert main(["train", method, "--recipe", "tiny-shapes", *TINY, "--out", str(tmp_path)]) == 2
     assert "already holds a training run" in capsys.readouterr().err
     assert (tmp_path / "metrics.jsonl").read_text() == logged
+
+
+def test_a_run_started_from_another_run_s_checkpoint_ends_where_that_run_does(tmp_path, capsys):
+    source, fork = tmp_path / "source", tmp_path / "fork"
+    awm = ["train", "awm"]
+    assert main([*awm, "--recipe", "tiny-shapes", *TINY, "--set", "save_every=1",
+                 "--out", str(source)]) == 0  # fmt: skip
+    logged = (source / "metrics.jsonl").read_text()
+    checkpoint = source / "checkpoints" / "checkpoint-00000001"
+    # no --recipe: the checkpoint's own settings; the source run is left as it was
+    assert main([*awm, "--resume-from", str(checkpoint), "--out", str(fork)]) == 0
+    assert (source / "metrics.jsonl").read_text() == logged
+    rows = {run: [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                  for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for run in (source, fork)}  # fmt: skip
+    assert rows[fork] == rows[source] and len(rows[fork]) == 3  # round 0 and 1 copied, 2 rerun
+    unet = Path("final") / "unet" / "diffusion_pytorch_model.safetensors"
+    _same_tensors(source / unet, fork / unet)
+    assert (fork / "config.yaml").read_text() == (source / "config.yaml").read_text()
+    # --resume without --recipe goes on with the run's own settings too (not the defaults)
+    assert main([*awm, "--resume", "--set", "max_steps=3", "--out", str(fork)]) == 0
+    assert json.loads((fork / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+    capsys.readouterr()
+    refusals = [(source, "a checkpoint of this run.*--out NEW.*--resume"),
+                (tmp_path / "other", "not a complete checkpoint")]  # fmt: skip
+    for out, error in refusals:
+        start = checkpoint if out == source else tmp_path
+        assert main([*awm, "--recipe", "tiny-shapes", "--resume-from", str(start),
+                     "--out", str(out)]) == 2  # fmt: skip
+        assert re.search(error, capsys.readouterr().err)
+    with pytest.raises(ValueError, match="not both"):
+        AWMTrainer(AWMConfig(**SMALL), tmp_path / "both").train(resume=True, resume_from=checkpoint)
 
 
 def test_a_reward_of_your_own_trains_and_checks_from_a_file(tmp_path):

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -713,17 +714,44 @@ class Trainer:
         latest = latest_checkpoint(self.out / "checkpoints")
         if latest is None:
             return False
-        checkpoint = load_checkpoint(latest)
+        self._load_checkpoint(latest)
+        self._write_rounds_until_step(self.metrics_path)
+        return True
+
+    def resume_from(self, checkpoint: str | os.PathLike) -> None:
+        """Start this run from ``checkpoint``, a ``checkpoint-<step>`` folder of another run: its
+        weights, optimizer, schedule, EMA, guard and trackers, at its round, as ``resume`` would
+        continue that run. ``out`` starts with the source run's ``metrics.jsonl`` rows up to
+        that round; the source run is left as it is."""
+        path = Path(checkpoint)
+        if path.resolve().parent == (self.out / "checkpoints").resolve():
+            raise FileExistsError(
+                f"{path} is a checkpoint of this run ({self.out}): going back to it would mix "
+                f"its later rounds with the new ones. Start a new run from it in another folder "
+                f"(--resume-from {path} --out NEW), or continue the latest with --resume."
+            )
+        self.refuse_existing_run()
+        self._load_checkpoint(path)
+        self._write_rounds_until_step(path.parent.parent / "metrics.jsonl")
+
+    def _load_checkpoint(self, path: Path) -> None:
+        """Load the checkpoint at ``path`` and log the settings this run changes from it."""
+        checkpoint = load_checkpoint(path)
         self.load_state(checkpoint.states)
         changed = changed_settings(checkpoint.config, self.config.to_dict())
         if changed and self.accelerator.is_main_process:
-            logger.warning("Resuming %s at round %d with changed settings: %s", self.out,
+            logger.warning("Resuming %s at round %d with changed settings: %s", path,
                            self.step, describe_changes(changed))  # fmt: skip
-        if self.accelerator.is_main_process and self.metrics_path.exists():
-            kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if (step := _logged_step(line)) is not None and step <= self.step]  # fmt: skip
-            atomic_write_text(self.metrics_path, "".join(f"{line}\n" for line in kept))
-        return True
+
+    def _write_rounds_until_step(self, source: Path) -> None:
+        """Write ``metrics.jsonl`` as the rows of ``source`` (a metrics file) up to the loaded
+        round: a resumed run drops the rounds after its checkpoint, which it runs again."""
+        if not self.accelerator.is_main_process or not source.exists():
+            return
+        kept = [line for line in source.read_text().splitlines()
+                if (step := _logged_step(line)) is not None and step <= self.step]  # fmt: skip
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.metrics_path, "".join(f"{line}\n" for line in kept))
 
     def refuse_existing_run(self) -> None:
         """Raise ``FileExistsError`` when ``out`` already holds a run (a checkpoint, logged rounds
@@ -752,13 +780,18 @@ class Trainer:
                 handle.write(json.dumps(row) + "\n")
         self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
-    def train(self, resume: bool = False) -> Path:
-        """Run to ``config.max_steps`` rounds (continuing the latest checkpoint with ``resume``);
-        returns the folder of the final pipeline. However the run ends, raising or not, its
-        trackers are flushed and closed and its process group is destroyed."""
+    def train(self, resume: bool = False, resume_from: str | os.PathLike | None = None) -> Path:
+        """Run to ``config.max_steps`` rounds (continuing the latest checkpoint with ``resume``,
+        or starting from another run's ``checkpoint-<step>`` folder with ``resume_from``, see
+        :meth:`resume_from`); returns the folder of the final pipeline. However the run ends,
+        raising or not, its trackers are flushed and closed and its process group is
+        destroyed."""
         config = self.config
+        if resume and resume_from is not None:
+            raise ValueError("Give resume (this run's latest checkpoint) or resume_from (another "
+                             "run's checkpoint), not both.")  # fmt: skip
         try:
-            final = self._train_rounds(resume)
+            final = self._train_rounds(resume, resume_from)
         finally:
             self.accelerator.end_training()
         if config.push_to_hub and self.accelerator.is_main_process:
@@ -768,15 +801,17 @@ class Trainer:
             callback.on_train_end(self, final)
         return final
 
-    def _train_rounds(self, resume: bool) -> Path:
-        """The rounds, from a fresh start or the latest checkpoint, then ``final/``."""
+    def _train_rounds(self, resume: bool, resume_from: str | os.PathLike | None) -> Path:
+        """The rounds, from a fresh start or a checkpoint, then ``final/``."""
         from tqdm.auto import tqdm
 
         config = self.config
-        if not resume:
+        if resume_from is not None:
+            self.resume_from(resume_from)
+        elif not resume:
             self.refuse_existing_run()
         self.out.mkdir(parents=True, exist_ok=True)
-        resumed = resume and self.resume()
+        resumed = resume_from is not None or (resume and self.resume())
         if self.accelerator.is_main_process:
             if not resumed:
                 self.metrics_path.write_text("")

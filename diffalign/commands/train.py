@@ -7,7 +7,10 @@ run on the shipped tiny model on a CPU; ``sd15-aesthetic``, ``sd15-pickscore`` a
 ``sd15-compressibility`` are the papers' Stable Diffusion 1.5 settings and need real weights.
 The run folder gets ``metrics.jsonl`` (one line per round), ``config.yaml``, ``checkpoints/``,
 ``samples/`` (held-out grids), ``final/`` (a pipeline ``--model DIR/final`` loads), ``lora/`` and
-``reward_curve.png``. ``--resume`` continues from the latest checkpoint in ``--out``.
+``reward_curve.png``. ``--resume`` continues from the latest checkpoint in ``--out``;
+``--resume-from DIR/checkpoints/checkpoint-N`` starts a new run in ``--out`` from another run's
+checkpoint. Without ``--recipe`` both go on with the settings they resume (``--out``'s
+``config.yaml``, the checkpoint's), ``--set`` applied on top.
 """
 
 from __future__ import annotations
@@ -52,6 +55,21 @@ def recipe_path(method: str, recipe: str) -> Path:
     return shipped
 
 
+def _resumed_settings(args: argparse.Namespace) -> dict:
+    """The settings a run without ``--recipe`` starts from: those of the run it resumes (its
+    ``config.yaml``, or the ``--resume-from`` checkpoint's), else none (the paper defaults)."""
+    import yaml
+
+    from diffalign.checkpoint import checkpoint_config
+
+    if args.resume_from is not None:
+        return checkpoint_config(args.resume_from)
+    saved = args.out / "config.yaml"
+    if args.resume and saved.is_file():
+        return yaml.safe_load(saved.read_text()) or {}
+    return {}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register one subcommand per method."""
     sub = parser.add_subparsers(dest="method", metavar="METHOD", required=True)
@@ -60,10 +78,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         command = sub.add_parser(method, help=text, description=text)
         command.add_argument("--recipe", default=None,
                              help=f"shipped name ({', '.join(recipe_names(method))}), a YAML "
-                                  "file, or 'list'; default: the paper defaults")  # fmt: skip
+                                  "file, or 'list'; default: the settings of the run resumed, "
+                                  "else the paper defaults")  # fmt: skip
         add_set_argument(command, "config")
-        command.add_argument("--resume", action="store_true",
-                             help="continue from the latest checkpoint in --out")  # fmt: skip
+        resuming = command.add_mutually_exclusive_group()
+        resuming.add_argument("--resume", action="store_true",
+                              help="continue from the latest checkpoint in --out")  # fmt: skip
+        resuming.add_argument("--resume-from", type=Path, default=None, metavar="CHECKPOINT",
+                              help="start a new run in --out from another run's checkpoint "
+                                   "folder (RUN/checkpoints/checkpoint-N), e.g. one before a "
+                                   "reward was hacked; that run stays as it is")  # fmt: skip
         run_folder = "run folder: metrics.jsonl, checkpoints/, samples/, final/"
         add_out_argument(command, required=False, help=run_folder)
 
@@ -79,12 +103,12 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: diffalign train {args.method}: --out DIR is required.")
     config_cls, trainer_cls = _methods()[args.method]
     if args.recipe is None:
-        config = config_cls.from_dict({}, args.set)
+        config = config_cls.from_dict(_resumed_settings(args), args.set)
     else:
         config = config_cls.from_yaml(recipe_path(args.method, args.recipe), args.set)
     quiet_libraries()
     trainer = trainer_cls(config, args.out)
-    final = trainer.train(resume=args.resume)
+    final = trainer.train(resume=args.resume, resume_from=args.resume_from)
     if trainer.accelerator.is_main_process:  # once, not once per launched process
         print(f"final pipeline: {final}\nmetrics: {trainer.metrics_path}")
         if trainer.hub_url:

@@ -3,7 +3,8 @@ FSDP2 or DeepSpeed: sampling, evaluation, the guard, EMA and KL-EMA, checkpoints
 ``final/``.
 
 Usage: ``distributed_run.py OUT ddp|fsdp|deepspeed lora|full|guard MAX_STEPS [resume] [bf16]
-[ddpo]`` (``ddpo``: DDPO in place of AWM, without the KL terms); ``guard`` is LoRA
+[ddpo] [from=CHECKPOINT]`` (``ddpo``: DDPO in place of AWM, without the KL terms; ``from=``: a
+new run from another run's checkpoint); ``guard`` is LoRA
 with a guard that trips at the first change (it watches the JPEG size and its negative, and one of
 them falls).
 
@@ -83,7 +84,9 @@ def main(out: str, strategy: str, weights: str, max_steps: int, options: list[st
     optimizer = inner_optimizer(trainer.optimizer)
     assert type(optimizer).__name__ == ("DeepSpeedCPUAdam" if offload else "AdamW"), optimizer
     assert optimizer.param_groups[0]["betas"] == (0.9, 0.99)  # the config's, not a default
-    trainer.train(resume="resume" in options)
+    start = next((option.removeprefix("from=") for option in options
+                  if option.startswith("from=")), None)  # fmt: skip
+    trainer.train(resume="resume" in options, resume_from=start)
 
 
 if __name__ == "__main__":

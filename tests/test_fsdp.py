@@ -72,6 +72,10 @@ def test_an_fsdp_run_resumed_halfway_ends_where_a_ddp_run_does(weights, tmp_path
     launch_two_processes(RUN, fsdp, "fsdp", weights, 1, env=settings)
     launch_two_processes(RUN, fsdp, "fsdp", weights, 2, "resume", env=settings)
     assert_run_ends_like(fsdp, ddp, weights)
+    if weights == "lora":  # a new FSDP run from the DDP run's first round ends where it does
+        branch, start = tmp_path / "branch", ddp / "checkpoints" / "checkpoint-00000001"
+        launch_two_processes(RUN, branch, "fsdp", weights, 2, f"from={start}")
+        assert_run_ends_like(branch, ddp, weights)
 
 
 def test_the_guard_under_fsdp_restores_the_weights_it_kept(tmp_path):

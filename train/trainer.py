@@ -731,6 +731,7 @@ class Trainer:
                 f"(--resume-from {path} --out NEW), or continue the latest with --resume."
             )
         self.refuse_existing_run()
+        self.accelerator.wait_for_everyone()  # each process has looked before any writes
         self._load_checkpoint(path)
         self._write_rounds_until_step(path.parent.parent / "metrics.jsonl")
 

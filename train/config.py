@@ -166,6 +166,14 @@ class TrainConfig(BaseConfig):
     save_every: int = field(default=10, metadata={"help": "checkpoint every N rounds"})
     keep_checkpoints: int = 2
     log_with: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, none"})
+    tracker_project: str | None = field(
+        default=None,
+        metadata={"help": "the trackers' project (wandb's project, tensorboard's folder in the "
+                          "run); default: diffalign-<method>"},
+    )  # fmt: skip
+    run_name: str | None = field(
+        default=None, metadata={"help": "the run's name in wandb (default: the --out folder's)"}
+    )
     progress: bool = True
     push_to_hub: bool = field(
         default=False, metadata={"help": "upload final/ (and lora/) to the Hub at the end"}

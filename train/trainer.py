@@ -75,6 +75,7 @@ from diffalign.train.launch import accelerator_options, check_launch, check_trac
 from diffalign.train.lr_schedule import build_lr_scheduler, current_lr
 from diffalign.train.model_card import model_card
 from diffalign.train.prompts import PromptSource
+from diffalign.train.trackers import tracker_init_kwargs, tracker_settings
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -128,7 +129,8 @@ def _logged_step(line: str) -> int | None:
         return None
 
 
-DISPLAY_SETTINGS = frozenset({"progress", "push_to_hub", "hub_model_id", "hub_private_repo"})
+DISPLAY_SETTINGS = frozenset({"progress", "push_to_hub", "hub_model_id", "hub_private_repo",
+                              "tracker_project", "run_name"})  # fmt: skip
 """Settings that change what a run shows or where it goes, not what it computes: not reported
 as changed."""
 
@@ -621,6 +623,16 @@ class Trainer:
             self._log_grid(grid, step)
         return gathered
 
+    def _start_trackers(self, resumed: bool) -> None:
+        """Start the trackers with the run's project, settings and (wandb) name and id."""
+        config = self.config
+        init_kwargs = {}
+        if self.accelerator.is_main_process:  # the trackers live there; the id file too
+            init_kwargs = tracker_init_kwargs(config.log_with, self.out, config.run_name, resumed)
+        self.accelerator.init_trackers(config.tracker_project or f"diffalign-{self.method}",
+                                       config=tracker_settings(config.to_dict()),
+                                       init_kwargs=init_kwargs)  # fmt: skip
+
     def _log_grid(self, grid, step: int) -> None:
         """Show an evaluation's sample grid in the trackers (each wants its own image format)."""
         import numpy as np
@@ -818,7 +830,7 @@ class Trainer:
                 self.metrics_path.write_text("")
             config.to_yaml(self.out / "config.yaml")  # the settings the run goes on with
         if self.config.log_with != "none":
-            self.accelerator.init_trackers(f"diffalign-{self.method}")
+            self._start_trackers(resumed)
         if self.step == 0:
             row = {"step": 0, "samples_seen": 0, **self.evaluate(0)}
             self._watch(row)

@@ -50,12 +50,14 @@ class Checkpoint:
         step: the training step it was taken at.
         config: the run's config as plain builtins.
         states: every saved state, rebuilt with its tensors (e.g. ``states["model"]``).
+        kind: what wrote it (a trainer's method), None when not recorded.
     """
 
     path: Path
     step: int
     config: dict[str, Any]
     states: dict[str, Any]
+    kind: str | None = None
 
 
 def _flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -123,6 +125,7 @@ def save_checkpoint(
     states: Mapping[str, Any],
     config: Mapping[str, Any] | None = None,
     keep_last: int | None = None,
+    kind: str | None = None,
 ) -> Path:
     """Write ``states`` atomically as ``<root>/checkpoint-<step>`` and return its path.
 
@@ -132,13 +135,15 @@ def save_checkpoint(
         states: name -> state (``{"model": model.state_dict(), "optimizer": ...}``).
         config: the run's config as plain builtins, stored in the manifest.
         keep_last: when set, older checkpoints beyond this many are deleted afterwards.
+        kind: what wrote it (a trainer's method, ``"awm"``), stored in the manifest so that a
+            reader can refuse another kind's states.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(root, step)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
-        manifest = _write_states(staging, step, states, config or {})
+        manifest = {**_write_states(staging, step, states, config or {}), "kind": kind}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _fsync(staging / MANIFEST)
         if final.exists():
@@ -204,8 +209,10 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
     return doomed
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of the checkpoint at ``path``, in a format this diffalign reads."""
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of the checkpoint at ``path`` (its step, config, kind and files), in a format
+    this diffalign reads; the weights are neither read nor verified."""
+    path = Path(path)
     manifest_file = path / MANIFEST
     if not manifest_file.is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST}).")
@@ -221,19 +228,13 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def checkpoint_config(path: str | Path) -> dict[str, Any]:
-    """The run config recorded in the checkpoint at ``path`` (its manifest only: the weights
-    are neither read nor verified)."""
-    return _read_manifest(Path(path))["config"]
-
-
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     """Check that every file of the checkpoint at ``path`` is present and intact.
 
     Returns the manifest; raises ``CheckpointError`` naming the first problem found.
     """
     path = Path(path)
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     for name, expected in manifest["files"].items():
         file = path / name
         if not file.is_file():
@@ -256,4 +257,5 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         name: _unflatten(skeleton, load_file(path / f"{name}.safetensors"))
         for name, skeleton in manifest["states"].items()
     }
-    return Checkpoint(path, int(manifest["step"]), manifest["config"], states)
+    return Checkpoint(path, int(manifest["step"]), manifest["config"], states,
+                      manifest.get("kind"))  # fmt: skip

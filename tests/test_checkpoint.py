@@ -109,9 +109,11 @@ def test_resaving_a_step_replaces_it(tmp_path):
 
 
 def test_manifest_records_hashes_and_format(tmp_path):
-    path = ckpt.save_checkpoint(tmp_path, 4, {"x": {"v": torch.zeros(3)}}, config={"a": 1})
+    path = ckpt.save_checkpoint(tmp_path, 4, {"x": {"v": torch.zeros(3)}}, config={"a": 1},
+                                kind="awm")  # fmt: skip
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["format_version"] == ckpt.FORMAT_VERSION and manifest["step"] == 4
+    assert ckpt.read_manifest(path) == manifest and ckpt.load_checkpoint(path).kind == "awm"
     assert len(manifest["files"]["x.safetensors"]["sha256"]) == 64
     manifest["format_version"] = 99
     (path / "manifest.json").write_text(json.dumps(manifest))

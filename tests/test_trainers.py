@@ -94,13 +94,16 @@ def test_a_run_started_from_another_run_s_checkpoint_ends_where_that_run_does(tm
     assert main([*awm, "--resume", "--set", "max_steps=3", "--out", str(fork)]) == 0
     assert json.loads((fork / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
     capsys.readouterr()
-    refusals = [(source, "a checkpoint of this run.*--out NEW.*--resume"),
-                (tmp_path / "other", "not a complete checkpoint")]  # fmt: skip
-    for out, error in refusals:
-        start = checkpoint if out == source else tmp_path
-        assert main([*awm, "--recipe", "tiny-shapes", "--resume-from", str(start),
-                     "--out", str(out)]) == 2  # fmt: skip
-        assert re.search(error, capsys.readouterr().err)
+    refusals = [(awm, source, checkpoint, "a checkpoint of this run.*--out NEW.*--resume"),
+                (awm, tmp_path / "other", tmp_path, "not a complete checkpoint"),
+                (["train", "ddpo"], tmp_path / "ddpo", checkpoint,
+                 "written by AWM training, which DDPO cannot.*train awm.*init_lora")]  # fmt: skip
+    for command, out, start, error in refusals:
+        for recipe in (["--recipe", "tiny-shapes"], []):  # without: the checkpoint's settings
+            assert main([*command, *recipe, "--resume-from", str(start), "--out", str(out)]) == 2
+            assert re.search(error, capsys.readouterr().err)
+    assert main(["train", "ddpo", "--resume", "--out", str(fork)]) == 2  # its latest is AWM's
+    assert "written by AWM training" in capsys.readouterr().err
     with pytest.raises(ValueError, match="not both"):
         AWMTrainer(AWMConfig(**SMALL), tmp_path / "both").train(resume=True, resume_from=checkpoint)
 

@@ -30,7 +30,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from diffalign.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from diffalign.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from diffalign.config import ConfigError
 from diffalign.ema import EMA
 from diffalign.files import atomic_write_text
@@ -142,6 +147,21 @@ def changed_settings(before: dict, after: dict) -> dict[str, tuple]:
     before, after = json.loads(json.dumps(before)), json.loads(json.dumps(after))
     keys = sorted((set(before) | set(after)) - DISPLAY_SETTINGS)
     return {k: (before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)}
+
+
+def refuse_other_method(path: str | os.PathLike, kind: str | None, method: str) -> None:
+    """Raise ``CheckpointError`` when the checkpoint at ``path`` was written by a run of another
+    method (``kind``; None: not recorded, as before diffalign recorded it), whose states this
+    ``method`` cannot take up."""
+    if kind is None or kind == method:
+        return
+    raise CheckpointError(
+        f"{path} was written by {kind.upper()} training, which {method.upper()} cannot "
+        f"continue (their method states differ). Continue it with `diffalign train {kind}`, "
+        f"or start {method.upper()} from its weights: its adapter as init_lora (`diffalign convert "
+        f"--lora {path} --out ADAPTER.safetensors`, then --set init_lora=ADAPTER.safetensors), "
+        "or a run's final/ as model."
+    )
 
 
 def describe_changes(changes: dict[str, tuple]) -> str:
@@ -717,7 +737,8 @@ class Trainer:
         path, states = None, self.state()
         if self.accelerator.is_main_process:
             path = save_checkpoint(self.out / "checkpoints", self.step, states,
-                                   self.config.to_dict(), self.config.keep_checkpoints)  # fmt: skip
+                                   self.config.to_dict(), self.config.keep_checkpoints,
+                                   kind=self.method)  # fmt: skip
         self.accelerator.wait_for_everyone()
         return path
 
@@ -750,6 +771,7 @@ class Trainer:
     def _load_checkpoint(self, path: Path) -> None:
         """Load the checkpoint at ``path`` and log the settings this run changes from it."""
         checkpoint = load_checkpoint(path)
+        refuse_other_method(path, checkpoint.kind, self.method)
         self.load_state(checkpoint.states)
         changed = changed_settings(checkpoint.config, self.config.to_dict())
         if changed and self.accelerator.is_main_process:

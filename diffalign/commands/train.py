@@ -60,10 +60,16 @@ def _resumed_settings(args: argparse.Namespace) -> dict:
     ``config.yaml``, or the ``--resume-from`` checkpoint's), else none (the paper defaults)."""
     import yaml
 
-    from diffalign.checkpoint import checkpoint_config
+    from diffalign.checkpoint import latest_checkpoint, read_manifest
+    from diffalign.train.trainer import refuse_other_method
 
+    checkpoint = args.resume_from
+    if args.resume and checkpoint is None:
+        checkpoint = latest_checkpoint(args.out / "checkpoints")
+    if checkpoint is not None:  # another method's settings would fail as unknown keys
+        refuse_other_method(checkpoint, read_manifest(checkpoint).get("kind"), args.method)
     if args.resume_from is not None:
-        return checkpoint_config(args.resume_from)
+        return read_manifest(args.resume_from)["config"]
     saved = args.out / "config.yaml"
     if args.resume and saved.is_file():
         return yaml.safe_load(saved.read_text()) or {}

@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +44,7 @@ INCEPTION_RESIZE = "uint8, resized to 299 x 299 by TensorFlow-1.x bilinear (torc
 FID_PAPER_SAMPLE_SIZE = 10_000  # Heusel et al. 2017: FID is biased below about 10k images
 KID_SUBSETS = 100
 KID_MAX_REFERENCE_FEATURES = 10_000  # features kept in a cache file for KID
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 class InceptionWeightsNotFoundError(FileNotFoundError):
@@ -178,19 +180,66 @@ def load_feature_network(
     return ClipImageFeatures(name, reward.to(device))
 
 
+class ImageFolder:
+    """The images of a folder (PNG, JPEG, WebP, BMP), in name order, read a batch at a time: a
+    reference set of real images (COCO-sized: 30,000 at 512 px would take 94 GB as one float
+    tensor) whose sizes may differ. Each batch holds images of one size, because the feature
+    networks resize a batch as a whole; each image is then resized as it would be alone."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if len(self.files) < 2:
+            raise ValueError(
+                f"The reference folder {self.folder} holds {len(self.files)} images "
+                f"({', '.join(IMAGE_SUFFIXES)}); FID needs 2 or more."
+            )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(positions, images)``: the images (B, 3, H, W) in [0, 1] of one size, at most
+        ``batch_size``, and their positions in name order."""
+        from PIL import Image
+        from torchvision.transforms.functional import pil_to_tensor
+
+        by_size = defaultdict(list)
+        for position, file in enumerate(self.files):
+            with Image.open(file) as image:  # reads the header only
+                by_size[image.size].append(position)
+        for positions in by_size.values():
+            for start in range(0, len(positions), batch_size):
+                chunk = positions[start : start + batch_size]
+                images = [pil_to_tensor(Image.open(self.files[i]).convert("RGB")) for i in chunk]
+                yield torch.tensor(chunk), torch.stack(images).float() / 255
+
+
 def extract_features(
     network: Callable[[torch.Tensor], torch.Tensor],
-    images: torch.Tensor,
+    images: torch.Tensor | ImageFolder,
     batch_size: int = 64,
     quiet: bool = True,
 ) -> torch.Tensor:
-    """Features (N, d) in float64 of images (N, 3, H, W) in [0, 1], batch by batch."""
+    """Features (N, d) in float64 of images (N, 3, H, W) in [0, 1], or of an
+    :class:`ImageFolder`'s images in name order, batch by batch."""
     device = next(network.parameters()).device if isinstance(network, nn.Module) else "cpu"
-    chunks = [
-        network(images[start : start + batch_size].to(device)).double().cpu()
-        for start in tqdm(range(0, len(images), batch_size), desc="features", disable=quiet)
-    ]
-    return torch.cat(chunks)
+    if isinstance(images, ImageFolder):
+        batches = images.batches(batch_size)
+    else:
+        batches = ((torch.arange(start, min(start + batch_size, len(images))),
+                    images[start : start + batch_size])
+                   for start in range(0, len(images), batch_size))  # fmt: skip
+    positions, chunks = [], []
+    with tqdm(total=len(images), desc="features", unit="image", disable=quiet) as bar:
+        for where, batch in batches:
+            chunks.append(network(batch.to(device)).double().cpu())
+            positions.append(where)
+            bar.update(len(batch))
+    features = torch.cat(chunks)
+    ordered = torch.empty_like(features)
+    ordered[torch.cat(positions)] = features
+    return ordered
 
 
 @dataclass

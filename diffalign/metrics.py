@@ -22,12 +22,13 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
-from diffalign.fid import FeatureStats, canonical_feature_name
+from diffalign.fid import FeatureStats, ImageFolder, canonical_feature_name
 
 if TYPE_CHECKING:
     from torch import nn
@@ -302,7 +303,9 @@ def reference_statistics(
         if name not in given:
             raise ValueError(f"No reference was given for the {name!r} feature network.")
         reference = given[name]
-    if isinstance(reference, torch.Tensor):
+    if isinstance(reference, (str, os.PathLike)) and Path(reference).is_dir():
+        reference = ImageFolder(reference)
+    if isinstance(reference, (torch.Tensor, ImageFolder)):
         network = network or load_feature_network(name, fid_weights, device)
         features = extract_features(network, reference, quiet=quiet)
         return FeatureStats.from_features(features, name, network.resize_convention)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from diffalign.cli import main
@@ -75,9 +76,33 @@ def test_eval_bad_inputs_are_clear_errors(tmp_path):
     folder = tmp_path / "real"
     folder.mkdir()
     Image.new("RGB", (32, 32)).save(folder / "a.png")
-    Image.new("RGB", (40, 32)).save(folder / "b.png")
-    with pytest.raises(ValueError, match="differ in size"):
+    with pytest.raises(ValueError, match="holds 1 images.*FID needs 2 or more"):
         main(eval_args(tmp_path / "o", "--metrics", "fid:tiny-clip", "--reference", str(folder)))
+
+
+def test_a_reference_folder_of_mixed_sizes_is_read_a_batch_of_one_size_at_a_time(tmp_path):
+    from diffalign.fid import FeatureStats, ImageFolder, extract_features, load_feature_network
+
+    folder, generator, images = tmp_path / "real", torch.Generator().manual_seed(0), []
+    folder.mkdir()
+    for name, (width, height) in enumerate([(32, 32), (40, 24), (32, 32), (40, 24), (32, 32)]):
+        pixels = (torch.rand(3, height, width, generator=generator) * 255).to(torch.uint8)
+        Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(folder / f"{name}.png")
+        images.append(pixels.float() / 255)
+    (folder / "notes.txt").write_text("not an image")
+    reference = ImageFolder(folder)
+    batches = [batch for _, batch in reference.batches(2)]
+    assert sorted(len(batch) for batch in batches) == [1, 2, 2] and len(reference) == 5
+    network = load_feature_network("tiny-clip")
+    alone = torch.cat([network(image[None]).double() for image in images])
+    # each image's features as it would have them alone, in name order
+    close = {"atol": 1e-5, "rtol": 1e-4}  # float32 networks: batching moves the last digits
+    torch.testing.assert_close(extract_features(network, reference, batch_size=2), alone, **close)
+    out = tmp_path / "eval"
+    assert main(eval_args(out, "--metrics", "fid:tiny-clip", "--reference", str(folder))) == 0
+    stats = FeatureStats.load(out / "reference_tiny_clip.safetensors")
+    assert stats.n == 5
+    torch.testing.assert_close(stats.mean, alone.mean(0), **close)
 
 
 def tiny_quickstart(**changes) -> QuickstartSettings:

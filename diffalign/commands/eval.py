@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from diffalign.commands._common import (
     add_device_arguments,
@@ -39,12 +39,8 @@ from diffalign.commands._common import (
     write_metrics,
 )
 
-if TYPE_CHECKING:
-    import torch
-
 NAME = "eval"
 HELP = "evaluate a model (vs a baseline): FID, PickScore, CLIP score, rewards, win-rates"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,25 +102,6 @@ def read_prompts(spec: str, count: int) -> list[str]:
     return prompts
 
 
-def load_image_folder(folder: Path) -> torch.Tensor:
-    """Every image in ``folder`` (sorted by name) as one (N, 3, H, W) batch in [0, 1]."""
-    import torch
-    from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor
-
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if len(files) < 2:
-        raise ValueError(f"The reference folder {folder} holds {len(files)} images; FID needs 2+.")
-    images = [pil_to_tensor(Image.open(f).convert("RGB")) for f in files]
-    sizes = {tuple(image.shape[1:]) for image in images}
-    if len(sizes) > 1:
-        raise ValueError(
-            f"The reference images in {folder} differ in size ({', '.join(map(str, sizes))}); "
-            "resize them to one size first (FID networks resize each batch as a whole)."
-        )
-    return torch.stack(images).float() / 255
-
-
 def _reference(args: argparse.Namespace, prompts: list[str]):
     if args.reference is None:
         return None
@@ -134,7 +111,9 @@ def _reference(args: argparse.Namespace, prompts: list[str]):
         return render_prompts(prompts, seed=args.seed + 1)
     path = Path(args.reference)
     if path.is_dir():
-        return load_image_folder(path)
+        from diffalign.fid import ImageFolder
+
+        return ImageFolder(path)  # read a batch at a time, any sizes
     if path.is_file():
         return path
     raise SystemExit(f"error: --reference {path} is not a folder, a file or 'world'.")

@@ -268,13 +268,13 @@ def _reward_metrics(request, images, prompts, baseline, device, seed) -> dict[st
     from diffalign.rewards import load_reward
 
     reward = load_reward(request.name).to(device)
-    with torch.no_grad():
-        scores = reward(images.to(device), list(prompts)).double().cpu()
+    with torch.no_grad():  # the reward moves one batch at a time to its device
+        scores = reward(images, list(prompts)).double().cpu()
     out = {request.key: float(scores.mean()),
            f"{request.key}_ci": bootstrap_interval(scores, seed=seed)}  # fmt: skip
     if baseline is not None:
         with torch.no_grad():
-            base_scores = reward(baseline.to(device), list(prompts)).double().cpu()
+            base_scores = reward(baseline, list(prompts)).double().cpu()
         wins = win_outcomes(scores, base_scores)
         out[f"{request.label}_win_rate"] = float(wins.mean())
         out[f"{request.label}_win_rate_ci"] = bootstrap_interval(wins, seed=seed)

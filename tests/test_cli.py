@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -106,6 +107,25 @@ def test_sample_tiny_random_writes_images_grid_and_metrics(tmp_path):
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"000{i}.png" for i in range(4)]
     assert Image.open(out / "images" / "0000.png").size == (32, 32)
     assert Image.open(out / "grid.png").size == (2 * 34 + 2, 2 * 34 + 2)
+
+
+def test_sample_runs_batch_size_images_a_call_and_the_same_images_at_eta_0(tmp_path):
+    prompts = [arg for text in ("a red circle", "two blue squares", "a green triangle")
+               for arg in ("--prompt", text)]  # fmt: skip
+    pixels = {}
+    for batch_size in ("2", "8"):
+        out = tmp_path / batch_size
+        assert main(["sample", "--model", "diffalign:tiny-random", *prompts, "--steps", "3",
+                     "--num-images-per-prompt", "2", "--batch-size", batch_size, "--quiet",
+                     "--out", str(out)]) == 0  # fmt: skip
+        metrics = json.loads((out / "metrics.json").read_text())["results"]
+        assert metrics["unet_evaluations"] == 3 * (3 if batch_size == "2" else 1)  # calls x steps
+        pixels[batch_size] = [np.asarray(Image.open(f)) for f in sorted(out.glob("images/*.png"))]
+    assert len(pixels["2"]) == 6
+    assert all(np.array_equal(a, b) for a, b in zip(pixels["2"], pixels["8"], strict=True))
+    with pytest.raises(SystemExit, match="--batch-size must be at least 1"):
+        main(["sample", "--model", "diffalign:tiny-random", *prompts, "--batch-size", "0",
+              "--out", str(tmp_path / "0")])  # fmt: skip
 
 
 def test_sample_needs_a_prompt(tmp_path):

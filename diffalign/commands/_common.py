@@ -70,6 +70,14 @@ def add_guidance_arguments(parser: argparse.ArgumentParser,
                              "(empty)")  # fmt: skip
 
 
+def add_batch_size_argument(parser: argparse.ArgumentParser) -> None:
+    """``--batch-size``: images per pipeline call of plain sampling (``--sampler ddim``)."""
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="images per pipeline call with --sampler ddim (the search samplers "
+                             "batch by --tree-batch-size); at the default --eta 0 it does not "
+                             "change the images")  # fmt: skip
+
+
 def resolve_guidance(args: argparse.Namespace, model_config: str | None,
                      model: str | None = None, default_scale: float = 7.5) -> None:  # fmt: skip
     """Fill an unset ``--guidance-scale`` / ``--negative-prompt`` with what the model

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from diffalign.commands._common import (
+    add_batch_size_argument,
     add_device_arguments,
     add_guidance_arguments,
     add_lora_argument,
@@ -62,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num-images", type=int, default=None,
                         help="images per model (default: one per prompt)")  # fmt: skip
+    add_batch_size_argument(parser)
     parser.add_argument(
         "--reference", default=None, help="FID's real images: a folder, a statistics file, world"
     )
@@ -141,14 +143,14 @@ def _sample(model: str, config: str | None, loras: list[tuple[str, float]], prom
 
 def run(args: argparse.Namespace) -> int:
     """Sample, measure, and write metrics.json, the report and the grids."""
-    from diffalign.commands.sample import check_search_arguments
+    from diffalign.commands.sample import check_sampling_arguments
     from diffalign.metrics import evaluate, parse_metrics, reference_statistics
 
     try:
         requests = parse_metrics(args.metrics)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    check_search_arguments(args)
+    check_sampling_arguments(args)
     configs = {flag: model_config_of(args, flag) for flag in ("--model", "--baseline")}
     loras = {flag: lora_of(args, flag) for flag in ("--model", "--baseline")}
     resolve_guidance(args, configs["--model"])  # one for both models: --model's recorded one

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffalign.commands._common import (
+    add_batch_size_argument,
     add_device_arguments,
     add_guidance_arguments,
     add_lora_argument,
@@ -66,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", "--prompts-file", dest="prompts_file", type=Path,
                         help="a file with one prompt per line")  # fmt: skip
     parser.add_argument("--num-images-per-prompt", type=int, default=1)
+    add_batch_size_argument(parser)
     parser.add_argument("--sampler", default="ddim", choices=("ddim", *SEARCH_SAMPLERS))
     parser.add_argument("--reward", default=None,
                         help="reward name or sum (needed by search samplers)")  # fmt: skip
@@ -103,8 +105,11 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def check_search_arguments(args: argparse.Namespace) -> None:
-    """Exit with a message when a search sampler lacks its reward / budget or gets eta <= 0."""
+def check_sampling_arguments(args: argparse.Namespace) -> None:
+    """Exit with a message when ``--batch-size`` is below 1, or a search sampler lacks its
+    reward / budget or gets eta <= 0."""
+    if args.batch_size < 1:
+        raise SystemExit(f"error: --batch-size must be at least 1, got {args.batch_size}.")
     if args.sampler == "ddim":
         return
     if args.reward is None or args.budget_nfe is None:
@@ -165,17 +170,24 @@ def count_calls(module: nn.Module) -> list[int]:
 
 
 def _sample_ddim(pipeline, prompts, args, size, reward):
-    """Plain DDIM images, their rewards (NaN without ``--reward``) and NFEs per image."""
+    """Plain DDIM images, their rewards (NaN without ``--reward``) and NFEs per image, sampled
+    ``--batch-size`` images a call. One generator runs through the calls, so at eta 0 (one draw
+    per call, the starting noise) the images do not depend on the batch size."""
     import torch
 
     from diffalign.pipelines.rollout import sample_images
 
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    images = sample_images(
-        pipeline, prompts, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-        eta=args.eta or 0.0, num_images_per_prompt=args.num_images_per_prompt, height=size,
-        width=size, generator=generator, negative_prompt=args.negative_prompt,
-    )  # fmt: skip
+    per_call = max(1, args.batch_size // args.num_images_per_prompt)  # prompts per call
+    images = torch.cat([
+        sample_images(
+            pipeline, list(prompts[start : start + per_call]), num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale, eta=args.eta or 0.0,
+            num_images_per_prompt=args.num_images_per_prompt, height=size, width=size,
+            generator=generator, negative_prompt=args.negative_prompt,
+        ).cpu()
+        for start in range(0, len(prompts), per_call)
+    ])  # fmt: skip
     repeated = [p for p in prompts for _ in range(args.num_images_per_prompt)]
     if reward is None:
         return images, torch.full((len(images),), float("nan")), repeated, {}
@@ -235,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     from diffalign.models import denoiser_of
 
     prompts = _prompts(args)
-    check_search_arguments(args)
+    check_sampling_arguments(args)
     model_config = model_config_of(args)
     resolve_guidance(args, model_config)
     if args.quiet:

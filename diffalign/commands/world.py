@@ -108,6 +108,7 @@ def _pretrain_clip(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
+    """The model's folder and its plain sampling pipeline; fills in the guidance it records."""
     from diffusers import StableDiffusionPipeline
 
     from diffalign.models import load_pipeline

@@ -188,9 +188,9 @@ def evaluate(
                     "guidance_scale": guidance_scale, "negative_prompt": negative_prompt,
                     "seed": seed, "device": device, "quiet": quiet}  # fmt: skip
         distinct = list(prompts)
-        model_or_images, prompts = sample_model(model_or_images, distinct, **sampling)
-        if baseline_is_model:
-            baseline, _ = sample_model(baseline, distinct, **sampling)
+        model_or_images, prompts = _sample_at(model_or_images, distinct, **sampling)
+        if baseline_is_model:  # at the model's guidance, not one the baseline records
+            baseline, _ = _sample_at(baseline, distinct, **sampling)
     elif baseline_is_model:
         raise ValueError("Images are compared with a baseline's images: pass them, not a model.")
     images = model_or_images
@@ -227,6 +227,17 @@ def sample_model(
     settings left unset are those recorded with a model name
     (:func:`diffalign.world.model_guidance`)."""
     from diffalign.world import model_guidance
+
+    guidance_scale, negative_prompt = model_guidance(_model_name(model), guidance_scale,
+                                                     negative_prompt)  # fmt: skip
+    return _sample_at(model, prompts, samples_per_prompt, steps, guidance_scale, seed, device,
+                      quiet, negative_prompt)  # fmt: skip
+
+
+def _sample_at(model: Any, prompts: Sequence[str], samples_per_prompt: int, steps: int,
+               guidance_scale: float, seed: int, device: str | torch.device, quiet: bool,
+               negative_prompt: str | None) -> tuple[torch.Tensor, list[str]]:  # fmt: skip
+    """:func:`sample_model` at the guidance given, looking nothing up."""
     from diffalign.world.evaluate import generate
 
     if not prompts:
@@ -236,8 +247,6 @@ def sample_model(
         from diffalign.commands.sample import load_sampling_pipeline
 
         pipeline = load_sampling_pipeline(str(model), torch.device(device), torch.float32)
-    guidance_scale, negative_prompt = model_guidance(_model_name(model), guidance_scale,
-                                                     negative_prompt)  # fmt: skip
     pipeline.set_progress_bar_config(disable=True)
     images = generate(pipeline, list(prompts), samples_per_prompt, steps, guidance_scale, seed,
                       quiet=quiet, negative_prompt=negative_prompt)  # fmt: skip

@@ -171,23 +171,17 @@ def count_calls(module: nn.Module) -> list[int]:
 
 def _sample_ddim(pipeline, prompts, args, size, reward):
     """Plain DDIM images, their rewards (NaN without ``--reward``) and NFEs per image, sampled
-    ``--batch-size`` images a call. One generator runs through the calls, so at eta 0 (one draw
-    per call, the starting noise) the images do not depend on the batch size."""
+    ``--batch-size`` images a call (the same images at eta 0 whatever the batch size)."""
     import torch
 
-    from diffalign.pipelines.rollout import sample_images
+    from diffalign.world.evaluate import generate
 
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
     per_call = max(1, args.batch_size // args.num_images_per_prompt)  # prompts per call
-    images = torch.cat([
-        sample_images(
-            pipeline, list(prompts[start : start + per_call]), num_inference_steps=args.steps,
-            guidance_scale=args.guidance_scale, eta=args.eta or 0.0,
-            num_images_per_prompt=args.num_images_per_prompt, height=size, width=size,
-            generator=generator, negative_prompt=args.negative_prompt,
-        ).cpu()
-        for start in range(0, len(prompts), per_call)
-    ])  # fmt: skip
+    images = generate(
+        pipeline, list(prompts), args.num_images_per_prompt, args.steps, args.guidance_scale,
+        args.seed, batch_prompts=per_call, quiet=True, negative_prompt=args.negative_prompt,
+        eta=args.eta or 0.0, height=size, width=size,
+    )  # fmt: skip
     repeated = [p for p in prompts for _ in range(args.num_images_per_prompt)]
     if reward is None:
         return images, torch.full((len(images),), float("nan")), repeated, {}

@@ -66,10 +66,11 @@ def _resumed_settings(args: argparse.Namespace) -> dict:
     checkpoint = args.resume_from
     if args.resume and checkpoint is None:
         checkpoint = latest_checkpoint(args.out / "checkpoints")
-    if checkpoint is not None:  # another method's settings would fail as unknown keys
-        refuse_other_method(checkpoint, read_manifest(checkpoint).get("kind"), args.method)
+    manifest = read_manifest(checkpoint) if checkpoint is not None else {}
+    if manifest:  # another method's settings would fail as unknown keys
+        refuse_other_method(checkpoint, manifest.get("kind"), args.method)
     if args.resume_from is not None:
-        return read_manifest(args.resume_from)["config"]
+        return manifest["config"]
     saved = args.out / "config.yaml"
     if args.resume and saved.is_file():
         return yaml.safe_load(saved.read_text()) or {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -39,9 +39,12 @@ def generate(
     batch_prompts: int = 16,
     quiet: bool = False,
     negative_prompt: str | None = None,
+    **call_kwargs: Any,
 ) -> torch.Tensor:
     """Images (len(prompts) * samples_per_prompt, 3, H, W) in [0, 1], prompt-major order
-    (``negative_prompt``: CFG's, else diffusers' default).
+    (``negative_prompt``: CFG's, else diffusers' default), ``batch_prompts`` prompts a call
+    with one generator running through the calls (at eta 0 the images do not depend on
+    ``batch_prompts``); ``call_kwargs`` (``eta``, ``height``, ``width``) go to each call.
 
     ``pipeline`` is a ``StableDiffusionPipeline`` or, for flow-matching models, a
     :class:`~diffalign.pipelines.rollout.RolloutPipeline` (sampled deterministically, ``eta=0``).
@@ -55,6 +58,7 @@ def generate(
         images = sample_images(
             pipeline, chunk, num_images_per_prompt=samples_per_prompt, num_inference_steps=steps,
             guidance_scale=guidance_scale, generator=generator, negative_prompt=negative_prompt,
+            **call_kwargs,
         )  # fmt: skip
         chunks.append(images.cpu())
     return torch.cat(chunks)

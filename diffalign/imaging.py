@@ -9,6 +9,31 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+GRID_MAX_IMAGES = 64  # a grid.png of a large run shows its first prompts, not every image
+
+
+class GridCollector:
+    """The first images of a stream of batches for a grid: as many whole prompts' images as
+    fit in ``limit`` (at least one prompt's), copied out so the batches can be let go."""
+
+    def __init__(self, images_per_prompt: int, limit: int = GRID_MAX_IMAGES) -> None:
+        self.capacity = max(images_per_prompt, limit // images_per_prompt * images_per_prompt)
+        self._parts: list[torch.Tensor] = []
+        self._count = 0
+
+    def add(self, images: torch.Tensor) -> None:
+        """Keep the images of this batch that still fit."""
+        kept = images[: self.capacity - self._count]
+        if len(kept):
+            self._parts.append(kept.detach().cpu().clone())
+            self._count += len(kept)
+
+    def images(self) -> torch.Tensor:
+        """The images kept, in order."""
+        if not self._parts:
+            raise ValueError("No images were added to the grid.")
+        return torch.cat(self._parts)
+
 
 def to_pil(image: torch.Tensor) -> Image.Image:
     """A (3, H, W) float tensor in [0, 1] as an RGB PIL image."""

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from tqdm.auto import tqdm
 
 from diffalign.fid import FeatureStats, ImageFolder, canonical_feature_name
 
@@ -165,7 +164,8 @@ def evaluate(
             folder, a hub id or ``diffalign:tiny-shapes``), sampled with deterministic DDIM,
             ``samples_per_prompt`` images per prompt (prompt-major), ``steps`` steps,
             ``guidance_scale`` and ``negative_prompt`` (default: those recorded with a world
-            model or a trained run's ``final/``, else 7.5 and none), ``seed``.
+            model or a trained run's ``final/``, else 7.5 and none), ``seed``. A model's images
+            are scored a batch at a time as they are sampled and not kept.
         metrics: names as in the module docstring.
         reference: for FID / KID: real images (a tensor), a statistics file written by
             :meth:`FeatureStats.save`, a :class:`FeatureStats`, or a mapping from feature-network
@@ -180,35 +180,132 @@ def evaluate(
     from diffalign.world import model_guidance
 
     baseline_is_model = baseline is not None and not isinstance(baseline, torch.Tensor)
-    if not isinstance(model_or_images, torch.Tensor):
+    if isinstance(model_or_images, torch.Tensor):
+        if baseline_is_model:
+            raise ValueError(
+                "Images are compared with a baseline's images: pass them, not a model."
+            )
+        _check_inputs(model_or_images, prompts, baseline)
+    else:
+        _require_prompts(prompts)
+    scorer = MetricScorer(metrics, reference, fid_weights, device, quiet)
+    if isinstance(model_or_images, torch.Tensor):
+        scores = scorer.score(model_or_images, prompts)
+        baseline_scores = None if baseline is None else scorer.score(baseline, prompts)
+    else:
         guidance_scale, negative_prompt = model_guidance(  # one for the model and the baseline
             _model_name(model_or_images), guidance_scale, negative_prompt
         )
         sampling = {"samples_per_prompt": samples_per_prompt, "steps": steps,
                     "guidance_scale": guidance_scale, "negative_prompt": negative_prompt,
                     "seed": seed, "device": device, "quiet": quiet}  # fmt: skip
-        distinct = list(prompts)
-        model_or_images, prompts = _sample_at(model_or_images, distinct, **sampling)
+        scores = scorer.score_batches(_sampled_batches(model_or_images, prompts, **sampling))
+        baseline_scores = None
         if baseline_is_model:  # at the model's guidance, not one the baseline records
-            baseline, _ = _sample_at(baseline, distinct, **sampling)
-    elif baseline_is_model:
-        raise ValueError("Images are compared with a baseline's images: pass them, not a model.")
-    images = model_or_images
-    _check_inputs(images, prompts, baseline)
-    results: dict[str, Any] = {"n": len(images), "warnings": []}
-    networks: dict[str, Any] = {}
-    for request in tqdm(parse_metrics(metrics), desc="scoring", disable=quiet):
-        if request.kind == "reward":
-            results.update(_reward_metrics(request, images, prompts, baseline, device, seed))
-            continue
-        if request.name not in networks:
-            networks[request.name] = _feature_sets(
-                request.name, images, reference, fid_weights, device, quiet
-            )
-        results.update(_distance_metrics(request, *networks[request.name], results, seed))
+            baseline_scores = scorer.score_batches(_sampled_batches(baseline, prompts, **sampling))
+    results = scorer.summarize(scores, baseline_scores, seed)
     for warning in results["warnings"]:
         logger.warning(warning)
     return results
+
+
+@dataclass
+class ImageScores:
+    """What the metrics keep of one set of images, in image order: each reward's scores
+    (keyed by the reward's name) and each feature network's features; never the images."""
+
+    count: int = 0
+    rewards: dict[str, torch.Tensor] = field(default_factory=dict)
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[ImageScores]) -> ImageScores:
+        """The scores of consecutive batches as the scores of the whole set."""
+        if not parts:
+            raise ValueError("No images were scored.")
+        return cls(
+            sum(part.count for part in parts),
+            {name: torch.cat([p.rewards[name] for p in parts]) for name in parts[0].rewards},
+            {name: torch.cat([p.features[name] for p in parts]) for name in parts[0].features},
+        )
+
+
+class MetricScorer:
+    """The requested metrics' rewards, feature networks and reference statistics, loaded once.
+
+    ``score`` turns a batch of images into :class:`ImageScores` (the images can then be
+    dropped: a 10,000-image FID never holds 10,000 images), ``summarize`` turns the scores of a
+    whole set (and of a baseline's set, for win-rates) into the metric values. One scorer serves
+    a model and its baseline.
+
+    Raises:
+        ValueError: as :func:`parse_metrics`, or FID / KID without a ``reference``.
+    """
+
+    def __init__(
+        self,
+        metrics: str | Sequence[str],
+        reference: Any = None,
+        fid_weights: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+        quiet: bool = True,
+    ) -> None:
+        from diffalign.fid import load_feature_network
+        from diffalign.rewards import load_reward
+
+        self.requests = parse_metrics(metrics)
+        self.quiet = quiet
+        names = [r.name for r in self.requests if r.kind != "reward"]
+        if names and reference is None:  # fail before loading any network
+            reference_statistics(reference, names[0])
+        self.rewards = {r.name: load_reward(r.name).to(device)
+                        for r in self.requests if r.kind == "reward"}  # fmt: skip
+        self.networks = {n: load_feature_network(n, fid_weights, device) for n in names}
+        self.references = {
+            name: reference_statistics(reference, name, network=network, quiet=quiet)
+            for name, network in self.networks.items()
+        }
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> ImageScores:
+        """The rewards' scores and the networks' features of ``images`` (N, 3, H, W) in
+        [0, 1], one prompt each."""
+        from diffalign.fid import extract_features
+
+        _check_inputs(images, prompts, None)
+        return ImageScores(
+            len(images),
+            {name: reward(images, list(prompts)).double().cpu()  # it moves a batch at a time
+             for name, reward in self.rewards.items()},
+            {name: extract_features(network, images, quiet=self.quiet)
+             for name, network in self.networks.items()},
+        )  # fmt: skip
+
+    def score_batches(self, batches: Iterable[tuple[torch.Tensor, Sequence[str]]]) -> ImageScores:
+        """The scores of a set given as ``(images, prompts)`` batches, scored as they come."""
+        return ImageScores.concatenate([self.score(images, p) for images, p in batches])
+
+    def summarize(
+        self, scores: ImageScores, baseline: ImageScores | None = None, seed: int = 0
+    ) -> dict[str, Any]:
+        """The metric values of a scored set (win-rates against ``baseline``, scored from the
+        same prompts and seeds), with their bootstrap intervals; see :func:`evaluate`."""
+        if baseline is not None and baseline.count != scores.count:
+            raise ValueError(
+                f"Win-rates compare images pairwise: {scores.count} images against "
+                f"{baseline.count} baseline images; sample both with the same prompts and seeds."
+            )
+        results: dict[str, Any] = {"n": scores.count, "warnings": []}
+        for request in self.requests:
+            if request.kind == "reward":
+                base = None if baseline is None else baseline.rewards[request.name]
+                results.update(_reward_summary(request, scores.rewards[request.name], base, seed))
+            else:
+                results.update(_distance_metrics(
+                    request, self.references[request.name], scores.features[request.name],
+                    self.networks[request.name], results, seed,
+                ))  # fmt: skip
+        return results
 
 
 def sample_model(
@@ -230,27 +327,43 @@ def sample_model(
 
     guidance_scale, negative_prompt = model_guidance(_model_name(model), guidance_scale,
                                                      negative_prompt)  # fmt: skip
-    return _sample_at(model, prompts, samples_per_prompt, steps, guidance_scale, seed, device,
-                      quiet, negative_prompt)  # fmt: skip
+    _require_prompts(prompts)
+    batches = list(_sampled_batches(model, prompts, samples_per_prompt, steps, guidance_scale,
+                                    seed, device, quiet, negative_prompt))  # fmt: skip
+    return torch.cat([images for images, _ in batches]), [p for _, b in batches for p in b]
 
 
-def _sample_at(model: Any, prompts: Sequence[str], samples_per_prompt: int, steps: int,
-               guidance_scale: float, seed: int, device: str | torch.device, quiet: bool,
-               negative_prompt: str | None) -> tuple[torch.Tensor, list[str]]:  # fmt: skip
-    """:func:`sample_model` at the guidance given, looking nothing up."""
-    from diffalign.world.evaluate import generate
+def _sampled_batches(
+    model: Any,
+    prompts: Sequence[str],
+    samples_per_prompt: int,
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+    device: str | torch.device,
+    quiet: bool,
+    negative_prompt: str | None,
+) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """:func:`sample_model`'s images and their prompts a pipeline call at a time, at the
+    guidance given (looking nothing up)."""
+    from diffalign.world.evaluate import generate_batches
 
-    if not prompts:
-        raise ValueError("Give at least one prompt to sample the model with.")
     pipeline = model
     if isinstance(model, (str, os.PathLike)):
         from diffalign.commands.sample import load_sampling_pipeline
 
         pipeline = load_sampling_pipeline(str(model), torch.device(device), torch.float32)
     pipeline.set_progress_bar_config(disable=True)
-    images = generate(pipeline, list(prompts), samples_per_prompt, steps, guidance_scale, seed,
-                      quiet=quiet, negative_prompt=negative_prompt)  # fmt: skip
-    return images.float(), [p for p in prompts for _ in range(samples_per_prompt)]
+    for images, repeated in generate_batches(
+        pipeline, list(prompts), samples_per_prompt, seed=seed, quiet=quiet,
+        num_inference_steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+    ):  # fmt: skip
+        yield images.float(), repeated
+
+
+def _require_prompts(prompts: Sequence[str]) -> None:
+    if not prompts:
+        raise ValueError("Give at least one prompt to sample the model with.")
 
 
 def _model_name(model: Any) -> str:
@@ -273,18 +386,11 @@ def _check_inputs(images, prompts, baseline) -> None:
             )
 
 
-def _reward_metrics(request, images, prompts, baseline, device, seed) -> dict[str, Any]:
-    from diffalign.rewards import load_reward
-
-    reward = load_reward(request.name).to(device)
-    with torch.no_grad():  # the reward moves one batch at a time to its device
-        scores = reward(images, list(prompts)).double().cpu()
+def _reward_summary(request, scores, baseline_scores, seed) -> dict[str, Any]:
     out = {request.key: float(scores.mean()),
            f"{request.key}_ci": bootstrap_interval(scores, seed=seed)}  # fmt: skip
-    if baseline is not None:
-        with torch.no_grad():
-            base_scores = reward(baseline, list(prompts)).double().cpu()
-        wins = win_outcomes(scores, base_scores)
+    if baseline_scores is not None:
+        wins = win_outcomes(scores, baseline_scores)
         out[f"{request.label}_win_rate"] = float(wins.mean())
         out[f"{request.label}_win_rate_ci"] = bootstrap_interval(wins, seed=seed)
     return out
@@ -322,17 +428,6 @@ def reference_statistics(
     if stats.feature != name:
         raise ValueError(f"The reference holds {stats.feature!r} features, not {name!r}.")
     return stats
-
-
-def _feature_sets(name, images, reference, fid_weights, device, quiet):
-    """(reference stats, generated features, network) for one feature network."""
-    from diffalign.fid import extract_features, load_feature_network
-
-    if reference is None:  # fail before loading any network
-        reference_statistics(reference, name)
-    network = load_feature_network(name, fid_weights, device)
-    stats = reference_statistics(reference, name, network=network, quiet=quiet)
-    return stats, extract_features(network, images, quiet=quiet), network
 
 
 def _distance_metrics(request, reference, features, network, results, seed) -> dict[str, Any]:

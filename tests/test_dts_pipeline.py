@@ -2,8 +2,10 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from diffalign.cli import main
 from diffalign.pipelines.dts import SEARCH_SAMPLERS, DTSPipeline, SearchOptions
@@ -128,6 +130,15 @@ def test_sample_command_searches_and_writes_samples_json(tmp_path):
     results = json.loads((out / "metrics.json").read_text())["results"]
     assert results["nfe"] == 48 and len(results["search"]) == 2
     assert (out / "grid.png").is_file() and len(list((out / "images").glob("*.png"))) == 4
+    # one prompt a batch: each prompt's search keeps its seed, so the same images and records
+    batched = tmp_path / "batched"
+    assert main([*args[:-1], str(batched), "--batch-size", "2"]) == 0
+    assert json.loads((batched / "samples.json").read_text()) == samples
+    again = json.loads((batched / "metrics.json").read_text())["results"]
+    assert again["search"] == results["search"]
+    for name in (f"000{i}.png" for i in range(4)):
+        pixels = [np.asarray(Image.open(folder / "images" / name)) for folder in (out, batched)]
+        assert np.array_equal(*pixels)
 
 
 def test_sample_command_passes_the_tree_settings(tmp_path):

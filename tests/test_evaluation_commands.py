@@ -40,6 +40,45 @@ def test_eval_against_a_baseline_writes_metrics_report_grid_and_reference(tmp_pa
     assert second["fid_tiny_clip"] == pytest.approx(results["fid_tiny_clip"])
 
 
+def test_eval_scores_each_batch_as_sampled_and_warns_once(tmp_path, monkeypatch, caplog):
+    from diffalign.metrics import MetricScorer
+
+    scored, score = [], MetricScorer.score
+    monkeypatch.setattr(
+        MetricScorer, "score", lambda self, x, p: scored.append(len(x)) or score(self, x, p)
+    )
+    metrics = ("--metrics", "shapes,fid:tiny-clip", "--reference", "world")
+    results = {}
+    for size in ("2", "8"):
+        scored.clear()
+        out = tmp_path / size
+        args = eval_args(out, "--baseline", "diffalign:tiny-shapes", "--batch-size", size)
+        with caplog.at_level("WARNING"):
+            assert main([*args, *metrics]) == 0
+        results[size] = json.loads((out / "metrics.json").read_text())["results"]
+        # 6 images (3 prompts x 2) of each model, scored as sampled: --batch-size images at most
+        assert scored == ([2] * 6 if size == "2" else [6, 6]), scored
+    warned = [r for r in caplog.records if "below the recommended" in r.getMessage()]
+    assert len(warned) == 2  # once a run, though the model and the baseline both carry it
+    for key in ("shapes_mean", "fid_tiny_clip", "shapes_win_rate"):
+        assert results["2"][key] == pytest.approx(results["8"][key], rel=1e-6)
+
+
+def test_grid_collector_keeps_the_first_whole_prompts_images():
+    from diffalign.imaging import GridCollector
+
+    images = torch.rand(10, 3, 4, 4)
+    grid = GridCollector(images_per_prompt=3, limit=8)  # two whole prompts: 6 images
+    for start in range(0, 10, 4):
+        grid.add(images[start : start + 4])
+    assert torch.equal(grid.images(), images[:6])
+    single = GridCollector(images_per_prompt=10, limit=8)  # at least one prompt's images
+    single.add(images)
+    assert torch.equal(single.images(), images)
+    with pytest.raises(ValueError, match="No images"):
+        GridCollector(2).images()
+
+
 def test_eval_scores_a_reward_of_ones_own_with_win_rates(tmp_path):
     rewards = tmp_path / "my_rewards.py"
     rewards.write_text("def redness(images, prompts):\n    return images[:, 0].mean((1, 2))\n")

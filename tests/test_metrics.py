@@ -12,10 +12,12 @@ from diffalign.fid import (
     resolve_inception_weights,
 )
 from diffalign.metrics import (
+    MetricScorer,
     bootstrap_interval,
     evaluate,
     parse_metrics,
     reference_statistics,
+    sample_model,
     win_outcomes,
 )
 from diffalign.world.evaluate import heldout_prompts, render_prompts
@@ -223,3 +225,34 @@ def test_evaluate_samples_a_model_and_a_baseline_model_with_the_same_seeds():
     assert results["shapes_win_rate"] == 0.5  # the same model and seeds: every pair ties
     with pytest.raises(ValueError, match="baseline's images"):
         evaluate(render_prompts(prompts), prompts, "shapes", baseline="diffalign:tiny-shapes")
+
+
+def test_a_model_is_scored_a_sampling_batch_at_a_time_as_its_whole_image_set(monkeypatch):
+    prompts = heldout_prompts(20)
+    reference = render_prompts(prompts, seed=1)
+    metrics = "shapes,fid:tiny-clip"
+    scored = []
+    score = MetricScorer.score
+    monkeypatch.setattr(
+        MetricScorer,
+        "score",
+        lambda self, images, p: scored.append(len(images)) or score(self, images, p),
+    )
+    streamed = evaluate("diffalign:tiny-shapes", prompts, metrics, reference, steps=2)
+    assert scored == [16, 4]  # 16 prompts a pipeline call; no more images held at once
+    images, repeated = sample_model("diffalign:tiny-shapes", prompts, steps=2)
+    whole = evaluate(images, repeated, metrics, reference)
+    assert scored[-1] == 20
+    for key in ("shapes_mean", "shapes_mean_ci", "fid_tiny_clip", "fid_tiny_clip_ci",
+                "kid_tiny_clip"):  # fmt: skip
+        assert streamed[key] == pytest.approx(whole[key], rel=1e-6), key
+    assert streamed["n"] == whole["n"] == 20
+
+
+def test_scorer_summaries_refuse_a_baseline_of_another_size(world_sets):
+    prompts, real, other, noise = world_sets
+    scorer = MetricScorer("shapes")
+    with pytest.raises(ValueError, match="16 images against 8 baseline images"):
+        scorer.summarize(scorer.score(other, prompts), scorer.score(noise[:8], prompts[:8]))
+    with pytest.raises(ValueError, match="reference images or statistics"):
+        MetricScorer("shapes,fid:tiny-clip")

@@ -17,9 +17,10 @@ baseline's under ``baseline``), ``OUT/report.md`` + ``report.html`` (model vs ba
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from diffalign.commands._common import (
     add_batch_size_argument,
@@ -39,6 +40,13 @@ from diffalign.commands._common import (
     resolve_guidance,
     write_metrics,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from diffalign.metrics import ImageScores, MetricScorer
+
+logger = logging.getLogger(__name__)
 
 NAME = "eval"
 HELP = "evaluate a model (vs a baseline): FID, PickScore, CLIP score, rewards, win-rates"
@@ -121,33 +129,48 @@ def _reference(args: argparse.Namespace, prompts: list[str]):
     raise SystemExit(f"error: --reference {path} is not a folder, a file or 'world'.")
 
 
-def _sample(model: str, config: str | None, loras: list[tuple[str, float]], prompts: list[str],
-            args: argparse.Namespace, device, dtype):  # fmt: skip
-    """Images of one model (``config``: a one-file model's configs; ``loras``: adapters merged
-    into it, with their scales) for the repeated prompt list (same seeds and CFG for every
-    model)."""
+def _sample_and_score(model: str, config: str | None, loras: list[tuple[str, float]],
+                      prompts: list[str], args: argparse.Namespace, device, dtype,
+                      scorer: MetricScorer) -> tuple[ImageScores, torch.Tensor]:  # fmt: skip
+    """The scores of one model's images (``config``: a one-file model's configs; ``loras``:
+    adapters merged into it, with their scales) for ``args.num_images`` images of the prompts
+    (same seeds and CFG for every model), scored a batch at a time as they are sampled, and
+    the images of the grid (the first prompts')."""
+    from tqdm.auto import tqdm
+
     from diffalign.commands.sample import (
         load_optional_reward,
         load_sampling_pipeline,
-        sample_prompts,
+        sample_batches,
     )
+    from diffalign.imaging import GridCollector
+    from diffalign.metrics import ImageScores
     from diffalign.models import denoiser_of
 
     pipeline = load_sampling_pipeline(model, device, dtype, config, loras)
-    pipeline.set_progress_bar_config(disable=args.quiet, desc=f"sampling {model}")
+    pipeline.set_progress_bar_config(disable=True)  # one bar below, not one per call
     size = args.resolution or denoiser_of(pipeline).config.sample_size * pipeline.vae_scale_factor
     reward = load_optional_reward(args.reward, device)
-    images, _, _, _ = sample_prompts(pipeline, prompts, args, size, reward)
-    return images[: args.num_images].float().cpu()
+    grid, parts, count = GridCollector(args.num_images_per_prompt), [], 0
+    with tqdm(total=args.num_images, desc=f"images of {model}", disable=args.quiet) as bar:
+        for batch in sample_batches(pipeline, prompts, args, size, reward):
+            images = batch.images[: args.num_images - count].float()
+            parts.append(scorer.score(images, batch.prompts[: len(images)]))
+            grid.add(images)
+            count += len(images)
+            bar.update(len(images))
+            if count == args.num_images:
+                break
+    return ImageScores.concatenate(parts), grid.images()
 
 
 def run(args: argparse.Namespace) -> int:
     """Sample, measure, and write metrics.json, the report and the grids."""
     from diffalign.commands.sample import check_sampling_arguments
-    from diffalign.metrics import evaluate, parse_metrics, reference_statistics
+    from diffalign.metrics import MetricScorer, parse_metrics
 
     try:
-        requests = parse_metrics(args.metrics)
+        parse_metrics(args.metrics)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     check_sampling_arguments(args)
@@ -165,32 +188,32 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     args.out.mkdir(parents=True, exist_ok=True)
-    reference = _reference(args, repeated)
-    networks = sorted({r.name for r in requests if r.kind != "reward"})
-    stats = {n: reference_statistics(reference, n, args.fid_weights, device) for n in networks}
-    for name, stat in stats.items():
+    scorer = MetricScorer(args.metrics, _reference(args, repeated), args.fid_weights, device,
+                          args.quiet)  # fmt: skip
+    for name, stat in scorer.references.items():
         stat.save(args.out / f"reference_{name}.safetensors")
-    columns: dict[str, dict[str, Any]] = {}
-    images = _sample(args.model, configs["--model"], loras["--model"], prompts, args, device, dtype)
-    baseline_images = None
+    scores, grids = {}, {}
+    for flag in ("--model", "--baseline") if args.baseline else ("--model",):
+        name = flag.removeprefix("--")
+        scores[name], grids[name] = _sample_and_score(
+            getattr(args, name), configs[flag], loras[flag], prompts, args, device, dtype, scorer
+        )
+    columns = {"model": scorer.summarize(scores["model"], scores.get("baseline"), args.seed)}
     if args.baseline:
-        baseline_images = _sample(args.baseline, configs["--baseline"], loras["--baseline"],
-                                  prompts, args, device, dtype)  # fmt: skip
-    common = {"reference": stats, "fid_weights": args.fid_weights, "device": device,
-              "seed": args.seed, "quiet": args.quiet}  # fmt: skip
-    columns["model"] = evaluate(images, repeated, args.metrics, baseline=baseline_images, **common)
-    if baseline_images is not None:
-        columns["baseline"] = evaluate(baseline_images, repeated, args.metrics, **common)
-    _write_outputs(args, columns, images, baseline_images, loras, device)
+        columns["baseline"] = scorer.summarize(scores["baseline"], None, args.seed)
+    for warning in dict.fromkeys(w for c in columns.values() for w in c["warnings"]):
+        logger.warning(warning)  # once, though both columns carry it
+    _write_outputs(args, columns, grids, loras, device)
     return 0
 
 
-def _write_outputs(args, columns, images, baseline_images, loras, device) -> None:
+def _write_outputs(args, columns, grids, loras, device) -> None:
     from diffalign.imaging import side_by_side
     from diffalign.report import Report, Section, markdown_table, metric_rows
 
-    grids = [("model", images)] + ([("baseline", baseline_images)] if args.baseline else [])
-    side_by_side(grids, columns=args.num_images_per_prompt).save(args.out / "grid.png")
+    side_by_side(list(grids.items()), columns=args.num_images_per_prompt).save(
+        args.out / "grid.png"
+    )
     rows = metric_rows(columns)
     names = {
         "model": model_label(args.model, loras["--model"]),
@@ -198,13 +221,16 @@ def _write_outputs(args, columns, images, baseline_images, loras, device) -> Non
     }
     negative = args.negative_prompt
     negative = "" if negative is None else f" (negative prompt {negative!r})"
-    text = (f"{len(images)} images per model, sampler {args.sampler}, {args.steps} steps, "
+    shown = len(grids["model"])
+    shown = "" if shown == args.num_images else f" (the grid shows the first {shown})"
+    text = (f"{args.num_images} images per model{shown}, sampler {args.sampler}, "
+            f"{args.steps} steps, "
             f"CFG {args.guidance_scale}{negative}, seed {args.seed}; model: {names['model']}"
             + (f"; baseline: {names['baseline']}" if args.baseline else "")
             + ". Values with their 95% bootstrap intervals.")  # fmt: skip
     warnings = columns["model"].get("warnings", [])
     sections = [Section("Metrics", text, rows), Section("Samples", figures=[
-        (" | ".join(f"{name} ({names[name]})" for name, _ in grids), "grid.png")])]  # fmt: skip
+        (" | ".join(f"{name} ({names[name]})" for name in grids), "grid.png")])]  # fmt: skip
     if warnings:
         sections.append(Section("Warnings", " ".join(warnings)))
     Report("diffalign eval", sections).write(args.out)

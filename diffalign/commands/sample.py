@@ -16,7 +16,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -169,57 +169,118 @@ def count_calls(module: nn.Module) -> list[int]:
     return counter
 
 
-def _sample_ddim(pipeline, prompts, args, size, reward):
-    """Plain DDIM images, their rewards (NaN without ``--reward``) and NFEs per image, sampled
-    ``--batch-size`` images a call (the same images at eta 0 whatever the batch size)."""
-    import torch
+@dataclasses.dataclass
+class SampledBatch:
+    """One batch of :func:`sample_batches`: images in [0, 1] (on the CPU), their rewards (NaN
+    without a reward), the prompt of each and, for search samplers, one stats dict per prompt."""
 
-    from diffalign.world.evaluate import generate
-
-    per_call = max(1, args.batch_size // args.num_images_per_prompt)  # prompts per call
-    images = generate(
-        pipeline, list(prompts), args.num_images_per_prompt, args.steps, args.guidance_scale,
-        args.seed, batch_prompts=per_call, quiet=True, negative_prompt=args.negative_prompt,
-        eta=args.eta or 0.0, height=size, width=size,
-    )  # fmt: skip
-    repeated = [p for p in prompts for _ in range(args.num_images_per_prompt)]
-    if reward is None:
-        return images, torch.full((len(images),), float("nan")), repeated, {}
-    return images, reward(images, repeated).float().cpu(), repeated, {}
+    images: torch.Tensor
+    rewards: torch.Tensor
+    prompts: list[str]
+    search_stats: list[dict]
 
 
-def _sample_search(pipeline, prompts, args, size, reward):
-    """Search-sampled images, their rewards, prompts and the statistics of each prompt."""
-    from diffalign.pipelines.dts import SearchOptions, search_pipeline
-
-    tree = tree_settings_from_arguments(args, default_in_flight=8)
-    searcher = search_pipeline(pipeline)
-    searcher.set_progress_bar_config(disable=args.quiet)
-    output = searcher(
-        prompts, reward, budget_nfe=args.budget_nfe, sampler=args.sampler,
-        num_images_per_prompt=args.num_images_per_prompt, num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale, eta=1.0 if args.eta is None else args.eta,
-        inverse_temperature=args.inverse_temperature, height=size, width=size, seed=args.seed,
-        output_type="pt", tree_settings=tree, negative_prompt=args.negative_prompt,
-    )  # fmt: skip
-    extra = {"search": output.stats}
-    if args.sampler in ("dts", "dts-star"):  # as the search ran them (mode and lambda set)
-        options = SearchOptions(args.sampler, args.budget_nfe, args.inverse_temperature, tree)
-        extra["tree_settings"] = dataclasses.asdict(options.tree_settings())
-    return output.images, output.rewards, output.prompts, extra
-
-
-def sample_prompts(
+def sample_batches(
     pipeline: DiffusionPipeline,
     prompts: Sequence[str],
     args: argparse.Namespace,
     size: int,
     reward: Reward | None,
-) -> tuple[torch.Tensor, torch.Tensor, list[str], dict[str, Any]]:
-    """Images of ``prompts`` by ``args.sampler`` (``ddim`` or a search sampler): the images,
-    their rewards (NaN without a reward), the prompt of each and extra statistics."""
-    sample = _sample_ddim if args.sampler == "ddim" else _sample_search
-    return sample(pipeline, prompts, args, size, reward)
+) -> Iterator[SampledBatch]:
+    """Images of ``prompts`` by ``args.sampler`` (``ddim`` or a search sampler), about
+    ``--batch-size`` images a batch (whole prompts), so that a caller can save or score each
+    batch and let it go. The images do not depend on the batch size (at eta 0 for ``ddim``)."""
+    per_call = max(1, args.batch_size // args.num_images_per_prompt)  # prompts per batch
+    batches = _ddim_batches if args.sampler == "ddim" else _search_batches
+    yield from batches(pipeline, list(prompts), args, size, reward, per_call)
+
+
+def _ddim_batches(pipeline, prompts, args, size, reward, per_call) -> Iterator[SampledBatch]:
+    """Plain DDIM batches: one seeded generator runs through the pipeline calls."""
+    import torch
+
+    from diffalign.world.evaluate import generate_batches
+
+    for images, repeated in generate_batches(
+        pipeline, prompts, args.num_images_per_prompt, per_call, args.seed, quiet=True,
+        num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+        negative_prompt=args.negative_prompt, eta=args.eta or 0.0, height=size, width=size,
+    ):  # fmt: skip
+        rewards = torch.full((len(images),), float("nan"))
+        if reward is not None:
+            rewards = reward(images, repeated).float().cpu()
+        yield SampledBatch(images, rewards, repeated, [])
+
+
+def _search_batches(pipeline, prompts, args, size, reward, per_call) -> Iterator[SampledBatch]:
+    """Search batches: each prompt's search is seeded by its place in ``prompts``, so the
+    images are the ones a single call over every prompt gives."""
+    from diffalign.pipelines.dts import search_pipeline
+
+    tree = tree_settings_from_arguments(args, default_in_flight=8)
+    searcher = search_pipeline(pipeline)
+    searcher.set_progress_bar_config(disable=args.quiet)
+    for start in range(0, len(prompts), per_call):
+        output = searcher(
+            prompts[start : start + per_call], reward, budget_nfe=args.budget_nfe,
+            sampler=args.sampler, num_images_per_prompt=args.num_images_per_prompt,
+            num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+            eta=1.0 if args.eta is None else args.eta,
+            inverse_temperature=args.inverse_temperature, height=size, width=size,
+            seed=args.seed + start, output_type="pt", tree_settings=tree,
+            negative_prompt=args.negative_prompt,
+        )  # fmt: skip
+        yield SampledBatch(output.images.float(), output.rewards.float().cpu(), output.prompts,
+                           output.stats)  # fmt: skip
+
+
+def search_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The tree settings a ``dts`` / ``dts-star`` search ran with (mode and lambda set), for
+    metrics.json; empty for other samplers."""
+    from diffalign.pipelines.dts import SearchOptions
+
+    if args.sampler not in ("dts", "dts-star"):
+        return {}
+    tree = tree_settings_from_arguments(args, default_in_flight=8)
+    options = SearchOptions(args.sampler, args.budget_nfe, args.inverse_temperature, tree)
+    return {"tree_settings": dataclasses.asdict(options.tree_settings())}
+
+
+@dataclasses.dataclass
+class _SavedSamples:
+    """What ``sample`` keeps of its images once they are written: names, prompts, rewards."""
+
+    files: list[str] = dataclasses.field(default_factory=list)
+    prompts: list[str] = dataclasses.field(default_factory=list)
+    rewards: list[float] = dataclasses.field(default_factory=list)
+    search_stats: list[dict] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0  # sampling only, not the writing
+
+    @property
+    def count(self) -> int:
+        return len(self.files)
+
+
+def _sample_and_save(pipeline, prompts, args, size, reward) -> _SavedSamples:
+    """Sample batch by batch, writing each batch's PNGs as it comes (a 10,000-image run never
+    holds 10,000 images), and the grid of the first prompts' images."""
+    from diffalign.imaging import GridCollector, make_grid, save_images
+
+    saved, grid = _SavedSamples(), GridCollector(args.num_images_per_prompt)
+    start = time.perf_counter()
+    for batch in sample_batches(pipeline, prompts, args, size, reward):
+        saved.seconds += time.perf_counter() - start
+        names = [f"{saved.count + index:04d}.png" for index in range(len(batch.images))]
+        save_images(batch.images, args.out / "images", names)
+        grid.add(batch.images)
+        saved.files += names
+        saved.prompts += batch.prompts
+        saved.rewards += batch.rewards.tolist()
+        saved.search_stats += batch.search_stats
+        start = time.perf_counter()
+    columns = args.num_images_per_prompt if len(prompts) > 1 else None
+    make_grid(grid.images(), columns=columns).save(args.out / "grid.png")
+    return saved
 
 
 def _sample_records(prompts, rewards, nfe_per_image, files) -> list[dict]:
@@ -230,14 +291,15 @@ def _sample_records(prompts, rewards, nfe_per_image, files) -> list[dict]:
             "reward": None if math.isnan(reward) else reward,
             "nfe": nfe_per_image,
         }  # fmt: skip
-        for file, prompt, reward in zip(files, prompts, rewards.tolist(), strict=True)
+        for file, prompt, reward in zip(files, prompts, rewards, strict=True)
     ]
 
 
 def run(args: argparse.Namespace) -> int:
     """Sample (or search), save the images, the grid, samples.json and metrics.json."""
+    import torch
+
     from diffalign.attention import enable_fused_attention
-    from diffalign.imaging import make_grid, save_images
     from diffalign.models import denoiser_of
 
     prompts = _prompts(args)
@@ -255,32 +317,29 @@ def run(args: argparse.Namespace) -> int:
     reward = load_optional_reward(args.reward, device)
     nfe = count_calls(denoiser_of(pipeline))
     size = args.resolution or denoiser_of(pipeline).config.sample_size * pipeline.vae_scale_factor
-    start = time.perf_counter()
-    images, rewards, repeated, extra = sample_prompts(pipeline, prompts, args, size, reward)
-    seconds = time.perf_counter() - start
-    files = save_images(images, args.out / "images")
-    make_grid(images, columns=args.num_images_per_prompt if len(prompts) > 1 else None).save(
-        args.out / "grid.png"
-    )
-    per_image = nfe[1] / len(images)
-    records = _sample_records(repeated, rewards, per_image, [Path(f).name for f in files])
+    saved = _sample_and_save(pipeline, prompts, args, size, reward)
+    per_image = nfe[1] / saved.count
+    records = _sample_records(saved.prompts, saved.rewards, per_image, saved.files)
     atomic_write_text(args.out / "samples.json", json.dumps(records, indent=2))
+    mean_reward = torch.tensor(saved.rewards).nanmean().item() if reward is not None else None
     results = {
         "model": args.model, **lora_record(loras),
         "sampler": args.sampler, "prompts": prompts,
-        "num_images": len(images), "resolution": size, "steps": args.steps, "eta": args.eta,
+        "num_images": saved.count, "resolution": size, "steps": args.steps, "eta": args.eta,
         "guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt,
         "seed": args.seed, "reward": args.reward,
-        "reward_mean": rewards.nanmean().item() if reward is not None else None,
+        "reward_mean": mean_reward,
         "budget_nfe_per_prompt": args.budget_nfe, "nfe": nfe[1], "unet_evaluations": nfe[0],
-        "nfe_per_image": per_image, "seconds": seconds,
-        "images_per_second": len(images) / seconds,
-        "attention": {name: str(report) for name, report in reports.items()}, **extra,
+        "nfe_per_image": per_image, "seconds": saved.seconds,
+        "images_per_second": saved.count / saved.seconds,
+        "attention": {name: str(report) for name, report in reports.items()},
+        **({"search": saved.search_stats} if args.sampler != "ddim" else {}),
+        **search_settings(args),
     }  # fmt: skip
     path = write_metrics(args.out, "sample", results, device)
     mean = f", mean {args.reward} {results['reward_mean']:.3f}" if reward is not None else ""
-    count = f"{len(images)} image" + ("s" if len(images) != 1 else "")
-    print(f"{count} in {seconds:.1f} s ({nfe[1]} NFEs{mean}) -> {args.out}")
+    count = f"{saved.count} image" + ("s" if saved.count != 1 else "")
+    print(f"{count} in {saved.seconds:.1f} s ({nfe[1]} NFEs{mean}) -> {args.out}")
     print(f"wrote {path}")
     return 0
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -48,20 +48,35 @@ def generate(
 
     ``pipeline`` is a ``StableDiffusionPipeline`` or, for flow-matching models, a
     :class:`~diffalign.pipelines.rollout.RolloutPipeline` (sampled deterministically, ``eta=0``).
+    :func:`generate_batches` gives the same images a call at a time.
     """
+    batches = generate_batches(pipeline, prompts, samples_per_prompt, batch_prompts, seed, quiet,
+                               num_inference_steps=steps, guidance_scale=guidance_scale,
+                               negative_prompt=negative_prompt, **call_kwargs)  # fmt: skip
+    return torch.cat([images for images, _ in batches])
+
+
+def generate_batches(
+    pipeline: DiffusionPipeline,
+    prompts: Sequence[str],
+    samples_per_prompt: int = 1,
+    batch_prompts: int = 16,
+    seed: int = 0,
+    quiet: bool = False,
+    **call_kwargs: Any,
+) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """:func:`generate`'s images a pipeline call at a time (on the CPU), each batch with the
+    prompt of each image, so that a caller can score or save them and let them go;
+    ``call_kwargs`` (``num_inference_steps``, ``guidance_scale``, ``negative_prompt``, ``eta``,
+    ``height``, ``width``) go to each call."""
     from diffalign.pipelines.rollout import sample_images
 
     generator = torch.Generator().manual_seed(seed)
-    chunks = []
     for start in tqdm(range(0, len(prompts), batch_prompts), desc="sampling", disable=quiet):
         chunk = list(prompts[start : start + batch_prompts])
-        images = sample_images(
-            pipeline, chunk, num_images_per_prompt=samples_per_prompt, num_inference_steps=steps,
-            guidance_scale=guidance_scale, generator=generator, negative_prompt=negative_prompt,
-            **call_kwargs,
-        )  # fmt: skip
-        chunks.append(images.cpu())
-    return torch.cat(chunks)
+        images = sample_images(pipeline, chunk, num_images_per_prompt=samples_per_prompt,
+                               generator=generator, **call_kwargs)  # fmt: skip
+        yield images.cpu(), [p for p in chunk for _ in range(samples_per_prompt)]
 
 
 def evaluate_prompts(images: torch.Tensor, prompts: Sequence[str], samples_per_prompt: int) -> dict:

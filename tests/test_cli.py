@@ -113,16 +113,19 @@ def test_sample_runs_batch_size_images_a_call_and_the_same_images_at_eta_0(tmp_p
     prompts = [arg for text in ("a red circle", "two blue squares", "a green triangle")
                for arg in ("--prompt", text)]  # fmt: skip
     pixels = {}
-    for batch_size in ("2", "8"):
+    calls = {"1": 6, "2": 3, "8": 1}  # 6 images; at 1 a prompt's two images take two calls
+    for batch_size in calls:
         out = tmp_path / batch_size
         assert main(["sample", "--model", "diffalign:tiny-random", *prompts, "--steps", "3",
                      "--num-images-per-prompt", "2", "--batch-size", batch_size, "--quiet",
                      "--out", str(out)]) == 0  # fmt: skip
         metrics = json.loads((out / "metrics.json").read_text())["results"]
-        assert metrics["unet_evaluations"] == 3 * (3 if batch_size == "2" else 1)  # calls x steps
+        assert metrics["unet_evaluations"] == 3 * calls[batch_size]  # calls x steps
         pixels[batch_size] = [np.asarray(Image.open(f)) for f in sorted(out.glob("images/*.png"))]
     assert len(pixels["2"]) == 6
-    assert all(np.array_equal(a, b) for a, b in zip(pixels["2"], pixels["8"], strict=True))
+    for size in ("1", "2"):  # the same noise; float rounding of other batch shapes, ~1e-6
+        for a, b in zip(pixels[size], pixels["8"], strict=True):
+            assert np.abs(a.astype(int) - b).max() <= 1
     with pytest.raises(SystemExit, match="--batch-size must be at least 1"):
         main(["sample", "--model", "diffalign:tiny-random", *prompts, "--batch-size", "0",
               "--out", str(tmp_path / "0")])  # fmt: skip

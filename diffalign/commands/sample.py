@@ -187,22 +187,22 @@ def sample_batches(
     size: int,
     reward: Reward | None,
 ) -> Iterator[SampledBatch]:
-    """Images of ``prompts`` by ``args.sampler`` (``ddim`` or a search sampler), about
-    ``--batch-size`` images a batch (whole prompts), so that a caller can save or score each
-    batch and let it go. The images do not depend on the batch size (at eta 0 for ``ddim``)."""
-    per_call = max(1, args.batch_size // args.num_images_per_prompt)  # prompts per batch
+    """Images of ``prompts`` by ``args.sampler`` (``ddim`` or a search sampler), so that a
+    caller can save or score each batch and let it go: ``--batch-size`` images a batch for
+    ``ddim``, whole prompts' searches for the others (at least one prompt's). The images do not
+    depend on the batch size (at eta 0 for ``ddim``)."""
     batches = _ddim_batches if args.sampler == "ddim" else _search_batches
-    yield from batches(pipeline, list(prompts), args, size, reward, per_call)
+    yield from batches(pipeline, list(prompts), args, size, reward)
 
 
-def _ddim_batches(pipeline, prompts, args, size, reward, per_call) -> Iterator[SampledBatch]:
+def _ddim_batches(pipeline, prompts, args, size, reward) -> Iterator[SampledBatch]:
     """Plain DDIM batches: one seeded generator runs through the pipeline calls."""
     import torch
 
     from diffalign.world.evaluate import generate_batches
 
     for images, repeated in generate_batches(
-        pipeline, prompts, args.num_images_per_prompt, per_call, args.seed, quiet=True,
+        pipeline, prompts, args.num_images_per_prompt, args.batch_size, args.seed, quiet=True,
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
         negative_prompt=args.negative_prompt, eta=args.eta or 0.0, height=size, width=size,
     ):  # fmt: skip
@@ -212,7 +212,7 @@ def _ddim_batches(pipeline, prompts, args, size, reward, per_call) -> Iterator[S
         yield SampledBatch(images, rewards, repeated, [])
 
 
-def _search_batches(pipeline, prompts, args, size, reward, per_call) -> Iterator[SampledBatch]:
+def _search_batches(pipeline, prompts, args, size, reward) -> Iterator[SampledBatch]:
     """Search batches: each prompt's search is seeded by its place in ``prompts``, so the
     images are the ones a single call over every prompt gives."""
     from diffalign.pipelines.dts import search_pipeline
@@ -220,6 +220,7 @@ def _search_batches(pipeline, prompts, args, size, reward, per_call) -> Iterator
     tree = tree_settings_from_arguments(args, default_in_flight=8)
     searcher = search_pipeline(pipeline)
     searcher.set_progress_bar_config(disable=args.quiet)
+    per_call = max(1, args.batch_size // args.num_images_per_prompt)  # whole prompts
     for start in range(0, len(prompts), per_call):
         output = searcher(
             prompts[start : start + per_call], reward, budget_nfe=args.budget_nfe,

@@ -36,21 +36,21 @@ def generate(
     steps: int = 25,
     guidance_scale: float = 3.0,
     seed: int = 0,
-    batch_prompts: int = 16,
+    batch_size: int = 16,
     quiet: bool = False,
     negative_prompt: str | None = None,
     **call_kwargs: Any,
 ) -> torch.Tensor:
     """Images (len(prompts) * samples_per_prompt, 3, H, W) in [0, 1], prompt-major order
-    (``negative_prompt``: CFG's, else diffusers' default), ``batch_prompts`` prompts a call
-    with one generator running through the calls (at eta 0 the images do not depend on
-    ``batch_prompts``); ``call_kwargs`` (``eta``, ``height``, ``width``) go to each call.
+    (``negative_prompt``: CFG's, else diffusers' default), ``batch_size`` images a call with
+    one generator running through the calls (at eta 0 the images do not depend on
+    ``batch_size``); ``call_kwargs`` (``eta``, ``height``, ``width``) go to each call.
 
     ``pipeline`` is a ``StableDiffusionPipeline`` or, for flow-matching models, a
     :class:`~diffalign.pipelines.rollout.RolloutPipeline` (sampled deterministically, ``eta=0``).
     :func:`generate_batches` gives the same images a call at a time.
     """
-    batches = generate_batches(pipeline, prompts, samples_per_prompt, batch_prompts, seed, quiet,
+    batches = generate_batches(pipeline, prompts, samples_per_prompt, batch_size, seed, quiet,
                                num_inference_steps=steps, guidance_scale=guidance_scale,
                                negative_prompt=negative_prompt, **call_kwargs)  # fmt: skip
     return torch.cat([images for images, _ in batches])
@@ -60,23 +60,25 @@ def generate_batches(
     pipeline: DiffusionPipeline,
     prompts: Sequence[str],
     samples_per_prompt: int = 1,
-    batch_prompts: int = 16,
+    batch_size: int = 16,
     seed: int = 0,
     quiet: bool = False,
     **call_kwargs: Any,
 ) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """:func:`generate`'s images a pipeline call at a time (on the CPU), each batch with the
-    prompt of each image, so that a caller can score or save them and let them go;
-    ``call_kwargs`` (``num_inference_steps``, ``guidance_scale``, ``negative_prompt``, ``eta``,
-    ``height``, ``width``) go to each call."""
+    """:func:`generate`'s images ``batch_size`` a pipeline call (on the CPU; a prompt's images
+    may span calls), each batch with the prompt of each image, so that a caller can score or
+    save them and let them go; ``call_kwargs`` (``num_inference_steps``, ``guidance_scale``,
+    ``negative_prompt``, ``eta``, ``height``, ``width``) go to each call."""
     from diffalign.pipelines.rollout import sample_images
 
     generator = torch.Generator().manual_seed(seed)
-    for start in tqdm(range(0, len(prompts), batch_prompts), desc="sampling", disable=quiet):
-        chunk = list(prompts[start : start + batch_prompts])
-        images = sample_images(pipeline, chunk, num_images_per_prompt=samples_per_prompt,
-                               generator=generator, **call_kwargs)  # fmt: skip
-        yield images.cpu(), [p for p in chunk for _ in range(samples_per_prompt)]
+    # each image its own prompt row: the same latents as num_images_per_prompt draws, in order
+    repeated = [p for p in prompts for _ in range(samples_per_prompt)]
+    for start in tqdm(range(0, len(repeated), batch_size), desc="sampling", disable=quiet):
+        chunk = repeated[start : start + batch_size]
+        images = sample_images(pipeline, chunk, num_images_per_prompt=1, generator=generator,
+                               **call_kwargs)  # fmt: skip
+        yield images.cpu(), chunk
 
 
 def evaluate_prompts(images: torch.Tensor, prompts: Sequence[str], samples_per_prompt: int) -> dict:

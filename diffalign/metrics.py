@@ -277,7 +277,7 @@ class MetricScorer:
             len(images),
             {name: reward(images, list(prompts)).double().cpu()  # it moves a batch at a time
              for name, reward in self.rewards.items()},
-            {name: extract_features(network, images, quiet=self.quiet)
+            {name: extract_features(network, images)  # a batch: no bar of its own
              for name, network in self.networks.items()},
         )  # fmt: skip
 

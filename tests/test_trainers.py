@@ -363,7 +363,7 @@ def test_tensorboard_gets_the_metrics_and_the_sample_grids(tmp_path, monkeypatch
     assert [e.step for e in logged.Scalars("heldout_reward_mean")] == [0, 1, 2]
     grids = logged.Images("heldout_samples")
     assert [e.step for e in grids] == [0, 1, 2] and grids[0].width > 0
-    # wandb (not installed here) takes a list of images: a stand-in records what it gets
+    # wandb takes a list of images: a stand-in records what it gets
     trainer = _trainer(AWMTrainer, AWMConfig(max_steps=1, **SMALL), tmp_path / "wandb")
     logged_images = []
     wandb = SimpleNamespace(name="wandb", log_images=lambda values, step: logged_images.append(
@@ -372,6 +372,23 @@ def test_tensorboard_gets_the_metrics_and_the_sample_grids(tmp_path, monkeypatch
     grid = Image.new("RGB", (8, 4))
     trainer._log_grid(grid, 3)
     assert logged_images == [({"heldout_samples": [grid]}, 3)]
+
+
+def test_heldout_evaluation_samples_sample_batch_size_images_a_call(tmp_path, monkeypatch):
+    settings = {**SMALL, "num_heldout_prompts": 3, "heldout_samples_per_prompt": 3}
+    trainer = _trainer(AWMTrainer, AWMConfig(max_steps=1, **settings), tmp_path)
+    calls, call = [], type(trainer.pipeline).__call__
+
+    def counted(self, prompts, **kwargs):
+        calls.append(len(prompts))
+        return call(self, prompts, **kwargs)
+
+    monkeypatch.setattr(type(trainer.pipeline), "__call__", counted)
+    batched = trainer.evaluate(0)
+    assert calls == [4, 4, 1]  # 9 images, sample_batch_size 4: a prompt's images span calls
+    calls.clear()
+    trainer.config = dataclasses.replace(trainer.config, sample_batch_size=9)
+    assert trainer.evaluate(0) == pytest.approx(batched, abs=1e-5) and calls == [9]
 
 
 def test_a_resumed_run_records_and_reports_its_changed_settings(tmp_path, monkeypatch, caplog):

@@ -92,7 +92,9 @@ class TrainConfig(BaseConfig):
     max_steps: int = field(default=100, metadata={"help": "sampling + update rounds"})
     prompts_per_step: int = field(default=8, metadata={"help": "distinct prompts per round"})
     samples_per_prompt: int = field(default=4, metadata={"help": "images per prompt (group)"})
-    sample_batch_size: int = field(default=16, metadata={"help": "images per pipeline call"})
+    sample_batch_size: int = field(
+        default=16, metadata={"help": "images per pipeline call (rollouts, held-out evaluations)"}
+    )
     num_inference_steps: int = 50
     guidance_scale: float = 5.0
     negative_prompt: str | None = field(

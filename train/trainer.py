@@ -610,20 +610,17 @@ class Trainer:
 
         config = self.config
         local = self.heldout[self.rank :: self.accelerator.num_processes]
+        expanded = [p for p in local for _ in range(config.heldout_samples_per_prompt)]
         generator = torch.Generator().manual_seed(derive_seed(config.seed, "heldout", self.rank))
         images, prompts = [], []
         self.denoiser.eval()
-        per_call = max(1, config.sample_batch_size // 2)  # prompts per call; each gives samples
         with self._ema_weights():
-            for start in range(0, len(local), per_call):
-                chunk = local[start : start + per_call]
+            for start in range(0, len(expanded), config.sample_batch_size):  # as the rollouts
+                chunk = expanded[start : start + config.sample_batch_size]
                 with self.autocast():
-                    rollout = self.pipeline(
-                        chunk, eta=0.0, generator=generator,
-                        num_images_per_prompt=config.heldout_samples_per_prompt,
-                        **self._sampling_kwargs(),
-                    )  # fmt: skip
-                images.append(rollout.images)
+                    rollout = self.pipeline(chunk, eta=0.0, generator=generator,
+                                            **self._sampling_kwargs())  # fmt: skip
+                images.append(rollout.images.cpu())  # the rewards move a batch at a time
                 prompts += rollout.prompts
         self.denoiser.train()
         images = torch.cat(images)

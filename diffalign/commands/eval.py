@@ -152,7 +152,8 @@ def _sample_and_score(model: str, config: str | None, loras: list[tuple[str, flo
     size = args.resolution or denoiser_of(pipeline).config.sample_size * pipeline.vae_scale_factor
     reward = load_optional_reward(args.reward, device)
     grid, parts, count = GridCollector(args.num_images_per_prompt), [], 0
-    with tqdm(total=args.num_images, desc=f"images of {model}", disable=args.quiet) as bar:
+    with tqdm(total=args.num_images, desc=f"images of {model}", unit="image",
+              disable=args.quiet) as bar:  # fmt: skip
         for batch in sample_batches(pipeline, prompts, args, size, reward):
             images = batch.images[: args.num_images - count].float()
             parts.append(scorer.score(images, batch.prompts[: len(images)]))

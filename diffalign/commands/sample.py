@@ -265,12 +265,17 @@ class _SavedSamples:
 def _sample_and_save(pipeline, prompts, args, size, reward) -> _SavedSamples:
     """Sample batch by batch, writing each batch's PNGs as it comes (a 10,000-image run never
     holds 10,000 images), and the grid of the first prompts' images."""
+    from tqdm.auto import tqdm
+
     from diffalign.imaging import GridCollector, make_grid, save_images
 
     saved, grid = _SavedSamples(), GridCollector(args.num_images_per_prompt)
+    total = len(prompts) * args.num_images_per_prompt
+    bar = tqdm(total=total, desc="images", unit="image", disable=args.quiet)
     start = time.perf_counter()
     for batch in sample_batches(pipeline, prompts, args, size, reward):
         saved.seconds += time.perf_counter() - start
+        bar.update(len(batch.images))
         names = [f"{saved.count + index:04d}.png" for index in range(len(batch.images))]
         save_images(batch.images, args.out / "images", names)
         grid.add(batch.images)
@@ -279,6 +284,7 @@ def _sample_and_save(pipeline, prompts, args, size, reward) -> _SavedSamples:
         saved.rewards += batch.rewards.tolist()
         saved.search_stats += batch.search_stats
         start = time.perf_counter()
+    bar.close()
     columns = args.num_images_per_prompt if len(prompts) > 1 else None
     make_grid(grid.images(), columns=columns).save(args.out / "grid.png")
     return saved
@@ -313,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device)
     loras = lora_of(args)
     pipeline = load_sampling_pipeline(args.model, device, dtype, model_config, loras)
-    pipeline.set_progress_bar_config(disable=args.quiet)
+    pipeline.set_progress_bar_config(disable=True)  # a bar over the images, not one per call
     reports = enable_fused_attention(pipeline, args.attention)
     reward = load_optional_reward(args.reward, device)
     nfe = count_calls(denoiser_of(pipeline))

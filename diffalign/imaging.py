@@ -60,6 +60,13 @@ def make_grid(images: torch.Tensor, columns: int | None = None, padding: int = 2
     return grid
 
 
+def numbered_names(start: int, count: int, total: int) -> list[str]:
+    """PNG names for images ``start`` .. ``start + count - 1`` of ``total``: zero-padded to four
+    digits or as many as ``total`` needs, so that name order is image order."""
+    width = max(4, len(str(total - 1)))
+    return [f"{index:0{width}d}.png" for index in range(start, start + count)]
+
+
 def save_images(
     images: torch.Tensor, folder: Path, names: Sequence[str] | None = None
 ) -> list[Path]:

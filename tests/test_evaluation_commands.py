@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -62,6 +63,33 @@ def test_eval_scores_each_batch_as_sampled_and_warns_once(tmp_path, monkeypatch,
     assert len(warned) == 2  # once a run, though the model and the baseline both carry it
     for key in ("shapes_mean", "fid_tiny_clip", "shapes_win_rate"):
         assert results["2"][key] == pytest.approx(results["8"][key], rel=1e-6)
+
+
+def test_eval_saves_the_images_it_scored_which_sample_gives_too(tmp_path):
+    from diffalign.world.evaluate import heldout_prompts
+
+    out = tmp_path / "eval"
+    assert main(eval_args(out, "--metrics", "shapes", "--save-images", "--batch-size", "4")) == 0
+    saved = sorted((out / "images" / "model").glob("*.png"))
+    assert [f.name for f in saved] == [f"000{i}.png" for i in range(6)]
+    prompts = [arg for text in heldout_prompts(3) for arg in ("--prompt", text)]
+    sampled = tmp_path / "sample"
+    argv = ["sample", "--model", "diffalign:tiny-shapes", *prompts, "--steps", "2",
+            "--num-images-per-prompt", "2", "--quiet", "--out", str(sampled)]  # fmt: skip
+    assert main(argv) == 0
+    for file in saved:  # the same prompts, seeds and guidance: the same images
+        pixels = [
+            np.asarray(Image.open(f), dtype=int) for f in (file, sampled / "images" / file.name)
+        ]
+        assert np.abs(pixels[0] - pixels[1]).max() <= 1
+
+
+def test_numbered_names_sort_in_image_order():
+    from diffalign.imaging import numbered_names
+
+    assert numbered_names(0, 3, 10) == ["0000.png", "0001.png", "0002.png"]
+    names = numbered_names(9998, 3, 12000)
+    assert names == ["09998.png", "09999.png", "10000.png"] == sorted(names)
 
 
 def test_grid_collector_keeps_the_first_whole_prompts_images():

@@ -78,6 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fid-weights", default=None, help="Inception weights file (or DIFFALIGN_INCEPTION_PATH)"
     )
+    parser.add_argument("--save-images", action="store_true",
+                        help="also write every image to OUT/images/{model,baseline}/")  # fmt: skip
     parser.add_argument("--sampler", default="ddim", choices=("ddim", *SEARCH_SAMPLERS))
     parser.add_argument("--reward", default=None, help="the search samplers' reward")
     parser.add_argument("--budget-nfe", type=int, default=None, help="search budget per prompt")
@@ -131,11 +133,12 @@ def _reference(args: argparse.Namespace, prompts: list[str]):
 
 def _sample_and_score(model: str, config: str | None, loras: list[tuple[str, float]],
                       prompts: list[str], args: argparse.Namespace, device, dtype,
-                      scorer: MetricScorer) -> tuple[ImageScores, torch.Tensor]:  # fmt: skip
+                      scorer: MetricScorer, folder: Path | None = None,
+                      ) -> tuple[ImageScores, torch.Tensor]:  # fmt: skip
     """The scores of one model's images (``config``: a one-file model's configs; ``loras``:
     adapters merged into it, with their scales) for ``args.num_images`` images of the prompts
-    (same seeds and CFG for every model), scored a batch at a time as they are sampled, and
-    the images of the grid (the first prompts')."""
+    (same seeds and CFG for every model), scored a batch at a time as they are sampled (and
+    written to ``folder`` if given), and the images of the grid (the first prompts')."""
     from tqdm.auto import tqdm
 
     from diffalign.commands.sample import (
@@ -143,7 +146,7 @@ def _sample_and_score(model: str, config: str | None, loras: list[tuple[str, flo
         load_sampling_pipeline,
         sample_batches,
     )
-    from diffalign.imaging import GridCollector
+    from diffalign.imaging import GridCollector, numbered_names, save_images
     from diffalign.metrics import ImageScores
     from diffalign.models import denoiser_of
 
@@ -158,6 +161,8 @@ def _sample_and_score(model: str, config: str | None, loras: list[tuple[str, flo
             images = batch.images[: args.num_images - count].float()
             parts.append(scorer.score(images, batch.prompts[: len(images)]))
             grid.add(images)
+            if folder is not None:
+                save_images(images, folder, numbered_names(count, len(images), args.num_images))
             count += len(images)
             bar.update(len(images))
             if count == args.num_images:
@@ -196,9 +201,10 @@ def run(args: argparse.Namespace) -> int:
     scores, grids = {}, {}
     for flag in ("--model", "--baseline") if args.baseline else ("--model",):
         name = flag.removeprefix("--")
-        scores[name], grids[name] = _sample_and_score(
-            getattr(args, name), configs[flag], loras[flag], prompts, args, device, dtype, scorer
-        )
+        folder = args.out / "images" / name if args.save_images else None
+        scores[name], grids[name] = _sample_and_score(getattr(args, name), configs[flag],
+                                                      loras[flag], prompts, args, device, dtype,
+                                                      scorer, folder)  # fmt: skip
     columns = {"model": scorer.summarize(scores["model"], scores.get("baseline"), args.seed)}
     if args.baseline:
         columns["baseline"] = scorer.summarize(scores["baseline"], None, args.seed)

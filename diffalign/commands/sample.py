@@ -190,7 +190,7 @@ def sample_batches(
     """Images of ``prompts`` by ``args.sampler`` (``ddim`` or a search sampler), so that a
     caller can save or score each batch and let it go: ``--batch-size`` images a batch for
     ``ddim``, whole prompts' searches for the others (at least one prompt's). The images do not
-    depend on the batch size (at eta 0 for ``ddim``)."""
+    depend on the batch size (for ``ddim``: at eta 0, beyond float rounding)."""
     batches = _ddim_batches if args.sampler == "ddim" else _search_batches
     yield from batches(pipeline, list(prompts), args, size, reward)
 
@@ -267,7 +267,7 @@ def _sample_and_save(pipeline, prompts, args, size, reward) -> _SavedSamples:
     holds 10,000 images), and the grid of the first prompts' images."""
     from tqdm.auto import tqdm
 
-    from diffalign.imaging import GridCollector, make_grid, save_images
+    from diffalign.imaging import GridCollector, make_grid, numbered_names, save_images
 
     saved, grid = _SavedSamples(), GridCollector(args.num_images_per_prompt)
     total = len(prompts) * args.num_images_per_prompt
@@ -276,7 +276,7 @@ def _sample_and_save(pipeline, prompts, args, size, reward) -> _SavedSamples:
     for batch in sample_batches(pipeline, prompts, args, size, reward):
         saved.seconds += time.perf_counter() - start
         bar.update(len(batch.images))
-        names = [f"{saved.count + index:04d}.png" for index in range(len(batch.images))]
+        names = numbered_names(saved.count, len(batch.images), total)
         save_images(batch.images, args.out / "images", names)
         grid.add(batch.images)
         saved.files += names

@@ -1,7 +1,9 @@
 """Evaluate generated images: FID / KID, reward means and win-rates, with bootstrap intervals.
 
-``evaluate(images, prompts, metrics=[...], reference=..., baseline=...)`` is the one entry point.
-Metric names (``parse_metrics``):
+``evaluate(images, prompts, metrics=[...], reference=..., baseline=...)`` is the entry point;
+:class:`MetricScorer` under it scores batches as they come and keeps per-image scores and
+features only (``evaluate`` of a model scores a pipeline call at a time). Metric names
+(``parse_metrics``):
 
 - ``fid`` (standard Inception-v3) or ``fid:NET`` for another feature network (``fid:tiny-clip``
   on the shapes world), see :mod:`diffalign.fid`. Needs ``reference``: real images, or a file
@@ -254,7 +256,6 @@ class MetricScorer:
         from diffalign.rewards import load_reward
 
         self.requests = parse_metrics(metrics)
-        self.quiet = quiet
         names = [r.name for r in self.requests if r.kind != "reward"]
         if names and reference is None:  # fail before loading any network
             reference_statistics(reference, names[0])

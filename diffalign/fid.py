@@ -191,7 +191,7 @@ class ImageFolder:
         self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if len(self.files) < 2:
             raise ValueError(
-                f"The reference folder {self.folder} holds {len(self.files)} images "
+                f"The image folder {self.folder} holds {len(self.files)} images "
                 f"({', '.join(IMAGE_SUFFIXES)}); FID needs 2 or more."
             )
 

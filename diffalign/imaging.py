@@ -14,7 +14,8 @@ GRID_MAX_IMAGES = 64  # a grid.png of a large run shows its first prompts, not e
 
 class GridCollector:
     """The first images of a stream of batches for a grid: as many whole prompts' images as
-    fit in ``limit`` (at least one prompt's), copied out so the batches can be let go."""
+    fit in ``limit`` (at least one prompt's), copied out so the batches can be let go; a grid
+    holds one size, so batches of another size than the first are passed over."""
 
     def __init__(self, images_per_prompt: int, limit: int = GRID_MAX_IMAGES) -> None:
         self.capacity = max(images_per_prompt, limit // images_per_prompt * images_per_prompt)
@@ -23,6 +24,8 @@ class GridCollector:
 
     def add(self, images: torch.Tensor) -> None:
         """Keep the images of this batch that still fit."""
+        if self._parts and images.shape[1:] != self._parts[0].shape[1:]:
+            return
         kept = images[: self.capacity - self._count]
         if len(kept):
             self._parts.append(kept.detach().cpu().clone())

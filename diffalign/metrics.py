@@ -220,6 +220,14 @@ class ImageScores:
     rewards: dict[str, torch.Tensor] = field(default_factory=dict)
     features: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def select(self, rows: torch.Tensor) -> ImageScores:
+        """The scores of the images at ``rows``, in that order (e.g. back to name order)."""
+        return ImageScores(
+            len(rows),
+            {name: values[rows] for name, values in self.rewards.items()},
+            {name: values[rows] for name, values in self.features.items()},
+        )
+
     @classmethod
     def concatenate(cls, parts: Sequence[ImageScores]) -> ImageScores:
         """The scores of consecutive batches as the scores of the whole set."""

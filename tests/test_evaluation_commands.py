@@ -223,3 +223,74 @@ def test_quickstart_continues_its_own_run_and_refuses_another(tmp_path):
         run_quickstart(tmp_path, tiny_quickstart(awm_rounds=1), progress=False)
     with pytest.raises(FileExistsError, match=r"other settings \(seed: 0 -> 1\)"):
         run_quickstart(tmp_path, tiny_quickstart(awm_rounds=2, seed=1), progress=False)
+
+
+def test_eval_measures_a_folder_of_images_with_the_prompts_sample_recorded(tmp_path):
+    sampled = tmp_path / "sample"
+    prompts = [a for p in ("a red circle", "two blue squares") for a in ("--prompt", p)]
+    settings = ["--num-images-per-prompt", "2", "--steps", "2", "--reward", "shapes", "--quiet"]
+    argv = [
+        "sample",
+        "--model",
+        "diffalign:tiny-shapes",
+        *prompts,
+        *settings,
+        "--out",
+        str(sampled),
+    ]
+    assert main(argv) == 0
+    recorded = json.loads((sampled / "metrics.json").read_text())["results"]
+    out = tmp_path / "eval"
+    images = str(sampled / "images")
+    assert main(["eval", "--images", images, "--baseline-images", images, "--metrics",
+                 "shapes,fid:tiny-clip", "--reference", "world", "--quiet",
+                 "--out", str(out)]) == 0  # fmt: skip
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    assert results["n"] == 4 and results["images"] == images
+    # the PNGs score as the images did before saving (shapes is robust to 8-bit rounding)
+    assert results["shapes_mean"] == pytest.approx(recorded["reward_mean"])
+    assert results["shapes_win_rate"] == 0.5 and "fid_tiny_clip" in results
+    assert (out / "grid.png").is_file() and (out / "reference_tiny_clip.safetensors").is_file()
+
+
+def test_a_folder_s_scores_come_back_in_name_order_whatever_the_sizes(tmp_path):
+    import argparse
+
+    from diffalign.commands._image_folders import folder_prompts, score_folder
+    from diffalign.fid import ImageFolder
+    from diffalign.metrics import MetricScorer
+
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text("def redness(images, prompts):\n    return images[:, 0].mean((1, 2))\n")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    reds = [0, 200, 50, 250, 100]
+    for index, red in enumerate(reds):  # sizes alternate: batches group them otherwise
+        Image.new("RGB", (16 + 8 * (index % 2),) * 2, (red, 0, 0)).save(folder / f"{index}.png")
+    (tmp_path / "prompts.txt").write_text("\n".join("x" for _ in reds) + "\n")
+    images = ImageFolder(folder)
+    prompts = folder_prompts(images, str(tmp_path / "prompts.txt"))
+    args = argparse.Namespace(batch_size=2, quiet=True)
+    scores, grid = score_folder(images, prompts, MetricScorer(f"{rewards}:redness"), args)
+    expected = torch.tensor(reds, dtype=torch.double) / 255
+    assert torch.allclose(scores.rewards[f"{rewards}:redness"], expected)
+    assert grid.shape == (3, 3, 16, 16)  # the grid keeps the first size's images
+
+
+def test_eval_on_folders_refuses_what_it_cannot_measure(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(3):
+        Image.new("RGB", (8, 8)).save(folder / f"{index}.png")
+    base = ["eval", "--images", str(folder), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="need each image's prompt"):
+        main([*base, "--metrics", "shapes"])
+    (tmp_path / "two.txt").write_text("a\nb\n")
+    with pytest.raises(SystemExit, match="holds 2 prompts for the 3 images"):
+        main([*base, "--metrics", "shapes", "--prompts", str(tmp_path / "two.txt")])
+    with pytest.raises(SystemExit, match="samples no model: drop --model"):
+        main([*base, "--metrics", "shapes", "--model", "diffalign:tiny-shapes"])
+    with pytest.raises(SystemExit, match="--images nowhere is not a folder"):
+        main(["eval", "--images", "nowhere", "--metrics", "shapes", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="give --model and --prompts"):
+        main(["eval", "--metrics", "shapes", "--out", str(tmp_path)])

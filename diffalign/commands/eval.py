@@ -9,6 +9,9 @@ reward (``pickscore``, ``clip_score``, ``tiny_clip``, ``shapes``, ...). FID need
 a folder of real images, a statistics file that an earlier run wrote
 (``OUT/reference_NET.safetensors``, reusable), or ``world`` (fresh renderings of the prompts).
 
+``--images DIR`` (and ``--baseline-images``) measures a folder of images made elsewhere instead
+of sampling a model (:mod:`diffalign.commands._image_folders`).
+
 Writes ``OUT/metrics.json`` (each metric, ``<metric>_ci`` 95% bootstrap interval, ``n``, and the
 baseline's under ``baseline``), ``OUT/report.md`` + ``report.html`` (model vs baseline table),
 ``OUT/grid.png`` (model and baseline side by side) and the reference statistics.
@@ -56,15 +59,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the evaluation options (sampling options as in ``diffalign sample``)."""
     from diffalign.pipelines.dts import SEARCH_SAMPLERS
 
-    parser.add_argument(
-        "--model", required=True, help="folder, hub id, one-file model or diffalign:tiny-shapes"
-    )
+    parser.add_argument("--model", default=None,
+                        help="folder, hub id, one-file model or diffalign:tiny-shapes")  # fmt: skip
+    parser.add_argument("--images", default=None, type=Path,
+                        help="instead of --model: a folder of images to measure")  # fmt: skip
+    parser.add_argument("--baseline-images", default=None, type=Path,
+                        help="with --images: the baseline's folder, for win-rates")  # fmt: skip
     add_model_config_argument(parser)
     add_lora_argument(parser)
     parser.add_argument("--baseline", default=None, help="a second model to compare against")
     add_model_config_argument(parser, "--baseline")
     add_lora_argument(parser, "--baseline")
-    parser.add_argument("--prompts", required=True, help="a prompt file or world:SPLIT")
+    parser.add_argument("--prompts", default=None,
+                        help="a prompt file or world:SPLIT (--images: one per image)")  # fmt: skip
     parser.add_argument("--num-prompts", type=int, default=64, help="for --prompts world:SPLIT")
     parser.add_argument(
         "--metrics", required=True, help="comma-separated: fid,pickscore or fid:tiny-clip,shapes"
@@ -179,6 +186,11 @@ def run(args: argparse.Namespace) -> int:
         parse_metrics(args.metrics)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
+    if args.images is not None:
+        return _run_on_folders(args)
+    if args.model is None or args.prompts is None:
+        raise SystemExit("error: give --model and --prompts (to sample a model), or --images DIR "
+                         "(to measure a folder of images).")  # fmt: skip
     check_sampling_arguments(args)
     configs = {flag: model_config_of(args, flag) for flag in ("--model", "--baseline")}
     loras = {flag: lora_of(args, flag) for flag in ("--model", "--baseline")}
@@ -205,50 +217,86 @@ def run(args: argparse.Namespace) -> int:
         scores[name], grids[name] = _sample_and_score(getattr(args, name), configs[flag],
                                                       loras[flag], prompts, args, device, dtype,
                                                       scorer, folder)  # fmt: skip
-    columns = {"model": scorer.summarize(scores["model"], scores.get("baseline"), args.seed)}
+    names = {"model": model_label(args.model, loras["--model"])}
     if args.baseline:
-        columns["baseline"] = scorer.summarize(scores["baseline"], None, args.seed)
-    for warning in dict.fromkeys(w for c in columns.values() for w in c["warnings"]):
-        logger.warning(warning)  # once, though both columns carry it
-    _write_outputs(args, columns, grids, loras, device)
-    return 0
-
-
-def _write_outputs(args, columns, grids, loras, device) -> None:
-    from diffalign.imaging import side_by_side
-    from diffalign.report import Report, Section, markdown_table, metric_rows
-
-    side_by_side(list(grids.items()), columns=args.num_images_per_prompt).save(
-        args.out / "grid.png"
-    )
-    rows = metric_rows(columns)
-    names = {
-        "model": model_label(args.model, loras["--model"]),
-        "baseline": args.baseline and model_label(args.baseline, loras["--baseline"]),
-    }
+        names["baseline"] = model_label(args.baseline, loras["--baseline"])
     negative = args.negative_prompt
     negative = "" if negative is None else f" (negative prompt {negative!r})"
     shown = len(grids["model"])
     shown = "" if shown == args.num_images else f" (the grid shows the first {shown})"
     text = (f"{args.num_images} images per model{shown}, sampler {args.sampler}, "
-            f"{args.steps} steps, "
-            f"CFG {args.guidance_scale}{negative}, seed {args.seed}; model: {names['model']}"
-            + (f"; baseline: {names['baseline']}" if args.baseline else "")
-            + ". Values with their 95% bootstrap intervals.")  # fmt: skip
-    warnings = columns["model"].get("warnings", [])
+            f"{args.steps} steps, CFG {args.guidance_scale}{negative}, "
+            f"seed {args.seed}")  # fmt: skip
+    settings = {key: getattr(args, key)
+                for key in ("negative_prompt", "prompts", "sampler", "steps", "seed")}  # fmt: skip
+    record = {"model": args.model, "baseline_model": args.baseline,
+              **lora_record(loras["--model"]), **lora_record(loras["--baseline"], "baseline_"),
+              "guidance_scale": args.guidance_scale, **settings}  # fmt: skip
+    _write_outputs(args, scorer, scores, grids, names, text, record, device)
+    return 0
+
+
+def _run_on_folders(args: argparse.Namespace) -> int:
+    """Measure ``--images`` (and ``--baseline-images``) as they are; write what a model's
+    evaluation writes."""
+    from diffalign.commands._image_folders import folder_prompts, open_folder, score_folder
+    from diffalign.metrics import MetricScorer, parse_metrics
+
+    if args.model is not None or args.baseline is not None:
+        raise SystemExit("error: --images measures a folder and samples no model: drop --model / "
+                         "--baseline (the baseline's images go in --baseline-images).")  # fmt: skip
+    if args.quiet:
+        quiet_libraries()
+    folders = {"model": open_folder(args.images, "--images")}
+    if args.baseline_images is not None:
+        folders["baseline"] = open_folder(args.baseline_images, "--baseline-images")
+    prompts = {name: folder_prompts(folder, args.prompts) for name, folder in folders.items()}
+    scorer_needs_prompts = args.reference == "world" or any(
+        request.kind == "reward" for request in parse_metrics(args.metrics)
+    )
+    if scorer_needs_prompts and prompts["model"] is None:
+        raise SystemExit(f"error: rewards and --reference world need each image's prompt: pass "
+                         f"--prompts FILE (one per image of {args.images}, in name order), or "
+                         "keep sample's samples.json beside the images.")  # fmt: skip
+    device = resolve_device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    scorer = MetricScorer(args.metrics, _reference(args, prompts["model"]), args.fid_weights,
+                          device, args.quiet)  # fmt: skip
+    for name, stat in scorer.references.items():
+        stat.save(args.out / f"reference_{name}.safetensors")
+    scores, grids = {}, {}
+    for name, folder in folders.items():
+        scores[name], grids[name] = score_folder(folder, prompts[name], scorer, args)
+    names = {name: str(folder.folder) for name, folder in folders.items()}
+    text = f"{len(folders['model'])} images in {names['model']}, read as they are"
+    record = {"images": names["model"], "baseline_images": names.get("baseline")}
+    _write_outputs(args, scorer, scores, grids, names, text, record, device)
+    return 0
+
+
+def _write_outputs(args, scorer, scores, grids, names, text, record, device) -> None:
+    """The model's (and baseline's) metric values, their warnings once, the grid, the report
+    and metrics.json (the values, ``baseline``'s under that key, and ``record``)."""
+    from diffalign.imaging import side_by_side
+    from diffalign.report import Report, Section, markdown_table, metric_rows
+
+    columns = {"model": scorer.summarize(scores["model"], scores.get("baseline"), args.seed)}
+    if "baseline" in scores:
+        columns["baseline"] = scorer.summarize(scores["baseline"], None, args.seed)
+    warnings = list(dict.fromkeys(w for c in columns.values() for w in c["warnings"]))
+    for warning in warnings:
+        logger.warning(warning)  # once, though both columns carry it
+    per_row = getattr(args, "num_images_per_prompt", None)
+    side_by_side(list(grids.items()), columns=per_row).save(args.out / "grid.png")
+    rows = metric_rows(columns)
+    described = "; ".join(f"{name}: {label}" for name, label in names.items())
+    text += f"; {described}. Values with their 95% bootstrap intervals."
     sections = [Section("Metrics", text, rows), Section("Samples", figures=[
         (" | ".join(f"{name} ({names[name]})" for name in grids), "grid.png")])]  # fmt: skip
     if warnings:
         sections.append(Section("Warnings", " ".join(warnings)))
     Report("diffalign eval", sections).write(args.out)
-    settings = {
-        key: getattr(args, key)
-        for key in ("negative_prompt", "prompts", "sampler", "steps", "seed")
-    }
-    adapters = {**lora_record(loras["--model"]), **lora_record(loras["--baseline"], "baseline_")}
-    results = {**columns["model"], "baseline": columns.get("baseline"), "model": args.model,
-               "baseline_model": args.baseline, **adapters,
-               "guidance_scale": args.guidance_scale, **settings}  # fmt: skip
+    results = {**columns["model"], "baseline": columns.get("baseline"), **record}
     path = write_metrics(args.out, "eval", results, device)
     print(markdown_table(rows))
     print(f"\nwrote {path} and {args.out / 'report.md'}")

@@ -290,6 +290,9 @@ def test_eval_on_folders_refuses_what_it_cannot_measure(tmp_path):
         main([*base, "--metrics", "shapes", "--prompts", str(tmp_path / "two.txt")])
     with pytest.raises(SystemExit, match="samples no model: drop --model"):
         main([*base, "--metrics", "shapes", "--model", "diffalign:tiny-shapes"])
+    with pytest.raises(SystemExit, match="drop --lora, --guidance-scale, --sampler"):
+        main([*base, "--metrics", "shapes", "--lora", "a.safetensors", "--guidance-scale", "2",
+              "--sampler", "dts"])  # fmt: skip
     with pytest.raises(SystemExit, match="--images nowhere is not a folder"):
         main(["eval", "--images", "nowhere", "--metrics", "shapes", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="give --model and --prompts"):

@@ -51,6 +51,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+SAMPLING_ONLY = (
+    "model", "baseline", "model_config", "baseline_config", "lora", "lora_scale", "baseline_lora",
+    "baseline_lora_scale", "num_images", "reward", "budget_nfe", "eta", "guidance_scale",
+    "negative_prompt", "resolution", "save_images",
+)  # fmt: skip
+"""The options that set how a model is sampled, which ``--images`` refuses (unset: None/False)."""
+
 NAME = "eval"
 HELP = "evaluate a model (vs a baseline): FID, PickScore, CLIP score, rewards, win-rates"
 
@@ -242,9 +249,7 @@ def _run_on_folders(args: argparse.Namespace) -> int:
     from diffalign.commands._image_folders import folder_prompts, open_folder, score_folder
     from diffalign.metrics import MetricScorer, parse_metrics
 
-    if args.model is not None or args.baseline is not None:
-        raise SystemExit("error: --images measures a folder and samples no model: drop --model / "
-                         "--baseline (the baseline's images go in --baseline-images).")  # fmt: skip
+    _refuse_sampling_options(args)
     if args.quiet:
         quiet_libraries()
     folders = {"model": open_folder(args.images, "--images")}
@@ -272,6 +277,18 @@ def _run_on_folders(args: argparse.Namespace) -> int:
     record = {"images": names["model"], "baseline_images": names.get("baseline")}
     _write_outputs(args, scorer, scores, grids, names, text, record, device)
     return 0
+
+
+def _refuse_sampling_options(args: argparse.Namespace) -> None:
+    """Exit naming the sampling options given with ``--images``, which would do nothing."""
+    given = [f"--{name.replace('_', '-')}" for name in SAMPLING_ONLY
+             if getattr(args, name) not in (None, False)]  # fmt: skip
+    given += ["--sampler"] if args.sampler != "ddim" else []
+    if given:
+        raise SystemExit(
+            f"error: --images measures a folder and samples no model: drop "
+            f"{', '.join(given)} (a baseline's images: --baseline-images)."
+        )
 
 
 def _write_outputs(args, scorer, scores, grids, names, text, record, device) -> None:

@@ -187,14 +187,13 @@ def evaluate(
             raise ValueError(
                 "Images are compared with a baseline's images: pass them, not a model."
             )
-        _check_inputs(model_or_images, prompts, baseline)
-    else:
-        _require_prompts(prompts)
-    scorer = MetricScorer(metrics, reference, fid_weights, device, quiet)
-    if isinstance(model_or_images, torch.Tensor):
+        _check_inputs(model_or_images, prompts, baseline)  # before any network loads
+        scorer = MetricScorer(metrics, reference, fid_weights, device, quiet)
         scores = scorer.score(model_or_images, prompts)
         baseline_scores = None if baseline is None else scorer.score(baseline, prompts)
     else:
+        _require_prompts(prompts)
+        scorer = MetricScorer(metrics, reference, fid_weights, device, quiet)
         guidance_scale, negative_prompt = model_guidance(  # one for the model and the baseline
             _model_name(model_or_images), guidance_scale, negative_prompt
         )

@@ -47,7 +47,7 @@ from diffalign.commands._common import (
 if TYPE_CHECKING:
     import torch
 
-    from diffalign.metrics import ImageScores, MetricScorer
+    from diffalign.metrics import ImageScores, MetricRequest, MetricScorer
 
 logger = logging.getLogger(__name__)
 
@@ -190,11 +190,11 @@ def run(args: argparse.Namespace) -> int:
     from diffalign.metrics import MetricScorer, parse_metrics
 
     try:
-        parse_metrics(args.metrics)
+        requests = parse_metrics(args.metrics)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     if args.images is not None:
-        return _run_on_folders(args)
+        return _run_on_folders(args, requests)
     if args.model is None or args.prompts is None:
         raise SystemExit("error: give --model and --prompts (to sample a model), or --images DIR "
                          "(to measure a folder of images).")  # fmt: skip
@@ -243,11 +243,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_on_folders(args: argparse.Namespace) -> int:
+def _run_on_folders(args: argparse.Namespace, requests: list[MetricRequest]) -> int:
     """Measure ``--images`` (and ``--baseline-images``) as they are; write what a model's
     evaluation writes."""
     from diffalign.commands._image_folders import folder_prompts, open_folder, score_folder
-    from diffalign.metrics import MetricScorer, parse_metrics
+    from diffalign.metrics import MetricScorer
 
     _refuse_sampling_options(args)
     if args.quiet:
@@ -257,7 +257,7 @@ def _run_on_folders(args: argparse.Namespace) -> int:
         folders["baseline"] = open_folder(args.baseline_images, "--baseline-images")
     prompts = {name: folder_prompts(folder, args.prompts) for name, folder in folders.items()}
     scorer_needs_prompts = args.reference == "world" or any(
-        request.kind == "reward" for request in parse_metrics(args.metrics)
+        request.kind == "reward" for request in requests
     )
     if scorer_needs_prompts and prompts["model"] is None:
         raise SystemExit(f"error: rewards and --reference world need each image's prompt: pass "

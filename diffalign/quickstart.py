@@ -206,7 +206,7 @@ def train_awm(settings: QuickstartSettings, out: Path, progress: bool = True) ->
     from diffalign.commands.train import recipe_path
     from diffalign.train.awm import AWMTrainer
     from diffalign.train.config import AWMConfig
-    from diffalign.train.trainer import describe_changes
+    from diffalign.train.run_folder import describe_changes
 
     overrides = [f"model={settings.model}", f"max_steps={settings.awm_rounds}",
                  f"guidance_scale={settings.resolved_guidance_scale()}",
@@ -232,15 +232,15 @@ def train_awm(settings: QuickstartSettings, out: Path, progress: bool = True) ->
 
 def _rounds_done(out: Path) -> int:
     """The last round an AWM run folder logged (0 when none)."""
-    log = out / "metrics.jsonl"
-    rows = log.read_text().splitlines() if log.is_file() else []
-    return max((json.loads(row)["step"] for row in rows if row.strip()), default=0)
+    from diffalign.train.run_folder import METRICS_FILE, read_rows
+
+    return max((row["step"] for row in read_rows(out / METRICS_FILE)), default=0)
 
 
 def _run_changes(recorded, config) -> dict[str, tuple]:
     """The settings that make two configs different runs, ``{key: (recorded, now)}`` (the
     run's length and display settings aside)."""
-    from diffalign.train.trainer import changed_settings
+    from diffalign.train.run_folder import changed_settings
 
     changes = changed_settings(recorded.to_dict(), config.with_launch_precision().to_dict())
     return {key: values for key, values in changes.items() if key != "max_steps"}
@@ -254,8 +254,9 @@ def write_quickstart_outputs(out: Path, metrics: dict, images: dict, curves: dic
     from diffalign.imaging import side_by_side
     from diffalign.plots import plot_curves, plot_reward_curve
     from diffalign.report import markdown_table, metric_rows
+    from diffalign.train.run_folder import METRICS_FILE, read_rows
 
-    rows = [json.loads(line) for line in (run_folder / "metrics.jsonl").read_text().splitlines()]
+    rows = read_rows(run_folder / METRICS_FILE)
     plot_reward_curve(rows, out / "reward_curve.png", title="AWM: shapes reward per round")
     plot_curves({name: (c["nfe"], c["mean_best_reward"]) for name, c in curves.items()},
                 out / "reward_vs_nfe.png", "NFEs per prompt", "mean best shapes reward",

@@ -72,6 +72,14 @@ def test_read_curve_keeps_the_last_row_of_a_repeated_step(tmp_path):
     assert curve.rewards == [0.4, 0.45]
 
 
+def test_read_curve_reads_a_run_that_crashed_while_logging(tmp_path):
+    run = _write_run(tmp_path / "run", _eval_rows([(0, 0.4), (32, 0.5)]))
+    with (run / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 2, "samples_seen": 64, "heldout_rew')  # the crash cut it short
+    curve = read_heldout_curve(run)
+    assert curve.images == [0, 32] and curve.rewards == [0.4, 0.5]
+
+
 def test_read_curve_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         read_heldout_curve(tmp_path / "missing")

@@ -214,6 +214,8 @@ def test_quickstart_reports_an_awm_run_that_the_guard_stopped(tmp_path):
 
 def test_quickstart_continues_its_own_run_and_refuses_another(tmp_path):
     first = run_quickstart(tmp_path, tiny_quickstart(awm_rounds=1), progress=False)
+    with (tmp_path / "awm" / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 2, "reward_me')  # as if it crashed while logging a round 2
     # more rounds of the same settings continue from the checkpoint of round 1
     longer = run_quickstart(tmp_path, tiny_quickstart(awm_rounds=2), progress=False)
     rows = (tmp_path / "awm" / "metrics.jsonl").read_text().splitlines()

@@ -29,7 +29,9 @@ from diffalign.train.advantages import prompt_groups
 from diffalign.train.awm import AWMTrainer, stratified_timesteps
 from diffalign.train.config import AWMConfig, DDPOConfig
 from diffalign.train.ddpo import DDPOTrainer
+from diffalign.train.frozen import frozen_components
 from diffalign.train.launch import accelerator_options, check_launch
+from diffalign.train.trackers import log_grid
 from diffalign.train.trainer import Trainer
 from diffalign.world import recorded_guidance_scale, shipped_model_path
 
@@ -370,7 +372,7 @@ def test_tensorboard_gets_the_metrics_and_the_sample_grids(tmp_path, monkeypatch
         (values, step)))  # fmt: skip
     trainer.accelerator.trackers = [wandb]
     grid = Image.new("RGB", (8, 4))
-    trainer._log_grid(grid, 3)
+    log_grid(trainer.accelerator.trackers, grid, 3)
     assert logged_images == [({"heldout_samples": [grid]}, 3)]
 
 
@@ -765,7 +767,7 @@ def test_offloaded_text_encoders_encode_on_the_cpu_for_the_rounds(model, tmp_pat
     config = AWMConfig(max_steps=1, **{**SMALL, "offload_text_encoders": True})
     trainer = _trainer(AWMTrainer, config, tmp_path, model=model)
     assert trainer.pipeline.text_encoder_device == torch.device("cpu")
-    encoders = [m for name, m in trainer._frozen_components().items() if "text" in name]
+    encoders = [m for name, m in frozen_components(trainer.pipeline).items() if "text" in name]
     assert len(encoders) == (2 if model == "sd3" else 1)
     assert all(p.device.type == "cpu" for m in encoders for p in m.parameters())
     device = trainer.accelerator.device  # on a GPU the denoiser and the embeddings are there
@@ -1088,12 +1090,12 @@ def test_frozen_weights_in_half_precision_and_final_saved_from_float32(source, t
     settings = {**SMALL, "stat_min_count": 2, "mixed_precision": "bf16", "ema_decay": 0.0}
     if source == "pipeline":  # the float32 values are kept on the CPU from the start
         halved = _trainer(DDPOTrainer, DDPOConfig(max_steps=1, **settings), tmp_path / "cast")
-        assert len(halved._float32_frozen) > 0
+        assert halved.frozen.copies > 0
     else:  # the run loaded the model itself: no copies; final/ reads it again
         original.save_pretrained(tmp_path / "model")
         config = DDPOConfig(max_steps=1, **{**settings, "model": str(tmp_path / "model")})
         halved = DDPOTrainer(config, tmp_path / "cast")
-        assert halved._float32_frozen == []
+        assert halved.frozen.copies == 0
     kept = _trainer(DDPOTrainer, DDPOConfig(max_steps=1, cast_frozen_weights=False, **settings),
                     tmp_path / "kept")  # fmt: skip
     assert _frozen_bytes(halved) * 2 == _frozen_bytes(kept)

@@ -10,10 +10,11 @@ target, and the ratio is the reference's images over that run's.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
+from diffalign.train.run_folder import read_rows
 
 HELDOUT_KEY = "heldout_reward_mean"
 
@@ -64,10 +65,7 @@ def read_heldout_curve(run: str | Path) -> HeldoutCurve:
     if not path.is_file():
         raise FileNotFoundError(f"No metrics.jsonl at {path}; pass a `diffalign train` run folder.")
     by_step: dict[int, tuple[int, float]] = {}
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for row in read_rows(path):
         if row.get(HELDOUT_KEY) is not None and not math.isnan(row[HELDOUT_KEY]):
             by_step[row["step"]] = (int(row.get("samples_seen", 0)), float(row[HELDOUT_KEY]))
     if len(by_step) < 2:

@@ -1,4 +1,5 @@
-"""What a run tells its experiment trackers (tensorboard, wandb) when it starts.
+"""What a run tells its experiment trackers (tensorboard, wandb): when it starts, and its sample
+grids.
 
 accelerate's ``init_trackers`` takes a project name, the run's settings (tensorboard's hparams,
 wandb's config panel) and per-tracker ``wandb.init`` arguments. A wandb run resumed with
@@ -10,7 +11,10 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 WANDB_ID_FILE = "wandb_run_id.txt"
 """The file in a run folder that holds its wandb run id."""
@@ -47,3 +51,16 @@ def tracker_init_kwargs(log_with: str, out: Path, run_name: str | None, resume: 
     wandb = {"name": run_name or out.name, "id": wandb_run_id(out, resume), "resume": "allow",
              "dir": str(out)}  # fmt: skip
     return {"wandb": wandb}
+
+
+def log_grid(trackers: list, grid: Image.Image, step: int) -> None:
+    """Show a sample grid (an evaluation's) in each tracker, as ``heldout_samples`` at ``step``:
+    tensorboard takes pixels, wandb a list of images."""
+    import numpy as np
+
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            pixels = np.asarray(grid.convert("RGB"))[None]
+            tracker.log_images({"heldout_samples": pixels}, step=step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({"heldout_samples": [grid]}, step=step)

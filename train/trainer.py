@@ -30,12 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from diffalign.checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from diffalign.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from diffalign.config import ConfigError
 from diffalign.ema import EMA
 from diffalign.files import atomic_write_text
@@ -74,13 +69,23 @@ from diffalign.train.deepspeed import (
     whole_optimizer_state,
     whole_weights,
 )
+from diffalign.train.frozen import FrozenWeights, frozen_components
 from diffalign.train.guard import GuardTrip, HackingGuard
 from diffalign.train.hub import check_hub_access, hub_repo_id, push_run
 from diffalign.train.launch import accelerator_options, check_launch, check_tracker
 from diffalign.train.lr_schedule import build_lr_scheduler, current_lr
 from diffalign.train.model_card import model_card
 from diffalign.train.prompts import PromptSource
-from diffalign.train.trackers import tracker_init_kwargs, tracker_settings
+from diffalign.train.run_folder import (
+    METRICS_FILE,
+    changed_settings,
+    describe_changes,
+    keep_rounds_until,
+    read_rows,
+    refuse_existing_run,
+    refuse_other_method,
+)
+from diffalign.train.trackers import log_grid, tracker_init_kwargs, tracker_settings
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -123,50 +128,6 @@ class RoundBatch:
     all_prompts: list[str]
     all_reward_parts: Tensor | None = None
     """(N, K): each component's own score, for a weighted reward of K >= 2 components."""
-
-
-def _logged_step(line: str) -> int | None:
-    """The step of one ``metrics.jsonl`` line; None for a blank line or one cut short by a crash
-    in the middle of its write (resume drops it: the round is run again)."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return None
-
-
-DISPLAY_SETTINGS = frozenset({"progress", "push_to_hub", "hub_model_id", "hub_private_repo",
-                              "tracker_project", "run_name"})  # fmt: skip
-"""Settings that change what a run shows or where it goes, not what it computes: not reported
-as changed."""
-
-
-def changed_settings(before: dict, after: dict) -> dict[str, tuple]:
-    """The settings whose values differ between two config dicts: ``{key: (before, after)}``
-    (compared as JSON, so a tuple equals the list a checkpoint's manifest stores), display
-    settings (:data:`DISPLAY_SETTINGS`) aside."""
-    before, after = json.loads(json.dumps(before)), json.loads(json.dumps(after))
-    keys = sorted((set(before) | set(after)) - DISPLAY_SETTINGS)
-    return {k: (before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)}
-
-
-def refuse_other_method(path: str | os.PathLike, kind: str | None, method: str) -> None:
-    """Raise ``CheckpointError`` when the checkpoint at ``path`` was written by a run of another
-    method (``kind``; None: not recorded, as before diffalign recorded it), whose states this
-    ``method`` cannot take up."""
-    if kind is None or kind == method:
-        return
-    raise CheckpointError(
-        f"{path} was written by {kind.upper()} training, which {method.upper()} cannot "
-        f"continue (their method states differ). Continue it with `diffalign train {kind}`, "
-        f"or start {method.upper()} from its weights: its adapter as init_lora (`diffalign convert "
-        f"--lora {path} --out ADAPTER.safetensors`, then --set init_lora=ADAPTER.safetensors), "
-        "or a run's final/ as model."
-    )
-
-
-def describe_changes(changes: dict[str, tuple]) -> str:
-    """``changed_settings``' result as text: ``key: old -> new, ...``."""
-    return ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
 
 
 def mean_diagnostics(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -303,7 +264,7 @@ class Trainer:
         self.reference_denoiser = None  # the KL reference: the adapter-disabled network under
         if config.beta_kl > 0 and not config.use_lora:  # LoRA, else a copy, made before sharding
             self.reference_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
-        for frozen in self._frozen_components().values():
+        for frozen in frozen_components(self.pipeline).values():
             frozen.requires_grad_(False)
         if config.use_lora:
             add_lora(self.denoiser, **config.lora_options())
@@ -335,16 +296,10 @@ class Trainer:
     def _offload_text_encoders(self) -> None:
         """Keep the text encoders on the CPU, where the pipeline then encodes prompts (their
         embeddings come to the GPU); the denoiser and the VAE stay on the accelerator."""
-        for name, module in self._frozen_components().items():
+        for name, module in frozen_components(self.pipeline).items():
             if name.startswith("text_encoder"):
                 module.to("cpu")
         self.pipeline.text_encoder_device = torch.device("cpu")
-
-    def _frozen_components(self) -> dict[str, torch.nn.Module]:
-        """The pipeline's components that are never trained, by name."""
-        names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
-        return {name: getattr(self.pipeline, name) for name in names
-                if getattr(self.pipeline, name, None) is not None}  # fmt: skip
 
     def frozen_weights_dtype(self) -> torch.dtype | None:
         """The dtype the untrained weights are kept in (``cast_frozen_weights`` under fp16 or
@@ -363,21 +318,18 @@ class Trainer:
         return torch.float16 if precision == "fp16" else torch.bfloat16
 
     def _cast_frozen_weights(self) -> None:
-        """Cast the untrained weights to :meth:`frozen_weights_dtype`, as diffusers' training
-        scripts do (autocast computes in that dtype anyway); the trained ones stay float32.
-        ``final/`` is saved with their float32 values: read again from ``config.model`` when the
-        run loaded it, else (a pipeline passed in) kept on the CPU from the start, each with its
-        tensor."""
-        self._float32_frozen: list[tuple[Tensor, Tensor]] = []
-        self._frozen_cast = False
+        """Hold the untrained weights in :meth:`frozen_weights_dtype`, as diffusers' training
+        scripts do (autocast computes in that dtype anyway); the trained ones stay float32, and
+        ``final/`` gets the frozen ones' float32 values back (see :mod:`diffalign.train.frozen`)."""
+        config = self.config
+        reload = None
+        if self._reloadable:
+            reload = functools.partial(load_training_pipeline, config.model, config.model_config)
+        self.frozen = FrozenWeights(self.pipeline, reload, source=config.model)
         dtype = self.frozen_weights_dtype()
         if dtype is None:
             return
-        for _, tensor in self._frozen_tensors():
-            if not self._reloadable:
-                self._float32_frozen.append((tensor, tensor.detach().cpu().clone()))
-            tensor.data = tensor.data.to(dtype)
-        self._frozen_cast = True
+        self.frozen.cast(dtype)
         if self.reference_denoiser is not None:  # never trained nor saved: no float32 copy kept
             self.reference_denoiser.to(dtype)
         self.pipeline.latents_dtype = torch.float32  # the chain stays float32 (log-probs)
@@ -391,45 +343,6 @@ class Trainer:
         if self.reference_denoiser is not None:
             return contextlib.nullcontext(self.reference_denoiser)
         return adapters_disabled(self.denoiser)
-
-    def _frozen_tensors(self) -> list[tuple[tuple[str, str], Tensor]]:
-        """The untrained floating-point tensors of the frozen components and the denoiser (its
-        base weights under LoRA), each with (component, name in the plain model)."""
-        parts = {**self._frozen_components(), denoiser_name(self.pipeline): self.denoiser}
-        found = []
-        for component, module in parts.items():
-            for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-                if tensor.is_floating_point() and not tensor.requires_grad:
-                    found.append(((component, name.replace(".base_layer", "")), tensor))
-        return found
-
-    def _restore_float32_frozen(self) -> None:
-        """Put the untrained weights' float32 values back (before saving ``final/``; only the
-        main process saves, so only it reads the model again)."""
-        if self._frozen_cast and self._reloadable and self.accelerator.is_main_process:
-            self._float32_frozen = self._reread_frozen()
-        for tensor, value in self._float32_frozen:
-            tensor.data = value.to(tensor.device)
-        self._float32_frozen = []
-        self._frozen_cast = False
-
-    def _reread_frozen(self) -> list[tuple[Tensor, Tensor]]:
-        """Each cast tensor with its float32 value in ``config.model``, read again; if that
-        fails, with its own value in float32 (rounded once), and a warning that says so."""
-        try:
-            original = load_training_pipeline(self.config.model, self.config.model_config)
-        except (OSError, ValueError) as error:
-            logger.warning("final/ keeps the frozen weights as trained (%s, saved as float32): "
-                           "reading %s again for their original values failed: %s",
-                           self.frozen_weights_dtype(), self.config.model, error)  # fmt: skip
-            return [(tensor, tensor.detach().float()) for _, tensor in self._frozen_tensors()]
-        frozen = self._frozen_tensors()
-        values = {}
-        for component in {component for (component, _), _ in frozen}:
-            module = getattr(original, component)
-            values[component] = {**dict(module.named_parameters()),
-                                 **dict(module.named_buffers())}  # fmt: skip
-        return [(tensor, values[component][name].detach()) for (component, name), tensor in frozen]
 
     @functools.cached_property
     def uses_deepspeed(self) -> bool:
@@ -637,7 +550,7 @@ class Trainer:
             path.parent.mkdir(parents=True, exist_ok=True)
             grid.save(path)
             (path.with_suffix(".txt")).write_text("\n".join(all_prompts[:16]) + "\n")
-            self._log_grid(grid, step)
+            log_grid(self.accelerator.trackers, grid, step)
         return gathered
 
     def _start_trackers(self, resumed: bool) -> None:
@@ -649,17 +562,6 @@ class Trainer:
         self.accelerator.init_trackers(config.tracker_project or f"diffalign-{self.method}",
                                        config=tracker_settings(config.to_dict()),
                                        init_kwargs=init_kwargs)  # fmt: skip
-
-    def _log_grid(self, grid, step: int) -> None:
-        """Show an evaluation's sample grid in the trackers (each wants its own image format)."""
-        import numpy as np
-
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                pixels = np.asarray(grid.convert("RGB"))[None]
-                tracker.log_images({"heldout_samples": pixels}, step=step, dataformats="NHWC")
-            elif tracker.name == "wandb":
-                tracker.log_images({"heldout_samples": [grid]}, step=step)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -745,7 +647,7 @@ class Trainer:
         if latest is None:
             return False
         self._load_checkpoint(latest)
-        self._write_rounds_until_step(self.metrics_path)
+        self._keep_rounds_until_step(self.metrics_path)
         return True
 
     def resume_from(self, checkpoint: str | os.PathLike) -> None:
@@ -760,10 +662,10 @@ class Trainer:
                 f"its later rounds with the new ones. Start a new run from it in another folder "
                 f"(--resume-from {path} --out NEW), or continue the latest with --resume."
             )
-        self.refuse_existing_run()
+        refuse_existing_run(self.out)
         self.accelerator.wait_for_everyone()  # each process has looked before any writes
         self._load_checkpoint(path)
-        self._write_rounds_until_step(path.parent.parent / "metrics.jsonl")
+        self._keep_rounds_until_step(path.parent.parent / METRICS_FILE)
 
     def _load_checkpoint(self, path: Path) -> None:
         """Load the checkpoint at ``path`` and log the settings this run changes from it."""
@@ -775,34 +677,16 @@ class Trainer:
             logger.warning("Resuming %s at round %d with changed settings: %s", path,
                            self.step, describe_changes(changed))  # fmt: skip
 
-    def _write_rounds_until_step(self, source: Path) -> None:
+    def _keep_rounds_until_step(self, source: Path) -> None:
         """Write ``metrics.jsonl`` as the rows of ``source`` (a metrics file) up to the loaded
-        round: a resumed run drops the rounds after its checkpoint, which it runs again."""
-        if not self.accelerator.is_main_process or not source.exists():
-            return
-        kept = [line for line in source.read_text().splitlines()
-                if (step := _logged_step(line)) is not None and step <= self.step]  # fmt: skip
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.metrics_path, "".join(f"{line}\n" for line in kept))
-
-    def refuse_existing_run(self) -> None:
-        """Raise ``FileExistsError`` when ``out`` already holds a run (a checkpoint, logged rounds
-        or a final model), which a fresh start would overwrite."""
-        checkpoint = latest_checkpoint(self.out / "checkpoints")
-        logged = self.metrics_path.is_file() and self.metrics_path.read_text().strip()
-        final = (self.out / "final").exists()
-        if checkpoint is None and not logged and not final:
-            return
-        found = checkpoint.name if checkpoint is not None else "final/" if final else "metrics"
-        raise FileExistsError(
-            f"{self.out} already holds a training run ({found}); a fresh start would overwrite "
-            "it. Continue it with --resume (train(resume=True)), or pass another --out."
-        )
+        round (main process)."""
+        if self.accelerator.is_main_process:
+            keep_rounds_until(source, self.metrics_path, self.step)
 
     @property
     def metrics_path(self) -> Path:
         """One JSON line per round."""
-        return self.out / "metrics.jsonl"
+        return self.out / METRICS_FILE
 
     # ------------------------------------------------------------------ the loop
 
@@ -841,7 +725,7 @@ class Trainer:
         if resume_from is not None:
             self.resume_from(resume_from)
         elif not resume:
-            self.refuse_existing_run()
+            refuse_existing_run(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         resumed = resume_from is not None or (resume and self.resume())
         if self.accelerator.is_main_process:
@@ -970,7 +854,7 @@ class Trainer:
         final = self.out / "final"
         if self.ema is not None:
             self.ema.copy_to_model()
-        self._restore_float32_frozen()
+        self.frozen.restore(read_again=self.accelerator.is_main_process)
         denoiser = self._whole_denoiser()
         if self.accelerator.is_main_process:
             plain = plain_pipeline(self.pipeline, **{denoiser_name(self.pipeline): denoiser})
@@ -981,7 +865,7 @@ class Trainer:
                 merge_every_lora(plain)  # with init_lora's text-encoder layers
             plain.save_pretrained(final)
             self._record_sampling(final)
-            rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+            rows = read_rows(self.metrics_path)
             plot_reward_curve(rows, self.out / "reward_curve.png",
                               title=f"{self.method}: {self.config.reward}")  # fmt: skip
             self._write_model_card(final, rows, plain)

@@ -61,7 +61,7 @@ def _resumed_settings(args: argparse.Namespace) -> dict:
     import yaml
 
     from diffalign.checkpoint import latest_checkpoint, read_manifest
-    from diffalign.train.trainer import refuse_other_method
+    from diffalign.train.run_folder import refuse_other_method
 
     checkpoint = args.resume_from
     if args.resume and checkpoint is None:

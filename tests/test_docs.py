@@ -156,6 +156,47 @@ def test_python_examples_import_and_call_what_exists(name, code):
     assert not snippet_problems(code), "\n".join(snippet_problems(code))
 
 
+def heading_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a document's headings (code blocks aside): lower case, punctuation
+    dropped, spaces as hyphens, a repeated heading numbered from -1."""
+    anchors, seen = set(), {}
+    for title in re.findall(r"^#{1,6} +(.+?) *$", FENCE.sub("", markdown), re.M):
+        slug = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+        anchors.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def link_problems(path: Path) -> list[str]:
+    """The local links of the Markdown file at ``path`` (images too) whose file is missing, or
+    whose ``#anchor`` names no heading of the file it points into."""
+    problems = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", FENCE.sub("", path.read_text())):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        file, _, anchor = target.partition("#")
+        linked = path.parent / file if file else path
+        if not linked.exists():
+            problems.append(f"{path.name}: {target}: no such file")
+        elif anchor and anchor not in heading_anchors(linked.read_text()):
+            problems.append(f"{path.name}: {target}: no such heading")
+    return problems
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_local_links_and_anchors_resolve(doc):
+    assert not link_problems(doc), "\n".join(link_problems(doc))
+
+
+def test_the_link_check_catches_a_missing_heading_and_file(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("# Set-up: two `commands`\n```bash\n# not a heading\n```\n## Set-up: two "
+                   "commands\n[a](#set-up-two-commands-1) [b](#not-a-heading) [c](gone.md) "
+                   "[d](doc.md#set-up-two-commands) [e](https://example.com/x)\n")  # fmt: skip
+    assert link_problems(doc) == ["doc.md: #not-a-heading: no such heading",
+                                  "doc.md: gone.md: no such file"]  # fmt: skip
+
+
 def test_the_checks_catch_a_stale_flag_a_missing_setting_and_a_wrong_keyword(capsys):
     stale = "`diffalign bench dts --model assets/tiny-shapes --no-such-flag --out DIR`"
     misspelt = "```bash\ndiffalign train awm --recipe tiny-shapes --set learning_rat=1 --out D\n```"

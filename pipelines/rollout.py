@@ -203,6 +203,10 @@ class _RolloutSampling:
     text_encoder_device: torch.device | None = None
     """Where prompts are encoded; None: where the pipeline runs. A trainer that keeps the text
     encoders on the CPU (``offload_text_encoders``) sets it."""
+    chain_denoiser: nn.Module | None = None
+    """The module the chain calls in place of the pipeline's UNet (or transformer): a compiled
+    wrapper of it, sharing its weights (``torch.compile(pipeline.unet)``). None: the denoiser
+    itself. A trainer under accelerate's dynamo setting sets it."""
 
     def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device,
                         generator, latents=None):  # fmt: skip
@@ -318,7 +322,7 @@ class _RolloutSampling:
         schedule = load_schedule(self.scheduler)
         landing = schedule.following_timesteps(timesteps, len(timesteps))
         chain, log_probs = [sample], []
-        denoiser = denoiser_of(self)
+        denoiser = denoiser_of(self) if self.chain_denoiser is None else self.chain_denoiser
         for t, t_next, eta in zip(self.progress_bar(timesteps), landing, etas, strict=True):
             noise_pred = guided_noise_prediction(
                 denoiser, sample, t, conditioning, negative, guidance_scale

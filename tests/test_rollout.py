@@ -66,6 +66,25 @@ def test_recording_costs_no_extra_unet_calls(rollout_pipeline):
     assert [shape[0] for shape in calls] == [4, 4, 4, 2, 2, 2]  # CFG is one doubled batch
 
 
+def test_the_chain_calls_the_chain_denoiser_when_one_is_set(rollout_pipeline):
+    expected = rollout_pipeline(PROMPTS, num_inference_steps=3, eta=1.0, generator=_generator())
+    calls = []
+
+    class Counted(torch.nn.Module):  # stands in for a compiled wrapper of the same UNet
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, *args, **kwargs):
+            calls.append(len(args[0]))
+            return self.unet(*args, **kwargs)
+
+    rollout_pipeline.chain_denoiser = Counted(rollout_pipeline.unet)
+    rollout = rollout_pipeline(PROMPTS, num_inference_steps=3, eta=1.0, generator=_generator())
+    assert calls == [4, 4, 4]
+    torch.testing.assert_close(rollout.latents, expected.latents, atol=0, rtol=0)
+
+
 def test_eta_zero_has_no_log_probs_and_other_schedulers_become_ddim(rollout_pipeline):
     rollout_pipeline.scheduler = PNDMScheduler.from_config(rollout_pipeline.scheduler.config)
     rollout = rollout_pipeline(PROMPTS, num_inference_steps=2, eta=0.0, decode=False)

@@ -32,7 +32,7 @@ from diffalign.train.ddpo import DDPOTrainer
 from diffalign.train.frozen import frozen_components
 from diffalign.train.launch import accelerator_options, check_launch
 from diffalign.train.trackers import log_grid
-from diffalign.train.trainer import Trainer
+from diffalign.train.trainer import Trainer, compiled_in_place
 from diffalign.world import recorded_guidance_scale, shipped_model_path
 
 from .conftest import launch_two_processes, requires_cuda
@@ -1076,6 +1076,38 @@ def test_two_processes_take_the_same_step_as_one_on_the_same_global_batch(strate
     # float noise in the gradient moves that weight by up to a few 1e-4
     for name, value in single["weights"].items():
         torch.testing.assert_close(double["weights"][name], value, atol=1e-3, rtol=0)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_under_accelerate_s_dynamo_setting_the_chains_run_compiled_and_train_the_same(
+    tmp_path, monkeypatch
+):
+    from accelerate.state import AcceleratorState
+
+    config = DDPOConfig(max_steps=2, **{**SMALL, "stat_min_count": 2})
+    plain = _trainer(DDPOTrainer, config, tmp_path / "plain")
+    assert plain.pipeline.chain_denoiser is None  # no dynamo: the chains call the UNet
+    plain.train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    # what `accelerate launch --dynamo_backend eager` sets: dynamo's capture, eager kernels
+    # (inductor's would round differently, and take a minute to compile)
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "eager")
+    compiled = _trainer(DDPOTrainer, config, tmp_path / "compiled")
+    chain = compiled.pipeline.chain_denoiser
+    assert chain._orig_mod is compiled.denoiser  # a wrapper over the same weights, no copy
+    calls = []
+    chain.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    compiled.train()
+    # evaluations of 2 images (rounds 0, 1, 2) and 2 rounds of 4 samples, 3 steps each, the
+    # CFG batch doubled
+    evaluation, rollout = [4] * 3, [8] * 3
+    assert calls == evaluation + rollout + evaluation + rollout + evaluation
+    assert _logged(compiled) == _logged(plain)
+    trained = compiled.named_trainable()
+    for name, value in plain.named_trainable().items():
+        torch.testing.assert_close(trained[name], value, atol=0, rtol=0)
+    compiled.denoiser.mid_block.compile(backend="eager")  # as DeepSpeed compiles, in place
+    assert compiled_in_place(compiled.denoiser) and compiled._compiled_for_chains() is None
 
 
 def _frozen_bytes(trainer) -> int:

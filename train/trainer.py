@@ -130,6 +130,12 @@ class RoundBatch:
     """(N, K): each component's own score, for a weighted reward of K >= 2 components."""
 
 
+def compiled_in_place(module: torch.nn.Module) -> bool:
+    """Whether ``module`` or a part of it was compiled in place (``nn.Module.compile``), so that
+    calling it runs compiled code."""
+    return any(part._compiled_call_impl is not None for part in module.modules())
+
+
 def mean_diagnostics(rows: list[dict[str, float]]) -> dict[str, float]:
     """The mean of each diagnostic over the micro-steps that reported it."""
     keys = {key for row in rows for key in row}
@@ -285,6 +291,7 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(self.denoiser, optimizer)
         self._collect_trainable()  # FSDP2 replaces the parameters with sharded ones, in place
         reshard_after_every_forward(self.model)
+        self.pipeline.chain_denoiser = self._compiled_for_chains()
         self.ema = EMA(self.trainable, config.ema_decay) if config.ema_decay > 0 else None
         self.lr_scheduler = build_lr_scheduler(
             inner_optimizer(self.optimizer),
@@ -292,6 +299,21 @@ class Trainer:
             config.lr_warmup_steps,
             config.max_steps,
         )
+
+    def _compiled_for_chains(self) -> torch.nn.Module | None:
+        """Under accelerate's dynamo setting (``accelerate launch --dynamo_backend inductor``),
+        a compiled wrapper of the denoiser (its weights, no copy) for the rollouts and held-out
+        samples, compiled as accelerate compiles the model the losses run; None otherwise, and
+        where accelerate compiled the denoiser itself in place (DeepSpeed; FSDP2's regional
+        compilation), so that the chains run compiled already."""
+        from accelerate.utils import DynamoBackend, compile_regions
+
+        plugin = self.accelerator.state.dynamo_plugin
+        if plugin.backend == DynamoBackend.NO or compiled_in_place(self.denoiser):
+            return None
+        if plugin.use_regional_compilation:
+            return compile_regions(self.denoiser, **plugin.to_kwargs())
+        return torch.compile(self.denoiser, **plugin.to_kwargs())
 
     def _offload_text_encoders(self) -> None:
         """Keep the text encoders on the CPU, where the pipeline then encodes prompts (their

@@ -17,6 +17,7 @@ Medium: its MMDiT-X transformer, 16-channel VAE and both CLIP text encoders; no 
 from __future__ import annotations
 
 import copy
+import functools
 import statistics
 import time
 from typing import TYPE_CHECKING
@@ -200,13 +201,16 @@ def seconds_of(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def time_sampling(pipeline: DiffusionPipeline, prompts: list[str], steps: int, guidance: float,
-                  eta: float, repeats: int, device: torch.device,
-                  resolution: int | None = None) -> dict:  # fmt: skip
+                  eta: float, repeats: int, device: torch.device, resolution: int | None = None,
+                  compile_backend: str | Callable | None = None) -> dict:  # fmt: skip
     """Alternate diffusers and rollout sampling; median seconds of each and the ratio. An SD3
     model is timed against ``StableDiffusion3Pipeline``, which samples with Euler steps only
-    (no ``eta``); the rollout pipeline samples at ``eta`` as asked."""
+    (no ``eta``); the rollout pipeline samples at ``eta`` as asked. With ``compile_backend``
+    the rollout pipeline also samples with its chain calling ``torch.compile(denoiser,
+    backend=compile_backend)``, as the trainers do under accelerate's dynamo setting, timed in
+    the same alternation (its first call, which compiles, timed apart)."""
     from diffalign.flow import is_flow_scheduler
-    from diffalign.models import UnsupportedModelError, pipeline_family
+    from diffalign.models import UnsupportedModelError, denoiser_of, pipeline_family
     from diffalign.pipelines.rollout import plain_pipeline
 
     sd3 = pipeline_family(pipeline) == "sd3"
@@ -227,20 +231,33 @@ def time_sampling(pipeline: DiffusionPipeline, prompts: list[str], steps: int, g
         reference(prompts, generator=torch.Generator().manual_seed(0), output_type="pt",
                   **reference_kwargs)  # fmt: skip
 
-    def run_rollout():
-        pipeline(prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+    def run_rollout(chain_denoiser=None):
+        pipeline.chain_denoiser = chain_denoiser
+        try:
+            pipeline(prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+        finally:
+            pipeline.chain_denoiser = None
 
-    run_diffusers(), run_rollout()  # warm-up
-    diffusers_s, rollout_s = [], []
+    runs = {"diffusers": run_diffusers, "rollout": run_rollout}
+    if compile_backend is not None:
+        compiled = torch.compile(denoiser_of(pipeline), backend=compile_backend)
+        runs["compiled_rollout"] = functools.partial(run_rollout, compiled)
+        first_compiled_call = seconds_of(runs["compiled_rollout"], device)
+    for run in runs.values():
+        run()  # warm-up
+    seconds = {name: [] for name in runs}
     for _ in range(repeats):
-        diffusers_s.append(seconds_of(run_diffusers, device))
-        rollout_s.append(seconds_of(run_rollout, device))
-    diffusers_median, rollout_median = statistics.median(diffusers_s), statistics.median(rollout_s)
-    return {
-        "diffusers_images_per_s": len(prompts) / diffusers_median,
-        "rollout_images_per_s": len(prompts) / rollout_median,
-        "throughput_ratio_vs_diffusers": diffusers_median / rollout_median,
-    }
+        for name, run in runs.items():
+            seconds[name].append(seconds_of(run, device))
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    results = {f"{name}_images_per_s": len(prompts) / median[name] for name in runs}
+    results["throughput_ratio_vs_diffusers"] = median["diffusers"] / median["rollout"]
+    if compile_backend is not None:
+        results["throughput_ratio_compiled_vs_eager"] = (
+            median["rollout"] / median["compiled_rollout"]
+        )
+        results["first_compiled_call_seconds"] = first_compiled_call
+    return results
 
 
 def time_training_steps(pipeline: DiffusionPipeline, model: str, batch: int, steps: int,
@@ -286,14 +303,16 @@ def time_training_steps(pipeline: DiffusionPipeline, model: str, batch: int, ste
 def run_rollout_benchmark(model: str, device: torch.device, dtype: torch.dtype, batch: int,
                           steps: int, guidance: float, eta: float, repeats: int, train: bool,
                           out: str | os.PathLike, resolution: int | None = None,
-                          model_config: str | None = None) -> dict:  # fmt: skip
-    """Sampling ratio and (optionally) training-step throughput; returns a flat dict."""
+                          model_config: str | None = None,
+                          compile_backend: str | None = None) -> dict:  # fmt: skip
+    """Sampling ratio (and with ``compile_backend`` compiled against eager rollouts, see
+    :func:`time_sampling`) and optionally training-step throughput; returns a flat dict."""
     pipeline = load_benchmark_pipeline(model, device, dtype, model_config=model_config)
     prompts = ["two red circles left of a blue square"] * batch
     results = {"model": model, "batch": batch, "steps": steps, "guidance_scale": guidance,
-               "eta": eta, "resolution": resolution,
+               "eta": eta, "resolution": resolution, "compile_backend": compile_backend,
                **time_sampling(pipeline, prompts, steps, guidance, eta, repeats, device,
-                               resolution)}  # fmt: skip
+                               resolution, compile_backend)}  # fmt: skip
     if train:
         precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
         if precision != "no":

@@ -143,6 +143,10 @@ def _add_rollout(subparsers) -> None:
     parser.add_argument("--eta", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-train", action="store_true", help="skip the optimizer steps")
+    parser.add_argument("--compile", metavar="BACKEND", default=None,
+                        help="also time rollouts whose chain runs torch.compile(denoiser, "
+                             "backend=BACKEND), e.g. inductor (as training under accelerate's "
+                             "--dynamo_backend)")  # fmt: skip
     parser.add_argument("--resolution", type=int, default=None,
                         help="image size in pixels (default: the model's)")  # fmt: skip
 
@@ -156,9 +160,11 @@ def _run_rollout(args: argparse.Namespace) -> int:
     results = run_rollout_benchmark(
         args.model, device, dtype, args.batch_size, args.steps, args.guidance_scale, args.eta,
         args.repeats, not args.no_train, args.out, args.resolution, model_config_of(args),
+        args.compile,
     )  # fmt: skip
     results["dtype"] = str(dtype).removeprefix("torch.")
-    lines = [f"{key:32s} {value:.3f}" if isinstance(value, float) else f"{key:32s} {value}"
+    width = max(map(len, results)) + 1
+    lines = [f"{key:{width}s} " + (f"{value:.3f}" if isinstance(value, float) else str(value))
              for key, value in results.items()]  # fmt: skip
     return _report(args, results, device, "\n".join(lines))
 

@@ -13,6 +13,7 @@ loads Stable Diffusion can be exercised offline in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import json
@@ -20,6 +21,7 @@ import os
 import re
 import socket
 import threading
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -533,6 +535,17 @@ def _load_single_file(path: Path, pipeline_cls, config: str | None = None, **kwa
         ) from error
 
 
+@contextlib.contextmanager
+def _quiet_hub_deprecations():
+    """Hide the warning that diffusers' config loading raises in huggingface_hub on every hub id
+    (an argument, ``local_dir_use_symlinks``, that the hub deprecated and ignores): nothing in
+    it is for a user to act on. As a decorator, around one function's calls."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*local_dir_use_symlinks.*", UserWarning)
+        yield
+
+
+@_quiet_hub_deprecations()
 def _components_left_out(config: str | None, pipeline_cls, offline: bool) -> dict[str, None]:
     """The required components ``config``'s ``model_index.json`` sets to null (SD3 saved without
     T5, say): ``from_pretrained`` leaves them out itself, ``from_single_file`` must be told."""
@@ -550,6 +563,7 @@ def _components_left_out(config: str | None, pipeline_cls, offline: bool) -> dic
     }
 
 
+@_quiet_hub_deprecations()
 def _load_hub(name: str, pipeline_cls, **kwargs):
     offline = hub_is_offline_by_setting() or not hub_is_reachable()
     try:

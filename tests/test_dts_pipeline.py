@@ -130,6 +130,14 @@ def test_sample_command_searches_and_writes_samples_json(tmp_path):
     results = json.loads((out / "metrics.json").read_text())["results"]
     assert results["nfe"] == 48 and len(results["search"]) == 2
     assert (out / "grid.png").is_file() and len(list((out / "images").glob("*.png"))) == 4
+    # searches that stop short of the budget by different amounts: each image has its own cost
+    uneven = tmp_path / "uneven"
+    assert main([*args[:12], "26", *args[13:-1], str(uneven)]) == 0
+    searches = json.loads((uneven / "metrics.json").read_text())["results"]["search"]
+    spent = [search["nfe"] for search in searches]
+    assert spent[0] != spent[1]  # 26 and 24 on this model and seed
+    records = json.loads((uneven / "samples.json").read_text())
+    assert [record["nfe"] for record in records] == [spent[0] / 2] * 2 + [spent[1] / 2] * 2
     # one prompt a batch: each prompt's search keeps its seed, so the same images and records
     batched = tmp_path / "batched"
     assert main([*args[:-1], str(batched), "--batch-size", "2"]) == 0

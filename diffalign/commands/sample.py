@@ -290,15 +290,29 @@ def _sample_and_save(pipeline, prompts, args, size, reward) -> _SavedSamples:
     return saved
 
 
-def _sample_records(prompts, rewards, nfe_per_image, files) -> list[dict]:
+def _nfe_of_each_image(saved: _SavedSamples, args: argparse.Namespace,
+                       per_image: float) -> list[float]:  # fmt: skip
+    """The NFEs each image cost: its prompt's search's spend shared by the images the search
+    gave (searches stop short of the budget by different amounts), or for DDIM, where every
+    image costs the same, ``per_image``."""
+    if not saved.search_stats:
+        return [per_image] * saved.count
+    share = [stats["nfe"] / args.num_images_per_prompt for stats in saved.search_stats]
+    return [nfe for nfe in share for _ in range(args.num_images_per_prompt)]
+
+
+def _sample_records(saved: _SavedSamples, nfe: list[float]) -> list[dict]:
+    """``samples.json``: one record per image, in the order of its file names."""
     return [
         {
             "file": file,
             "prompt": prompt,
             "reward": None if math.isnan(reward) else reward,
-            "nfe": nfe_per_image,
+            "nfe": cost,
         }  # fmt: skip
-        for file, prompt, reward in zip(files, prompts, rewards, strict=True)
+        for file, prompt, reward, cost in zip(
+            saved.files, saved.prompts, saved.rewards, nfe, strict=True
+        )  # fmt: skip
     ]
 
 
@@ -326,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
     size = args.resolution or denoiser_of(pipeline).config.sample_size * pipeline.vae_scale_factor
     saved = _sample_and_save(pipeline, prompts, args, size, reward)
     per_image = nfe[1] / saved.count
-    records = _sample_records(saved.prompts, saved.rewards, per_image, saved.files)
+    records = _sample_records(saved, _nfe_of_each_image(saved, args, per_image))
     atomic_write_text(args.out / "samples.json", json.dumps(records, indent=2))
     mean_reward = torch.tensor(saved.rewards).nanmean().item() if reward is not None else None
     results = {

@@ -78,6 +78,18 @@ def test_an_fsdp_run_resumed_halfway_ends_where_a_ddp_run_does(weights, tmp_path
         assert_run_ends_like(branch, ddp, weights)
 
 
+def test_an_fsdp_run_compiled_by_blocks_ends_where_a_ddp_run_does(tmp_path):
+    # accelerate's regional compilation under FSDP2 compiles the sharded UNet's blocks in place,
+    # so the rollouts run them too; dynamo's capture with eager kernels (inductor would round
+    # differently). Compiling the whole sharded model fails, and is refused (test_trainers.py)
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    launch_two_processes(RUN, ddp, "ddp", "lora", 2)
+    dynamo = {"ACCELERATE_DYNAMO_BACKEND": "eager",
+              "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "true"}  # fmt: skip
+    launch_two_processes(RUN, fsdp, "fsdp", "lora", 2, env=dynamo)
+    assert_run_ends_like(fsdp, ddp, "lora")
+
+
 def test_the_guard_under_fsdp_restores_the_weights_it_kept(tmp_path):
     launch_two_processes(RUN, tmp_path, "fsdp", "guard", 2)
     rows = _rows(tmp_path)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, TorchDynamoPlugin
 from PIL import Image
 from safetensors import safe_open
 
@@ -972,8 +972,18 @@ def test_strategies_the_rollouts_cannot_sample_with_are_refused(strategy, fsdp2,
     with pytest.raises(ConfigError, match=error):
         DDPOTrainer(DDPOConfig(log_with="none"), tmp_path, accelerator=wrapped)
     assert not any(tmp_path.iterdir())
-    check_launch(SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2,
-                                 is_fsdp2=True))  # fmt: skip
+
+    def fsdp2(**dynamo):
+        state = SimpleNamespace(dynamo_plugin=TorchDynamoPlugin(**dynamo))
+        return SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2,
+                               is_fsdp2=True, state=state)  # fmt: skip
+
+    check_launch(fsdp2())
+    check_launch(fsdp2(backend="inductor", use_regional_compilation=True))
+    # the whole sharded model compiled fails in dynamo's tracing (tests/test_fsdp.py runs the
+    # regional compilation that the message asks for)
+    with pytest.raises(ConfigError, match="Under FSDP2.*--dynamo_use_regional_compilation"):
+        check_launch(fsdp2(backend="inductor"))
 
 
 def test_processes_that_would_each_train_alone_are_refused(monkeypatch):

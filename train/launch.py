@@ -70,10 +70,19 @@ def accelerator_options() -> dict:
     return {}
 
 
+def compiles_whole_model(accelerator: Accelerator) -> bool:
+    """Whether accelerate's dynamo setting compiles the prepared model whole (a backend, and no
+    regional compilation)."""
+    plugin = accelerator.state.dynamo_plugin
+    backend = getattr(plugin.backend, "value", str(plugin.backend))
+    return backend.upper() != "NO" and not plugin.use_regional_compilation
+
+
 def check_launch(accelerator: Accelerator) -> None:
     """Refuse a launch the trainers would run wrongly: Megatron-LM, FSDP version 1 (FSDP
-    version 2 is supported), DeepSpeed other than ZeRO stage 1 or 2 or with settings the
-    trainers own (see :func:`~diffalign.train.deepspeed.check_deepspeed_config`), or several
+    version 2 is supported), FSDP2 with the whole model compiled (dynamo without regional
+    compilation, which fails in tracing), DeepSpeed other than ZeRO stage 1 or 2 or with settings
+    the trainers own (see :func:`~diffalign.train.deepspeed.check_deepspeed_config`), or several
     launched processes that accelerate runs each on its own.
 
     Between optimizer steps the trainers sample rollouts by calling the UNet module itself. FSDP2
@@ -101,6 +110,15 @@ def check_launch(accelerator: Accelerator) -> None:
             "diffalign's trainers need FSDP version 2 (FSDP1 flattens the UNet's weights into "
             "a wrapper the rollouts cannot sample with): set fsdp_version: 2 under fsdp_config "
             "in the accelerate config, or `accelerate launch --use_fsdp --fsdp_version 2 ...`."
+        )
+    if kind == "FSDP" and compiles_whole_model(accelerator):
+        raise ConfigError(
+            "Under FSDP2, compiling the whole sharded UNet (--dynamo_backend without regional "
+            "compilation) fails in dynamo's tracing: the sharded weights reach the graph as "
+            "DTensors ('mixed torch.Tensor and DTensor'). Compile its blocks instead, which "
+            "accelerate does in place, the rollouts' calls included: `accelerate launch "
+            "--dynamo_use_regional_compilation ...` (or ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"
+            "=true), or leave out --dynamo_backend."
         )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:

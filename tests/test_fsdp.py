@@ -78,15 +78,16 @@ def test_an_fsdp_run_resumed_halfway_ends_where_a_ddp_run_does(weights, tmp_path
         assert_run_ends_like(branch, ddp, weights)
 
 
-def test_an_fsdp_run_compiled_by_blocks_ends_where_a_ddp_run_does(tmp_path):
-    # accelerate's regional compilation under FSDP2 compiles the sharded UNet's blocks in place,
-    # so the rollouts run them too; dynamo's capture with eager kernels (inductor would round
-    # differently). Compiling the whole sharded model fails, and is refused (test_trainers.py)
+def test_compiled_fsdp_and_ddp_runs_end_alike(tmp_path):
+    # dynamo's capture with eager kernels (inductor would round differently): under DDP the
+    # whole model compiled (the chains through the trainer's wrapper); under FSDP2 its blocks,
+    # which accelerate compiles in place, so the chains run them too. Compiling the whole
+    # sharded model fails, and is refused (test_trainers.py)
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
-    launch_two_processes(RUN, ddp, "ddp", "lora", 2)
-    dynamo = {"ACCELERATE_DYNAMO_BACKEND": "eager",
-              "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "true"}  # fmt: skip
-    launch_two_processes(RUN, fsdp, "fsdp", "lora", 2, env=dynamo)
+    dynamo = {"ACCELERATE_DYNAMO_BACKEND": "eager"}
+    launch_two_processes(RUN, ddp, "ddp", "lora", 2, env=dynamo)
+    regional = {**dynamo, "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "true"}
+    launch_two_processes(RUN, fsdp, "fsdp", "lora", 2, env=regional)
     assert_run_ends_like(fsdp, ddp, "lora")
 
 

@@ -67,18 +67,23 @@ def ddp_lora(tmp_path_factory) -> Path:
     return _ddp_run(tmp_path_factory.mktemp("ddp-lora"), "lora")
 
 
-# AWM with LoRA under ZeRO-2 (gradients sharded too), the same with the optimizer offloaded
-# (DeepSpeed's compiled CPU AdamW steps it), DDPO fully fine-tuned under ZeRO-1; fp32
+# AWM with LoRA under ZeRO-2 (gradients sharded too) and compiled by dynamo (eager kernels:
+# DeepSpeed compiles the module in place, the rollouts' calls included), the same with the
+# optimizer offloaded (DeepSpeed's compiled CPU AdamW steps it), DDPO fully fine-tuned under
+# ZeRO-1; fp32
 @pytest.mark.parametrize(
-    ("stage", "weights", "method", "offload"),
-    [("2", "lora", "awm", "none"), ("2", "lora", "awm", "cpu"), ("1", "full", "ddpo", "none")],
-)
+    ("stage", "weights", "method", "offload", "dynamo"),
+    [("2", "lora", "awm", "none", "eager"), ("2", "lora", "awm", "cpu", "no"),
+     ("1", "full", "ddpo", "none", "no")],
+)  # fmt: skip
 def test_a_deepspeed_run_resumed_halfway_ends_where_a_ddp_run_does(stage, weights, method,
-                                                                   offload, ddp_lora,
+                                                                   offload, dynamo, ddp_lora,
                                                                    tmp_path):  # fmt: skip
     ddp = ddp_lora if method == "awm" else _ddp_run(tmp_path / "ddp", weights, method)
     zero = tmp_path / "zero"
     settings = _deepspeed_variables("--zero_stage", stage, "--offload_optimizer_device", offload)
+    # accelerate's DeepSpeed launcher does not hand --dynamo_backend on: the variable does
+    settings["ACCELERATE_DYNAMO_BACKEND"] = dynamo
     assert settings["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == stage
     assert settings["ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"] == offload
     launch_two_processes(RUN, zero, "deepspeed", weights, 1, method, env=settings)

@@ -70,12 +70,17 @@ def accelerator_options() -> dict:
     return {}
 
 
+def compiles(accelerator: Accelerator) -> bool:
+    """Whether accelerate's dynamo setting compiles the prepared model (a backend other than
+    ``no``: ``accelerate launch --dynamo_backend``, or ``ACCELERATE_DYNAMO_BACKEND``)."""
+    backend = accelerator.state.dynamo_plugin.backend
+    return getattr(backend, "value", str(backend)).upper() != "NO"
+
+
 def compiles_whole_model(accelerator: Accelerator) -> bool:
     """Whether accelerate's dynamo setting compiles the prepared model whole (a backend, and no
     regional compilation)."""
-    plugin = accelerator.state.dynamo_plugin
-    backend = getattr(plugin.backend, "value", str(plugin.backend))
-    return backend.upper() != "NO" and not plugin.use_regional_compilation
+    return compiles(accelerator) and not accelerator.state.dynamo_plugin.use_regional_compilation
 
 
 def check_launch(accelerator: Accelerator) -> None:

@@ -72,7 +72,7 @@ from diffalign.train.deepspeed import (
 from diffalign.train.frozen import FrozenWeights, frozen_components
 from diffalign.train.guard import GuardTrip, HackingGuard
 from diffalign.train.hub import check_hub_access, hub_repo_id, push_run
-from diffalign.train.launch import accelerator_options, check_launch, check_tracker
+from diffalign.train.launch import accelerator_options, check_launch, check_tracker, compiles
 from diffalign.train.lr_schedule import build_lr_scheduler, current_lr
 from diffalign.train.model_card import model_card
 from diffalign.train.prompts import PromptSource
@@ -306,11 +306,11 @@ class Trainer:
         samples, compiled as accelerate compiles the model the losses run; None otherwise, and
         where accelerate compiled the denoiser itself in place (DeepSpeed; FSDP2's regional
         compilation), so that the chains run compiled already."""
-        from accelerate.utils import DynamoBackend, compile_regions
+        from accelerate.utils import compile_regions
 
-        plugin = self.accelerator.state.dynamo_plugin
-        if plugin.backend == DynamoBackend.NO or compiled_in_place(self.denoiser):
+        if not compiles(self.accelerator) or compiled_in_place(self.denoiser):
             return None
+        plugin = self.accelerator.state.dynamo_plugin
         if plugin.use_regional_compilation:
             return compile_regions(self.denoiser, **plugin.to_kwargs())
         return torch.compile(self.denoiser, **plugin.to_kwargs())

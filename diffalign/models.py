@@ -425,6 +425,31 @@ def denoiser_of(pipeline: DiffusionPipeline) -> nn.Module:
     return getattr(pipeline, denoiser_name(pipeline))
 
 
+def check_compile_backend(backend: str) -> None:
+    """Raise a ValueError naming torch's dynamo backends when ``backend`` is not one of them."""
+    if backend not in torch.compiler.list_backends(exclude_tags=()):  # debug ones included
+        raise ValueError(
+            f"{backend!r} is not a torch.compile backend here; use one of "
+            f"{', '.join(torch.compiler.list_backends())}, or a debugging one such as eager "
+            "(which only traces: it checks that the model compiles)."
+        )
+
+
+def compile_denoiser(pipeline: DiffusionPipeline, backend: str = "inductor") -> nn.Module:
+    """Put ``torch.compile(denoiser, backend=backend)`` in place of ``pipeline``'s UNet (or SD3's
+    transformer) and return it: the same module and weights behind a compiled call, which
+    diffusers' pipelines, the search samplers and forward hooks use as they used the module.
+
+    Compilation happens at the first calls, again for each new batch shape until dynamo makes
+    the batch dimension dynamic, so the first images pay for it (about two minutes for the
+    tiny model's tree search on a 2-core CPU). Switch attention backends before compiling.
+    """
+    check_compile_backend(backend)
+    compiled = torch.compile(denoiser_of(pipeline), backend=backend)
+    setattr(pipeline, denoiser_name(pipeline), compiled)
+    return compiled
+
+
 def _index_family(model_index: dict[str, Any]) -> str | None:
     """The family of a ``model_index.json``, or None for pipelines diffalign does not run."""
     if "unet" in model_index:

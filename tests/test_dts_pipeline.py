@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch._dynamo import register_backend
 
 from diffalign.cli import main
 from diffalign.pipelines.dts import SEARCH_SAMPLERS, DTSPipeline, SearchOptions
@@ -188,6 +189,50 @@ def test_sample_command_caps_the_tree_and_stores_it_where_asked(tmp_path):
     assert search["nfe"] < 60  # short of the budget
 
 
+GRAPHS = []  # the graphs dynamo handed to the backend below
+
+
+@register_backend(name="diffalign_test_counting")
+def _counting_backend(graph, example_inputs):
+    """A torch.compile backend that records each traced graph and runs it as it is."""
+    GRAPHS.append(graph)
+    return graph.forward
+
+
+def test_sample_compiled_gives_the_images_and_counts_of_the_module_it_compiles(tmp_path):
+    GRAPHS.clear()
+    args = ["sample", "--model", "diffalign:tiny-random", "--prompt", "a red circle", "--sampler",
+            "dts-star", "--reward", "shapes", "--budget-nfe", "26", "--steps", "3",
+            "--guidance-scale", "2", "--tree-batch-size", "2", "--quiet"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "eager")]) == 0
+    assert not GRAPHS
+    compiled = tmp_path / "compiled"
+    assert main([*args, "--compile", "diffalign_test_counting", "--out", str(compiled)]) == 0
+    assert GRAPHS  # dynamo traced the UNet and handed it to the backend
+    results = {name: json.loads((tmp_path / name / "metrics.json").read_text())["results"]
+               for name in ("eager", "compiled")}  # fmt: skip
+    assert results["compiled"]["compile_backend"] == "diffalign_test_counting"
+    assert results["compiled"]["nfe"] == results["eager"]["nfe"] == 24  # counted through it
+    assert results["compiled"]["search"] == results["eager"]["search"]
+    pixels = [np.asarray(Image.open(tmp_path / name / "images" / "0000.png"))
+              for name in ("eager", "compiled")]  # fmt: skip
+    assert np.array_equal(*pixels)
+
+
+REFUSING_COMMANDS = [["sample", "--prompt", "x"], ["eval", "--prompts", "x", "--metrics", "fid"],
+                     ["bench", "dts"], ["bench", "rollout"]]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", REFUSING_COMMANDS)
+def test_an_unknown_compile_backend_is_refused_before_any_model_loads(tmp_path, command):
+    argv = [*command, "--compile", "inductr", "--out", str(tmp_path)]
+    if command[0] != "bench":
+        argv += ["--model", "does/not-exist"]
+    with pytest.raises(SystemExit, match="--compile: 'inductr' is not a torch.compile backend.*"
+                                         "inductor"):  # fmt: skip
+        main(argv)
+
+
 def test_sample_command_rejects_search_without_reward_or_budget(tmp_path, capsys):
     args = ["sample", "--model", "diffalign:tiny-random", "--prompt", "x", "--sampler", "dts",
             "--out", str(tmp_path)]  # fmt: skip
@@ -253,3 +298,31 @@ def test_bench_dts_speed_only_times_both_samplers_on_their_unet_batches(tmp_path
         assert all(speed > 0 for speed in results[key].values())
     speeds = results["nfe_per_second"]
     assert results["tree_overhead"] == pytest.approx(1 - speeds["dts-star"] / speeds["best-of-n"])
+    assert results["repeats"] == 3
+    # the tree settings reach the tree: one rollout in flight is one chain (2 CFG rows) a call
+    one = tmp_path / "one"
+    assert main([*args[:-1], str(one), "--tree-batch-size", "1", "--repeats", "1"]) == 0
+    results = json.loads((one / "metrics.json").read_text())["results"]
+    assert results["unet_rows_per_call"] == {"best-of-n": 4, "dts-star": 2}
+    assert results["settings"]["repeats"] == 1
+    assert "compiled_nfe_per_second" not in results
+
+
+def test_bench_dts_speed_only_times_a_compiled_unet_beside_the_eager_one(tmp_path):
+    GRAPHS.clear()
+    args = ["bench", "dts", "--speed-only", "--steps", "2", "--n", "2", "--batch-size", "2",
+            "--guidance-scale", "2", "--repeats", "1", "--compile", "diffalign_test_counting",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    assert GRAPHS
+    results = json.loads((tmp_path / "metrics.json").read_text())["results"]
+    assert results["settings"]["compile_backend"] == "diffalign_test_counting"
+    assert results["compiled_unet_rows_per_call"] == results["unet_rows_per_call"]
+    for sampler, ratio in results["nfe_ratio_compiled_vs_eager"].items():
+        compiled, eager = (results[k][sampler] for k in ("compiled_nfe_per_second",
+                                                          "nfe_per_second"))  # fmt: skip
+        assert ratio == pytest.approx(compiled / eager)
+    speeds = results["compiled_nfe_per_second"]
+    assert results["compiled_tree_overhead"] == pytest.approx(
+        1 - speeds["dts-star"] / speeds["best-of-n"]
+    )

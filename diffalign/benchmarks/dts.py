@@ -174,17 +174,68 @@ def tree_vs_batched_speed(
     chains: int,
     batch_size: int,
     resolution: int | None = None,
+    repeats: int = 3,
+    tree: TreeSettings | None = None,
+    compile_backend: str | None = None,
 ) -> dict:
     """UNet rows per second of DTS* against best-of-N on one prompt, with scoring left out (no
     decoding, no reward), so the difference is the tree's bookkeeping (the GPU overhead goal).
 
-    Each search runs twice with the same seed and the second run is timed: the first also pays
-    one-time costs per UNet batch shape (kernel selection on a GPU), and the tree's batches take
-    many sizes while best-of-N's take one. Its speed is reported as ``first_run_nfe_per_second``.
+    Each sampler first runs once on its own, which also pays one-time costs per UNet batch
+    shape (kernel selection on a GPU; the tree's batches take many sizes while best-of-N's take
+    one): that speed is ``first_run_nfe_per_second``. Then the samplers alternate ``repeats``
+    times with the same seed, and ``nfe_per_second`` is each one's median, so a machine that
+    slows down for a while slows them all. With ``compile_backend`` both samplers also run on
+    ``torch.compile(unet, backend=compile_backend)`` in the same alternation (keys prefixed
+    ``compiled_``; their first runs compile), and ``nfe_ratio_compiled_vs_eager`` compares.
     """
+    import statistics
+
     from diffalign.benchmarks.rollout import seconds_of
+    from diffalign.pipelines.dts import run_search
+
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}.")
+    searches = _unscored_searches(pipeline, prompt, steps, guidance_scale, chains, batch_size,
+                                  resolution, tree, compile_backend)  # fmt: skip
+    rows = {}
+
+    def timed_search(name: str) -> float:
+        """NFE/s of one search (its NFEs and UNet calls recorded in ``rows``)."""
+        chain, options = searches[name]
+        nfe, calls = chain.nfe, chain.calls
+        seconds = seconds_of(lambda: run_search(chain, options), chain.device)
+        rows[name] = (chain.nfe - nfe, chain.calls - calls)
+        return (chain.nfe - nfe) / seconds
+
+    first = {name: timed_search(name) for name in searches}
+    speeds = {name: [] for name in searches}
+    for _ in range(repeats):
+        for name in searches:
+            speeds[name].append(timed_search(name))
+    results = {"repeats": repeats}
+    for prefix in ("", "compiled_") if compile_backend else ("",):
+        names = {sampler: prefix + sampler for sampler in ("best-of-n", "dts-star")}
+        median = {s: statistics.median(speeds[n]) for s, n in names.items()}
+        results[f"{prefix}first_run_nfe_per_second"] = {s: first[n] for s, n in names.items()}
+        results[f"{prefix}nfe_per_second"] = median
+        results[f"{prefix}unet_rows_per_call"] = {s: rows[n][0] / rows[n][1]
+                                                  for s, n in names.items()}  # fmt: skip
+        results[f"{prefix}tree_overhead"] = 1 - median["dts-star"] / median["best-of-n"]
+    if compile_backend:
+        results["nfe_ratio_compiled_vs_eager"] = {
+            s: results["compiled_nfe_per_second"][s] / results["nfe_per_second"][s]
+            for s in ("best-of-n", "dts-star")
+        }  # fmt: skip
+    return results
+
+
+def _unscored_searches(pipeline, prompt, steps, guidance_scale, chains, batch_size, resolution,
+                       tree, compile_backend) -> dict:  # fmt: skip
+    """``{name: (chain, options)}``: best-of-N and DTS* on chains that count their UNet calls
+    and score nothing, and with ``compile_backend`` the same on a compiled UNet."""
     from diffalign.pipelines.chain import PipelineChain
-    from diffalign.pipelines.dts import SearchOptions, run_search
+    from diffalign.pipelines.dts import SearchOptions
 
     class UnscoredChain(PipelineChain):
         calls = 0
@@ -196,21 +247,16 @@ def tree_vs_batched_speed(
         def _score(self, latents: torch.Tensor) -> torch.Tensor:
             return torch.zeros(len(latents))
 
-    def timed_search(chain, options) -> tuple[float, int, int]:
-        """(NFE/s, NFEs, UNet calls) of one search."""
-        nfe, calls = chain.nfe, chain.calls
-        seconds = seconds_of(lambda: run_search(chain, options), chain.device)
-        return (chain.nfe - nfe) / seconds, chain.nfe - nfe, chain.calls - calls
-
-    results = {"nfe_per_second": {}, "first_run_nfe_per_second": {}, "unet_rows_per_call": {}}
-    for sampler in ("best-of-n", "dts-star"):
-        chain = UnscoredChain(pipeline, prompt, None, steps, guidance_scale, eta=1.0,
-                              height=resolution, width=resolution)  # fmt: skip
-        options = SearchOptions(sampler, chains * chain.step_cost(steps), batch_size=batch_size)
-        results["first_run_nfe_per_second"][sampler] = timed_search(chain, options)[0]
-        speed, nfe, calls = timed_search(chain, options)
-        results["nfe_per_second"][sampler] = speed
-        results["unet_rows_per_call"][sampler] = nfe / calls
-    speeds = results["nfe_per_second"]
-    results["tree_overhead"] = 1 - speeds["dts-star"] / speeds["best-of-n"]
-    return results
+    searches, compiled = {}, None
+    for prefix in ("", "compiled_") if compile_backend else ("",):
+        for sampler in ("best-of-n", "dts-star"):
+            chain = UnscoredChain(pipeline, prompt, None, steps, guidance_scale, eta=1.0,
+                                  height=resolution, width=resolution)  # fmt: skip
+            if prefix:  # one compiled wrapper, so both samplers reuse what the other compiled
+                if compiled is None:
+                    compiled = torch.compile(chain.denoiser, backend=compile_backend)
+                chain.denoiser = compiled
+            budget = chains * chain.step_cost(steps)
+            options = SearchOptions(sampler, budget, tree=tree, batch_size=batch_size)
+            searches[prefix + sampler] = (chain, options)
+    return searches

@@ -184,6 +184,43 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--attention`` and ``--compile``: how the denoiser of a sampling command runs."""
+    from diffalign.attention import BACKENDS
+
+    parser.add_argument("--attention", default="auto", choices=BACKENDS,
+                        help="attention backend of every component (auto: xformers on CUDA "
+                             "when it runs there, else SDPA)")  # fmt: skip
+    parser.add_argument("--compile", metavar="BACKEND", default=None,
+                        help="run the UNet (SD3: the transformer) under torch.compile with this "
+                             "backend, e.g. inductor: the first batches pay the compilation "
+                             "(minutes), the rest run faster")  # fmt: skip
+
+
+def check_compile_argument(args: argparse.Namespace) -> None:
+    """Exit with the known backends when ``--compile`` names none (before any model loads)."""
+    from diffalign.models import check_compile_backend
+
+    if args.compile is not None:
+        try:
+            check_compile_backend(args.compile)
+        except ValueError as error:
+            raise SystemExit(f"error: --compile: {error}") from None
+
+
+def apply_speed_arguments(pipeline, args: argparse.Namespace) -> dict[str, Any]:
+    """Switch ``pipeline``'s attention to ``--attention``, then compile its denoiser with
+    ``--compile``; returns what metrics.json records of both."""
+    from diffalign.attention import enable_fused_attention
+    from diffalign.models import compile_denoiser
+
+    reports = enable_fused_attention(pipeline, args.attention)
+    if args.compile is not None:
+        compile_denoiser(pipeline, args.compile)
+    return {"attention": {name: str(report) for name, report in reports.items()},
+            "compile_backend": args.compile}  # fmt: skip
+
+
 def resolve_device(name: str):
     """``auto`` -> the first CUDA device when there is one, else the CPU."""
     import torch

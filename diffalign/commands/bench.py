@@ -10,6 +10,7 @@ from diffalign.commands._common import (
     add_model_config_argument,
     add_out_argument,
     add_tree_arguments,
+    check_compile_argument,
     model_config_of,
     quiet_libraries,
     resolve_device,
@@ -155,6 +156,7 @@ def _run_rollout(args: argparse.Namespace) -> int:
     from diffalign.benchmarks.rollout import run_rollout_benchmark
 
     quiet_libraries()
+    check_compile_argument(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     results = run_rollout_benchmark(
@@ -195,6 +197,9 @@ def _add_dts(subparsers) -> None:
                         help="NFE/s of DTS* vs best-of-N only, unscored")  # fmt: skip
     parser.add_argument("--resolution", type=int, default=None,
                         help="pixels, with --speed-only (default: the model's)")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="with --speed-only: timed runs of each sampler, alternated (their "
+                             "median is reported)")  # fmt: skip
 
 
 def _add_chain_arguments(parser, num_prompts: int, model_help: str = "") -> None:
@@ -214,6 +219,9 @@ def _add_chain_arguments(parser, num_prompts: int, model_help: str = "") -> None
                         help="default: the one recorded with the model, else 3")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--compile", metavar="BACKEND", default=None,
+                        help="run the UNet under torch.compile with this backend (e.g. "
+                             "inductor); the first searches pay the compilation")  # fmt: skip
 
 
 def _add_branching(subparsers) -> None:
@@ -258,7 +266,8 @@ def _run_branching(args: argparse.Namespace) -> int:
                            "steps": args.steps, "eta": args.eta, "guidance_scale": guidance,
                            "seed": args.seed, "prefixes": args.prefixes,
                            "continuations": args.continuations,
-                           "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+                           "dtype": str(dtype).removeprefix("torch."),
+                           "compile_backend": args.compile}  # fmt: skip
     results["prompts"] = prompts
     return _report(args, results, device, format_branching_table(results))
 
@@ -268,7 +277,9 @@ def _chain_setup(args: argparse.Namespace):
     if args.eta <= 0:
         raise SystemExit(f"error: --eta must be > 0 (got {args.eta}): search branches the chain, "
                          "which needs a stochastic sampler; 1 is DDPM-like.")  # fmt: skip
+    check_compile_argument(args)
     from diffalign.benchmarks.rollout import load_benchmark_pipeline
+    from diffalign.models import compile_denoiser
     from diffalign.pipelines.dts import DTSPipeline
     from diffalign.world import model_guidance_scale
 
@@ -277,6 +288,8 @@ def _chain_setup(args: argparse.Namespace):
     model_config = model_config_of(args)
     pipeline = load_benchmark_pipeline(args.model, device, dtype, DTSPipeline, model_config)
     pipeline.set_progress_bar_config(disable=True)
+    if args.compile is not None and not getattr(args, "speed_only", False):
+        compile_denoiser(pipeline, args.compile)  # --speed-only times compiled against eager
     guidance = args.guidance_scale or model_guidance_scale(args.model, config=model_config)
     return device, dtype, pipeline, guidance, _world_prompts(args.num_prompts, args.split)
 
@@ -287,8 +300,9 @@ def _run_dts(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     budgets = tuple(int(b) for b in args.budgets.split(",") if b.strip())
-    if args.n < 1 or not budgets or min(budgets) < 1:
-        raise SystemExit("error: --n and every --budgets entry must be positive integers.")
+    if args.n < 1 or not budgets or min(budgets) < 1 or args.repeats < 1:
+        raise SystemExit("error: --n, --repeats and every --budgets entry must be positive "
+                         "integers.")  # fmt: skip
     tree = tree_settings_from_arguments(args, default_in_flight=args.batch_size)
     device, dtype, pipeline, guidance, prompts = _chain_setup(args)
     settings = {"model": args.model, "reward": args.reward, "split": args.split,
@@ -301,10 +315,12 @@ def _run_dts(args: argparse.Namespace) -> int:
                 "branch_step": args.branch_step,
                 "curves": not args.no_curves,
                 "dtype": str(dtype).removeprefix("torch."), "seed": args.seed,
-                "resolution": args.resolution}  # fmt: skip
+                "resolution": args.resolution, "compile_backend": args.compile,
+                "repeats": args.repeats}  # fmt: skip
     if args.speed_only:
         results = dts.tree_vs_batched_speed(pipeline, prompts[0], args.steps, guidance, args.n,
-                                            args.batch_size, args.resolution)  # fmt: skip
+                                            args.batch_size, args.resolution, args.repeats,
+                                            tree, args.compile)  # fmt: skip
         results["settings"] = settings
         shown = {k: v for k, v in results.items() if k != "settings"}
         return _report(args, results, device, json.dumps(shown, indent=1))

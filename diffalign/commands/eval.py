@@ -32,7 +32,9 @@ from diffalign.commands._common import (
     add_lora_argument,
     add_model_config_argument,
     add_out_argument,
+    add_speed_arguments,
     add_tree_arguments,
+    apply_speed_arguments,
     lora_of,
     lora_record,
     model_config_of,
@@ -54,7 +56,7 @@ logger = logging.getLogger(__name__)
 SAMPLING_ONLY = (
     "model", "baseline", "model_config", "baseline_config", "lora", "lora_scale", "baseline_lora",
     "baseline_lora_scale", "num_images", "reward", "budget_nfe", "eta", "guidance_scale",
-    "negative_prompt", "resolution", "save_images",
+    "negative_prompt", "resolution", "save_images", "compile",
 )  # fmt: skip
 """The options that set how a model is sampled, which ``--images`` refuses (unset: None/False)."""
 
@@ -104,6 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_speed_arguments(parser)
     add_tree_arguments(parser, "tree settings (--sampler dts and dts-star)", "default: 8")
     add_device_arguments(parser)
     add_out_argument(parser)
@@ -166,6 +169,7 @@ def _sample_and_score(model: str, config: str | None, loras: list[tuple[str, flo
 
     pipeline = load_sampling_pipeline(model, device, dtype, config, loras)
     pipeline.set_progress_bar_config(disable=True)  # one bar below, not one per call
+    apply_speed_arguments(pipeline, args)
     size = args.resolution or denoiser_of(pipeline).config.sample_size * pipeline.vae_scale_factor
     reward = load_optional_reward(args.reward, device)
     grid, parts, count = GridCollector(args.num_images_per_prompt), [], 0
@@ -234,11 +238,12 @@ def run(args: argparse.Namespace) -> int:
     text = (f"{args.num_images} images per model{shown}, sampler {args.sampler}, "
             f"{args.steps} steps, CFG {args.guidance_scale}{negative}, "
             f"seed {args.seed}")  # fmt: skip
-    settings = {key: getattr(args, key)
-                for key in ("negative_prompt", "prompts", "sampler", "steps", "seed")}  # fmt: skip
+    keys = ("negative_prompt", "prompts", "sampler", "steps", "seed", "attention")
+    settings = {key: getattr(args, key) for key in keys}
     record = {"model": args.model, "baseline_model": args.baseline,
               **lora_record(loras["--model"]), **lora_record(loras["--baseline"], "baseline_"),
-              "guidance_scale": args.guidance_scale, **settings}  # fmt: skip
+              "guidance_scale": args.guidance_scale, **settings,
+              "compile_backend": args.compile}  # fmt: skip
     _write_outputs(args, scorer, scores, grids, names, text, record, device)
     return 0
 

@@ -27,7 +27,10 @@ from diffalign.commands._common import (
     add_lora_argument,
     add_model_config_argument,
     add_out_argument,
+    add_speed_arguments,
     add_tree_arguments,
+    apply_speed_arguments,
+    check_compile_argument,
     lora_of,
     lora_record,
     model_config_of,
@@ -84,9 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_guidance_arguments(parser)
     parser.add_argument("--resolution", type=int, default=None, help="default: the model's")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--attention", default="auto", choices=("auto", "xformers", "sdpa", "classic")
-    )
+    add_speed_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_tree_arguments(parser, "tree settings (--sampler dts and dts-star)", "default: 8")
     add_device_arguments(parser)
@@ -106,10 +107,11 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 
 def check_sampling_arguments(args: argparse.Namespace) -> None:
-    """Exit with a message when ``--batch-size`` is below 1, or a search sampler lacks its
-    reward / budget or gets eta <= 0."""
+    """Exit with a message when ``--batch-size`` is below 1, ``--compile`` names no backend,
+    or a search sampler lacks its reward / budget or gets eta <= 0."""
     if args.batch_size < 1:
         raise SystemExit(f"error: --batch-size must be at least 1, got {args.batch_size}.")
+    check_compile_argument(args)
     if args.sampler == "ddim":
         return
     if args.reward is None or args.budget_nfe is None:
@@ -320,7 +322,6 @@ def run(args: argparse.Namespace) -> int:
     """Sample (or search), save the images, the grid, samples.json and metrics.json."""
     import torch
 
-    from diffalign.attention import enable_fused_attention
     from diffalign.models import denoiser_of
 
     prompts = _prompts(args)
@@ -334,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
     loras = lora_of(args)
     pipeline = load_sampling_pipeline(args.model, device, dtype, model_config, loras)
     pipeline.set_progress_bar_config(disable=True)  # a bar over the images, not one per call
-    reports = enable_fused_attention(pipeline, args.attention)
+    speed = apply_speed_arguments(pipeline, args)
     reward = load_optional_reward(args.reward, device)
     nfe = count_calls(denoiser_of(pipeline))
     size = args.resolution or denoiser_of(pipeline).config.sample_size * pipeline.vae_scale_factor
@@ -353,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
         "budget_nfe_per_prompt": args.budget_nfe, "nfe": nfe[1], "unet_evaluations": nfe[0],
         "nfe_per_image": per_image, "seconds": saved.seconds,
         "images_per_second": saved.count / saved.seconds,
-        "attention": {name: str(report) for name, report in reports.items()},
+        **speed,
         **({"search": saved.search_stats} if args.sampler != "ddim" else {}),
         **search_settings(args),
     }  # fmt: skip

@@ -189,8 +189,6 @@ def tree_vs_batched_speed(
     ``torch.compile(unet, backend=compile_backend)`` in the same alternation (keys prefixed
     ``compiled_``; their first runs compile), and ``nfe_ratio_compiled_vs_eager`` compares.
     """
-    import statistics
-
     from diffalign.benchmarks.rollout import seconds_of
     from diffalign.pipelines.dts import run_search
 
@@ -215,19 +213,28 @@ def tree_vs_batched_speed(
             speeds[name].append(timed_search(name))
     results = {"repeats": repeats}
     for prefix in ("", "compiled_") if compile_backend else ("",):
-        names = {sampler: prefix + sampler for sampler in ("best-of-n", "dts-star")}
-        median = {s: statistics.median(speeds[n]) for s, n in names.items()}
-        results[f"{prefix}first_run_nfe_per_second"] = {s: first[n] for s, n in names.items()}
-        results[f"{prefix}nfe_per_second"] = median
-        results[f"{prefix}unet_rows_per_call"] = {s: rows[n][0] / rows[n][1]
-                                                  for s, n in names.items()}  # fmt: skip
-        results[f"{prefix}tree_overhead"] = 1 - median["dts-star"] / median["best-of-n"]
+        results.update(_speed_summary(prefix, first, speeds, rows))
     if compile_backend:
         results["nfe_ratio_compiled_vs_eager"] = {
             s: results["compiled_nfe_per_second"][s] / results["nfe_per_second"][s]
             for s in ("best-of-n", "dts-star")
         }  # fmt: skip
     return results
+
+
+def _speed_summary(prefix: str, first: dict, speeds: dict, rows: dict) -> dict:
+    """First-run and median NFE/s, UNet rows per call and the tree's overhead of the two
+    searches named ``prefix + sampler``, under keys that start with ``prefix``."""
+    import statistics
+
+    names = {sampler: prefix + sampler for sampler in ("best-of-n", "dts-star")}
+    median = {sampler: statistics.median(speeds[name]) for sampler, name in names.items()}
+    return {
+        f"{prefix}first_run_nfe_per_second": {s: first[n] for s, n in names.items()},
+        f"{prefix}nfe_per_second": median,
+        f"{prefix}unet_rows_per_call": {s: rows[n][0] / rows[n][1] for s, n in names.items()},
+        f"{prefix}tree_overhead": 1 - median["dts-star"] / median["best-of-n"],
+    }
 
 
 def _unscored_searches(pipeline, prompt, steps, guidance_scale, chains, batch_size, resolution,

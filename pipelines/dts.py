@@ -22,7 +22,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -111,6 +111,28 @@ def _resolve_reward(reward: str | Callable, device: torch.device) -> Callable:
     return reward
 
 
+def _check_search_kwargs(search_kwargs: dict) -> None:
+    """Raise a TypeError naming what the search call takes in place of an unknown keyword."""
+    unknown = sorted(set(search_kwargs) - _SEARCH_KWARGS)
+    if "generator" in unknown:
+        raise TypeError(
+            "The search pipelines take seed=INT, not generator: every chain draws its noise "
+            "from its own stream derived from the seed (prompt i: seed + i), so that samplers "
+            "compared at one seed start from the same chains."
+        )
+    if unknown:
+        raise TypeError(
+            f"Unexpected keyword arguments {unknown}; besides the named ones, the search call "
+            f"takes {sorted(_SEARCH_KWARGS)} (see SearchOptions)."
+        )
+
+
+# the SearchOptions fields that the search call has no named parameter for
+_SEARCH_KWARGS = {field.name for field in fields(SearchOptions)} - {
+    "sampler", "budget_nfe", "inverse_temperature", "tree"
+}  # fmt: skip
+
+
 class _SearchCall:
     """The search call of the DTS pipelines, mixed in before diffusers' SD, SDXL or SD3
     pipeline."""
@@ -133,14 +155,19 @@ class _SearchCall:
         width: int | None = None,
         seed: int = 0,
         output_type: str = "pil",
+        return_dict: bool = True,
         **search_kwargs,
-    ) -> SearchPipelineOutput:
+    ) -> SearchPipelineOutput | tuple:
         """Search each prompt's chain within ``budget_nfe`` UNet rows and return the images.
 
         ``reward`` is a registered reward name (``"pickscore"``, ``"shapes"``, a weighted sum)
         or a callable scoring images in [0, 1]. Extra keyword arguments (``smc_potential``,
-        ``smc_resample_every``, ``batch_size``) go to :class:`SearchOptions`.
+        ``smc_resample_every``, ``batch_size``) go to :class:`SearchOptions`. Prompt ``i``'s
+        chains draw their noise from streams derived from ``seed + i`` (there is no
+        ``generator``: one stream per chain keeps the samplers' comparisons paired). With
+        ``return_dict=False`` the output is the tuple ``(images, rewards, prompts, stats)``.
         """
+        _check_search_kwargs(search_kwargs)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("Give at least one prompt.")
@@ -164,7 +191,8 @@ class _SearchCall:
         elif output_type != "pt":
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}.")
         repeated = [p for p in prompts for _ in range(num_images_per_prompt)]
-        return SearchPipelineOutput(pixels, torch.cat(rewards), repeated, stats)
+        output = SearchPipelineOutput(pixels, torch.cat(rewards), repeated, stats)
+        return output if return_dict else output.to_tuple()
 
 
 class DTSPipeline(_SearchCall, StableDiffusionPipeline):

@@ -116,6 +116,20 @@ def test_bad_search_inputs_raise_clear_errors(dts_pipeline):
         dts_pipeline("x", brightness, budget_nfe=5, num_inference_steps=4, guidance_scale=2.0)
     with pytest.raises(ValueError, match="at least one prompt"):
         dts_pipeline([], brightness)
+    with pytest.raises(TypeError, match="take seed=INT, not generator"):
+        dts_pipeline("x", brightness, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match=r"\['num_particles'\].*'smc_potential'"):
+        dts_pipeline("x", brightness, num_particles=4)
+
+
+def test_return_dict_false_gives_the_output_as_a_tuple(dts_pipeline):
+    kwargs = {"budget_nfe": 8, "num_inference_steps": 2, "guidance_scale": 1.0,
+              "output_type": "pt", "sampler": "best-of-n"}  # fmt: skip
+    output = dts_pipeline("a red circle", brightness, **kwargs)
+    images, rewards, prompts, stats = dts_pipeline("a red circle", brightness, return_dict=False,
+                                                   **kwargs)  # fmt: skip
+    assert torch.equal(images, output.images) and torch.equal(rewards, output.rewards)
+    assert (prompts, stats) == (output.prompts, output.stats)
 
 
 def test_sample_command_searches_and_writes_samples_json(tmp_path):

@@ -36,6 +36,7 @@ from diffalign.pipelines.rollout import over_components
 from diffalign.pipelines.tree import SearchResult, TreeSettings, tree_search
 
 if TYPE_CHECKING:
+    import numpy as np
     from diffusers import DiffusionPipeline
 
 SEARCH_SAMPLERS = ("best-of-n", "smc", "dts", "dts-star")
@@ -111,6 +112,21 @@ def _resolve_reward(reward: str | Callable, device: torch.device) -> Callable:
     return reward
 
 
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def _as_output_type(images: Tensor, output_type: str) -> list | Tensor | np.ndarray:
+    """Decoded (B, 3, H, W) images in [0, 1] (or latents) as diffusers returns them: PIL
+    images, a (B, H, W, 3) float array, the tensor itself, or for ``"latent"`` the latents."""
+    if output_type == "pil":
+        from diffalign.imaging import to_pil
+
+        return [to_pil(image) for image in images]
+    if output_type == "np":
+        return images.float().permute(0, 2, 3, 1).numpy()
+    return images
+
+
 def _check_search_kwargs(search_kwargs: dict) -> None:
     """Raise a TypeError naming what the search call takes in place of an unknown keyword."""
     unknown = sorted(set(search_kwargs) - _SEARCH_KWARGS)
@@ -166,8 +182,12 @@ class _SearchCall:
         chains draw their noise from streams derived from ``seed + i`` (there is no
         ``generator``: one stream per chain keeps the samplers' comparisons paired). With
         ``return_dict=False`` the output is the tuple ``(images, rewards, prompts, stats)``.
+        ``output_type`` is ``"pil"``, ``"np"``, ``"pt"`` (images in [0, 1]) or ``"latent"`` (the
+        chosen latents, undecoded), as in diffusers.
         """
         _check_search_kwargs(search_kwargs)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("Give at least one prompt.")
@@ -180,18 +200,13 @@ class _SearchCall:
             chain = PipelineChain(self, text, score, num_inference_steps, guidance_scale, eta,
                                   negative_prompt, height, width)  # fmt: skip
             result = run_search(chain, options, num_images_per_prompt, seed + index, progress)
-            images.append(chain.decode(result.latents.to(self._execution_device)).cpu())
+            latents = result.latents.to(self._execution_device)
+            images.append((latents if output_type == "latent" else chain.decode(latents)).cpu())
             rewards.append(result.rewards)
             stats.append(result.stats.to_dict())
-        pixels = torch.cat(images)
-        if output_type == "pil":
-            from diffalign.imaging import to_pil
-
-            pixels = [to_pil(image) for image in pixels]
-        elif output_type != "pt":
-            raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}.")
         repeated = [p for p in prompts for _ in range(num_images_per_prompt)]
-        output = SearchPipelineOutput(pixels, torch.cat(rewards), repeated, stats)
+        output = SearchPipelineOutput(_as_output_type(torch.cat(images), output_type),
+                                      torch.cat(rewards), repeated, stats)  # fmt: skip
         return output if return_dict else output.to_tuple()
 
 

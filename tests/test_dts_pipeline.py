@@ -122,7 +122,7 @@ def test_bad_search_inputs_raise_clear_errors(dts_pipeline):
         dts_pipeline("x", brightness, num_particles=4)
 
 
-def test_return_dict_false_gives_the_output_as_a_tuple(dts_pipeline):
+def test_outputs_come_as_diffusers_gives_them_tuple_array_or_latents(dts_pipeline):
     kwargs = {"budget_nfe": 8, "num_inference_steps": 2, "guidance_scale": 1.0,
               "output_type": "pt", "sampler": "best-of-n"}  # fmt: skip
     output = dts_pipeline("a red circle", brightness, **kwargs)
@@ -130,6 +130,13 @@ def test_return_dict_false_gives_the_output_as_a_tuple(dts_pipeline):
                                                    **kwargs)  # fmt: skip
     assert torch.equal(images, output.images) and torch.equal(rewards, output.rewards)
     assert (prompts, stats) == (output.prompts, output.stats)
+    as_array = dts_pipeline("a red circle", brightness, **{**kwargs, "output_type": "np"})
+    assert np.array_equal(as_array.images, output.images.permute(0, 2, 3, 1).numpy())
+    latents = dts_pipeline("a red circle", brightness, **{**kwargs, "output_type": "latent"})
+    assert latents.images.shape == (1, 4, 16, 16)  # the tiny model: 32 px images
+    assert torch.equal(latents.rewards, output.rewards)
+    with pytest.raises(ValueError, match="output_type must be one of"):
+        dts_pipeline("a red circle", brightness, **{**kwargs, "output_type": "numpy"})
 
 
 def test_sample_command_searches_and_writes_samples_json(tmp_path):

@@ -12,6 +12,8 @@ from diffalign.cli import main
 from diffalign.pipelines.dts import SEARCH_SAMPLERS, DTSPipeline, SearchOptions
 from diffalign.world.evaluate import heldout_prompts
 
+from .conftest import requires_cuda
+
 
 def brightness(images, prompts):
     return images.mean(dim=(1, 2, 3))
@@ -238,6 +240,22 @@ def test_sample_compiled_gives_the_images_and_counts_of_the_module_it_compiles(t
     pixels = [np.asarray(Image.open(tmp_path / name / "images" / "0000.png"))
               for name in ("eager", "compiled")]  # fmt: skip
     assert np.array_equal(*pixels)
+
+
+@requires_cuda
+def test_sampling_compiled_by_inductor_on_cuda_matches_eager_sampling(tmp_path):
+    args = ["sample", "--model", "diffalign:tiny-shapes", "--prompt", "a red circle above a blue "
+            "square", "--steps", "4", "--num-images-per-prompt", "4", "--device", "cuda",
+            "--dtype", "fp32", "--quiet"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "eager")]) == 0
+    assert main([*args, "--compile", "inductor", "--out", str(tmp_path / "compiled")]) == 0
+    results = {name: json.loads((tmp_path / name / "metrics.json").read_text())["results"]
+               for name in ("eager", "compiled")}  # fmt: skip
+    assert results["compiled"]["nfe"] == results["eager"]["nfe"] == 4 * 4 * 2
+    for index in range(4):
+        pixels = [np.asarray(Image.open(tmp_path / name / "images" / f"000{index}.png"), float)
+                  for name in ("eager", "compiled")]  # fmt: skip
+        assert np.abs(pixels[0] - pixels[1]).max() <= 2  # inductor's kernels round differently
 
 
 REFUSING_COMMANDS = [["sample", "--prompt", "x"], ["eval", "--prompts", "x", "--metrics", "fid"],

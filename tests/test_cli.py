@@ -109,7 +109,7 @@ def test_sample_tiny_random_writes_images_grid_and_metrics(tmp_path):
     assert Image.open(out / "grid.png").size == (2 * 34 + 2, 2 * 34 + 2)
 
 
-def test_sample_runs_batch_size_images_a_call_and_the_same_images_at_eta_0(tmp_path):
+def test_sample_runs_batch_size_images_a_call_and_the_same_images_at_any_eta(tmp_path):
     prompts = [arg for text in ("a red circle", "two blue squares", "a green triangle")
                for arg in ("--prompt", text)]  # fmt: skip
     pixels = {}
@@ -126,6 +126,17 @@ def test_sample_runs_batch_size_images_a_call_and_the_same_images_at_eta_0(tmp_p
     for size in ("1", "2"):  # the same noise; float rounding of other batch shapes, ~1e-6
         for a, b in zip(pixels[size], pixels["8"], strict=True):
             assert np.abs(a.astype(int) - b).max() <= 1
+    # at eta > 0 each image draws its starting and step noise from its own stream
+    noisy = {}
+    for batch_size in ("1", "4"):
+        out = tmp_path / f"eta-{batch_size}"
+        assert main(["sample", "--model", "diffalign:tiny-random", *prompts, "--steps", "3",
+                     "--num-images-per-prompt", "2", "--batch-size", batch_size, "--eta", "1",
+                     "--quiet", "--out", str(out)]) == 0  # fmt: skip
+        noisy[batch_size] = [np.asarray(Image.open(f)) for f in sorted(out.glob("images/*.png"))]
+    for a, b, plain in zip(noisy["1"], noisy["4"], pixels["8"], strict=True):
+        assert np.abs(a.astype(int) - b).max() <= 1
+        assert np.abs(a.astype(int) - plain).max() > 1  # the steps' noise shows
     with pytest.raises(SystemExit, match="--batch-size must be at least 1"):
         main(["sample", "--model", "diffalign:tiny-random", *prompts, "--batch-size", "0",
               "--out", str(tmp_path / "0")])  # fmt: skip

@@ -74,8 +74,8 @@ def add_batch_size_argument(parser: argparse.ArgumentParser) -> None:
     """``--batch-size``: images per pipeline call of plain sampling (``--sampler ddim``)."""
     parser.add_argument("--batch-size", type=int, default=8,
                         help="images per pipeline call with --sampler ddim (the search samplers "
-                             "batch by --tree-batch-size); at the default --eta 0 it does not "
-                             "change the images")  # fmt: skip
+                             "batch by --tree-batch-size); it does not change the images "
+                             "(beyond float rounding)")  # fmt: skip
 
 
 def resolve_guidance(args: argparse.Namespace, model_config: str | None,

@@ -192,7 +192,7 @@ def sample_batches(
     """Images of ``prompts`` by ``args.sampler`` (``ddim`` or a search sampler), so that a
     caller can save or score each batch and let it go: ``--batch-size`` images a batch for
     ``ddim``, whole prompts' searches for the others (at least one prompt's). The images do not
-    depend on the batch size (for ``ddim``: at eta 0, beyond float rounding)."""
+    depend on the batch size (for ``ddim``: beyond float rounding)."""
     batches = _ddim_batches if args.sampler == "ddim" else _search_batches
     yield from batches(pipeline, list(prompts), args, size, reward)
 

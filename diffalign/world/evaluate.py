@@ -42,9 +42,9 @@ def generate(
     **call_kwargs: Any,
 ) -> torch.Tensor:
     """Images (len(prompts) * samples_per_prompt, 3, H, W) in [0, 1], prompt-major order
-    (``negative_prompt``: CFG's, else diffusers' default), ``batch_size`` images a call with
-    one generator running through the calls (at eta 0 the images do not depend on
-    ``batch_size``); ``call_kwargs`` (``eta``, ``height``, ``width``) go to each call.
+    (``negative_prompt``: CFG's, else diffusers' default), ``batch_size`` images a call, which
+    does not change the images beyond float rounding (see :func:`generate_batches`);
+    ``call_kwargs`` (``eta``, ``height``, ``width``) go to each call.
 
     ``pipeline`` is a ``StableDiffusionPipeline`` or, for flow-matching models, a
     :class:`~diffalign.pipelines.rollout.RolloutPipeline` (sampled deterministically, ``eta=0``).
@@ -68,14 +68,23 @@ def generate_batches(
     """:func:`generate`'s images ``batch_size`` a pipeline call (on the CPU; a prompt's images
     may span calls), each batch with the prompt of each image, so that a caller can score or
     save them and let them go; ``call_kwargs`` (``num_inference_steps``, ``guidance_scale``,
-    ``negative_prompt``, ``eta``, ``height``, ``width``) go to each call."""
+    ``negative_prompt``, ``eta``, ``height``, ``width``) go to each call.
+
+    At ``eta`` 0 one seeded generator runs through the calls (only the starting noise is
+    random). At ``eta`` > 0 every step draws noise too, so image ``i`` draws all of its noise
+    from its own stream (:func:`~diffalign.pipelines.chain.chain_generator` of ``seed`` and
+    ``i``): either way the batch size changes the images only by float rounding.
+    """
+    from diffalign.pipelines.chain import chain_generators
     from diffalign.pipelines.rollout import sample_images
 
-    generator = torch.Generator().manual_seed(seed)
+    shared = torch.Generator().manual_seed(seed)
+    stochastic = call_kwargs.get("eta", 0.0) > 0
     # each image its own prompt row: the same latents as num_images_per_prompt draws, in order
     repeated = [p for p in prompts for _ in range(samples_per_prompt)]
     for start in tqdm(range(0, len(repeated), batch_size), desc="sampling", disable=quiet):
         chunk = repeated[start : start + batch_size]
+        generator = chain_generators(seed, start, len(chunk)) if stochastic else shared
         images = sample_images(pipeline, chunk, num_images_per_prompt=1, generator=generator,
                                **call_kwargs)  # fmt: skip
         yield images.cpu(), chunk

@@ -34,10 +34,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from diffalign.choices import ATTENTION_BACKENDS
+
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-BACKENDS: tuple[str, ...] = ("auto", "xformers", "sdpa", "classic")
+BACKENDS = ATTENTION_BACKENDS
 _FUSED_LAYERS = ("to_qkv", "to_kv", "to_added_qkv")
 
 

@@ -21,9 +21,10 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 METRICS = ("shapes", "tiny_clip", "fid:tiny-clip")
 SEARCH_SAMPLERS = ("best-of-n", "dts-star")
@@ -129,6 +130,8 @@ class _Clock:
 
 def _load(model: str):
     """The model as a DDIM pipeline on the CPU."""
+    import torch
+
     from diffalign.commands.sample import load_sampling_pipeline
 
     pipeline = load_sampling_pipeline(model, torch.device("cpu"), torch.float32)

@@ -30,6 +30,7 @@ from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableD
 from diffusers.utils import BaseOutput
 from torch import Tensor
 
+from diffalign.choices import SEARCH_SAMPLERS
 from diffalign.pipelines.baselines import SMC_POTENTIALS, best_of_n, smc
 from diffalign.pipelines.chain import DenoisingChain, PipelineChain
 from diffalign.pipelines.rollout import over_components
@@ -38,8 +39,6 @@ from diffalign.pipelines.tree import SearchResult, TreeSettings, tree_search
 if TYPE_CHECKING:
     import numpy as np
     from diffusers import DiffusionPipeline
-
-SEARCH_SAMPLERS = ("best-of-n", "smc", "dts", "dts-star")
 
 
 @dataclass

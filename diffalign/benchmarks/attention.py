@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from diffalign.attention import enable_fused_attention, xformers_problem
+from diffalign.choices import ATTENTION_BENCH_MODELS
 
 SD15_UNET_CONFIG = {
     "sample_size": 64,
@@ -35,7 +36,7 @@ SD15_UNET_CONFIG = {
     "attention_head_dim": 8,
     "norm_num_groups": 32,
 }
-MODELS = ("tiny-unet", "sd15-down-block", "sd15-unet")
+MODELS = ATTENTION_BENCH_MODELS
 MODES = ("forward", "forward+backward")
 
 

@@ -186,9 +186,9 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     """``--attention`` and ``--compile``: how the denoiser of a sampling command runs."""
-    from diffalign.attention import BACKENDS
+    from diffalign.choices import ATTENTION_BACKENDS
 
-    parser.add_argument("--attention", default="auto", choices=BACKENDS,
+    parser.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS,
                         help="attention backend of every component (auto: xformers on CUDA "
                              "when it runs there, else SDPA)")  # fmt: skip
     parser.add_argument("--compile", metavar="BACKEND", default=None,

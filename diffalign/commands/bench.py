@@ -41,7 +41,7 @@ def _report(args: argparse.Namespace, results: dict, device, text: str) -> int:
 
 
 def _add_attention(subparsers) -> None:
-    from diffalign.benchmarks.attention import MODELS
+    from diffalign.choices import ATTENTION_BENCH_MODELS as MODELS
 
     parser = _benchmark_parser(
         subparsers, "attention",

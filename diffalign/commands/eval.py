@@ -66,7 +66,7 @@ HELP = "evaluate a model (vs a baseline): FID, PickScore, CLIP score, rewards, w
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the evaluation options (sampling options as in ``diffalign sample``)."""
-    from diffalign.pipelines.dts import SEARCH_SAMPLERS
+    from diffalign.choices import SEARCH_SAMPLERS
 
     parser.add_argument("--model", default=None,
                         help="folder, hub id, one-file model or diffalign:tiny-shapes")  # fmt: skip

@@ -59,7 +59,7 @@ TINY_RANDOM = "diffalign:tiny-random"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the sampling options."""
-    from diffalign.pipelines.dts import SEARCH_SAMPLERS
+    from diffalign.choices import SEARCH_SAMPLERS
 
     parser.add_argument("--model", required=True,
                         help=f"folder, hub id, .safetensors / .ckpt file, diffalign:tiny-shapes "

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from diffalign.rewards import Reward
 
 ANYTIME = ("best-of-n", "dts-star")
+TIMED = ("best-of-n", "dts-star")  # tree_vs_batched_speed: the tree against batched chains
 PER_BUDGET = ("smc", "dts")
 
 
@@ -194,8 +195,9 @@ def tree_vs_batched_speed(
 
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}.")
+    variants = ("", "compiled_") if compile_backend else ("",)
     searches = _unscored_searches(pipeline, prompt, steps, guidance_scale, chains, batch_size,
-                                  resolution, tree, compile_backend)  # fmt: skip
+                                  resolution, tree, variants, compile_backend)  # fmt: skip
     rows = {}
 
     def timed_search(name: str) -> float:
@@ -212,12 +214,12 @@ def tree_vs_batched_speed(
         for name in searches:
             speeds[name].append(timed_search(name))
     results = {"repeats": repeats}
-    for prefix in ("", "compiled_") if compile_backend else ("",):
+    for prefix in variants:
         results.update(_speed_summary(prefix, first, speeds, rows))
     if compile_backend:
         results["nfe_ratio_compiled_vs_eager"] = {
             s: results["compiled_nfe_per_second"][s] / results["nfe_per_second"][s]
-            for s in ("best-of-n", "dts-star")
+            for s in TIMED
         }  # fmt: skip
     return results
 
@@ -227,7 +229,7 @@ def _speed_summary(prefix: str, first: dict, speeds: dict, rows: dict) -> dict:
     searches named ``prefix + sampler``, under keys that start with ``prefix``."""
     import statistics
 
-    names = {sampler: prefix + sampler for sampler in ("best-of-n", "dts-star")}
+    names = {sampler: prefix + sampler for sampler in TIMED}
     median = {sampler: statistics.median(speeds[name]) for sampler, name in names.items()}
     return {
         f"{prefix}first_run_nfe_per_second": {s: first[n] for s, n in names.items()},
@@ -238,9 +240,10 @@ def _speed_summary(prefix: str, first: dict, speeds: dict, rows: dict) -> dict:
 
 
 def _unscored_searches(pipeline, prompt, steps, guidance_scale, chains, batch_size, resolution,
-                       tree, compile_backend) -> dict:  # fmt: skip
-    """``{name: (chain, options)}``: best-of-N and DTS* on chains that count their UNet calls
-    and score nothing, and with ``compile_backend`` the same on a compiled UNet."""
+                       tree, variants, compile_backend) -> dict:  # fmt: skip
+    """``{prefix + sampler: (chain, options)}``: best-of-N and DTS* on chains that count their
+    UNet calls and score nothing, for each prefix of ``variants`` (``"compiled_"``: on the UNet
+    compiled with ``compile_backend``)."""
     from diffalign.pipelines.chain import PipelineChain
     from diffalign.pipelines.dts import SearchOptions
 
@@ -255,8 +258,8 @@ def _unscored_searches(pipeline, prompt, steps, guidance_scale, chains, batch_si
             return torch.zeros(len(latents))
 
     searches, compiled = {}, None
-    for prefix in ("", "compiled_") if compile_backend else ("",):
-        for sampler in ("best-of-n", "dts-star"):
+    for prefix in variants:
+        for sampler in TIMED:
             chain = UnscoredChain(pipeline, prompt, None, steps, guidance_scale, eta=1.0,
                                   height=resolution, width=resolution)  # fmt: skip
             if prefix:  # one compiled wrapper, so both samplers reuse what the other compiled

@@ -272,8 +272,9 @@ def _run_branching(args: argparse.Namespace) -> int:
     return _report(args, results, device, format_branching_table(results))
 
 
-def _chain_setup(args: argparse.Namespace):
-    """Device, dtype, the pipeline, the guidance scale and the world prompts of a chain bench."""
+def _chain_setup(args: argparse.Namespace, compile_pipeline: bool = True):
+    """Device, dtype, the pipeline (its UNet compiled with ``--compile`` unless
+    ``compile_pipeline`` is False), the guidance scale and the world prompts of a chain bench."""
     if args.eta <= 0:
         raise SystemExit(f"error: --eta must be > 0 (got {args.eta}): search branches the chain, "
                          "which needs a stochastic sampler; 1 is DDPM-like.")  # fmt: skip
@@ -288,8 +289,8 @@ def _chain_setup(args: argparse.Namespace):
     model_config = model_config_of(args)
     pipeline = load_benchmark_pipeline(args.model, device, dtype, DTSPipeline, model_config)
     pipeline.set_progress_bar_config(disable=True)
-    if args.compile is not None and not getattr(args, "speed_only", False):
-        compile_denoiser(pipeline, args.compile)  # --speed-only times compiled against eager
+    if args.compile is not None and compile_pipeline:
+        compile_denoiser(pipeline, args.compile)
     guidance = args.guidance_scale or model_guidance_scale(args.model, config=model_config)
     return device, dtype, pipeline, guidance, _world_prompts(args.num_prompts, args.split)
 
@@ -304,7 +305,8 @@ def _run_dts(args: argparse.Namespace) -> int:
         raise SystemExit("error: --n, --repeats and every --budgets entry must be positive "
                          "integers.")  # fmt: skip
     tree = tree_settings_from_arguments(args, default_in_flight=args.batch_size)
-    device, dtype, pipeline, guidance, prompts = _chain_setup(args)
+    # --speed-only times the compiled UNet against the eager one, so it keeps the pipeline eager
+    device, dtype, pipeline, guidance, prompts = _chain_setup(args, not args.speed_only)
     settings = {"model": args.model, "reward": args.reward, "split": args.split,
                 "steps": args.steps, "eta": args.eta, "guidance_scale": guidance, "n": args.n,
                 "budgets_in_chains": list(budgets),
